@@ -1,0 +1,7 @@
+"""`python -m recsys` (what torchrun runs: `torchrun -m recsys train --config …`)."""
+
+import sys
+
+from recsys.cli import main
+
+sys.exit(main())

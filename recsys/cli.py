@@ -1,0 +1,193 @@
+"""The `recsys` command. Subcommands import their heavy modules only when they run, so `--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", required=True, help="shipped config name (see `recsys config list`) or YAML path"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="a.b=v",
+        help="override a config field (repeatable)",
+    )
+
+
+def _resolve(args: argparse.Namespace) -> Any:
+    from recsys.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# ------------------------------------------------------------------------------------------- config
+def _config_show(args: argparse.Namespace) -> int:
+    from recsys.config import dump_config
+
+    sys.stdout.write(dump_config(_resolve(args)))
+    return 0
+
+
+def _config_list(args: argparse.Namespace) -> int:
+    from recsys.config import shipped_configs
+
+    print("\n".join(shipped_configs()))
+    return 0
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from recsys.config import Config
+
+    print(json.dumps(Config.model_json_schema(), indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- data
+def _data_synth(args: argparse.Namespace) -> int:
+    from recsys.data.synth import synthesize
+
+    synthesize(_resolve(args), overwrite=args.overwrite)
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from recsys.data.prepare import prepare
+
+    cfg = _resolve(args)
+    if args.skip_bad_rows:
+        cfg.data.skip_bad_rows = True
+    prepare(cfg, overwrite=args.overwrite)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ train / eval
+def _train(args: argparse.Namespace) -> int:
+    from recsys.train import train
+
+    train(_resolve(args))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from recsys.evaluate import evaluate_run
+
+    evaluate_run(_resolve(args), run_id=args.run_id)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- render / launch
+def _render(args: argparse.Namespace) -> int:
+    from recsys.launch.kube import render_to_file
+
+    render_to_file(_resolve(args), backend=args.backend, out=args.output)
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from recsys.launch import launch
+
+    return launch(_resolve(args), args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from recsys import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `recsys` command."""
+    parser = argparse.ArgumentParser(
+        prog="recsys", description="Train TorchRec recommenders anywhere: laptop, Kubeflow, Spark."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        parent: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str, config: bool = True
+    ) -> Any:
+        p = parent.add_parser(name, help=help, description=help)
+        if config:
+            _add_config_args(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    cfg = sub.add_parser("config", help="list, show (resolved) or describe configs").add_subparsers(
+        dest="sub", required=True
+    )
+    add(cfg, "show", _config_show, "print the resolved config as YAML")
+    add(cfg, "list", _config_list, "list the shipped configs", config=False)
+    add(cfg, "schema", _config_schema, "print the config's JSON schema (every field described)", config=False)
+
+    data = sub.add_parser("data", help="synthesize raw data; prepare MDS shards").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add(data, "synth", _data_synth, "write synthetic raw data (interactions or Criteo-layout TSV)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing raw files")
+    p = add(
+        data, "prepare", _data_prepare, "raw data → vocabularies, splits, MDS train/val/test + metadata.json"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared_dir")
+    p.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping"
+    )
+
+    add(sub, "train", _train, "train the configured model (run under torchrun for several processes)")
+    p = add(sub, "evaluate", _evaluate, "evaluate a trained model from its MLflow run on the test split")
+    p.add_argument("--run-id", required=True, help="MLflow run id holding the model")
+
+    p = add(sub, "render", _render, "render Kubernetes manifests (ConfigMap + PyTorchJob or TrainJob)")
+    p.add_argument("--backend", choices=["pytorchjob", "trainjob"], required=True)
+    p.add_argument("-o", "--output", default="-", help="output file ('-' for stdout)")
+
+    p = add(
+        sub, "launch", _launch, "launch training: local torchrun, Kubernetes (PyTorchJob/TrainJob) or Spark"
+    )
+    p.add_argument("--backend", choices=["local", "pytorchjob", "trainjob", "spark"], required=True)
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish (kubernetes)")
+    p.add_argument("--logs", action="store_true", help="stream the master's logs (kubernetes)")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="processes (local, spark); default: job.procs_per_node",
+    )
+    p.add_argument(
+        "--local-mode", action=argparse.BooleanOptionalAction, default=True, help="spark: run on the driver"
+    )
+    p.add_argument("--use-gpu", action="store_true", help="spark: one GPU per process")
+
+    p = add(sub, "bench", _bench, "print throughput figures", config=False)
+    p.add_argument("what", choices=["data", "train"])
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows to convert and read (data)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (train)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `recsys` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from recsys.config import ConfigError
+    from recsys.errors import UserError
+
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"recsys: config error:\n{e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"recsys: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""The typed config tree: strict YAML load, `--set` overrides, resolved dump.
+
+One resolved config flows from the CLI (or a launcher) to the trainer; nothing downstream re-derives
+settings. Every field carries a one-line description; unknown keys and wrong types are errors that
+name the dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded: the message names the file and dotted path."""
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys and silent coercions are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------- data
+class SyntheticCTRSource(Strict):
+    """Criteo-layout click rows whose labels come from a hidden logistic model."""
+
+    kind: Literal["synthetic_ctr"] = Field(description="Source kind selector.")
+    rows: int = Field(200_000, gt=0, description="Number of rows to generate.")
+    num_dense: int = Field(13, ge=0, description="Integer (count-like) dense features per row.")
+    num_sparse: int = Field(26, ge=1, description="Categorical features per row.")
+    cardinality: int = Field(1000, gt=1, description="Distinct raw values per categorical feature.")
+    days: int = Field(3, ge=1, description="Number of day files (day_0 … day_N-1) to write.")
+    signal: float = Field(
+        1.0, gt=0, description="Scale of the hidden model's logits (higher = more learnable)."
+    )
+    seed: int = Field(0, description="Seed of the generator.")
+
+
+class SyntheticInteractionsSource(Strict):
+    """User–item interactions from latent factors with popularity skew and timestamps."""
+
+    kind: Literal["synthetic_interactions"] = Field(description="Source kind selector.")
+    num_users: int = Field(2000, gt=0, description="Number of users.")
+    num_items: int = Field(1000, gt=0, description="Number of items in the catalogue.")
+    interactions_per_user: int = Field(40, gt=1, description="Mean interactions per user.")
+    latent_dim: int = Field(8, gt=0, description="Dimension of the planted user/item factors.")
+    popularity_skew: float = Field(1.0, ge=0, description="Zipf exponent of item popularity.")
+    seed: int = Field(0, description="Seed of the generator.")
+
+
+class MovieLensSource(Strict):
+    """MovieLens `u.data` (ml-100k, tab-separated) or `ratings.csv` (ml-latest, ml-25m)."""
+
+    kind: Literal["movielens"] = Field(description="Source kind selector.")
+    path: str = Field(description="Path to u.data or ratings.csv (format detected from the name/header).")
+
+
+class LearningFromSetsSource(Strict):
+    """The "Learning from Sets" item_ratings.csv: hashed string user ids, movie ids, ratings."""
+
+    kind: Literal["learning_from_sets"] = Field(description="Source kind selector.")
+    path: str = Field(description="Path to item_ratings.csv.")
+
+
+class CriteoSource(Strict):
+    """Criteo TSV files: label, 13 integer and 26 hex categorical fields; empty fields allowed."""
+
+    kind: Literal["criteo"] = Field(description="Source kind selector.")
+    paths: list[str] = Field(
+        min_length=1, description="TSV files in day order (train.txt, or day_0 … day_N)."
+    )
+
+
+class TableSource(Strict):
+    """Generic Parquet or CSV with a column mapping."""
+
+    kind: Literal["table"] = Field(description="Source kind selector.")
+    path: str = Field(description="Parquet or CSV file (by extension).")
+    label: str | None = Field(None, description="Label column; None makes every row a positive.")
+    dense: list[str] = Field(default_factory=list, description="Numeric columns used as dense features.")
+    sparse: list[str] = Field(default_factory=list, description="Categorical columns (embedded) in order.")
+    timestamp: str | None = Field(None, description="Timestamp column used by temporal splits.")
+    user: str | None = Field(None, description="User column for per-user splits and retrieval evaluation.")
+    item: str | None = Field(None, description="Item column for retrieval evaluation.")
+
+
+class PreSplitSource(Strict):
+    """Separate train / validation / test files of one inner kind (e.g. ml-100k u1.base / u1.test)."""
+
+    kind: Literal["presplit"] = Field(description="Source kind selector.")
+    train: dict[str, Any] = Field(description="Inner source (any non-presplit kind) for the train split.")
+    val: dict[str, Any] | None = Field(
+        None, description="Inner source for validation; None: carved from train."
+    )
+    test: dict[str, Any] = Field(description="Inner source for the test split.")
+
+
+Source = Annotated[
+    SyntheticCTRSource
+    | SyntheticInteractionsSource
+    | MovieLensSource
+    | LearningFromSetsSource
+    | CriteoSource
+    | TableSource
+    | PreSplitSource,
+    Field(discriminator="kind"),
+]
+
+
+class LabelConfig(Strict):
+    """How raw ratings/clicks become binary labels."""
+
+    mode: Literal["as_is", "threshold", "mean", "all_positive"] = Field(
+        "as_is",
+        description="as_is: use the source label; threshold: rating >= threshold; mean: rating >= global "
+        "mean (the Databricks reference); all_positive: every interaction is a positive.",
+    )
+    threshold: float = Field(4.0, description="Rating threshold for mode=threshold.")
+
+
+class SplitConfig(Strict):
+    """How rows are divided into train / val / test."""
+
+    mode: Literal["random", "leave_last_n", "by_day", "presplit"] = Field(
+        "random",
+        description="random: seeded row split; leave_last_n: per-user temporal, last N to test and the "
+        "N before to val; by_day: Criteo days (last day test, the one before val); presplit: as given.",
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of rows for validation (random).")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of rows for test (random).")
+    n: int = Field(1, ge=1, description="Interactions per user held out for val and for test (leave_last_n).")
+    seed: int = Field(0, description="Seed of the random split.")
+
+
+class DataConfig(Strict):
+    """Where raw data comes from and how it becomes MDS shards."""
+
+    source: Source = Field(description="The raw data source (discriminated by `kind`).")
+    prepared_dir: str = Field(
+        description="Output folder: train/ val/ test/ MDS datasets, vocab/, metadata.json."
+    )
+    raw_dir: str | None = Field(
+        None, description="Where `recsys data synth` writes raw files (default: prepared_dir/raw)."
+    )
+    label: LabelConfig = Field(default_factory=LabelConfig, description="Label binarization.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Train/val/test split.")
+    min_count: int = Field(1, ge=1, description="Raw ids seen fewer times in train map to the OOV row.")
+    block_size: int = Field(
+        256, gt=0, description="Rows per MDS sample (columnar block); batch_size must be a multiple."
+    )
+    compression: str | None = Field("zstd", description="MDS shard compression (None for none).")
+    shard_size_limit: int = Field(1 << 26, gt=0, description="Bytes per MDS shard before a new one starts.")
+    skip_bad_rows: bool = Field(False, description="Skip (and count) malformed rows instead of stopping.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (0 = in-process).")
+    num_canonical_nodes: int = Field(
+        1, ge=1, description="Pinned StreamingDataset canonical nodes (shuffle determinism)."
+    )
+    shuffle_seed: int = Field(
+        17, description="Seed of the StreamingDataset shuffle and within-block shuffle."
+    )
+
+
+# -------------------------------------------------------------------------------------------- model
+class TwoTowerConfig(Strict):
+    """Two-Tower retrieval model settings."""
+
+    user_features: list[str] = Field(
+        default_factory=lambda: ["user_id"], description="Sparse features of the user tower."
+    )
+    item_features: list[str] = Field(
+        default_factory=lambda: ["item_id"], description="Sparse features of the item tower."
+    )
+    layers: list[int] = Field(
+        default_factory=lambda: [128, 64], description="MLP sizes of each tower; the last is the output dim."
+    )
+    loss: Literal["softmax", "bce"] = Field(
+        "softmax", description="softmax: in-batch sampled softmax with log-Q correction; bce: pointwise BCE."
+    )
+    temperature: float = Field(0.05, gt=0, description="Softmax temperature.")
+    logq_correction: bool = Field(True, description="Subtract log item frequency from in-batch logits.")
+
+
+class DLRMConfig(Strict):
+    """DLRM ranking model settings."""
+
+    interaction: Literal["dot", "dcn"] = Field(
+        "dot", description="dot: classic DLRM; dcn: DCN-v2 low-rank cross net."
+    )
+    dense_arch_layers: list[int] = Field(
+        default_factory=lambda: [512, 256, 64], description="Bottom MLP; last = embedding_dim."
+    )
+    over_arch_layers: list[int] = Field(
+        default_factory=lambda: [512, 512, 256, 1], description="Top MLP; last must be 1."
+    )
+    dcn_num_layers: int = Field(3, ge=1, description="Cross layers (dcn).")
+    dcn_low_rank_dim: int = Field(512, ge=1, description="Low-rank dimension of each cross layer (dcn).")
+
+
+class ModelConfig(Strict):
+    """Which model and its shape."""
+
+    kind: Literal["two_tower", "dlrm"] = Field(description="Model family.")
+    embedding_dim: int = Field(64, gt=0, description="Dimension of every embedding table.")
+    two_tower: TwoTowerConfig = Field(default_factory=TwoTowerConfig, description="Two-Tower settings.")
+    dlrm: DLRMConfig = Field(default_factory=DLRMConfig, description="DLRM settings.")
+
+
+# -------------------------------------------------------------------------------------------- train
+class OptimizerConfig(Strict):
+    """One optimizer."""
+
+    name: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = Field(description="Optimizer algorithm.")
+    lr: float = Field(gt=0, description="Peak learning rate.")
+    eps: float = Field(1e-8, gt=0, description="Numerical epsilon (adagrad/adam).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+
+
+class ShardingConfig(Strict):
+    """Constraints handed to TorchRec's EmbeddingShardingPlanner."""
+
+    types: (
+        list[Literal["table_wise", "column_wise", "row_wise", "table_row_wise", "data_parallel"]] | None
+    ) = Field(
+        None,
+        description="Sharding types allowed for every table; None: table_wise+column_wise+data_parallel on CPU, all on GPU.",
+    )
+    per_table: dict[str, list[str]] = Field(
+        default_factory=dict, description="Table name → allowed sharding types."
+    )
+
+
+class TrainConfig(Strict):
+    """The training loop."""
+
+    batch_size: int = Field(1024, gt=0, description="Per-rank batch size (global = batch_size × world size).")
+    epochs: int = Field(1, ge=1, description="Passes over the train split.")
+    max_steps: int | None = Field(None, description="Stop after this many steps (None: epochs decide).")
+    dense_optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3), description="Optimizer of the MLPs."
+    )
+    sparse_optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="rowwise_adagrad", lr=0.05),
+        description="Fused optimizer of the embedding tables.",
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps.")
+    decay: Literal["none", "linear", "cosine"] = Field(
+        "none", description="LR decay after warmup, to 0 at the last step."
+    )
+    seed: int = Field(0, description="Seed of model init and everything random in training.")
+    val_every_steps: int = Field(
+        0, ge=0, description="Validate every N steps (0: only at the end of each epoch)."
+    )
+    log_every_steps: int = Field(50, ge=1, description="Log metrics to MLflow every N steps.")
+    pipeline: bool = Field(True, description="Use TorchRec's TrainPipelineSparseDist.")
+    sharding: ShardingConfig = Field(default_factory=ShardingConfig, description="Planner constraints.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+
+
+class EvalConfig(Strict):
+    """Evaluation after (and during) training."""
+
+    ks: list[int] = Field(
+        default_factory=lambda: [10, 50, 100], description="Cut-offs for Recall/NDCG/HitRate@K."
+    )
+    batch_size: int = Field(4096, gt=0, description="Per-rank evaluation batch size.")
+    exclude_train_items: bool = Field(
+        True, description="Exclude items a user saw in training from retrieval."
+    )
+
+
+class TrackingConfig(Strict):
+    """MLflow tracking."""
+
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else ./mlruns."
+    )
+    experiment: str = Field("recsys", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="Run name (default: <config name>-<model>).")
+    log_model: bool = Field(True, description="Log the gathered model and embeddings when they fit.")
+    enabled: bool = Field(True, description="Set false to train without MLflow.")
+
+
+# ---------------------------------------------------------------------------------------------- job
+class Toleration(Strict):
+    """A pod toleration."""
+
+    key: str = Field(description="Taint key.")
+    operator: Literal["Equal", "Exists"] = Field("Exists", description="Toleration operator.")
+    value: str | None = Field(None, description="Taint value (operator Equal).")
+    effect: str | None = Field(None, description="Taint effect (NoSchedule, …).")
+
+
+class JobConfig(Strict):
+    """How big the job is and where it runs; the trainer reads rank/world from the environment."""
+
+    name: str = Field("recsys-train", description="Job name (DNS-1123).")
+    namespace: str = Field("recsys", description="Kubernetes namespace.")
+    image: str = Field("ghcr.io/recsys/trainer:0.1.0", description="Trainer image.")
+    nodes: int = Field(1, ge=1, description="Nodes (pods): Master ×1 + Worker ×(nodes−1).")
+    procs_per_node: int = Field(1, ge=1, description="torchrun processes per node (= GPUs per node on GPU).")
+    gpus_per_node: int = Field(0, ge=0, description="nvidia.com/gpu per pod (0: CPU job).")
+    cpu: str = Field("4", description="CPU request per pod.")
+    memory: str = Field("16Gi", description="Memory request and limit per pod.")
+    shm_size: str = Field("8Gi", description="Size of the /dev/shm memory emptyDir.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    data_pvc: str = Field("recsys-data", description="PVC mounted at /data (prepared MDS data).")
+    checkpoint_pvc: str = Field("recsys-checkpoints", description="PVC mounted at /checkpoints.")
+    mlflow_tracking_uri: str = Field(
+        "http://mlflow.recsys.svc:5000", description="MLflow URI inside the cluster."
+    )
+    mlflow_secret: str | None = Field(
+        "mlflow-credentials", description="Secret whose keys become env (credentials)."
+    )
+    backoff_limit: int = Field(2, ge=0, description="Pod restarts before the job fails.")
+    ttl_seconds_after_finished: int = Field(86400, ge=0, description="Seconds a finished job is kept.")
+    service_account: str = Field("recsys-trainer", description="ServiceAccount of the pods.")
+
+
+# --------------------------------------------------------------------------------------------- root
+class Config(Strict):
+    """The whole resolved configuration of one recsys run."""
+
+    name: str = Field(description="Name of this config (used in run names and job names).")
+    data: DataConfig = Field(description="Data sources and preparation.")
+    model: ModelConfig = Field(description="Model family and shape.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    job: JobConfig = Field(default_factory=JobConfig, description="Job size and placement.")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Config:
+        if self.train.batch_size % self.data.block_size:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of data.block_size "
+                f"({self.data.block_size}): batches are whole MDS blocks so resume is exact"
+            )
+        if self.eval.batch_size % self.data.block_size:
+            raise ValueError(
+                f"eval.batch_size ({self.eval.batch_size}) must be a multiple of data.block_size ({self.data.block_size})"
+            )
+        if self.model.kind == "dlrm":
+            if self.model.dlrm.dense_arch_layers[-1] != self.model.embedding_dim:
+                raise ValueError(
+                    f"model.dlrm.dense_arch_layers: last size {self.model.dlrm.dense_arch_layers[-1]} must equal "
+                    f"model.embedding_dim {self.model.embedding_dim}"
+                )
+            if self.model.dlrm.over_arch_layers[-1] != 1:
+                raise ValueError("model.dlrm.over_arch_layers: the last size must be 1 (one logit)")
+        if (self.data.split.mode == "presplit") != (self.data.source.kind == "presplit"):
+            raise ValueError(
+                "data.split.mode 'presplit' goes with data.source.kind 'presplit' and only with it"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------------ loading
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package (recsys/configs/*.yaml)."""
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in resources.files("recsys.configs").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def _read_yaml(ref: str) -> tuple[dict[str, Any], str]:
+    """Read a config by path or shipped name; returns (mapping, where it came from)."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{ref}: config file not found (shipped names: {', '.join(shipped_configs())})")
+        text, origin = path.read_text(), str(path)
+    else:
+        res = resources.files("recsys.configs").joinpath(f"{ref}.yaml")
+        if not res.is_file():
+            raise ConfigError(
+                f"{ref}: no such config file or shipped config (shipped: {', '.join(shipped_configs())})"
+            )
+        text, origin = res.read_text(), f"recsys/configs/{ref}.yaml"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
+    return data, origin
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.path=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {assignment!r}: empty key in dotted path")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML: {e}") from e
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _SOURCE_KINDS))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `recsys config schema`)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg}, got {e['input']!r}"
+        lines.append(f"{origin}: {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+_SOURCE_KINDS = {
+    "synthetic_ctr",
+    "synthetic_interactions",
+    "movielens",
+    "learning_from_sets",
+    "criteo",
+    "table",
+    "presplit",
+}
+
+
+def load_config(ref: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a config by shipped name or path, apply `--set` overrides, validate strictly."""
+    data, origin = _read_yaml(str(ref))
+    data = copy.deepcopy(data)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return config_from_dict(data, origin)
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "<config>") -> Config:
+    """Validate a plain mapping into a Config; errors name `origin` and the dotted path."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (every default filled in), loadable by load_config."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """The resolved config as dotted-key → string, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

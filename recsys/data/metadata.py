@@ -1,0 +1,117 @@
+"""The prepared-data contract shared by `data prepare`, the Spark converter, the loader and the trainer.
+
+A prepared folder holds::
+
+    metadata.json            this module's Metadata (schema, vocab sizes, counts, checksums, bad rows)
+    vocab/<feature>.txt      line k = the raw id of embedding row k; line 0 is the OOV row ("<OOV>")
+    train/ val/ test/        MDS datasets; one MDS sample = one *block* of up to `block_size` rows
+
+Every MDS sample has three columns, all numpy arrays with the block's rows first:
+    label   float32 [n]        binary label (0/1) after label binarization
+    dense   float32 [n, D]     log(1+x) of the dense features, missing → 0 (D may be 0)
+    sparse  int64   [n, S]     embedding row of each sparse feature (vocabulary-mapped; 0 = OOV/missing)
+
+Interaction data (Two-Tower) uses the same layout: its sparse features include the user and item
+columns, named by `user_feature` / `item_feature`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from recsys.errors import UserError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+OOV_TOKEN = "<OOV>"
+MDS_COLUMNS = {"label": "ndarray:float32", "dense": "ndarray:float32", "sparse": "ndarray:int64"}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SparseFeature(_Model):
+    """One embedded categorical feature."""
+
+    name: str = Field(description="Feature (and embedding table) name.")
+    num_embeddings: int = Field(description="Rows of its table: vocabulary size + 1 (row 0 = OOV/missing).")
+    vocab_file: str = Field(description="Vocabulary file, relative to the prepared folder.")
+
+
+class SplitInfo(_Model):
+    """Counts of one split."""
+
+    rows: int = Field(description="Rows in the split.")
+    blocks: int = Field(description="MDS samples (blocks) in the split.")
+    positives: int = Field(description="Rows with label 1.")
+
+
+class BadRows(_Model):
+    """Malformed rows skipped from one source file (only with skip_bad_rows)."""
+
+    count: int = Field(0, description="Rows skipped.")
+    examples: list[str] = Field(default_factory=list, description="The first few, as `file:line: reason`.")
+
+
+class SourceFile(_Model):
+    """A raw input file and what was read from it."""
+
+    path: str = Field(description="Path as given in the config.")
+    sha256: str = Field(description="Checksum of the file's bytes.")
+    rows: int = Field(description="Rows read (good ones).")
+    bad_rows: BadRows = Field(default_factory=BadRows, description="Skipped malformed rows.")
+
+
+class Metadata(_Model):
+    """metadata.json of a prepared folder."""
+
+    format_version: int = Field(FORMAT_VERSION, description="Version of this layout.")
+    name: str = Field(description="Config name that produced it.")
+    kind: str = Field(description="'ctr' (DLRM rows) or 'interactions' (user/item pairs).")
+    block_size: int = Field(description="Rows per MDS sample.")
+    dense_features: list[str] = Field(description="Dense feature names, in column order.")
+    sparse_features: list[SparseFeature] = Field(description="Sparse features, in column order.")
+    user_feature: str | None = Field(None, description="Sparse feature holding the user id (interactions).")
+    item_feature: str | None = Field(None, description="Sparse feature holding the item id (interactions).")
+    splits: dict[str, SplitInfo] = Field(description="Counts per split (train, val, test).")
+    sources: list[SourceFile] = Field(description="Raw inputs with checksums and bad-row counts.")
+    label: dict[str, object] = Field(default_factory=dict, description="The label settings applied.")
+    synthetic: dict[str, object] | None = Field(
+        None, description="For synthetic data: generator facts (e.g. bayes_auc)."
+    )
+
+    def sparse_index(self, name: str) -> int:
+        """Column of a sparse feature in the `sparse` array."""
+        for i, f in enumerate(self.sparse_features):
+            if f.name == name:
+                return i
+        raise UserError(
+            f"sparse feature {name!r} is not in the data (have: {[f.name for f in self.sparse_features]})"
+        )
+
+
+def metadata_path(prepared_dir: str | Path) -> Path:
+    """Path of metadata.json inside a prepared folder."""
+    return Path(prepared_dir) / "metadata.json"
+
+
+def read_metadata(prepared_dir: str | Path) -> Metadata:
+    """Load metadata.json, or say how to create it."""
+    path = metadata_path(prepared_dir)
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run `recsys data prepare --config …` first (data.prepared_dir)")
+    return Metadata.model_validate(json.loads(path.read_text()))
+
+
+def write_metadata(prepared_dir: str | Path, meta: Metadata) -> None:
+    """Write metadata.json."""
+    metadata_path(prepared_dir).write_text(meta.model_dump_json(indent=2) + "\n")
+
+
+def read_vocab(prepared_dir: str | Path, feature: SparseFeature) -> list[str]:
+    """Raw ids by embedding row (index 0 is the OOV token)."""
+    return Path(prepared_dir, feature.vocab_file).read_text().splitlines()
