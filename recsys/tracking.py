@@ -1,0 +1,432 @@
+"""MLflow tracking on rank 0, a null tracker with the same methods everywhere else.
+
+`make_tracker(cfg, rank)` picks one. The MLflow tracker logs params in batches (MLflow takes 100
+per call and 6000 characters per value; longer values are stored whole as artifacts under
+`params/`, never truncated), metrics by step, text/dict/file artifacts and the final model, and
+ends the run FAILED when an exception escapes its `with` block.
+
+Where runs go: `tracking.uri`, else $MLFLOW_TRACKING_URI, else a local SQLite store
+`./runs/mlflow.db` with artifacts in `./runs/artifacts` (MLflow 3.17 refuses the old `./mlruns`
+file store unless MLFLOW_ALLOW_FILE_STORE=true; SQLite is its recommended server-less default).
+Open a local store with the command `local_ui_command(cfg)` prints:
+`mlflow ui --backend-store-uri sqlite:///…/runs/mlflow.db`.
+
+mlflow is imported inside functions only: `import recsys.tracking` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from recsys.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from recsys.config import Config
+
+#: Local store used when neither tracking.uri nor $MLFLOW_TRACKING_URI is set.
+LOCAL_DIR = "runs"
+#: Tag that ties a run to the launcher's job (from $RECSYS_JOB_NAME), see `find_run_by_job`.
+JOB_TAG = "recsys.job_name"
+
+# MLflow's limits (mlflow.utils.validation in 3.x): params/tags per log_batch call, metrics per
+# call, characters per param value, characters per tag value, characters per key.
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def resolve_tracking_uri(cfg: Config) -> str:
+    """The tracking URI a run of `cfg` uses: tracking.uri, else $MLFLOW_TRACKING_URI, else the local store."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return "sqlite:///" + str((Path.cwd() / LOCAL_DIR / "mlflow.db").resolve())
+
+
+def _check_not_file_store(uri: str) -> None:
+    """Refuse a plain path / file: URI up front: MLflow 3.x only opens the file store when opted in."""
+    bare_schemes = ("databricks", "databricks-uc", "uc")
+    is_path = "://" not in uri and ":" not in uri.split("/")[0] and uri not in bare_schemes
+    if (is_path or uri.startswith("file:")) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in (
+        "true",
+        "1",
+    ):
+        raise UserError(
+            f"tracking.uri {uri!r}: MLflow 3.x no longer opens file stores (./mlruns) by default; use "
+            f"sqlite:///{Path(uri.removeprefix('file:')).as_posix().rstrip('/')}/mlflow.db, leave tracking.uri "
+            "unset for ./runs/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true"
+        )
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other URIs)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def local_ui_command(cfg: Config) -> str:
+    """How to look at the runs of `cfg`: an `mlflow ui …` command for a local store, else the server URL."""
+    uri = resolve_tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (experiment {cfg.tracking.experiment!r})"
+    if uri.startswith("databricks"):
+        return f"open the Databricks workspace of {uri} (experiment {cfg.tracking.experiment!r})"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def git_sha() -> str | None:
+    """Commit of the recsys source tree: $RECSYS_GIT_SHA (set in images), else `git rev-parse HEAD`, else None."""
+    if os.environ.get("RECSYS_GIT_SHA"):
+        return os.environ["RECSYS_GIT_SHA"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def run_tags(cfg: Config, world_size: int) -> dict[str, str]:
+    """The standard tags of a training run: model, dataset, world_size, git_sha, image, job name."""
+    model = cfg.model.kind
+    if model == "dlrm" and cfg.model.dlrm.interaction == "dcn":
+        model = "dlrm_dcn"
+    tags = {
+        "model": model,
+        "dataset": f"{cfg.data.source.kind}:{cfg.name}",
+        "world_size": str(world_size),
+        "config": cfg.name,
+    }
+    sha = git_sha()
+    if sha:
+        tags["git_sha"] = sha
+        tags["mlflow.source.git.commit"] = sha  # what the MLflow UI shows as the source version
+    if os.environ.get("RECSYS_IMAGE"):
+        tags["image"] = os.environ["RECSYS_IMAGE"]
+    if os.environ.get("RECSYS_JOB_NAME"):
+        tags[JOB_TAG] = os.environ["RECSYS_JOB_NAME"]
+    return tags
+
+
+def _check_key(kind: str, key: str) -> None:
+    # MLflow treats keys as file-like names; refuse what it would reject, naming the key, before
+    # anything of the batch is sent.
+    norm = posixpath.normpath(key)
+    if not key or len(key) > MAX_KEY or norm != key or norm == "." or norm.startswith(("..", "/")):
+        raise ValueError(f"{kind} key {key!r}: must be 1-{MAX_KEY} characters and a normalised relative name")
+
+
+def _default_pip_requirements() -> list[str]:
+    """Pinned requirements of a logged model, from what is installed (MLflow's own inference
+    reloads the model in a subprocess, which is slow and misses torchrec's --no-deps install)."""
+    reqs = []
+    for dist in ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "numpy", "recsys"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+# ------------------------------------------------------------------------------------------ trackers
+class Tracker:
+    """What the trainer logs through. This base is the null tracker: every method does nothing."""
+
+    enabled = False
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (None when nothing is tracked)."""
+        return None
+
+    def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
+        """Start a run named `run_name` with `tags`; returns self (usable as a context manager)."""
+        return self
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (flat key → value, e.g. `config.flatten(cfg)`)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metric values at `step`."""
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store `text` as the artifact `artifact_file` (e.g. config.yaml, plan.txt)."""
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Store `obj` as a JSON or YAML artifact (by the file's extension)."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a local file (or a whole directory) under `artifact_path`."""
+
+    def log_model(
+        self,
+        module: torch.nn.Module,
+        name: str = "model",
+        *,
+        save_state_dict: bool = True,
+        serialization_format: str = "pickle",
+        pip_requirements: list[str] | None = None,
+        **kwargs: Any,
+    ) -> str | None:
+        """Log a plain (unsharded) module with mlflow.pytorch; returns its model URI."""
+        return None
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) run tags."""
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with FINISHED, FAILED or KILLED."""
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED")
+        else:
+            self.end("FAILED")
+
+
+class NullTracker(Tracker):
+    """Tracker of ranks other than 0, and of runs with tracking.enabled=false: logs nothing."""
+
+
+class MlflowTracker(Tracker):
+    """Logs one MLflow run. Run lifecycle goes through the fluent API (so mlflow.pytorch.log_model
+    attaches the model to the run); params, metrics and artifacts through an MlflowClient."""
+
+    enabled = True
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        import mlflow
+
+        _check_not_file_store(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self._client = mlflow.MlflowClient(tracking_uri)
+        self._run_id: str | None = None
+        self._ended = False
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id once started (kept after `end`, for reporting)."""
+        return self._run_id
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise UserError(
+                    f"tracking.experiment: experiment {self.experiment!r} is deleted in {self.tracking_uri}; "
+                    f"restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) or pick another name"
+                )
+            return exp.experiment_id
+        db = _sqlite_path(self.tracking_uri)
+        # Without a server, keep artifacts beside the database instead of MLflow's ./mlruns default.
+        location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+        try:
+            return self._client.create_experiment(self.experiment, artifact_location=location)
+        except MlflowException:
+            # Another process created it between our look-up and create.
+            exp = self._client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> MlflowTracker:
+        """Start the run (creating the experiment if missing) with `tags`; returns self."""
+        import mlflow
+
+        if self._run_id is not None:
+            raise RuntimeError(f"tracker already started run {self._run_id}")
+        tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        for k, v in tags.items():
+            _check_key("tag", k)
+            if len(v) > MAX_TAG_VALUE:
+                raise ValueError(f"tag {k!r}: value of {len(v)} characters exceeds MLflow's {MAX_TAG_VALUE}")
+        db = _sqlite_path(self.tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        if mlflow.active_run() is not None:
+            raise RuntimeError(
+                f"an MLflow run ({mlflow.active_run().info.run_id}) is already active in this process"
+            )
+        run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name, tags=tags)
+        self._run_id = run.info.run_id
+        return self
+
+    def _need_run(self) -> str:
+        if self._run_id is None or self._ended:
+            raise RuntimeError("MlflowTracker: log between start() and end()")
+        return self._run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params in batches of 100; values over 6000 characters go whole to `params/<key>.txt`."""
+        from mlflow.entities import Param
+
+        run_id = self._need_run()
+        items = [(str(k), str(v)) for k, v in params.items()]
+        for k, _ in items:
+            _check_key("param", k)
+        batch: list[Param] = []
+        for k, v in items:
+            if len(v) > MAX_PARAM_VALUE:
+                artifact = f"params/{k}.txt"
+                self._client.log_text(run_id, v, artifact)
+                v = f"[{len(v)} characters; full value in artifact {artifact}]"
+            batch.append(Param(k, v))
+        for i in range(0, len(batch), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(run_id, params=batch[i : i + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metric values at `step` (batches of 1000)."""
+        from mlflow.entities import Metric
+
+        run_id = self._need_run()
+        now = int(time.time() * 1000)
+        entries = []
+        for k, v in metrics.items():
+            _check_key("metric", str(k))
+            # MLflow's stores keep NaN and map ±inf to ±float max themselves.
+            entries.append(Metric(str(k), float(v), now, 0 if step is None else int(step)))
+        for i in range(0, len(entries), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(run_id, metrics=entries[i : i + MAX_METRICS_PER_BATCH])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store `text` as the artifact `artifact_file`."""
+        self._client.log_text(self._need_run(), text, artifact_file)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Store `obj` as JSON (.json) or YAML (.yaml/.yml) artifact."""
+        self._client.log_dict(self._need_run(), obj, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a local file, or every file of a directory, under `artifact_path`."""
+        run_id = self._need_run()
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"log_artifact: {p} does not exist")
+        if p.is_dir():
+            self._client.log_artifacts(run_id, str(p), artifact_path)
+        else:
+            self._client.log_artifact(run_id, str(p), artifact_path)
+
+    def log_model(
+        self,
+        module: torch.nn.Module,
+        name: str = "model",
+        *,
+        save_state_dict: bool = True,
+        serialization_format: str = "pickle",
+        pip_requirements: list[str] | None = None,
+        **kwargs: Any,
+    ) -> str | None:
+        """Log `module` with mlflow.pytorch.log_model (pickle format: TorchRec inputs do not
+        torch.export) and, when `save_state_dict`, its state dict as `state_dict/<name>.pt`.
+        Extra kwargs go to mlflow.pytorch.log_model. Returns the model URI (models:/…)."""
+        import mlflow.pytorch
+        import torch
+
+        run_id = self._need_run()
+        info = mlflow.pytorch.log_model(
+            module,
+            name=name,
+            serialization_format=serialization_format,
+            pip_requirements=pip_requirements
+            if pip_requirements is not None
+            else _default_pip_requirements(),
+            **kwargs,
+        )
+        if save_state_dict:
+            with tempfile.TemporaryDirectory() as tmp:
+                f = Path(tmp) / f"{name}.pt"
+                torch.save(module.state_dict(), f)
+                self._client.log_artifact(run_id, str(f), "state_dict")
+        return info.model_uri
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set run tags (values up to 8000 characters)."""
+        from mlflow.entities import RunTag
+
+        run_id = self._need_run()
+        entries = []
+        for k, v in tags.items():
+            _check_key("tag", str(k))
+            if len(str(v)) > MAX_TAG_VALUE:
+                raise ValueError(
+                    f"tag {k!r}: value of {len(str(v))} characters exceeds MLflow's {MAX_TAG_VALUE}"
+                )
+            entries.append(RunTag(str(k), str(v)))
+        for i in range(0, len(entries), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(run_id, tags=entries[i : i + MAX_PARAMS_PER_BATCH])
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with `status` (FINISHED, FAILED, KILLED); a second call does nothing."""
+        import mlflow
+
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"end(status={status!r}): expected FINISHED, FAILED or KILLED")
+        if self._run_id is None or self._ended:
+            return
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self._run_id:
+            mlflow.end_run(status)
+        else:
+            self._client.set_terminated(self._run_id, status)
+        self._ended = True
+
+
+def make_tracker(cfg: Config, rank: int) -> Tracker:
+    """An MLflow tracker on rank 0 when cfg.tracking.enabled, else a NullTracker."""
+    if rank != 0 or not cfg.tracking.enabled:
+        return NullTracker()
+    return MlflowTracker(resolve_tracking_uri(cfg), cfg.tracking.experiment)
+
+
+def find_run_by_job(tracking_uri: str, experiment: str, job_name: str) -> str | None:
+    """The id of the newest run of `experiment` tagged recsys.job_name=`job_name` (None if none)."""
+    import mlflow
+
+    if not job_name or "'" in job_name or "\\" in job_name:
+        raise ValueError(f"job name {job_name!r}: must be non-empty without quotes or backslashes")
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{JOB_TAG}` = '{job_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
