@@ -1,0 +1,529 @@
+"""Kubernetes: render a ConfigMap + PyTorchJob (kubeflow.org/v1) or TrainJob (trainer.kubeflow.org/v1alpha1)
+from the one neutral JobSpec, validate it against the API models, and submit it.
+
+Rendering is pure (Config → dicts → YAML text); `launch_kube` is the thin submit/wait/logs layer on the
+kubernetes client. Both kinds run the same `torchrun -m recsys train --config /etc/recsys/config.yaml`:
+the operator injects the rendezvous env (PET_*), so nothing here assembles a topology.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from recsys.config import Config
+from recsys.errors import UserError
+from recsys.launch.jobspec import JobSpec, Volume, job_spec
+
+Backend = Literal["pytorchjob", "trainjob"]
+PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
+TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
+# The v1 operator reads the rendezvous port from the container port of this name (training-operator
+# pkg/controller.v1/pytorch/envvar.go getPortFromPyTorchJob); 23456 is its default.
+PYTORCHJOB_PORT_NAME = "pytorchjob-port"
+PYTORCHJOB_PORT = 23456
+PYTORCHJOB_CONTAINER = "pytorch"
+# Trainer v2's torch-distributed runtime: its trainer container is `node` in the replicated job `node`.
+TRAINJOB_RUNTIME = "torch-distributed"
+TRAINJOB_CONTAINER = "node"
+TRAINJOB_REPLICATED_JOB = "node"
+PATCH_MANAGER = "recsys"
+
+
+# ------------------------------------------------------------------------------------------- render
+def _volumes(spec: JobSpec) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for v in spec.volumes:
+        if v.kind == "pvc":
+            out.append({"name": v.name, "persistentVolumeClaim": {"claimName": v.source}})
+        elif v.kind == "configmap":
+            out.append({"name": v.name, "configMap": {"name": v.source}})
+        else:
+            out.append({"name": v.name, "emptyDir": {"medium": "Memory", "sizeLimit": v.source}})
+    return out
+
+
+def _mounts(volumes: list[Volume]) -> list[dict[str, Any]]:
+    return [
+        {"name": v.name, "mountPath": v.mount_path, **({"readOnly": True} if v.read_only else {})}
+        for v in volumes
+    ]
+
+
+def _pod_security() -> dict[str, Any]:
+    from recsys.launch.jobspec import RUN_AS_USER
+
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _env(spec: JobSpec) -> list[dict[str, Any]]:
+    return [{"name": k, "value": v} for k, v in spec.env]
+
+
+def _resources(spec: JobSpec) -> dict[str, Any]:
+    return {"requests": dict(spec.requests), "limits": dict(spec.limits)}
+
+
+def _metadata(spec: JobSpec, name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": spec.namespace, "labels": dict(spec.labels)}
+
+
+def config_map(spec: JobSpec) -> dict[str, Any]:
+    """The ConfigMap holding the resolved config, mounted at /etc/recsys/config.yaml."""
+    from recsys.launch.jobspec import CONFIG_FILE
+
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(spec, spec.config_map),
+        "data": {CONFIG_FILE: spec.config_yaml},
+    }
+
+
+def _pod_spec_common(spec: JobSpec) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "serviceAccountName": spec.service_account,
+        # The trainer never talks to the API server.
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security(),
+    }
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [dict(t) for t in spec.tolerations]
+    return pod
+
+
+def pytorchjob(spec: JobSpec) -> dict[str, Any]:
+    """The PyTorchJob: Master ×1 + Worker ×(nodes−1), so the v1 operator injects MASTER_* and PET_*."""
+    container: dict[str, Any] = {
+        "name": PYTORCHJOB_CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(spec.command),
+        "env": _env(spec),
+        "ports": [{"name": PYTORCHJOB_PORT_NAME, "containerPort": PYTORCHJOB_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec),
+        "volumeMounts": _mounts(spec.volumes),
+        "securityContext": _container_security(),
+    }
+    if spec.secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.secret, "optional": True}}]
+    template = {
+        "metadata": {"labels": dict(spec.labels), "annotations": dict(spec.annotations)},
+        "spec": {**_pod_spec_common(spec), "containers": [container], "volumes": _volumes(spec)},
+    }
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+    if spec.nodes > 1:
+        replicas["Worker"] = {"replicas": spec.nodes - 1, "restartPolicy": "OnFailure", "template": template}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(spec, spec.name),
+        "spec": {
+            "nprocPerNode": str(spec.nproc_per_node),
+            "runPolicy": {
+                "backoffLimit": spec.backoff_limit,
+                "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+            },
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def trainjob(spec: JobSpec) -> dict[str, Any]:
+    """The TrainJob twin on the `torch-distributed` runtime; pod settings go through runtimePatches."""
+    env = _env(spec)
+    if spec.secret:
+        # TrainJob env has no envFrom: pass the credential keys one by one, each optional.
+        env += [
+            {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": spec.secret, "key": key, "optional": True}},
+            }
+            for key in spec.secret_keys
+        ]
+    pod_patch = {
+        **_pod_spec_common(spec),
+        "volumes": _volumes(spec),
+        "containers": [
+            {
+                "name": TRAINJOB_CONTAINER,
+                "volumeMounts": _mounts(spec.volumes),
+                "securityContext": _container_security(),
+            }
+        ],
+    }
+    pod_patch.pop("automountServiceAccountToken")  # not a patchable field of PodSpecPatch
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": _metadata(spec, spec.name),
+        "spec": {
+            "runtimeRef": {
+                "apiGroup": "trainer.kubeflow.org",
+                "kind": "ClusterTrainingRuntime",
+                "name": TRAINJOB_RUNTIME,
+            },
+            "trainer": {
+                "image": spec.image,
+                "command": list(spec.command),
+                "numNodes": spec.nodes,
+                "numProcPerNode": spec.nproc_per_node,
+                "resourcesPerNode": _resources(spec),
+                "env": env,
+            },
+            "runtimePatches": [
+                {
+                    "manager": PATCH_MANAGER,
+                    "trainingRuntimeSpec": {
+                        "template": {
+                            "spec": {
+                                "replicatedJobs": [
+                                    {
+                                        "name": TRAINJOB_REPLICATED_JOB,
+                                        "template": {
+                                            "spec": {
+                                                "template": {
+                                                    "metadata": {
+                                                        "labels": dict(spec.labels),
+                                                        "annotations": dict(spec.annotations),
+                                                    },
+                                                    "spec": pod_patch,
+                                                }
+                                            }
+                                        },
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_objects(cfg: Config, backend: Backend) -> list[dict[str, Any]]:
+    """The documents to apply for `cfg`: the ConfigMap, then the PyTorchJob or TrainJob."""
+    spec = job_spec(cfg)
+    if backend == "pytorchjob":
+        return [config_map(spec), pytorchjob(spec)]
+    if backend == "trainjob":
+        return [config_map(spec), trainjob(spec)]
+    raise UserError(f"--backend {backend!r}: expected pytorchjob or trainjob")
+
+
+def commands(spec: JobSpec, backend: Backend, path: str) -> dict[str, str]:
+    """The Apply / Check / Logs / Clean commands for a rendered file at `path`."""
+    ns = spec.namespace
+    if backend == "pytorchjob":
+        check = f"kubectl -n {ns} get pytorchjob {spec.name} -w"
+        logs = f"kubectl -n {ns} logs -f {spec.name}-master-0"
+    else:
+        check = f"kubectl -n {ns} get trainjob {spec.name} -w"
+        logs = f"kubectl -n {ns} logs -f -l {master_selector(spec.name, backend)}"
+    return {
+        "Apply": f"kubectl apply -f {path}",
+        "Check": check,
+        "Logs": logs,
+        "Clean": f"kubectl delete -f {path}",
+    }
+
+
+def master_selector(name: str, backend: Backend) -> str:
+    """Label selector of the master (rank-0) pod of a job."""
+    if backend == "pytorchjob":
+        return f"training.kubeflow.org/job-name={name},training.kubeflow.org/job-role=master"
+    return f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0"
+
+
+class _LiteralDumper(yaml.SafeDumper):
+    """Multi-line strings (the embedded config) as `|` blocks, so the ConfigMap reads like the config."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        """Write shared sub-trees (Master and Worker templates) out in full: no YAML anchors."""
+        return True
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_LiteralDumper.add_representer(str, _str_representer)
+
+
+def to_yaml(docs: list[dict[str, Any]]) -> str:
+    """YAML stream of `docs`, keys in the order written."""
+    return "---\n".join(
+        yaml.dump(d, Dumper=_LiteralDumper, sort_keys=False, width=110, default_flow_style=False)
+        for d in docs
+    )
+
+
+def render_text(cfg: Config, backend: Backend, generated_by: str, path: str) -> str:
+    """The whole file: the generated-by line, a header with Apply/Check/Logs/Clean, then the documents.
+
+    The documents are validated against the API models first; an invalid manifest is never written.
+    """
+    from recsys.launch.kubeschema import validate_documents
+
+    docs = render_objects(cfg, backend)
+    validate_documents(docs, origin=f"render of {cfg.name} ({backend})")
+    spec = job_spec(cfg)
+    kind = (
+        "PyTorchJob (kubeflow.org/v1)"
+        if backend == "pytorchjob"
+        else "TrainJob (trainer.kubeflow.org/v1alpha1)"
+    )
+    size = f"{spec.nodes} node(s) × {spec.nproc_per_node} process(es)"
+    size += f", {spec.gpus_per_node} GPU(s) per node" if spec.gpus_per_node else ", CPU only"
+    needs = (
+        "the Kubeflow Training Operator (v1.9+: PyTorchJob CRD)"
+        if backend == "pytorchjob"
+        else f"Kubeflow Trainer v2 with the ClusterTrainingRuntime {TRAINJOB_RUNTIME}"
+    )
+    lines = [
+        f"# generated by {generated_by} — do not edit (regenerate: make manifests)",
+        f"# {kind} training {cfg.model.kind} from config {cfg.name!r}: {size}.",
+        f"# ConfigMap {spec.config_map} holds the resolved config, mounted at /etc/recsys/config.yaml;",
+        f"# data is read from PVC {cfg.job.data_pvc} at /data/{cfg.name}, checkpoints go to PVC {cfg.job.checkpoint_pvc},",
+        f"# runs are tracked at {cfg.job.mlflow_tracking_uri} (experiment {cfg.tracking.experiment!r}, tag recsys.job_name={spec.name}).",
+        f"# Needs {needs}, and manifests/base applied (namespace, PVCs, MLflow, data prep).",
+    ]
+    if backend == "trainjob":
+        lines.append(
+            "# Restart limit and TTL come from the runtime (TrainJob has no backoffLimit/ttl fields)."
+        )
+    width = max(len(k) for k in ("Apply", "Check", "Logs", "Clean")) + 1
+    lines += [f"# {k + ':':<{width}} {v}" for k, v in commands(spec, backend, path).items()]
+    return "\n".join(lines) + "\n---\n" + to_yaml(docs)
+
+
+def render_command(config: str, backend: str, overrides: list[str], out: str) -> str:
+    """The `recsys render` command line that reproduces a file (written into its first line)."""
+    argv = ["recsys", "render", "--backend", backend, "--config", config]
+    for o in overrides:
+        argv += ["--set", o]
+    if out != "-":
+        argv += ["-o", out]
+    return shlex.join(argv)
+
+
+def render_to_file(cfg: Config, backend: Backend, out: str, generated_by: str | None = None) -> None:
+    """Render `cfg` for `backend` to `out` ('-' for stdout), validated, with its header."""
+    path = out if out != "-" else "<file>"
+    text = render_text(cfg, backend, generated_by or f"recsys render --backend {backend}", path)
+    if out == "-":
+        sys.stdout.write(text)
+        return
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"wrote {out}: ConfigMap + {backend} {cfg.job.name} ({cfg.job.nodes} node(s))", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------- launch
+def _load_cluster_config() -> Any:
+    """An ApiClient from the in-cluster service account, else the kube config; UserError when neither."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            # The client reads $KUBECONFIG once, at import; read it now so the current value counts.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+        except (config.ConfigException, FileNotFoundError, TypeError) as e:
+            raise UserError(
+                "no Kubernetes cluster configured: not in a pod and no usable kube config "
+                f"({e}); set KUBECONFIG or `kubectl config use-context`"
+            ) from None
+    return client.ApiClient()
+
+
+def _api_error(e: Any, what: str, backend: Backend, spec: JobSpec) -> UserError:
+    """One clear line for the API errors a user can act on."""
+    import json
+
+    group, version, plural, kind = PYTORCHJOB if backend == "pytorchjob" else TRAINJOB
+    try:
+        message = json.loads(e.body or "{}").get("message") or e.reason
+    except (ValueError, AttributeError):
+        message = e.reason
+    ns = spec.namespace
+    if e.status == 404 and what == "job":
+        install = (
+            "install the Kubeflow Training Operator"
+            if backend == "pytorchjob"
+            else "install Kubeflow Trainer v2 and its runtimes"
+        )
+        return UserError(
+            f"the {kind} API ({group}/{version}) is not installed on this cluster ({message}): {install}, "
+            f"or use --backend {'trainjob' if backend == 'pytorchjob' else 'pytorchjob'}"
+        )
+    if e.status == 404:
+        return UserError(
+            f"namespace {ns!r} not found ({message}): kubectl apply -k manifests/base, or set job.namespace"
+        )
+    if e.status == 403:
+        return UserError(
+            f"access denied creating the {what} in namespace {ns!r}: {message}; "
+            "ask for the recsys-launcher Role (manifests/base/rbac.yaml) or use a context that has it"
+        )
+    if e.status == 409:
+        obj = f"{kind.lower()} {spec.name}" if what == "job" else f"configmap {spec.config_map}"
+        return UserError(
+            f"{obj} already exists in namespace {ns!r}: delete it "
+            f"(kubectl -n {ns} delete {kind.lower()} {spec.name}; kubectl -n {ns} delete configmap "
+            f"{spec.config_map}) or choose another --set job.name=…"
+        )
+    return UserError(f"creating the {what} failed: HTTP {e.status} {message}")
+
+
+def _conditions(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    return list((obj.get("status") or {}).get("conditions") or [])
+
+
+def job_outcome(obj: dict[str, Any], backend: Backend) -> tuple[str, str] | None:
+    """('Succeeded'|'Failed', reason: message) once the job has finished, else None."""
+    done = {"Succeeded": "Succeeded", "Complete": "Succeeded", "Failed": "Failed"}
+    for cond in _conditions(obj):
+        outcome = done.get(cond.get("type", ""))
+        if outcome and str(cond.get("status")) == "True":
+            detail = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
+            return outcome, detail
+    return None
+
+
+def _stream_master_logs(core: Any, spec: JobSpec, backend: Backend, timeout_s: float) -> None:
+    """Wait for the master pod to start, then copy its log stream to stdout."""
+    from kubernetes.client.exceptions import ApiException
+
+    selector = master_selector(spec.name, backend)
+    deadline = time.monotonic() + timeout_s
+    pod_name = None
+    while time.monotonic() < deadline:
+        pods = core.list_namespaced_pod(spec.namespace, label_selector=selector).items
+        running = [p for p in pods if p.status and p.status.phase in ("Running", "Succeeded", "Failed")]
+        if running:
+            pod_name = running[0].metadata.name
+            break
+        time.sleep(2)
+    if pod_name is None:
+        print(f"recsys: the master pod ({selector}) did not start within {timeout_s:.0f}s", file=sys.stderr)
+        return
+    print(f"--- logs of {spec.namespace}/{pod_name}", file=sys.stderr)
+    try:
+        resp = core.read_namespaced_pod_log(
+            pod_name, spec.namespace, container=_container(backend), follow=True, _preload_content=False
+        )
+        for chunk in resp.stream(4096):
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+    except ApiException as e:
+        print(f"recsys: cannot read the logs of {pod_name}: HTTP {e.status} {e.reason}", file=sys.stderr)
+
+
+def _container(backend: Backend) -> str:
+    return PYTORCHJOB_CONTAINER if backend == "pytorchjob" else TRAINJOB_CONTAINER
+
+
+def launch_kube(
+    cfg: Config,
+    backend: Backend,
+    wait: bool,
+    logs: bool,
+    poll_s: float = 5.0,
+    timeout_s: float | None = None,
+) -> int:
+    """Create the ConfigMap and the job; with `logs` stream the master's log, with `wait` poll until the
+    job Succeeded (0) or Failed (1, with the reason). Returns the exit status."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    spec = job_spec(cfg)
+    cm, job = render_objects(cfg, backend)
+    from recsys.launch.kubeschema import validate_documents
+
+    validate_documents([cm, job], origin=f"launch of {cfg.name} ({backend})")
+    group, version, plural, kind = PYTORCHJOB if backend == "pytorchjob" else TRAINJOB
+    api = _load_cluster_config()
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    host = api.configuration.host
+    try:
+        try:
+            core.create_namespaced_config_map(spec.namespace, cm)
+        except ApiException as e:
+            raise _api_error(e, "configmap", backend, spec) from None
+        try:
+            created = custom.create_namespaced_custom_object(group, version, spec.namespace, plural, job)
+        except ApiException as e:
+            # Leave nothing half-made behind: the ConfigMap belongs to the job that could not be created.
+            with contextlib.suppress(ApiException):
+                core.delete_namespaced_config_map(spec.config_map, spec.namespace)
+            raise _api_error(e, "job", backend, spec) from None
+        # Deleting the job then deletes its ConfigMap too.
+        owner = {
+            "apiVersion": f"{group}/{version}",
+            "kind": kind,
+            "name": spec.name,
+            "uid": (created.get("metadata") or {}).get("uid", ""),
+            "controller": False,
+            "blockOwnerDeletion": False,
+        }
+        if owner["uid"]:
+            try:
+                core.patch_namespaced_config_map(
+                    spec.config_map, spec.namespace, {"metadata": {"ownerReferences": [owner]}}
+                )
+            except ApiException as e:
+                print(
+                    f"recsys: note: could not link the ConfigMap to the job (HTTP {e.status})",
+                    file=sys.stderr,
+                )
+        print(
+            f"created {kind} {spec.namespace}/{spec.name} ({spec.nodes} node(s) × {spec.nproc_per_node}) "
+            f"and ConfigMap {spec.config_map}; watch: {commands(spec, backend, '-')['Check']}"
+        )
+        if logs:
+            _stream_master_logs(core, spec, backend, timeout_s=timeout_s or 900)
+        if not wait:
+            return 0
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            obj = custom.get_namespaced_custom_object(group, version, spec.namespace, plural, spec.name)
+            outcome = job_outcome(obj, backend)
+            if outcome is not None:
+                state, detail = outcome
+                if state == "Succeeded":
+                    print(f"{kind} {spec.name} succeeded" + (f" ({detail})" if detail else ""))
+                    return 0
+                print(f"recsys: {kind} {spec.name} failed: {detail or 'no reason given'}", file=sys.stderr)
+                return 1
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"recsys: {kind} {spec.name} still running after {timeout_s:.0f}s", file=sys.stderr)
+                return 1
+            time.sleep(poll_s)
+    except HTTPError as e:
+        raise UserError(f"cannot reach the Kubernetes API server at {host}: {e}") from None

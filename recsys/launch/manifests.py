@@ -1,0 +1,79 @@
+"""Regenerate every committed generated manifest from the shipped configs: `python -m recsys.launch.manifests`.
+
+Each target is exactly one `recsys render` command (written into the file's first line), so a file can
+be reproduced by hand; tests/test_manifests_fresh.py fails when a committed file differs from a fresh
+render. The hand-written cluster plumbing lives in manifests/base/ and is not touched here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# The committed jobs are GPU-sized (2 nodes × 1 GPU); manifests/overlays/cpu re-sizes them for CPU clusters.
+GPU_SIZE = ["job.nodes=2", "job.gpus_per_node=1"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One generated file: `recsys render --backend BACKEND --config CONFIG --set … -o PATH`."""
+
+    path: str
+    config: str
+    backend: str
+    overrides: tuple[str, ...]
+
+
+TARGETS = [
+    Target("manifests/dlrm-job.yaml", "dlrm_synth", "pytorchjob", tuple(GPU_SIZE)),
+    Target("manifests/two-tower-job.yaml", "two_tower_synth", "pytorchjob", tuple(GPU_SIZE)),
+    Target("manifests/dlrm-trainjob.yaml", "dlrm_synth", "trainjob", tuple(GPU_SIZE)),
+    Target("manifests/two-tower-trainjob.yaml", "two_tower_synth", "trainjob", tuple(GPU_SIZE)),
+]
+
+
+def render_target(target: Target) -> str:
+    """The text `recsys render` writes for `target` (the same call the CLI makes)."""
+    from recsys.config import load_config
+    from recsys.launch.kube import render_command, render_text
+
+    cfg = load_config(target.config, list(target.overrides))
+    cmd = render_command(target.config, target.backend, list(target.overrides), target.path)
+    return render_text(cfg, target.backend, cmd, target.path)  # type: ignore[arg-type]
+
+
+def stale(root: Path = REPO) -> list[str]:
+    """Paths of committed generated files that are missing or differ from a fresh render."""
+    out = []
+    for t in TARGETS:
+        f = root / t.path
+        if not f.is_file() or f.read_text() != render_target(t):
+            out.append(t.path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write every target (or, with --check, list the stale ones and exit 1)."""
+    p = argparse.ArgumentParser(prog="python -m recsys.launch.manifests", description=__doc__)
+    p.add_argument("--check", action="store_true", help="only report files that differ from a fresh render")
+    args = p.parse_args(argv)
+    if args.check:
+        bad = stale()
+        for path in bad:
+            print(f"stale: {path} (run `make manifests`)", file=sys.stderr)
+        return 1 if bad else 0
+    for t in TARGETS:
+        text = render_target(t)
+        out = REPO / t.path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        changed = not out.is_file() or out.read_text() != text
+        out.write_text(text)
+        print(f"{'wrote' if changed else 'unchanged'} {t.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

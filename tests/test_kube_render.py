@@ -1,0 +1,197 @@
+"""The rendered ConfigMap + PyTorchJob / TrainJob carry what the issue asks, from the config alone."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recsys.config import load_config
+from recsys.errors import UserError
+from recsys.launch.jobspec import CONFIG_PATH, RESERVED_ENV, cluster_config, job_spec
+from recsys.launch.kube import render_objects, render_text
+
+REPO = Path(__file__).resolve().parents[1]
+GPU = ["job.nodes=3", "job.gpus_per_node=4", "job.procs_per_node=4"]
+PLACEMENT = [
+    "job.node_selector={pool: gpu}",
+    "job.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+]
+
+
+def _docs(config: str, backend: str, sets: list[str]) -> tuple[dict, dict]:
+    cm, job = render_objects(load_config(config, sets), backend)  # type: ignore[arg-type]
+    return cm, job
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_pytorchjob_gpu_shape_and_pod_settings() -> None:
+    cm, job = _docs("dlrm_synth", "pytorchjob", GPU + PLACEMENT)
+    spec = job["spec"]
+    assert spec["nprocPerNode"] == "4"
+    assert spec["runPolicy"] == {"backoffLimit": 2, "ttlSecondsAfterFinished": 86400}
+    reps = spec["pytorchReplicaSpecs"]
+    assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 2
+    for rep in reps.values():
+        assert rep["restartPolicy"] == "OnFailure"
+        tmpl = rep["template"]
+        assert tmpl["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+        pod = tmpl["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["nodeSelector"] == {"pool": "gpu"}
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        (c,) = pod["containers"]
+        assert c["name"] == "pytorch"
+        assert c["command"] == ["torchrun", "-m", "recsys", "train", "--config", CONFIG_PATH]
+        assert "args" not in c  # no topology flags: torchrun reads the operator's PET_* env
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+        assert c["resources"]["requests"]["cpu"] == "4" and c["resources"]["requests"]["memory"] == "16Gi"
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        assert c["envFrom"] == [{"secretRef": {"name": "mlflow-credentials", "optional": True}}]
+        env = _env(c)
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.recsys.svc:5000"
+        assert env["RECSYS_JOB_NAME"] == "dlrm" and env["RECSYS_IMAGE"] == c["image"]
+        assert env["NCCL_DEBUG"] == "WARN"
+        assert not RESERVED_ENV & set(env)
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert vols[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "recsys-data"
+        assert vols[mounts["/checkpoints"]]["persistentVolumeClaim"]["claimName"] == "recsys-checkpoints"
+        assert vols[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+        assert vols[mounts["/etc/recsys"]]["configMap"]["name"] == cm["metadata"]["name"]
+        assert c["ports"][0]["name"] == "pytorchjob-port"
+
+
+def test_cpu_job_single_node_has_no_worker_and_no_gpu() -> None:
+    _, job = _docs("two_tower_synth", "pytorchjob", ["job.procs_per_node=2"])
+    assert job["spec"]["nprocPerNode"] == "2"
+    assert "Worker" not in job["spec"]["pytorchReplicaSpecs"]
+    assert "nvidia.com/gpu" not in yaml.safe_dump(job)
+
+
+def test_configmap_holds_resolved_config_with_cluster_paths() -> None:
+    cfg = load_config("dlrm_synth", GPU)
+    cm, _ = render_objects(cfg, "pytorchjob")
+    inner = yaml.safe_load(cm["data"]["config.yaml"])
+    assert inner == cluster_config(cfg).model_dump(mode="json")
+    assert inner["data"]["prepared_dir"] == "/data/dlrm-synth"
+    assert inner["tracking"]["uri"] == "http://mlflow.recsys.svc:5000"
+    # Training settings are the user's, untouched.
+    local_train = cfg.model_dump(mode="json")["train"]
+    for d in (inner["train"], local_train):
+        d.pop("checkpoint_dir", None)  # the one train path that moves onto the checkpoint PVC
+    assert inner["train"] == local_train
+    assert inner["model"] == cfg.model_dump(mode="json")["model"]
+
+
+def test_trainjob_twin_same_content() -> None:
+    cm_v1, v1 = _docs("dlrm_synth", "pytorchjob", GPU + PLACEMENT)
+    cm_v2, v2 = _docs("dlrm_synth", "trainjob", GPU + PLACEMENT)
+    assert cm_v1 == cm_v2
+    t = v2["spec"]["trainer"]
+    master = v1["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    (c1,) = master["containers"]
+    assert v2["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert t["numNodes"] == 3 and t["numProcPerNode"] == 4
+    assert t["command"] == c1["command"] and t["image"] == c1["image"]
+    assert t["resourcesPerNode"] == c1["resources"]
+    plain = {e["name"]: e["value"] for e in t["env"] if "value" in e}
+    assert plain == _env(c1)
+    secret_refs = [e["valueFrom"]["secretKeyRef"] for e in t["env"] if "valueFrom" in e]
+    assert secret_refs and all(r["name"] == "mlflow-credentials" and r["optional"] for r in secret_refs)
+    (patch,) = v2["spec"]["runtimePatches"]
+    (rj,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = rj["template"]["spec"]["template"]
+    assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    assert pod["spec"]["volumes"] == master["volumes"]
+    assert pod["spec"]["nodeSelector"] == master["nodeSelector"]
+    assert pod["spec"]["tolerations"] == master["tolerations"]
+    assert pod["spec"]["securityContext"] == master["securityContext"]
+    (cp,) = pod["spec"]["containers"]
+    assert cp["name"] == "node" and cp["volumeMounts"] == c1["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "field"),
+    [
+        (["job.name=Bad_Name"], "job.name"),
+        (["job.env={MASTER_ADDR: x}"], "job.env"),
+        (["job.env={RECSYS_JOB_NAME: x}"], "job.env"),
+        (["job.gpus_per_node=8", "job.procs_per_node=3"], "job.procs_per_node"),
+    ],
+)
+def test_bad_job_section_is_a_clear_error(sets: list[str], field: str) -> None:
+    with pytest.raises(UserError, match=re.escape(field)):
+        job_spec(load_config("dlrm_synth", sets))
+
+
+def test_header_names_command_and_four_commands() -> None:
+    cfg = load_config("two_tower_synth", [])
+    text = render_text(cfg, "trainjob", "recsys render --backend trainjob --config two_tower_synth", "x.yaml")
+    first = text.splitlines()[0]
+    assert first.startswith("# generated by recsys render --backend trainjob") and "do not edit" in first
+    header = text.split("\n---\n", 1)[0]
+    for key in ("Apply:", "Check:", "Logs:", "Clean:"):
+        assert f"# {key}" in header
+    assert "kubectl apply -f x.yaml" in header
+
+
+def _header_commands(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        m = re.match(r"#\s*(Apply|Check|Logs|Clean):\s+(.*?)(\s{3}\(.*\))?$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+ALL_YAML = sorted(p for p in (REPO / "manifests").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_manifest_opens_with_what_it_is_and_four_commands(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# ") and len(lines[0]) > 20, f"{path}: first line must say what it is"
+    assert set(_header_commands(path)) == {"Apply", "Check", "Logs", "Clean"}, path
+
+
+def test_data_prep_job_prepares_what_the_jobs_read() -> None:
+    """The base data-prep Job writes exactly the prepared_dir each generated job's ConfigMap reads."""
+    from recsys.launch.manifests import TARGETS
+
+    prep = yaml.safe_load((REPO / "manifests/base/data-prep-job.yaml").read_text())
+    pod = prep["spec"]["template"]["spec"]
+    prepared = {}
+    for c in pod["initContainers"] + pod["containers"]:
+        argv = c["command"]
+        assert argv[:3] == ["recsys", "data", "prepare"]
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        cfg = load_config(argv[argv.index("--config") + 1], sets)
+        prepared[cfg.data.prepared_dir] = cfg.model_dump(mode="json")["data"]
+    for t in TARGETS:
+        cm = next(d for d in yaml.safe_load_all((REPO / t.path).read_text()) if d["kind"] == "ConfigMap")
+        data = yaml.safe_load(cm["data"]["config.yaml"])["data"]
+        assert prepared.get(data["prepared_dir"]) == data, (
+            f"{t.path}: no data-prep step writes {data['prepared_dir']}"
+        )
+
+
+def _readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split("<!-- section:kubernetes -->", 1)[1].split("<!-- /section:kubernetes -->", 1)[0]
+
+
+def test_readme_kubernetes_commands_match_the_headers() -> None:
+    section = _readme_section()
+    for name in ("dlrm-job.yaml", "two-tower-trainjob.yaml", "base/kustomization.yaml"):
+        cmds = _header_commands(REPO / "manifests" / name)
+        for key in ("Apply", "Check", "Logs"):
+            assert cmds[key] in section, f"README lacks the {key} command of manifests/{name}: {cmds[key]}"
+    assert _header_commands(REPO / "manifests/overlays/cpu/kustomization.yaml")["Apply"] in section
