@@ -8,7 +8,9 @@ A prepared folder holds::
 
 Every MDS sample has three columns, all numpy arrays with the block's rows first:
     label   float32 [n]        binary label (0/1) after label binarization
-    dense   float32 [n, D]     log(1+x) of the dense features, missing → 0 (D may be 0)
+    dense   float32 [n, D]     log(1+x) of the dense features, missing → 0; MDS cannot store empty
+                               arrays, so with D = 0 it holds [n, 1] zeros: readers keep the first
+                               len(dense_features) columns
     sparse  int64   [n, S]     embedding row of each sparse feature (vocabulary-mapped; 0 = OOV/missing)
 
 Interaction data (Two-Tower) uses the same layout: its sparse features include the user and item

@@ -1,0 +1,111 @@
+"""MDS block datasets: write one split as blocks of rows, and read blocks back without StreamingDataset.
+
+One MDS sample is one block of up to `block_size` consecutive rows (columns in metadata.MDS_COLUMNS).
+Blocks are what makes conversion and loading fast: per-sample overhead is paid once per block,
+not once per row. Only the last block of a split can be short.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.data.metadata import MDS_COLUMNS
+from recsys.errors import UserError
+
+
+def write_split(
+    out_dir: str | Path,
+    label: np.ndarray,
+    dense: np.ndarray,
+    sparse: np.ndarray,
+    block_size: int,
+    compression: str | None,
+    size_limit: int,
+    on_block: Callable[[int], None] | None = None,
+) -> int:
+    """Write rows (label [n], dense [n, D], sparse [n, S]) as MDS blocks; returns the number of blocks."""
+    from streaming import MDSWriter
+
+    n = len(label)
+    label = np.ascontiguousarray(label, dtype=np.float32)
+    dense = np.ascontiguousarray(dense, dtype=np.float32)
+    if dense.shape[1] == 0:
+        # MDS cannot encode empty arrays: with no dense features the column holds one zero per row
+        # (see metadata.py); readers cut it back to the metadata's D = 0.
+        dense = np.zeros((n, 1), dtype=np.float32)
+    sparse = np.ascontiguousarray(sparse, dtype=np.int64)
+    blocks = 0
+    with MDSWriter(
+        out=str(out_dir), columns=MDS_COLUMNS, compression=compression, size_limit=size_limit
+    ) as writer:
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            writer.write(
+                {"label": label[start:stop], "dense": dense[start:stop], "sparse": sparse[start:stop]}
+            )
+            blocks += 1
+            if on_block is not None:
+                on_block(stop - start)
+    return blocks
+
+
+class BlockReader:
+    """Random access to the blocks of one MDS split folder, decompressing each shard in memory once.
+
+    Used for evaluation and whole-split reads, where StreamingDataset's shuffling, partition padding
+    and shared memory are unwanted; it never writes into the prepared folder.
+    """
+
+    def __init__(self, split_dir: str | Path) -> None:
+        from streaming.base.format import reader_from_json
+
+        self.split_dir = Path(split_dir)
+        index = self.split_dir / "index.json"
+        if not index.is_file():
+            raise UserError(f"{index}: not found; run `recsys data prepare` (is data.prepared_dir right?)")
+        obj = json.loads(index.read_text())
+        self._shards = [reader_from_json(str(self.split_dir), None, s) for s in obj["shards"]]
+        self._infos = obj["shards"]
+        counts = np.array([s.samples for s in self._shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_blocks = int(self._starts[-1])
+        self._cache_id = -1
+        self._cache: tuple[bytes, np.ndarray] | None = None
+
+    def _shard_bytes(self, shard_id: int) -> tuple[bytes, np.ndarray]:
+        if self._cache_id != shard_id:
+            info = self._infos[shard_id]
+            raw = self.split_dir / info["raw_data"]["basename"]
+            if raw.is_file():
+                data = raw.read_bytes()
+            else:
+                from streaming.base.compression import decompress
+
+                zip_info = info.get("zip_data")
+                if not zip_info:
+                    raise UserError(f"{raw}: shard file missing")
+                data = decompress(info["compression"], (self.split_dir / zip_info["basename"]).read_bytes())
+            count = self._shards[shard_id].samples
+            offsets = np.frombuffer(data, np.uint32, count + 1, offset=4)
+            self._cache_id, self._cache = shard_id, (data, offsets)
+        assert self._cache is not None
+        return self._cache
+
+    def block(self, i: int) -> dict[str, Any]:
+        """Block i of the split as {label, dense, sparse} numpy arrays."""
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block {i} out of range (0..{self.num_blocks - 1})")
+        shard_id = int(np.searchsorted(self._starts, i, side="right") - 1)
+        data, offsets = self._shard_bytes(shard_id)
+        j = i - int(self._starts[shard_id])
+        return self._shards[shard_id].decode_sample(data[offsets[j] : offsets[j + 1]])
+
+    def iter_blocks(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+        """Blocks start..stop-1 in order."""
+        for i in range(start, self.num_blocks if stop is None else stop):
+            yield self.block(i)

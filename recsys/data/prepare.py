@@ -1,0 +1,287 @@
+"""`recsys data prepare`: raw files → labels → split → vocabularies (fit on train) → MDS train/val/test.
+
+Output (see recsys.data.metadata): train/ val/ test/ MDS block datasets, vocab/<feature>.txt,
+metadata.json (written last, so a folder with metadata.json is complete). Train rows are shuffled
+with the split seed before blocking, so a block is a random sample of train rather than a run of
+one user or one hour; val and test keep source order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from recsys.data import splits as S
+from recsys.data import vocab as V
+from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, write_metadata
+from recsys.data.readers import Table, concat_tables, read_source
+from recsys.errors import UserError
+
+if TYPE_CHECKING:
+    from recsys.config import Config, LabelConfig
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("metadata.json", "vocab", *SPLITS)
+
+# Seconds per phase of the last prepare() in this process (read, vocab, write), for the benchmark.
+LAST_TIMINGS: dict[str, float] = {}
+
+
+def _say(msg: str) -> None:
+    """Progress line on stderr (stdout stays for results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_compression(name: str | None) -> None:
+    if name is None:
+        return
+    from streaming.base.compression import get_compressions
+
+    if name not in get_compressions():
+        raise UserError(
+            f"data.compression: unknown {name!r} (use zstd, zstd:1 … zstd:22, gz, snappy, or null)"
+        )
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to touch an existing prepared folder unless overwrite; with it, remove the old outputs."""
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"{out}: already holds prepared data ({', '.join(existing)}); pass --overwrite to replace it"
+        )
+    for name in existing:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _inner_source(spec: dict[str, Any], where: str) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    from recsys.config import Source
+
+    if spec.get("kind") == "presplit":
+        raise UserError(f"{where}: a presplit part cannot itself be presplit")
+    try:
+        return TypeAdapter(Source).validate_python(spec)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"][1:])
+        raise UserError(f"{where}.{loc}: {first['msg']}") from None
+
+
+def read_with_split(cfg: Config) -> tuple[Table, np.ndarray]:
+    """Read the configured source and assign each row to train (0), val (1) or test (2)."""
+    from recsys.data.synth import raw_dir_of
+
+    src, sp = cfg.data.source, cfg.data.split
+    skip = cfg.data.skip_bad_rows
+    if src.kind == "presplit":
+        parts = {"train": src.train, "val": src.val, "test": src.test}
+        tables, assign = [], []
+        for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)):
+            if parts[name] is None:
+                continue
+            t = read_source(_inner_source(parts[name], f"data.source.{name}"), skip)
+            tables.append(t)
+            a = np.full(t.rows, code, dtype=np.int8)
+            if name == "train" and src.val is None:  # carve val out of train
+                a = S.random_split(t.rows, sp.val_fraction, 0.0, sp.seed)
+            assign.append(a)
+        return concat_tables(tables), np.concatenate(assign)
+    table = read_source(src, skip, raw_dir_of(cfg))
+    if sp.mode == "random":
+        return table, S.random_split(table.rows, sp.val_fraction, sp.test_fraction, sp.seed)
+    if sp.mode == "by_day":
+        if table.day is None:
+            raise UserError(
+                "data.split.mode by_day needs day files (data.source.kind criteo or synthetic_ctr)"
+            )
+        return table, S.by_day(table.day)
+    if sp.mode == "leave_last_n":
+        if table.user_feature is None:
+            raise UserError("data.split.mode leave_last_n needs a user column (data.source.user)")
+        if table.timestamp is None:
+            log.warning("no timestamp column: leave_last_n uses file order as time order")
+        users, _ = V.encode(table.sparse[table.sparse_names.index(table.user_feature)])
+        return table, S.leave_last_n(users, table.timestamp, sp.n)
+    raise UserError(f"data.split.mode {sp.mode!r} does not fit data.source.kind {src.kind!r}")
+
+
+def binarize(label: np.ndarray | None, assign: np.ndarray, cfg: LabelConfig) -> tuple[np.ndarray, dict]:
+    """Binary labels per data.label.mode; returns (float32 labels, the settings applied)."""
+    if cfg.mode == "all_positive":
+        return np.ones(len(assign), np.float32), {"mode": "all_positive"}
+    if label is None:
+        raise UserError(
+            f"data.label.mode {cfg.mode!r} needs a label column; the source has none (use all_positive)"
+        )
+    if cfg.mode == "as_is":
+        values = np.unique(label)
+        if not np.isin(values, [0.0, 1.0]).all():
+            raise UserError(
+                f"data.label.mode as_is needs 0/1 labels, found values like {values[:5].tolist()}; "
+                "use mode threshold or mean for ratings"
+            )
+        return label.astype(np.float32), {"mode": "as_is"}
+    if cfg.mode == "threshold":
+        thr = cfg.threshold
+    else:  # mean over train only, so val/test do not leak into the cut
+        train = label[assign == S.TRAIN]
+        thr = float(train.mean()) if len(train) else float(label.mean())
+    return (label >= thr).astype(np.float32), {"mode": cfg.mode, "threshold": thr}
+
+
+def _vocab_file(name: str) -> str:
+    return f"vocab/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.txt"
+
+
+def _write_splits(
+    out: Path, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray, assign: np.ndarray, cfg: Config
+) -> dict[str, SplitInfo]:
+    """Write the three MDS splits (train rows shuffled with the split seed); returns their counts."""
+    from tqdm import tqdm
+
+    from recsys.data.mds import write_split
+
+    rng = np.random.default_rng(cfg.data.split.seed + 1)
+    infos: dict[str, SplitInfo] = {}
+    bar = tqdm(total=len(label), unit="rows", desc="write MDS", disable=None, mininterval=0.5)
+
+    def one(name: str, code: int) -> tuple[str, SplitInfo]:
+        idx = np.flatnonzero(assign == code)
+        if name == "train":
+            idx = rng.permutation(idx)
+        blocks = write_split(
+            out / name,
+            np.take(label, idx),
+            np.take(dense, idx, axis=0),
+            np.take(sparse, idx, axis=0),
+            cfg.data.block_size,
+            cfg.data.compression,
+            cfg.data.shard_size_limit,
+            on_block=bar.update,
+        )
+        return name, SplitInfo(rows=len(idx), blocks=blocks, positives=int(np.take(label, idx).sum()))
+
+    # Splits are written concurrently: zstd and the file writes release the GIL.
+    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
+        for name, info in pool.map(lambda s: one(*s), [("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)]):
+            infos[name] = info
+    bar.close()
+    return infos
+
+
+def map_vocabularies(table: Table, train: np.ndarray, min_count: int) -> tuple[np.ndarray, list[V.Vocab]]:
+    """Fit each sparse feature's vocabulary on train rows and map every row (int64 [n, S])."""
+    sparse = np.zeros((table.rows, len(table.sparse)), dtype=np.int64)
+
+    def one(j: int) -> V.Vocab:
+        codes, dictionary = V.encode(table.sparse[j])
+        vocab, lookup = V.fit(codes, dictionary, train, min_count)
+        sparse[:, j] = V.apply(codes, lookup)
+        return vocab
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        vocabs = list(pool.map(one, range(len(table.sparse))))
+    return sparse, vocabs
+
+
+def prepare(cfg: Config, overwrite: bool) -> Metadata:
+    """Prepare cfg.data.source into cfg.data.prepared_dir; returns the metadata written."""
+    from recsys.data.synth import SYNTH_JSON, raw_dir_of, raw_files, synthesize
+
+    out = Path(cfg.data.prepared_dir)
+    _check_compression(cfg.data.compression)
+    check_output(out, overwrite)
+    src = cfg.data.source
+    synthetic = src.kind in ("synthetic_ctr", "synthetic_interactions")
+    if synthetic:
+        files = raw_files(src, raw_dir_of(cfg))
+        present = [f.exists() for f in files]
+        if not any(present):
+            synthesize(cfg, overwrite=False)
+        elif not all(present):
+            missing = files[present.index(False)]
+            raise UserError(f"{missing}: raw file missing; run `recsys data synth --overwrite` to regenerate")
+
+    t0 = time.perf_counter()
+    _say(f"prepare {cfg.name}: reading {src.kind} source …")
+    table, assign = read_with_split(cfg)
+    t_read = time.perf_counter()
+    _say(
+        f"read {table.rows:,} rows in {t_read - t0:.1f}s; fitting {len(table.sparse)} vocabularies on train …"
+    )
+    labels, label_info = binarize(table.label, assign, cfg.data.label)
+    sparse, vocabs = map_vocabularies(table, assign == S.TRAIN, cfg.data.min_count)
+    t_vocab = time.perf_counter()
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab").mkdir(exist_ok=True)
+    features = []
+    for name, vocab in zip(table.sparse_names, vocabs, strict=True):
+        vf = _vocab_file(name)
+        vocab.save(out / vf)
+        features.append(SparseFeature(name=name, num_embeddings=vocab.num_embeddings, vocab_file=vf))
+    infos = _write_splits(out, labels, table.dense, sparse, assign, cfg)
+    t_write = time.perf_counter()
+
+    LAST_TIMINGS.update(read=t_read - t0, vocab=t_vocab - t_read, write=t_write - t_vocab)
+    synth_facts = None
+    if synthetic:
+        synth_facts = _synthetic_facts(raw_dir_of(cfg) / SYNTH_JSON, table, labels, assign)
+    meta = Metadata(
+        name=cfg.name,
+        kind=table.kind,
+        block_size=cfg.data.block_size,
+        dense_features=table.dense_names,
+        sparse_features=features,
+        user_feature=table.user_feature,
+        item_feature=table.item_feature,
+        splits=infos,
+        sources=table.sources,
+        label=label_info,
+        synthetic=synth_facts,
+    )
+    write_metadata(out, meta)
+    bad = sum(s.bad_rows.count for s in meta.sources)
+    print(
+        f"prepared {out}: "
+        + ", ".join(f"{k} {v.rows} rows/{v.blocks} blocks" for k, v in infos.items())
+        + f"; {len(features)} sparse, {len(table.dense_names)} dense features"
+        + (f"; {bad} bad rows skipped" if bad else "")
+        + f" (read {t_read - t0:.1f}s, vocab {t_vocab - t_read:.1f}s, write {t_write - t_vocab:.1f}s)"
+    )
+    return meta
+
+
+def _synthetic_facts(path: Path, table: Table, labels: np.ndarray, assign: np.ndarray) -> dict | None:
+    """synth.json facts, plus the Bayes-optimal AUC of exactly the rows in each split (CTR)."""
+    from recsys.data.synth import TRUE_CTR, auc
+
+    if not path.is_file():
+        return None
+    facts = json.loads(path.read_text())
+    p_file = path.parent / TRUE_CTR
+    if facts.get("kind") == "synthetic_ctr" and p_file.is_file():
+        p = np.load(p_file)
+        facts["bayes_auc_all_rows"] = facts.pop("bayes_auc", None)
+        if len(p) == table.rows:  # skipped bad rows would misalign the true probabilities
+            by_split = {
+                name: auc(p[assign == code], labels[assign == code])
+                for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST))
+            }
+            facts["bayes_auc_by_split"] = by_split
+            facts["bayes_auc"] = by_split["test"]
+    return facts
