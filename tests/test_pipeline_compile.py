@@ -1,0 +1,158 @@
+"""The committed pipeline IR equals a fresh compile, and the compiled pipeline has the promised shape."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_PY = REPO / "pipelines" / "recsys_pipeline.py"
+
+
+def _load_pipeline_module():
+    spec = importlib.util.spec_from_file_location("recsys_pipeline", PIPELINE_PY)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("recsys_pipeline", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    out = tmp_path_factory.mktemp("pipeline") / "recsys_pipeline.yaml"
+    _load_pipeline_module().compile_pipeline(out)
+    text = out.read_text()
+    # The IR file holds two YAML documents: the pipeline spec and the Kubernetes platform spec.
+    docs = list(yaml.safe_load_all(text))
+    return text, {"spec": docs[0], "platform": docs[1]["platforms"]["kubernetes"]}
+
+
+def test_committed_yaml_matches_fresh_compile(compiled: tuple[str, dict]) -> None:
+    """KFP's compiler is deterministic here (checked: two compiles are byte-identical), so no normalising."""
+    text, _ = compiled
+    committed = (REPO / "pipelines" / "recsys_pipeline.yaml").read_text()
+    assert committed == text, "pipelines/recsys_pipeline.yaml is stale: run `make pipelines` and commit it"
+
+
+def test_steps_and_dependencies(compiled: tuple[str, dict]) -> None:
+    _, ir = compiled
+    tasks = ir["spec"]["root"]["dag"]["tasks"]
+    names = {t["taskInfo"]["name"]: key for key, t in tasks.items()}
+    assert set(names) == {
+        "prepare-data-two-tower",
+        "prepare-data-dlrm",
+        "train-two-tower",
+        "train-dlrm",
+        "evaluate-two-tower",
+        "evaluate-dlrm",
+        "summary",
+    }
+
+    def deps(display: str) -> set[str]:
+        key = names[display]
+        return {tasks[d]["taskInfo"]["name"] for d in tasks[key].get("dependentTasks", [])}
+
+    for model in ("two-tower", "dlrm"):
+        assert deps(f"train-{model}") == {f"prepare-data-{model}"}
+        assert deps(f"evaluate-{model}") == {f"prepare-data-{model}", f"train-{model}"}
+    assert deps("summary") == {"train-two-tower", "train-dlrm", "evaluate-two-tower", "evaluate-dlrm"}
+    for task in tasks.values():
+        assert task["cachingOptions"] == {}, "every step runs anew (caching off)"
+
+
+def test_parameters(compiled: tuple[str, dict]) -> None:
+    _, ir = compiled
+    params = ir["spec"]["root"]["inputDefinitions"]["parameters"]
+    for name in (
+        "two_tower_config",
+        "dlrm_config",
+        "overrides",
+        "image",
+        "nodes",
+        "gpus_per_node",
+        "backend",
+        "mlflow_tracking_uri",
+        "data_root",
+    ):
+        assert name in params, name
+    assert params["overrides"]["parameterType"] == "LIST"
+    assert params["backend"]["defaultValue"] == "pytorchjob"
+    from recsys.config import JobConfig
+
+    assert params["image"]["defaultValue"] == JobConfig().image
+
+
+def test_per_run_names_come_from_placeholders(compiled: tuple[str, dict]) -> None:
+    """Job names and data folders are made at run time from the pipeline-job placeholders."""
+    _, ir = compiled
+    tasks = ir["spec"]["root"]["dag"]["tasks"]
+    for task in tasks.values():
+        if task["taskInfo"]["name"].startswith(("train-", "prepare-data-")):
+            params = task["inputs"]["parameters"]
+            assert params["pipeline_job_name"]["runtimeValue"]["constant"] == "{{$.pipeline_job_name}}"
+            assert params["pipeline_task_id"]["runtimeValue"]["constant"] == "{{$.pipeline_task_uuid}}"
+
+
+def test_kubernetes_platform_settings(compiled: tuple[str, dict]) -> None:
+    _, ir = compiled
+    tasks = ir["spec"]["root"]["dag"]["tasks"]
+    executors = ir["platform"]["deploymentSpec"]["executors"]
+    by_step = {
+        t["taskInfo"]["name"]: executors[f"exec-{t['componentRef']['name'].removeprefix('comp-')}"]
+        for t in tasks.values()
+        if t["taskInfo"]["name"] != "summary"
+    }
+    for step, cfg in by_step.items():
+        pvcs = {m["mountPath"]: m["pvcNameParameter"]["componentInputParameter"] for m in cfg["pvcMount"]}
+        assert pvcs["/data"] == "data_pvc", step
+        secrets = {s["secretNameParameter"]["componentInputParameter"] for s in cfg["secretAsEnv"]}
+        assert secrets == {"mlflow_secret", "object_store_secret"}, step
+        assert cfg["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "step_node_selector"
+        assert cfg["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "step_tolerations"
+    for step in ("train-two-tower", "train-dlrm", "evaluate-two-tower", "evaluate-dlrm"):
+        (shm,) = by_step[step]["emptyDirMounts"]
+        assert (shm["mountPath"], shm["medium"]) == ("/dev/shm", "Memory")
+    for step in ("train-two-tower", "train-dlrm"):
+        mounts = {m["mountPath"] for m in by_step[step]["pvcMount"]}
+        assert mounts == {"/data", "/checkpoints"}
+
+
+def test_steps_run_in_the_image_parameter(compiled: tuple[str, dict]) -> None:
+    _, ir = compiled
+    for name, executor in ir["spec"]["deploymentSpec"]["executors"].items():
+        assert executor["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}", name
+        # The trainer image carries kfp: no pip install at run time (clusters without egress work).
+        assert "pip install" not in " ".join(executor["container"]["command"]), name
+
+
+def test_pipeline_rbac_is_valid_and_minimal() -> None:
+    """The steps' service account may run training jobs in the job namespace, and nothing more."""
+    import kubernetes_validate
+
+    from recsys.config import JobConfig
+
+    path = REPO / "manifests" / "base" / "pipeline-rbac.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+    role, binding = docs
+    assert (role["kind"], binding["kind"]) == ("Role", "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == JobConfig().namespace
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    granted = {
+        (group, resource): sorted(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    jobs = sorted(["create", "get", "list", "watch", "delete"])
+    assert granted == {
+        ("kubeflow.org", "pytorchjobs"): jobs,
+        ("trainer.kubeflow.org", "trainjobs"): jobs,
+        ("", "configmaps"): sorted([*jobs, "patch"]),
+        ("", "pods"): ["get", "list"],
+        ("", "pods/log"): ["get"],
+    }
