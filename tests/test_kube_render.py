@@ -89,6 +89,21 @@ def test_configmap_holds_resolved_config_with_cluster_paths() -> None:
     assert inner["model"] == cfg.model_dump(mode="json")["model"]
 
 
+@pytest.mark.parametrize(
+    ("prepared_dir", "expected"),
+    [
+        ("data/dlrm-synth", "/data/dlrm-synth"),  # local relative → onto the data PVC
+        ("/data/pipelines/run-1/dlrm-synth", "/data/pipelines/run-1/dlrm-synth"),  # absolute: kept
+        ("prepared/x", "/data/dlrm-synth"),  # another relative folder → the config's own PVC folder
+    ],
+)
+def test_cluster_config_maps_relative_and_keeps_absolute_prepared_dir(
+    prepared_dir: str, expected: str
+) -> None:
+    cfg = load_config("dlrm_synth", [f"data.prepared_dir={prepared_dir}"])
+    assert cluster_config(cfg).data.prepared_dir == expected
+
+
 def test_trainjob_twin_same_content() -> None:
     cm_v1, v1 = _docs("dlrm_synth", "pytorchjob", GPU + PLACEMENT)
     cm_v2, v2 = _docs("dlrm_synth", "trainjob", GPU + PLACEMENT)

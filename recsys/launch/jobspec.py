@@ -101,12 +101,17 @@ def _rewrite_source(source: dict[str, Any]) -> dict[str, Any]:
 
 
 def cluster_config(cfg: Config) -> Config:
-    """The config as the pods read it: data under /data/<name>, checkpoints under /checkpoints/<name>,
+    """The config as the pods read it: relative data paths under /data, checkpoints under /checkpoints/<name>,
     tracking at the in-cluster MLflow. Every training setting is unchanged."""
     from recsys.config import config_from_dict
 
     data = cfg.model_dump(mode="json")
-    data["data"]["prepared_dir"] = f"{DATA_MOUNT}/{cfg.name}"
+    # An absolute path is the caller's choice (a pipeline run's own folder on the PVC); a local relative
+    # one is mapped onto the data PVC.
+    prepared = cfg.data.prepared_dir
+    if not prepared.startswith("/"):
+        prepared = _cluster_path(prepared) if prepared.startswith("data/") else f"{DATA_MOUNT}/{cfg.name}"
+    data["data"]["prepared_dir"] = prepared
     if data["data"].get("raw_dir"):
         data["data"]["raw_dir"] = _cluster_path(data["data"]["raw_dir"])
     data["data"]["source"] = _rewrite_source(data["data"]["source"])
