@@ -1,0 +1,505 @@
+"""Spark DataFrame → prepared MDS folder, equal to what `recsys data prepare` writes for the same rows.
+
+Same layout (recsys.data.metadata): vocab/<feature>.txt, train/ val/ test/ MDS block datasets,
+metadata.json last. Same rules, shared with the file-based path where they are functions:
+labels (data.label), splits (data.split: random via `splits.random_split`, leave_last_n by the same
+rule as `splits.leave_last_n`), vocabularies fit on train (`vocab.Vocab`; count ≥ min_count, rows
+ordered by descending count then id bytes), dense log1p (`readers.log1p_dense`), MDS columns and
+blocks (`metadata.MDS_COLUMNS`; all blocks full but the last of a split).
+
+What Spark does (distributed): reading, row positions, bad-row checks, leave-last-n windows, label
+statistics, vocabulary counting (one groupBy over all features) and row numbering, id → row mapping
+(joins), ordering and blocking rows (a block = one DataFrame row built by groupBy(block id) +
+collect_list), and writing: `streaming.base.converters.dataframe_to_mds` runs an MDSWriter per
+partition (out/<task attempt id>/) and merges their index.json into out/index.json, in block order.
+What the driver does: the seeded random split (`random_split` permutes all n positions; the int8
+assignment is broadcast: 1 byte per row), writing vocab files and metadata.json.
+
+Row order: "source order" is the DataFrame's order (one Parquet file read by Spark keeps its row
+order). val/test keep it, so their blocks equal the file-based ones row for row. train is shuffled by
+a hash of (split.seed + 1, position) rather than the file-based numpy permutation, so train holds the
+same rows in another order (a global numpy permutation does not scale to Spark-sized data).
+
+Where it writes: `data.prepared_dir` is a local path as seen by the driver *and* the executors. On
+Databricks, Unity Catalog Volumes (/Volumes/<catalog>/<schema>/<volume>/…) are FUSE-mounted on every
+node, so they are written as local paths (streaming logs that it treats them as local; that is
+intended). For object stores (s3://, gs://, dbfs:/Volumes/… through the Databricks SDK) pass
+`remote=`: each executor stages its shards under prepared_dir and streaming uploads them, then the
+merged index, vocab files and metadata.json are uploaded too. The trainer reads local/FUSE paths.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from recsys.data import splits as S
+from recsys.data.metadata import (
+    MDS_COLUMNS,
+    SPLITS,
+    BadRows,
+    Metadata,
+    SourceFile,
+    SparseFeature,
+    SplitInfo,
+    write_metadata,
+)
+from recsys.errors import DataError, UserError
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+    from recsys.config import Config, TableSource
+
+_POS, _SPLIT, _LABEL, _DENSE, _SPARSE = "_pos", "_split", "_label", "_dense", "_sparse"
+_LOW33 = (1 << 33) - 1  # monotonically_increasing_id: partition index << 33 | record number
+MAX_BAD_EXAMPLES = 5
+BROADCAST_VOCAB = 200_000  # vocabularies up to this many ids are broadcast to the id → row joins
+BLOCKS_PER_TASK = 64  # blocks one dataframe_to_mds task writes (bounds the number of partition folders)
+
+
+def source_columns(cfg: Config) -> TableSource:
+    """The column mapping of a DataFrame source: data.source must be kind `table`."""
+    src = cfg.data.source
+    if src.kind != "table":
+        raise UserError(
+            f"data.source.kind is {src.kind!r}: the Spark converter reads a DataFrame through the "
+            "`table` mapping (label, dense, sparse, user, item, timestamp); set data.source.kind: table"
+        )
+    return src
+
+
+def read_source_dataframe(spark: SparkSession, cfg: Config) -> DataFrame:
+    """data.source.path read by Spark: Parquet (file or folder), CSV with a header, or a table name
+    (`catalog.schema.table`, e.g. a Delta table in Unity Catalog)."""
+    path = source_columns(cfg).path
+    lower = path.lower().rstrip("/")
+    if lower.endswith((".parquet", ".pq")) or (Path(path).is_dir() and any(Path(path).glob("*.parquet"))):
+        return spark.read.parquet(path)
+    if lower.endswith(".csv"):
+        # Strings, as the file-based reader keeps ids' exact text; numbers are cast below.
+        return spark.read.option("header", True).option("inferSchema", False).csv(path)
+    if "/" not in path and path.count(".") in (1, 2):
+        return spark.table(path)
+    raise UserError(f"data.source.path {path!r}: not a .parquet/.csv path or a catalog.schema.table name")
+
+
+# -------------------------------------------------------------------------------------- helpers
+def _with_positions(df: DataFrame) -> DataFrame:
+    """df plus _pos: 0..n-1 in the DataFrame's order (partition order, then row order within)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    tagged = df.withColumn("_mid", F.monotonically_increasing_id()).persist(StorageLevel.MEMORY_AND_DISK)
+    counts = tagged.groupBy(F.shiftright("_mid", 33).alias("p")).count().orderBy("p").collect()
+    offsets, total = [], 0
+    for row in counts:
+        offsets += [F.lit(int(row["p"])), F.lit(total)]
+        total += int(row["count"])
+    offset = F.element_at(F.create_map(*offsets), F.shiftright("_mid", 33)) if offsets else F.lit(0)
+    return tagged.withColumn(_POS, (offset + F.col("_mid").bitwiseAND(F.lit(_LOW33))).cast("long")).drop(
+        "_mid"
+    )
+
+
+def _numeric(df: DataFrame, name: str, role: str) -> tuple[Column, Column]:
+    """(value as double, True where a non-null value failed to parse) for a numeric-role column."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import BooleanType, NumericType, StringType
+
+    typ = df.schema[name].dataType
+    col = F.col(name)
+    if isinstance(typ, NumericType | BooleanType):
+        return col.cast("double"), F.lit(False)
+    if isinstance(typ, StringType):
+        value = F.trim(col).try_cast("double")
+        return value, col.isNotNull() & (F.trim(col) != "") & value.isNull()
+    raise UserError(f"column {name!r} ({role}) has Spark type {typ.simpleString()}; expected a number")
+
+
+def _id_text(df: DataFrame, name: str) -> Column:
+    """A sparse column as the id text the file-based reader sees (pyarrow's cast to string)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import BooleanType, IntegralType, StringType
+
+    typ = df.schema[name].dataType
+    if isinstance(typ, StringType):
+        return F.col(name)
+    if isinstance(typ, IntegralType | BooleanType):
+        return F.col(name).cast("string")
+    # Floats and decimals print differently in Spark and pyarrow (1.0 vs 1): ids must be exact text.
+    raise UserError(
+        f"sparse column {name!r} has Spark type {typ.simpleString()}; cast it to string or an integer type "
+        "first (ids are compared as exact text)"
+    )
+
+
+def _timestamp(df: DataFrame, name: str) -> tuple[Column, Column]:
+    """(seconds as double, True where unparsable): numbers as they are, timestamps and ISO strings → s."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import DateType, NumericType, StringType, TimestampNTZType, TimestampType
+
+    typ = df.schema[name].dataType
+    col = F.col(name)
+    if isinstance(typ, NumericType):
+        return col.cast("double"), F.lit(False)
+    if isinstance(typ, TimestampType | TimestampNTZType | DateType):
+        return F.floor(F.unix_micros(col.cast("timestamp")) / 1_000_000).cast("double"), F.lit(False)
+    if isinstance(typ, StringType):
+        value = F.coalesce(
+            F.trim(col).try_cast("double"),
+            F.floor(F.unix_micros(F.try_to_timestamp(F.trim(col))) / 1_000_000).cast("double"),
+        )
+        return value, col.isNotNull() & value.isNull()
+    raise UserError(
+        f"timestamp column {name!r} has Spark type {typ.simpleString()}; expected numbers or times"
+    )
+
+
+def block_records(pdf: Any, dense_dim: int, sparse_dim: int) -> list[dict[str, np.ndarray]]:
+    """`dataframe_to_mds` udf: one pandas row per block (flattened arrays) → MDS samples (MDS_COLUMNS)."""
+    from recsys.data.readers import log1p_dense
+
+    out = []
+    for label, dense, sparse in zip(pdf[_LABEL], pdf[_DENSE], pdf[_SPARSE], strict=True):
+        n = len(label)
+        if dense_dim:
+            dense_block = log1p_dense(np.asarray(dense, dtype=np.float64).reshape(n, dense_dim))
+        else:  # MDS cannot encode empty arrays: one zero column, as mds.write_split does
+            dense_block = np.zeros((n, 1), dtype=np.float32)
+        out.append(
+            {
+                "label": np.asarray(label, dtype=np.float32),
+                "dense": dense_block,
+                "sparse": np.asarray(sparse, dtype=np.int64).reshape(n, sparse_dim),
+            }
+        )
+    return out
+
+
+def _blocks(rows: DataFrame, counts: dict[int, int], block_size: int, seed: int) -> DataFrame:
+    """Rows of all splits → one DataFrame row per (split, block): columns _split, _block, and the
+    block's rows as flattened arrays. One global sort orders train by a hash of (seed, position) —
+    a random sample per block, reproducible without a global permutation — and val/test by
+    position; a row's index in its split is its position in that order minus the split's offset."""
+    from pyspark.sql import functions as F
+
+    src = F.col("_src")
+    key = F.when(F.col(_SPLIT) == S.TRAIN, F.xxhash64(F.lit(seed), src)).otherwise(src)
+    by_order = rows.withColumnRenamed(_POS, "_src").withColumn("_key", key)
+    ranked = _with_positions(by_order.orderBy(_SPLIT, "_key", "_src"))  # _pos: index in that order
+    offsets, total = [], 0
+    for code in (S.TRAIN, S.VAL, S.TEST):
+        offsets += [F.lit(code), F.lit(total)]
+        total += counts.get(code, 0)
+    idx = F.col(_POS) - F.element_at(F.create_map(*offsets), F.col(_SPLIT))
+    packed = ranked.groupBy(_SPLIT, F.floor(idx / block_size).cast("long").alias("_block")).agg(
+        F.sort_array(F.collect_list(F.struct(idx.alias("_idx"), _LABEL, _DENSE, _SPARSE))).alias("r")
+    )
+    return packed.select(
+        _SPLIT,
+        "_block",
+        F.col(f"r.{_LABEL}").alias(_LABEL),
+        F.flatten(F.col(f"r.{_DENSE}")).alias(_DENSE),
+        F.flatten(F.col(f"r.{_SPARSE}")).alias(_SPARSE),
+    )
+
+
+# ------------------------------------------------------------------------------------------ main
+def prepare_dataframe(
+    df: DataFrame,
+    cfg: Config,
+    overwrite: bool = False,
+    remote: str | None = None,
+    source_name: str | None = None,
+) -> Metadata:
+    """Convert a Spark DataFrame (columns named by the `table` mapping in data.source) into
+    data.prepared_dir exactly as `recsys data prepare` would; `remote` also uploads it (s3://, dbfs:/…)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from recsys.data.mds import write_split
+    from recsys.data.prepare import _vocab_file, check_output
+    from recsys.data.vocab import Vocab
+
+    m = source_columns(cfg)
+    name = source_name or f"spark:{m.path}"
+    out = Path(cfg.data.prepared_dir)
+    sp, lab = cfg.data.split, cfg.data.label
+
+    # ---- columns, in the file-based reader's order: user and item lead the sparse features
+    wanted = [c for c in (m.label, m.timestamp, m.user, m.item, *m.dense, *m.sparse) if c]
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise UserError(
+            f"{name}: column {missing[0]!r} (data.source mapping) not found; columns present: {df.columns}"
+        )
+    sparse_cols = list(dict.fromkeys([c for c in (m.user, m.item) if c] + list(m.sparse)))
+    dense_vals = [_numeric(df, c, "dense") for c in m.dense]
+    label_val = _numeric(df, m.label, "label") if m.label else None
+    ts_val = _timestamp(df, m.timestamp) if m.timestamp else None
+    ids = [_id_text(df, c) for c in sparse_cols]
+    if sp.mode == "presplit":
+        raise UserError("data.split.mode presplit: convert each part's DataFrame with its own config instead")
+    if sp.mode == "by_day":
+        raise UserError("data.split.mode by_day needs day files (data.source.kind criteo or synthetic_ctr)")
+    if sp.mode == "leave_last_n" and m.user is None:
+        raise UserError("data.split.mode leave_last_n needs a user column (data.source.user)")
+    check_output(out, overwrite)  # before any Spark job: refuse (or clear, with overwrite) early
+
+    # ---- bad rows: an empty required column or an unparsable number, as the file reader judges
+    checks: list[tuple[Column, str]] = []
+    for c in (m.label, m.timestamp, m.user, m.item):
+        if c:
+            checks.append((F.col(c).isNull(), f"column {c!r} is empty"))
+    if label_val is not None:
+        checks.append((label_val[1], f"column {m.label!r}: not a number"))
+    if ts_val is not None:
+        checks.append((ts_val[1], f"column {m.timestamp!r}: neither a number nor a date-time"))
+    checks += [(bad, f"column {c!r}: not a number") for c, (_, bad) in zip(m.dense, dense_vals, strict=True)]
+    reason = F.lit(None).cast("string")
+    for cond, text in reversed(checks):
+        reason = F.when(cond, F.lit(text)).otherwise(reason)
+    staged = df.select(
+        (label_val[0] if label_val else F.lit(None).cast("double")).alias(_LABEL),
+        (ts_val[0] if ts_val else F.lit(None).cast("double")).alias("_ts"),
+        F.array(*[F.coalesce(v, F.lit(float("nan"))) for v, _ in dense_vals])
+        .cast("array<double>")
+        .alias(_DENSE),
+        *[v.alias(f"_s{j}") for j, v in enumerate(ids)],
+        reason.alias("_bad"),
+    )
+    staged = _with_positions(staged)
+    cached: list[DataFrame] = []  # persisted frames to release at the end
+    totals = staged.agg(F.count(F.lit(1)).alias("n"), F.count("_bad").alias("bad")).first()
+    n, n_bad = int(totals["n"]), int(totals["bad"])
+    bad_rows = BadRows()
+    if n_bad:
+        bad = staged.filter(F.col("_bad").isNotNull()).orderBy(_POS).limit(MAX_BAD_EXAMPLES).collect()
+        first = f"{name}:row {bad[0][_POS] + 1}: {bad[0]['_bad']}"
+        if not cfg.data.skip_bad_rows:
+            raise DataError(
+                f"{first} ({n_bad} bad rows; pass --skip-bad-rows / data.skip_bad_rows to skip them)"
+            )
+        bad_rows = BadRows(count=n_bad, examples=[f"{name}:row {r[_POS] + 1}: {r['_bad']}" for r in bad])
+        cached.append(staged)
+        good = staged.filter(F.col("_bad").isNull()).drop(_POS)
+        staged = _with_positions(good)  # positions of the kept rows, as the file reader renumbers
+        n -= n_bad
+    if n == 0:
+        raise DataError(f"{name}: no rows to prepare")
+
+    # ---- split assignment
+    if sp.mode == "random":
+        assign = S.random_split(n, sp.val_fraction, sp.test_fraction, sp.seed)
+        bc = staged.sparkSession.sparkContext.broadcast(assign)
+
+        import pandas as pd
+
+        def lookup(pos: Any) -> Any:
+            return pd.Series(bc.value[pos.to_numpy()], dtype="int8")
+
+        # Real classes, not the postponed strings of this module: pandas_udf reads the hints.
+        lookup.__annotations__ = {"pos": pd.Series, "return": pd.Series}
+        split_col = F.pandas_udf(lookup, "byte")(F.col(_POS))
+    else:  # leave_last_n: per user, by time then position, the last n rows test, the n before val
+        key = [F.col("_ts").desc(), F.col(_POS).desc()] if m.timestamp else [F.col(_POS).desc()]
+        by_user = Window.partitionBy("_s0")
+        from_end = F.row_number().over(by_user.orderBy(*key)) - 1
+        size = F.count(F.lit(1)).over(by_user)
+        split_col = (
+            F.when((from_end < sp.n) & (size > sp.n), F.lit(S.TEST))
+            .when((from_end < 2 * sp.n) & (size > 2 * sp.n), F.lit(S.VAL))
+            .otherwise(F.lit(S.TRAIN))
+            .cast("byte")
+        )
+    from pyspark import StorageLevel
+
+    split_df = staged.withColumn(_SPLIT, split_col).persist(StorageLevel.MEMORY_AND_DISK)
+    is_train = F.col(_SPLIT) == S.TRAIN
+
+    # ---- labels (data.label), the same rules as prepare.binarize
+    if lab.mode == "all_positive":
+        label_info: dict[str, Any] = {"mode": "all_positive"}
+        label_col = F.lit(1.0)
+    elif m.label is None:
+        raise UserError(
+            f"data.label.mode {lab.mode!r} needs a label column; the source has none (use all_positive)"
+        )
+    elif lab.mode == "as_is":
+        values = [r[0] for r in split_df.select(_LABEL).distinct().limit(1000).collect()]
+        if not set(values) <= {0.0, 1.0}:
+            raise UserError(
+                f"data.label.mode as_is needs 0/1 labels, found values like {sorted(values)[:5]}; "
+                "use mode threshold or mean for ratings"
+            )
+        label_info, label_col = {"mode": "as_is"}, F.col(_LABEL)
+    else:
+        if lab.mode == "threshold":
+            thr = lab.threshold
+        else:  # mean over train only (Spark's sum order: may differ from numpy's in the last bits)
+            thr = split_df.filter(is_train).agg(F.avg(_LABEL)).first()[0]
+            thr = float(thr if thr is not None else split_df.agg(F.avg(_LABEL)).first()[0])
+        label_info = {"mode": lab.mode, "threshold": thr}
+        label_col = (F.col(_LABEL) >= F.lit(thr)).cast("double")
+
+    # ---- vocabularies: one groupBy over (feature, id) on train rows; rows by count desc, id bytes asc
+    pairs = (
+        split_df.filter(is_train)
+        .select(
+            F.explode(
+                F.array(
+                    *[F.struct(F.lit(j).alias("j"), F.col(f"_s{j}").alias("id")) for j in range(len(ids))]
+                )
+            ).alias("p")
+        )
+        .select("p.j", "p.id")
+    )
+    counts = (
+        pairs.filter(F.col("id").isNotNull())
+        .groupBy("j", "id")
+        .count()
+        .filter(F.col("count") >= cfg.data.min_count)
+    )
+    vocab_df = counts.withColumn(
+        "row", F.row_number().over(Window.partitionBy("j").orderBy(F.col("count").desc(), F.col("id").asc()))
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    by_feature: dict[int, list[str]] = {j: [] for j in range(len(ids))}
+    for r in vocab_df.select("j", "id").orderBy("j", "row").collect():
+        by_feature[int(r["j"])].append(r["id"])
+    vocabs = [Vocab(ids=by_feature[j]) for j in range(len(ids))]
+
+    # ---- map ids → rows (missing and out-of-vocabulary → 0)
+    mapped = split_df.select(
+        _POS,
+        _SPLIT,
+        "_ts",
+        label_col.cast("double").alias(_LABEL),
+        _DENSE,
+        *[f"_s{j}" for j in range(len(ids))],
+    )
+    for j in range(len(ids)):
+        v = vocab_df.filter(F.col("j") == j).select(F.col("id").alias(f"_s{j}"), F.col("row").alias(f"_r{j}"))
+        if len(vocabs[j].ids) <= BROADCAST_VOCAB:
+            v = F.broadcast(v)  # no shuffle of the rows for a vocabulary that fits every executor
+        mapped = mapped.join(v, on=f"_s{j}", how="left")
+    rows = mapped.select(
+        _POS,
+        _SPLIT,
+        F.col(_LABEL).cast("float").alias(_LABEL),
+        _DENSE,
+        F.array(*[F.coalesce(F.col(f"_r{j}"), F.lit(0)).cast("long") for j in range(len(ids))]).alias(
+            _SPARSE
+        ),
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    stats = {
+        int(r[_SPLIT]): (int(r["rows"]), int(r["pos"]))
+        for r in rows.groupBy(_SPLIT)
+        .agg(F.count(F.lit(1)).alias("rows"), F.sum(_LABEL).alias("pos"))
+        .collect()
+    }
+
+    # ---- write: vocab files, MDS splits, metadata.json last (a folder with metadata.json is complete)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab").mkdir(exist_ok=True)
+    features = []
+    for col_name, vocab in zip(sparse_cols, vocabs, strict=True):
+        vf = _vocab_file(col_name)
+        vocab.save(out / vf)
+        features.append(SparseFeature(name=col_name, num_embeddings=vocab.num_embeddings, vocab_file=vf))
+    from streaming.base.converters import dataframe_to_mds
+
+    shuffle_partitions = int(df.sparkSession.conf.get("spark.sql.shuffle.partitions") or 200)
+
+    infos: dict[str, SplitInfo] = {}
+    all_blocks = _blocks(rows, {c: v[0] for c, v in stats.items()}, cfg.data.block_size, sp.seed + 1)
+    all_blocks = all_blocks.persist(StorageLevel.MEMORY_AND_DISK)
+    for split_name, code in zip(SPLITS, (S.TRAIN, S.VAL, S.TEST), strict=True):
+        count, positives = stats.get(code, (0, 0))
+        num_blocks = math.ceil(count / cfg.data.block_size)
+        target = out / split_name
+        if count == 0:  # dataframe_to_mds refuses an empty DataFrame; an empty split is still a dataset
+            write_split(
+                target,
+                np.zeros(0, np.float32),
+                np.zeros((0, len(m.dense)), np.float32),
+                np.zeros((0, len(ids)), np.int64),
+                cfg.data.block_size,
+                cfg.data.compression,
+                cfg.data.shard_size_limit,
+            )
+        else:
+            # Range partitions in block order: the merged index lists partitions in order, so the
+            # split's blocks stay in order and only its last block is short (the loader relies on it).
+            tasks = max(1, min(math.ceil(num_blocks / BLOCKS_PER_TASK), shuffle_partitions))
+            blocks = (
+                all_blocks.filter(F.col(_SPLIT) == code)
+                .repartitionByRange(tasks, "_block")
+                .sortWithinPartitions("_block")
+            )
+            dest: Any = str(target) if remote is None else (str(target), f"{remote.rstrip('/')}/{split_name}")
+            dataframe_to_mds(
+                blocks.select(_LABEL, _DENSE, _SPARSE),
+                merge_index=True,
+                mds_kwargs={
+                    "out": dest,
+                    "columns": dict(MDS_COLUMNS),
+                    "compression": cfg.data.compression,
+                    "size_limit": cfg.data.shard_size_limit,
+                    "keep_local": True,
+                },
+                udf_iterable=block_records,
+                udf_kwargs={"dense_dim": len(m.dense), "sparse_dim": len(ids)},
+            )
+        infos[split_name] = SplitInfo(rows=count, blocks=num_blocks, positives=positives)
+
+    meta = Metadata(
+        name=cfg.name,
+        kind="interactions" if (m.user and m.item) else "ctr",
+        block_size=cfg.data.block_size,
+        dense_features=list(m.dense),
+        sparse_features=features,
+        user_feature=m.user,
+        item_feature=m.item,
+        splits=infos,
+        # A DataFrame has no file bytes to checksum.
+        sources=[SourceFile(path=name, sha256="", rows=n, bad_rows=bad_rows)],
+        label=label_info,
+    )
+    write_metadata(out, meta)
+    if remote is not None:
+        _upload_extras(out, remote, [f.vocab_file for f in features])
+    for d in (all_blocks, rows, vocab_df, split_df, staged, *cached):
+        d.unpersist()
+    print(
+        f"prepared {out} with Spark: "
+        + ", ".join(f"{k} {v.rows} rows/{v.blocks} blocks" for k, v in infos.items())
+        + f"; {len(features)} sparse, {len(m.dense)} dense features"
+        + (f"; {bad_rows.count} bad rows skipped" if bad_rows.count else "")
+        + (f"; uploaded to {remote}" if remote else "")
+    )
+    return meta
+
+
+def _upload_extras(out: Path, remote: str, vocab_files: list[str]) -> None:
+    """Upload vocab files and metadata.json (last) beside the already uploaded MDS splits."""
+    from streaming.base.storage.upload import CloudUploader
+
+    uploader = CloudUploader.get((str(out), remote.rstrip("/")), keep_local=True, exist_ok=True)
+    for rel in [*vocab_files, "metadata.json"]:
+        if ":" not in remote:  # a local or mounted "remote": its copy does not create folders
+            Path(remote, rel).parent.mkdir(parents=True, exist_ok=True)
+        uploader.upload_file(rel)
+
+
+def prepare_on_spark(
+    cfg: Config, spark: SparkSession | None = None, overwrite: bool = False, remote: str | None = None
+) -> Metadata:
+    """Read data.source.path with Spark (Parquet, CSV, or a catalog table) and prepare it."""
+    from recsys.launch.spark import get_spark
+
+    session = get_spark(spark)
+    return prepare_dataframe(read_source_dataframe(session, cfg), cfg, overwrite=overwrite, remote=remote)

@@ -1,0 +1,262 @@
+"""Spark backend on local[2]: TorchDistributor training into MLflow, and DataFrame → MDS equal to
+`recsys data prepare` of the same rows. Skipped with the reason when pyspark or Java 17+ is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from recsys.config import Config, config_from_dict
+from recsys.launch.spark import spark_unavailable_reason
+
+REPO = Path(__file__).resolve().parents[1]
+UNAVAILABLE = spark_unavailable_reason()
+
+
+def needs_spark(test: Any) -> Any:
+    """Mark a test `spark` and skip it, saying why, where pyspark or Java 17+ is missing."""
+    skip = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"Spark tier skipped: {UNAVAILABLE}")
+    return pytest.mark.spark(skip(test))
+
+
+@pytest.fixture(scope="module")
+def spark() -> Any:
+    """One local[2] session for the module (starting a JVM costs seconds)."""
+    from recsys.launch.spark import get_spark
+
+    session = get_spark(None, master="local[2]")
+    # Few shuffle partitions: the data is tiny and every partition is a task on 2 cores.
+    session.conf.set("spark.sql.shuffle.partitions", "4")
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def rows_parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Interaction rows with every awkward case: null dense values, null and rare ids, int ids,
+    negative counts, timestamp ties; written once as Parquet for both converters."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    d1 = rng.exponential(3, n)
+    d1[rng.random(n) < 0.1] = np.nan
+    c1 = [f"c{v:x}" for v in rng.zipf(1.3, n) % 400]
+    for i in np.flatnonzero(rng.random(n) < 0.05):
+        c1[i] = None
+    table = pa.table(
+        {
+            "user_id": pa.array([f"u{u}" for u in rng.integers(0, 100, n)]),
+            "item_id": pa.array((rng.zipf(1.5, n) % 200).astype(np.int64)),
+            "rating": pa.array(rng.integers(1, 6, n).astype(np.float64)),
+            "ts": pa.array(rng.integers(0, 500, n).astype(np.int64)),
+            "d1": pa.array(d1),
+            "d2": pa.array(rng.integers(-2, 50, n).astype(np.int32)),
+            "c1": pa.array(c1, type=pa.string()),
+        }
+    )
+    path = tmp_path_factory.mktemp("spark_rows") / "rows.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def table_config(parquet: Path, prepared: Path, split: str, **extra: Any) -> Config:
+    """A `table` source over the Parquet file; two-tower sized for a seconds-long CPU run."""
+    label = {"mode": "threshold", "threshold": 4.0} if split == "random" else {"mode": "mean"}
+    data: dict[str, Any] = {
+        "name": "spark-eq",
+        "data": {
+            "source": {
+                "kind": "table",
+                "path": str(parquet),
+                "label": "rating",
+                "dense": ["d1", "d2"],
+                "sparse": ["c1"],
+                "user": "user_id",
+                "item": "item_id",
+                "timestamp": "ts",
+            },
+            "prepared_dir": str(prepared),
+            "label": label,
+            "split": {"mode": split, "seed": 3},
+            "min_count": 2,
+            "block_size": 64,
+        },
+        "model": {"kind": "two_tower", "embedding_dim": 8, "two_tower": {"layers": [16, 8]}},
+        "train": {"batch_size": 128, "epochs": 1, "log_every_steps": 5},
+        "eval": {"batch_size": 128, "ks": [5, 10]},
+    }
+    for dotted, value in extra.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config_from_dict(data)
+
+
+def _sorted_rows(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """A split's rows as one float64 matrix [label | dense | sparse], lexicographically sorted."""
+    m = np.column_stack(
+        [arrays["label"][:, None], arrays["dense"], arrays["sparse"].astype(np.float64)]
+    ).astype(np.float64)
+    return m[np.lexsort(m.T[::-1])] if len(m) else m
+
+
+def assert_same_prepared(file_dir: Path, spark_dir: Path) -> None:
+    """Same metadata (but the source record), vocab files byte for byte, and the same rows per split:
+    val/test in the same order, train as the same multiset (Spark orders train by a hash)."""
+    from recsys.data.loader import read_split_arrays
+    from recsys.data.metadata import read_metadata
+
+    a, b = read_metadata(file_dir), read_metadata(spark_dir)
+    da, db = a.model_dump(exclude={"sources"}), b.model_dump(exclude={"sources"})
+    assert da == db, f"metadata differs:\n{json.dumps(da, indent=1)}\n{json.dumps(db, indent=1)}"
+    assert a.sources[0].rows == b.sources[0].rows
+    for f in a.sparse_features:
+        assert (file_dir / f.vocab_file).read_bytes() == (spark_dir / f.vocab_file).read_bytes(), f.name
+    for split in ("train", "val", "test"):
+        x, y = read_split_arrays(file_dir, split), read_split_arrays(spark_dir, split)
+        assert len(x["label"]) == a.splits[split].rows
+        if split != "train":
+            for k in ("label", "dense", "sparse"):
+                np.testing.assert_array_equal(x[k], y[k], err_msg=f"{split}/{k}")
+        np.testing.assert_array_equal(_sorted_rows(x), _sorted_rows(y), err_msg=split)
+    # Blocks in the merged index: all full but the last of each split (the loader relies on it).
+    from recsys.data.mds import BlockReader
+
+    for split in ("train", "val", "test"):
+        sizes = [len(blk["label"]) for blk in BlockReader(spark_dir / split).iter_blocks()]
+        assert len(sizes) == b.splits[split].blocks
+        assert all(s == b.block_size for s in sizes[:-1]) and 0 < sizes[-1] <= b.block_size, (split, sizes)
+
+
+@pytest.fixture(scope="module")
+def spark_prepared(spark: Any, rows_parquet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The rows prepared by Spark with the leave-last-n split (shared by the training test)."""
+    from recsys.data.spark_mds import prepare_dataframe
+
+    out = tmp_path_factory.mktemp("spark_prepared") / "leave_last_n"
+    cfg = table_config(rows_parquet, out, "leave_last_n")
+    prepare_dataframe(spark.read.parquet(str(rows_parquet)), cfg)
+    return out
+
+
+@needs_spark
+@pytest.mark.parametrize("split", ["leave_last_n", "random"])
+def test_dataframe_to_mds_equals_file_prepare(
+    split: str, spark: Any, rows_parquet: Path, spark_prepared: Path, tmp_path: Path
+) -> None:
+    """Spark's conversion equals `recsys data prepare` of the same Parquet rows, split by split;
+    the random case also goes through streaming's (local, remote) upload path."""
+    from recsys.data.metadata import read_metadata
+    from recsys.data.prepare import prepare
+    from recsys.data.spark_mds import prepare_dataframe
+
+    file_dir = tmp_path / "file"
+    prepare(table_config(rows_parquet, file_dir, split), overwrite=False)
+    if split == "leave_last_n":
+        assert_same_prepared(file_dir, spark_prepared)
+        return
+    staged, remote = tmp_path / "spark", tmp_path / "remote"
+    meta = prepare_dataframe(
+        spark.read.parquet(str(rows_parquet)), table_config(rows_parquet, staged, split), remote=str(remote)
+    )
+    assert meta.splits["val"].rows > 0 and meta.splits["test"].rows > 0
+    assert_same_prepared(file_dir, staged)
+    assert_same_prepared(file_dir, remote)  # the uploaded copy is complete: shards, index, vocab, metadata
+    assert read_metadata(remote).splits == meta.splits
+    # Partition folders written by Spark tasks, merged into one index in block order.
+    index = json.loads((staged / "train" / "index.json").read_text())
+    assert all("/" in s["raw_data"]["basename"] for s in index["shards"])
+
+
+@needs_spark
+def test_bad_row_names_the_row(spark: Any, rows_parquet: Path, tmp_path: Path) -> None:
+    """An empty required column stops the conversion with `source:row N: column 'x' is empty`."""
+    from recsys.data.spark_mds import prepare_dataframe
+    from recsys.errors import DataError
+
+    bad = spark.createDataFrame(
+        [("u1", 1, 5.0, 1, 1.0, 1, "a"), (None, 2, 4.0, 2, 2.0, 2, "b")],
+        "user_id string, item_id long, rating double, ts long, d1 double, d2 int, c1 string",
+    )
+    with pytest.raises(DataError, match=r"row 2: column 'user_id' is empty"):
+        prepare_dataframe(bad, table_config(rows_parquet, tmp_path / "bad", "random"))
+    assert not (tmp_path / "bad" / "metadata.json").exists()
+    # With skip_bad_rows the row is counted and kept as an example; val/test come out empty datasets.
+    cfg = table_config(rows_parquet, tmp_path / "skip", "random", data__skip_bad_rows=True)
+    meta = prepare_dataframe(bad, cfg, source_name="two-rows")
+    assert meta.sources[0].bad_rows.count == 1 and meta.sources[0].rows == 1
+    assert meta.sources[0].bad_rows.examples == ["two-rows:row 2: column 'user_id' is empty"]
+    assert (meta.splits["train"].rows, meta.splits["val"].rows, meta.splits["test"].rows) == (1, 0, 0)
+
+
+@needs_spark
+def test_train_under_torch_distributor(
+    spark: Any, spark_prepared: Path, rows_parquet: Path, tmp_path: Path
+) -> None:
+    """TorchDistributor with 2 CPU processes (local mode: one torchrun on the driver) runs the
+    trainer on Spark-written MDS to completion; the run is in MLflow with rank 0's metrics."""
+    import mlflow
+
+    from recsys.launch.spark import run_on_spark
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = table_config(
+        rows_parquet,
+        spark_prepared,
+        "leave_last_n",
+        tracking__uri=uri,
+        tracking__experiment="spark-test",
+        tracking__log_model=False,
+    )
+    result = run_on_spark(cfg, num_processes=2, local_mode=True, use_gpu=False, spark=spark)
+    assert result["world_size"] == 2
+    assert result["global_batch_size"] == 2 * 128
+    assert result["steps"] > 0 and result["run_id"]
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.prepared_dir"] == str(spark_prepared)
+    from recsys.train import mlflow_metrics
+
+    logged = mlflow_metrics("test", result["metrics"])
+    assert logged and set(logged) <= set(run.data.metrics), sorted(run.data.metrics)
+    for k, v in logged.items():
+        assert run.data.metrics[k] == pytest.approx(v)
+
+
+@needs_spark
+def test_executor_mode_on_one_host_is_refused(spark: Any, spark_prepared: Path, rows_parquet: Path) -> None:
+    """local_mode=False on local[2] would put two torchrun nodes on one host, which the MDS loader
+    cannot share (seen: FileExistsError on its shared memory): refused in one line, before training."""
+    from recsys.errors import UserError
+    from recsys.launch.spark import run_on_spark
+
+    cfg = table_config(rows_parquet, spark_prepared, "leave_last_n")
+    with pytest.raises(UserError, match="--local-mode"):
+        run_on_spark(cfg, num_processes=2, local_mode=False, spark=spark)
+
+
+def test_backend_spark_without_pyspark_says_how_to_install(tmp_path: Path) -> None:
+    """With pyspark unimportable, `recsys launch --backend spark` fails in one line naming the fix."""
+    code = (
+        "import sys; sys.modules['pyspark'] = None\n"
+        "from recsys.cli import main\n"
+        "sys.exit(main(['launch', '--backend', 'spark', '--config', 'two_tower_synth']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120, env=os.environ
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install" in lines[0] and "pyspark" in lines[0], proc.stderr
