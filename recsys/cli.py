@@ -61,11 +61,26 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from recsys.data.prepare import prepare
+    from recsys.errors import UserError
 
     cfg = _resolve(args)
     if args.skip_bad_rows:
         cfg.data.skip_bad_rows = True
+    if args.spark:
+        try:
+            import pyspark  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "--spark needs pyspark: `pip install 'recsys[spark]'` (pyspark 4.3.0) and Java 17+"
+            ) from None
+        from recsys.data.spark_mds import prepare_on_spark
+
+        prepare_on_spark(cfg, overwrite=args.overwrite, remote=args.remote)
+        return 0
+    if args.remote:
+        raise UserError("--remote is only for --spark (upload the MDS shards to an object store)")
+    from recsys.data.prepare import prepare
+
     prepare(cfg, overwrite=args.overwrite)
     return 0
 
@@ -87,9 +102,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- render / launch
 def _render(args: argparse.Namespace) -> int:
-    from recsys.launch.kube import render_to_file
+    from recsys.launch.kube import render_command, render_to_file
 
-    render_to_file(_resolve(args), backend=args.backend, out=args.output)
+    # The file's first line names the command that reproduces it.
+    cmd = render_command(args.config, args.backend, args.overrides, args.output)
+    render_to_file(_resolve(args), backend=args.backend, out=args.output, generated_by=cmd)
     return 0
 
 
@@ -140,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping"
     )
+    p.add_argument(
+        "--spark",
+        action="store_true",
+        help="prepare with Spark (data.source kind 'table': Parquet, CSV or a catalog table)",
+    )
+    p.add_argument(
+        "--remote", default=None, help="with --spark: also upload to this object-store URI (s3://, dbfs:/ …)"
+    )
 
     add(sub, "train", _train, "train the configured model (run under torchrun for several processes)")
     p = add(sub, "evaluate", _evaluate, "evaluate a trained model from its MLflow run on the test split")
@@ -169,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
     p.add_argument("what", choices=["data", "train"])
     p.add_argument("--rows", type=int, default=1_000_000, help="rows to convert and read (data)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (train)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (train)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")
     return parser
 
 

@@ -260,3 +260,21 @@ def test_backend_spark_without_pyspark_says_how_to_install(tmp_path: Path) -> No
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install" in lines[0] and "pyspark" in lines[0], proc.stderr
+
+
+@needs_spark
+def test_cli_prepare_with_spark_equals_file_prepare(
+    spark: Any, rows_parquet: Path, spark_prepared: Path, tmp_path: Path
+) -> None:
+    """`recsys data prepare --spark` (in this process, so it reuses the active session) writes what the
+    Python API writes."""
+    from recsys.cli import main
+    from recsys.config import dump_config
+
+    out = tmp_path / "cli"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(dump_config(table_config(rows_parquet, out, "leave_last_n")))
+    assert main(["data", "prepare", "--config", str(cfg_path), "--spark"]) == 0
+    assert_same_prepared(spark_prepared, out)
+    # A second run refuses to overwrite, in one line, exit status 2.
+    assert main(["data", "prepare", "--config", str(cfg_path), "--spark"]) == 2
