@@ -1,0 +1,392 @@
+"""`recsys bench train` / `make bench-train`: training throughput, printed (never asserted).
+
+For DLRM (13 dense, 26 sparse tables, dim 64, batch 2048 per rank) and the Two-Tower (dim 64, batch
+2048 per rank), on 1 and 2 CPU ranks under torchrun, samples/s of
+
+- bare: a TorchRec loop over pre-built in-memory Batches (rows of the same prepared train split, so
+  ids follow the same distribution): DMP with the planner's plan, the fused sparse optimizer, the
+  dense optimizer, the LR schedule and — as the config says — TrainPipelineSparseDist. No loader,
+  no metrics, no MLflow.
+- full: `recsys.train.train` itself over the prepared MDS data — streaming loader, pipeline, the
+  windowed loss all-reduce, tqdm, MLflow logging to a local SQLite store.
+
+Both modes run in the same torchrun workers, interleaved (bare, full, full, bare, …) for `reps`
+repetitions so machine load hits both alike. Each is timed identically: wall time from the end of
+step WARMUP to the end of step WARMUP+steps (per-step timestamps; the full path's come from its
+progress-bar update, which runs once per step on every rank), the slowest rank's time counts.
+Medians over repetitions are printed, with peak RSS per rank (VmHWM, reset before each run) and
+CPU-seconds per rank. OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waits cost up to 20x on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(".bench/train")
+WARMUP = 5
+BATCH = 2048
+_CONFIG_NAME = {"dlrm": "dlrm_synth", "two_tower": "two_tower_synth"}
+
+
+def _rows_needed(steps: int, max_ranks: int) -> int:
+    """Train rows for WARMUP+steps steps of every rank within one epoch (an epoch end validates)."""
+    return (steps + WARMUP) * BATCH * max_ranks
+
+
+def _configs(root: Path, steps: int, max_ranks: int) -> dict[str, list[str]]:
+    """--set overrides of the two benchmarked configs: everything that shapes the work is pinned here,
+    so edits to the shipped configs do not move the benchmark."""
+    need = _rows_needed(steps, max_ranks)
+    # DLRM: a random split with small val/test keeps the (untimed) end-of-run evaluation short.
+    dlrm_rows = 50_000 * math.ceil(need / 0.96 * 1.05 / 50_000)
+    # Two-Tower: leave-last-1 split; 40 interactions per user on average, 38 of them train rows.
+    users = 1000 * math.ceil(need / 38 * 1.2 / 1000)
+    common = [
+        f"train.batch_size={BATCH}",
+        "train.epochs=1",
+        f"train.max_steps={steps + WARMUP}",
+        "train.val_every_steps=0",
+        "train.log_every_steps=10",
+        "train.pipeline=true",
+        "train.warmup_steps=0",
+        "train.device=cpu",
+        "train.dense_optimizer.name=adam",
+        "train.dense_optimizer.lr=0.001",
+        "train.sparse_optimizer.name=rowwise_adagrad",
+        "train.sparse_optimizer.lr=0.05",
+        "data.block_size=256",
+        "data.num_workers=0",
+        "tracking.enabled=true",
+        "tracking.log_model=false",
+        f"tracking.uri=sqlite:///{(root / 'mlflow.db').resolve()}",
+        "tracking.experiment=bench-train",
+        "eval.batch_size=8192",
+    ]
+    return {
+        "dlrm": [
+            f"name=bench-dlrm-{dlrm_rows}",
+            f"data.source.rows={dlrm_rows}",
+            "data.source.num_dense=13",
+            "data.source.num_sparse=26",
+            "data.source.cardinality=100000",
+            "data.source.days=1",
+            "data.split.mode=random",
+            "data.split.val_fraction=0.02",
+            "data.split.test_fraction=0.02",
+            f"data.prepared_dir={root / 'dlrm'}",
+            f"data.raw_dir={root / f'dlrm-raw-{dlrm_rows}'}",  # synth reuses a raw dir's files
+            "model.embedding_dim=64",
+            "model.dlrm.interaction=dot",
+            "model.dlrm.dense_arch_layers=[512,256,64]",
+            "model.dlrm.over_arch_layers=[512,512,256,1]",
+            *common,
+        ],
+        "two_tower": [
+            f"name=bench-two-tower-{users}",
+            f"data.source.num_users={users}",
+            "data.source.num_items=5000",
+            "data.source.interactions_per_user=40",
+            f"data.prepared_dir={root / 'two_tower'}",
+            f"data.raw_dir={root / f'two_tower-raw-{users}'}",
+            "model.embedding_dim=64",
+            "model.two_tower.layers=[128,64]",
+            "model.two_tower.loss=softmax",
+            *common,
+            "eval.ks=[10,50,100]",
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------- per process
+def _peak_mib() -> float:
+    """This process's peak RSS (VmHWM) since the last `_reset_peak()`, MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5), so each run's peak is its own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _bare_batches(cfg: Any, rank: int, world: int, n: int) -> list[Any]:
+    """`n` distinct in-memory Batches of this rank: consecutive slices of the prepared train split
+    (same shape, layout and id distribution as the loader's; nothing is reused across steps, since
+    the pipeline's input dist may hold on to a batch's buffers)."""
+    import numpy as np
+
+    from recsys.data.loader import read_split_arrays, to_batch
+    from recsys.data.metadata import read_metadata
+
+    meta = read_metadata(cfg.data.prepared_dir)
+    arrays = read_split_arrays(cfg.data.prepared_dir, "train")
+    b = cfg.train.batch_size
+    if len(arrays["label"]) < n * b * world:
+        raise RuntimeError(f"{cfg.data.prepared_dir}: train split too small for {n} bare steps")
+    keys = [f.name for f in meta.sparse_features]
+    out = []
+    for i in range(n):
+        lo = (i * world + rank) * b
+        sl = slice(lo, lo + b)
+        # to_batch wants the sparse ids key-major [S, B] (KJT values are grouped by key).
+        sparse_t = np.ascontiguousarray(arrays["sparse"][sl].T)
+        out.append(to_batch(arrays["label"][sl].copy(), arrays["dense"][sl].copy(), sparse_t, keys))
+    return out
+
+
+def _bare(cfg: Any, batches: list[Any]) -> list[tuple[float, float]]:
+    """The bare TorchRec loop; returns (wall, CPU) timestamps after each step."""
+    from recsys.data.metadata import read_metadata
+    from recsys.distributed import init_distributed, make_optimizer, shard_model
+    from recsys.train import build_task, log_q_from_train, seed_everything
+
+    env = init_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    meta = read_metadata(cfg.data.prepared_dir)
+    task = build_task(cfg, meta, "meta", log_q_from_train(cfg, meta), dense_device=env.device)
+    model, _ = shard_model(task, cfg, env)
+    optimizer, schedule = make_optimizer(model, cfg, len(batches))
+    pipeline = None
+    if cfg.train.pipeline:
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipeline = TrainPipelineSparseDist(model, optimizer, env.device, execute_all_batches=True)
+    model.train()
+    it = iter(batches)
+    stamps = []
+    for step in range(len(batches)):
+        schedule.set(step)
+        if pipeline is not None:
+            loss, _, _ = pipeline.progress(it)
+        else:
+            batch = next(it).to(env.device)
+            optimizer.zero_grad()
+            loss, _ = model(batch)
+            loss.backward()
+            optimizer.step()
+        float(loss)  # the full path reads the loss every step too
+        stamps.append((time.perf_counter(), time.process_time()))
+    return stamps
+
+
+def _full(cfg: Any) -> list[tuple[float, float]]:
+    """`recsys.train.train(cfg)`; returns (wall, CPU) timestamps per step, taken at its progress-bar
+    update (after the step, before that step's logging: logging lands in the next step's interval)."""
+    from recsys import train as train_mod
+
+    stamps: list[tuple[float, float]] = []
+    orig = train_mod._Progress.update
+
+    def update(self: Any, loss: float, samples_per_s: float) -> None:
+        orig(self, loss, samples_per_s)
+        stamps.append((time.perf_counter(), time.process_time()))
+
+    train_mod._Progress.update = update  # type: ignore[method-assign]
+    try:
+        train_mod.train(cfg)
+    finally:
+        train_mod._Progress.update = orig  # type: ignore[method-assign]
+    return stamps
+
+
+def _worker(model: str, steps: int, reps: int, overrides: list[str]) -> None:
+    """One rank: `reps` interleaved bare/full runs; rank 0 prints a JSON line `BENCH {...}`."""
+    import torch.distributed as dist
+
+    from recsys.config import load_config
+    from recsys.distributed import barrier, init_distributed
+
+    cfg = load_config(_CONFIG_NAME[model], overrides)
+    env = init_distributed(cfg.train.device)  # held across runs: train() then leaves it open
+    n = steps + WARMUP
+    # An untimed bare run first: one-off process costs (thread pools, allocator growth, lazy kernel
+    # init) must not land on whichever mode happens to run first.
+    _bare(cfg, _bare_batches(cfg, env.rank, env.world_size, WARMUP))
+    records = []
+    for rep in range(reps):
+        # bare, full | full, bare | …: a drift in machine load favours neither mode.
+        for mode in ("bare", "full") if rep % 2 == 0 else ("full", "bare"):
+            batches = _bare_batches(cfg, env.rank, env.world_size, n) if mode == "bare" else None
+            gc.collect()
+            barrier()
+            _reset_peak()
+            start = time.perf_counter()
+            stamps = _bare(cfg, batches) if batches is not None else _full(cfg)
+            if len(stamps) != n:
+                raise RuntimeError(f"{mode}: {len(stamps)} steps ran, expected {n}")
+            (t0, c0), (t1, c1) = stamps[WARMUP - 1], stamps[-1]
+            records.append(
+                {
+                    "rep": rep,
+                    "mode": mode,
+                    "rank": env.rank,
+                    "seconds": t1 - t0,
+                    "cpu_s": c1 - c0,
+                    "run_s": time.perf_counter() - start,
+                    "peak_mib": _peak_mib(),
+                }
+            )
+            del batches
+    gathered: list[Any] = [None] * env.world_size
+    if env.world_size > 1:
+        dist.all_gather_object(gathered, records)
+    else:
+        gathered = [records]
+    if env.is_main:
+        recs = [r for per_rank in gathered for r in per_rank]
+        print("BENCH " + json.dumps({"model": model, "world": env.world_size, "records": recs}), flush=True)
+    barrier()
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- orchestrator
+def _run(model: str, nproc: int, steps: int, reps: int, overrides: list[str]) -> dict:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "-m", "recsys.bench_train", "--worker", model, str(steps), str(reps), *overrides,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc))),
+        "TQDM_DISABLE": "0",
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    raise RuntimeError(
+        f"bench {model}/{nproc} ranks failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summarize(result: dict, steps: int) -> dict[str, dict[str, Any]]:
+    """Per mode: median samples/s over repetitions (each from the slowest rank's window), every
+    repetition's rate, and per rank the max peak RSS and the median CPU-seconds of the timed steps."""
+    world = result["world"]
+    out: dict[str, dict[str, Any]] = {}
+    for mode in ("bare", "full"):
+        recs = [r for r in result["records"] if r["mode"] == mode]
+        reps = sorted({r["rep"] for r in recs})
+        rates = [
+            steps * BATCH * world / max(r["seconds"] for r in recs if r["rep"] == rep) for rep in reps
+        ]
+        out[mode] = {
+            "rate": statistics.median(rates),
+            "rates": rates,
+            "peak_mib": [max(r["peak_mib"] for r in recs if r["rank"] == k) for k in range(world)],
+            "cpu_s": [statistics.median(r["cpu_s"] for r in recs if r["rank"] == k) for k in range(world)],
+            "run_s": statistics.median(r["run_s"] for r in recs if r["rank"] == 0),
+        }
+    return out
+
+
+def bench_train(
+    steps: int = 20,
+    reps: int = 3,
+    models: tuple[str, ...] = ("dlrm", "two_tower"),
+    ranks: tuple[int, ...] = (1, 2),
+) -> list[dict]:
+    """Prepare the data once (under .bench/train/), measure every (model, ranks), print a table."""
+    from recsys.config import load_config
+    from recsys.demo import ensure_prepared
+
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    cfgs = _configs(BENCH_DIR, steps, max(ranks))
+    print(
+        f"bench-train: {steps} timed steps after {WARMUP} warm-up steps, {reps} interleaved repetitions, "
+        f"batch {BATCH} per rank, {os.cpu_count()} CPUs, OMP_WAIT_POLICY=PASSIVE",
+        flush=True,
+    )
+    rows = []
+    for model in models:
+        t = time.perf_counter()
+        msg = ensure_prepared(load_config(_CONFIG_NAME[model], cfgs[model]))
+        print(f"{msg} ({time.perf_counter() - t:.0f} s)", flush=True)
+        for nproc in ranks:
+            load0 = os.getloadavg()[0]
+            t = time.perf_counter()
+            s = summarize(_run(model, nproc, steps, reps, cfgs[model]), steps)
+            row = {"model": model, "ranks": nproc, "load": (load0 + os.getloadavg()[0]) / 2, **s}
+            rows.append(row)
+            print(
+                f"{model} ranks={nproc}: bare {_fmt_rates(s['bare']['rates'])}  full "
+                f"{_fmt_rates(s['full']['rates'])} samples/s; a whole run {s['bare']['run_s']:.0f} s bare, "
+                f"{s['full']['run_s']:.0f} s full (with setup and final evaluation); "
+                f"{time.perf_counter() - t:.0f} s in all, load {row['load']:.1f}",
+                flush=True,
+            )
+    print()
+    print(_table(rows, steps))
+    return rows
+
+
+def _fmt_rates(rates: list[float]) -> str:
+    return "/".join(f"{r:,.0f}" for r in rates)
+
+
+def _table(rows: list[dict], steps: int) -> str:
+    """Markdown table of the medians."""
+    head = (
+        "| model | ranks | bare samples/s | full samples/s | full/bare | peak RSS/rank MiB bare | "
+        "peak RSS/rank MiB full | CPU-s/rank bare | CPU-s/rank full | load |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        b, f = r["bare"], r["full"]
+
+        def per_rank(xs: list[float]) -> str:
+            return " / ".join(f"{x:,.0f}" for x in xs)
+
+        def cpu(xs: list[float]) -> str:
+            return " / ".join(f"{x:.1f}" for x in xs)
+
+        lines.append(
+            f"| {r['model']} | {r['ranks']} | {b['rate']:,.0f} | {f['rate']:,.0f} | "
+            f"{f['rate'] / b['rate']:.2f} | {per_rank(b['peak_mib'])} | {per_rank(f['peak_mib'])} | "
+            f"{cpu(b['cpu_s'])} | {cpu(f['cpu_s'])} | {r['load']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m recsys.bench_train [--steps N] [--reps R]`, or a torchrun worker (`--worker …`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        model, steps, reps, *overrides = argv[1:]
+        _worker(model, int(steps), int(reps), overrides)
+        return 0
+    p = argparse.ArgumentParser(description="training throughput, bare TorchRec loop vs the full trainer")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run (after the warm-up)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions")
+    p.add_argument("--models", nargs="+", default=["dlrm", "two_tower"], choices=list(_CONFIG_NAME))
+    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
+    a = p.parse_args(argv)
+    bench_train(a.steps, a.reps, tuple(a.models), tuple(a.ranks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

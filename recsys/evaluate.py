@@ -1,0 +1,254 @@
+"""Evaluation: CTR metrics of the sharded model (all ranks), exact retrieval of the gathered model (rank 0).
+
+- `evaluate_sharded`: loss (and, for DLRM, AUC / log loss / calibration with the constant-CTR
+  baseline) over an exact partition of a split; every rank runs the same number of forwards.
+- `evaluate_retrieval`: on one process with a plain (unsharded) Two-Tower: user embeddings for the
+  test users, item embeddings for the whole catalogue, items seen in training excluded,
+  Recall/NDCG/HitRate@K beside the popularity baseline, plus pointwise AUROC on the test split.
+- `evaluate_run`: `recsys evaluate --run-id`: rebuild the model logged in an MLflow run, evaluate it on
+  the test split and log the metrics back to that run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from recsys.config import Config
+    from recsys.data.metadata import Metadata
+    from recsys.distributed import DistEnv
+
+
+def dummy_batch(meta: Metadata) -> Any:
+    """A one-row batch of OOV ids: the forward a rank without data still runs so collectives match."""
+    from recsys.data.loader import to_batch
+
+    s = len(meta.sparse_features)
+    return to_batch(
+        np.zeros(1, np.float32),
+        np.zeros((1, len(meta.dense_features)), np.float32),
+        np.zeros((1, s), np.int64),
+        [f.name for f in meta.sparse_features],
+    )
+
+
+@torch.no_grad()
+def evaluate_sharded(
+    model: nn.Module, cfg: Config, meta: Metadata, split: str, env: DistEnv, train_ctr: float | None
+) -> dict[str, float]:
+    """Loss (+ CTR metrics for DLRM) of `split` over all ranks; a collective, call on every rank.
+
+    `model` is the train task (sharded or not) whose forward(batch) gives (loss, (loss, logits, labels)).
+    The loss is the row-weighted mean of batch losses (the exact mean of per-row BCE for DLRM).
+    """
+    from recsys.data.loader import iter_eval_batches
+    from recsys.distributed import all_reduce_sum
+    from recsys.metrics import CTRMetrics
+
+    was_training = model.training
+    model.eval()
+    _, batches = iter_eval_batches(cfg, split, env.rank, env.world_size)
+    ctr = CTRMetrics(device=env.device) if cfg.model.kind == "dlrm" else None
+    dummy = None
+    loss_sum, rows = 0.0, 0.0
+    for batch in batches:
+        real = batch is not None
+        if not real:
+            dummy = dummy if dummy is not None else dummy_batch(meta)
+            batch = dummy
+        batch = batch.to(env.device)
+        loss, (_, logits, labels) = model(batch)
+        if not real:
+            continue
+        n = float(labels.numel())
+        loss_sum += float(loss) * n
+        rows += n
+        if ctr is not None:
+            ctr.update(torch.sigmoid(logits), labels)
+    loss_sum, rows = all_reduce_sum([loss_sum, rows], env.device)
+    out: dict[str, float] = {"loss": loss_sum / rows if rows else math.nan, "rows": rows}
+    if ctr is not None:
+        out.update(ctr.compute())
+        if train_ctr is not None:
+            base = ctr.constant_baseline(train_ctr)
+            out.update({f"baseline_{k}": v for k, v in base.items() if k in ("logloss", "auc")})
+    model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ retrieval
+def _csr(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> tuple[Any, Any]:
+    key = np.unique(users.astype(np.int64) * num_items + items.astype(np.int64))
+    u, i = key // num_items, key % num_items
+    indptr = np.zeros(num_users + 1, np.int64)
+    indptr[1:] = np.bincount(u, minlength=num_users).cumsum()
+    return torch.from_numpy(indptr), torch.from_numpy(i)
+
+
+def _entity_table(arrays: list[dict[str, np.ndarray]], key_col: int, cols: list[int], n: int) -> np.ndarray:
+    """Per entity row (user or item), the value of each of its features from its last row seen (0 = OOV)."""
+    table = np.zeros((n, len(cols)), np.int64)
+    if key_col in cols:
+        table[:, cols.index(key_col)] = np.arange(n)
+    for a in arrays:
+        s = a["sparse"]
+        table[s[:, key_col]] = s[:, cols]
+    return table
+
+
+@torch.no_grad()
+def tower_embeddings(model: nn.Module, meta: Metadata, arrays: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """All user and item rows' embeddings from a plain TwoTower: {'user': [U, E], 'item': [I, E]}."""
+    tt = model.model if hasattr(model, "model") else model
+    names = [f.name for f in meta.sparse_features]
+    out = {}
+    for side, key, feats, fn in (
+        ("user", meta.user_feature, tt.user_features, tt.user_embeddings),
+        ("item", meta.item_feature, tt.item_features, tt.item_embeddings),
+    ):
+        assert key is not None
+        n = meta.sparse_features[meta.sparse_index(key)].num_embeddings
+        cols = [names.index(f) for f in feats]
+        table = _entity_table(arrays, names.index(key), cols, n)
+        embs = []
+        for start in range(0, n, 8192):
+            part = torch.from_numpy(table[start : start + 8192])
+            embs.append(fn({f: part[:, j] for j, f in enumerate(feats)}))
+        out[side] = torch.cat(embs)
+    return out
+
+
+def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    from torchmetrics.functional.classification import binary_auroc
+
+    if labels.numel() == 0 or labels.min() == labels.max():
+        return math.nan
+    return float(binary_auroc(scores, labels.long()))
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: nn.Module, cfg: Config, meta: Metadata
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(model metrics, popularity baseline) on the test split, on this process only (no collectives).
+
+    Recall/NDCG/HitRate@K for cfg.eval.ks over every item row but the OOV row, excluding each user's
+    training items (cfg.eval.exclude_train_items). Also `auroc`: pointwise AUROC of user·item scores
+    on the test rows; when the test labels hold one class only (implicit feedback), each test
+    positive is paired with one uniformly drawn catalogue item as its negative (a sampled AUROC).
+    """
+    from recsys.data.loader import read_split_arrays
+    from recsys.metrics import popularity_baseline, retrieval_metrics
+
+    model.eval()
+    prepared = cfg.data.prepared_dir
+    train, val, test = (read_split_arrays(prepared, s) for s in ("train", "val", "test"))
+    emb = tower_embeddings(model, meta, [train, val, test])
+    uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
+    nu, ni = emb["user"].shape[0], emb["item"].shape[0]
+    pos = test["label"] > 0
+    targets = _csr(test["sparse"][pos, uc], test["sparse"][pos, ic], nu, ni)
+    # The OOV item row is not a recommendable item: excluded for every user.
+    ex_u, ex_i = [np.arange(nu)], [np.zeros(nu, np.int64)]
+    if cfg.eval.exclude_train_items:
+        ex_u.append(train["sparse"][:, uc])
+        ex_i.append(train["sparse"][:, ic])
+    exclude = _csr(np.concatenate(ex_u), np.concatenate(ex_i), nu, ni)
+    metrics = retrieval_metrics(emb["user"], emb["item"], targets, exclude, ks=cfg.eval.ks)
+    counts = np.bincount(train["sparse"][train["label"] > 0, ic], minlength=ni).astype(np.float32)
+    counts[0] = 0
+    baseline = popularity_baseline(counts, targets, exclude, ks=cfg.eval.ks, num_users=nu)
+
+    tu = torch.from_numpy(test["sparse"][:, uc])
+    ti = torch.from_numpy(test["sparse"][:, ic])
+    labels = torch.from_numpy(test["label"]).float()
+    scores = (emb["user"][tu] * emb["item"][ti]).sum(-1)
+    if labels.numel() and labels.min() == labels.max():
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        neg = torch.randint(1, max(ni, 2), (int(pos.sum()),), generator=gen)
+        scores = torch.cat([scores[torch.from_numpy(pos)], (emb["user"][tu[pos]] * emb["item"][neg]).sum(-1)])
+        labels = torch.cat([torch.ones(int(pos.sum())), torch.zeros(int(pos.sum()))])
+    metrics["auroc"] = _auroc(scores, labels)
+    return metrics, baseline
+
+
+# ------------------------------------------------------------------------------------- evaluate_run
+def evaluate_run(cfg: Config, run_id: str) -> dict[str, float]:
+    """Load the model of an MLflow run, evaluate it on the test split in this process, log back to the run."""
+    from recsys.data.metadata import read_metadata
+    from recsys.errors import UserError
+    from recsys.train import build_task, load_logged_state, log_q_from_train
+
+    meta = read_metadata(cfg.data.prepared_dir)
+    state = load_logged_state(cfg, run_id)
+    task = build_task(cfg, meta, ebc_device="cpu", item_log_q=log_q_from_train(cfg, meta))
+    missing, unexpected = task.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"run {run_id}: the logged model does not match config {cfg.name} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass the config the run was trained with"
+        )
+    if cfg.model.kind == "two_tower":
+        metrics, baseline = evaluate_retrieval(task, cfg, meta)
+        out = {
+            **{f"test/{k}": v for k, v in metrics.items()},
+            **{f"baseline/{k}": v for k, v in baseline.items()},
+        }
+    else:
+        out = _evaluate_ctr_local(task, cfg, meta)
+    import mlflow
+
+    from recsys.tracking import resolve_tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    from recsys.train import mlflow_metrics
+
+    for k, v in mlflow_metrics("eval", out).items():
+        if not math.isnan(v):
+            client.log_metric(run_id, k, v)
+    for k, v in sorted(out.items()):
+        print(f"{k:<28} {v:.5f}")
+    return out
+
+
+@torch.no_grad()
+def _evaluate_ctr_local(task: nn.Module, cfg: Config, meta: Metadata) -> dict[str, float]:
+    """CTR metrics of a plain DLRM on the test split, in one process."""
+    from recsys.data.loader import iter_eval_batches
+    from recsys.metrics import CTRMetrics
+
+    task.eval()
+    _, batches = iter_eval_batches(cfg, "test", 0, 1)
+    ctr = CTRMetrics()
+    for batch in batches:
+        if batch is None:
+            continue
+        _, (_, logits, labels) = task(batch)
+        ctr.update(torch.sigmoid(logits), labels)
+    m = ctr.compute()
+    train_ctr = meta.splits["train"].positives / max(meta.splits["train"].rows, 1)
+    base = ctr.constant_baseline(train_ctr)
+    return {**{f"test/{k}": v for k, v in m.items()}, **{f"baseline/{k}": v for k, v in base.items()}}
+
+
+def write_embeddings(emb: torch.Tensor, vocab: list[str], path: Path) -> Path:
+    """Embeddings of every vocabulary row but OOV as Parquet: columns id (raw id), row, embedding."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arr = emb[1:].float().numpy()
+    table = pa.table(
+        {
+            "id": pa.array(vocab[1 : 1 + len(arr)], pa.string()),
+            "row": pa.array(np.arange(1, 1 + len(arr)), pa.int64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1]),
+        }
+    )
+    pq.write_table(table, path)
+    return path
