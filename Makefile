@@ -37,11 +37,24 @@ lint: install ## ruff check + format check
 demo: install ## the whole local flow on CPU: synth → MDS → Two-Tower (2 ranks) + DLRM → metrics vs baselines
 	$(PY) -m recsys.demo
 
+pipelines: install ## recompile pipelines/recsys_pipeline.yaml (the Kubeflow Pipelines IR, committed; a test compares)
+	$(PY) pipelines/recsys_pipeline.py --compile
+
+PIPELINE_ARGS ?= --set train.epochs=1
+pipeline-local: install ## run the whole KFP pipeline on CPU with kfp.local (synthetic data, backend=local); prints the metrics
+	$(PY) pipelines/recsys_pipeline.py --local $(PIPELINE_ARGS)
+
 bench-data: install ## convert 1M synthetic Criteo rows to MDS and read them back; prints rows/s and samples/s
 	$(PY) -m recsys bench data
 
 bench-train: install ## samples/s of DLRM and Two-Tower, 1 and 2 ranks, beside a bare TorchRec loop
 	$(PY) -m recsys bench train
+
+manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml) from the shipped configs
+	$(PY) -m recsys.launch.manifests
+
+image: ## build the trainer images (CUDA + CPU) with docker; says so when no Docker engine answers (IMAGE=…, PUSH=1)
+	bash images/build.sh
 
 clean: ## remove generated data, runs and the venv
 	rm -rf data runs mlruns .bench $(VENV)
