@@ -23,10 +23,11 @@ TT_SET = [
     "train.batch_size=256",
     "train.epochs=3",
 ]
-DLRM_SET = [
-    "data.source.rows=150000",
+DLRM_SET = [  # the same sizes as tests/test_train.py's DLRM_SET
+    "data.source.rows=600000",
     "data.source.num_sparse=8",
     "data.source.cardinality=50",
+    "data.source.days=5",
     "train.epochs=4",
 ]
 
