@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,55 +148,92 @@ def _vocab_file(name: str) -> str:
     return f"vocab/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.txt"
 
 
+def split_order(assign: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, slice]]:
+    """Row order of the output: train rows shuffled with the split seed, then val, then test rows in
+    source order; returns the order and each split's slice of it."""
+    rng = np.random.default_rng(seed + 1)
+    parts, bounds, start = [], {}, 0
+    for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)):
+        idx = np.flatnonzero(assign == code)
+        if name == "train":
+            idx = rng.permutation(idx)
+        parts.append(idx)
+        bounds[name] = slice(start, start + len(idx))
+        start += len(idx)
+    return np.concatenate(parts), bounds
+
+
 def _write_splits(
-    out: Path, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray, assign: np.ndarray, cfg: Config
+    out: Path,
+    label: np.ndarray,
+    dense: np.ndarray,
+    sparse: np.ndarray,
+    order: np.ndarray,
+    bounds: dict[str, slice],
+    cfg: Config,
+    alongside: Callable[[], None] | None = None,
 ) -> dict[str, SplitInfo]:
-    """Write the three MDS splits (train rows shuffled with the split seed); returns their counts."""
+    """Write the three MDS splits; returns their counts.
+
+    `label` and `dense` are in source order, `sparse` already in output order (see split_order).
+    `alongside` runs in this thread while the splits are written (small work that overlaps).
+    """
     from tqdm import tqdm
 
     from recsys.data.mds import write_split
 
-    rng = np.random.default_rng(cfg.data.split.seed + 1)
     infos: dict[str, SplitInfo] = {}
     bar = tqdm(total=len(label), unit="rows", desc="write MDS", disable=None, mininterval=0.5)
 
-    def one(name: str, code: int) -> tuple[str, SplitInfo]:
-        idx = np.flatnonzero(assign == code)
-        if name == "train":
-            idx = rng.permutation(idx)
+    def one(name: str) -> SplitInfo:
+        sl = bounds[name]
+        idx = order[sl]
+        lab = np.take(label, idx)
         blocks = write_split(
             out / name,
-            np.take(label, idx),
+            lab,
             np.take(dense, idx, axis=0),
-            np.take(sparse, idx, axis=0),
+            sparse[sl],
             cfg.data.block_size,
             cfg.data.compression,
             cfg.data.shard_size_limit,
             on_block=bar.update,
         )
-        return name, SplitInfo(rows=len(idx), blocks=blocks, positives=int(np.take(label, idx).sum()))
+        return SplitInfo(rows=len(idx), blocks=blocks, positives=int(lab.sum()))
 
-    # Splits are written concurrently: zstd and the file writes release the GIL.
+    # Splits are written concurrently: zstd, numpy's copies and the file writes release the GIL.
     with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
-        for name, info in pool.map(lambda s: one(*s), [("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)]):
-            infos[name] = info
+        futures = {name: pool.submit(one, name) for name in SPLITS}
+        if alongside is not None:
+            alongside()
+        for name, fut in futures.items():
+            infos[name] = fut.result()
     bar.close()
     return infos
 
 
-def map_vocabularies(table: Table, train: np.ndarray, min_count: int) -> tuple[np.ndarray, list[V.Vocab]]:
-    """Fit each sparse feature's vocabulary on train rows and map every row (int64 [n, S])."""
-    sparse = np.zeros((table.rows, len(table.sparse)), dtype=np.int64)
+def map_vocabularies(
+    table: Table, train: np.ndarray, min_count: int, order: np.ndarray | None = None
+) -> tuple[np.ndarray, list[V.Vocab]]:
+    """Fit each sparse feature's vocabulary on train rows and map every row (int64 [n, S]).
+
+    With `order`, row i of the result is source row order[i]. The result is a column-major view
+    (one contiguous column per feature), which is how the features are computed.
+    """
+    n, num = table.rows, len(table.sparse)
+    sparse_t = np.empty((num, n), dtype=np.int64)
 
     def one(j: int) -> V.Vocab:
-        codes, dictionary = V.encode(table.sparse[j])
-        vocab, lookup = V.fit(codes, dictionary, train, min_count)
-        sparse[:, j] = V.apply(codes, lookup)
+        enc = V.encode_column(table.sparse[j])
+        vocab, lookup = V.fit_encoded(enc, train, min_count)
+        codes = enc.codes if order is None else enc.codes[order]
+        np.take(lookup, codes, out=sparse_t[j])
         return vocab
 
+    # Columns are independent; Arrow's hashing and numpy's gathers release the GIL.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        vocabs = list(pool.map(one, range(len(table.sparse))))
-    return sparse, vocabs
+        vocabs = list(pool.map(one, range(num)))
+    return sparse_t.T, vocabs
 
 
 def prepare(cfg: Config, overwrite: bool) -> Metadata:
@@ -224,23 +262,28 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
         f"read {table.rows:,} rows in {t_read - t0:.1f}s; fitting {len(table.sparse)} vocabularies on train …"
     )
     labels, label_info = binarize(table.label, assign, cfg.data.label)
-    sparse, vocabs = map_vocabularies(table, assign == S.TRAIN, cfg.data.min_count)
+    order, bounds = split_order(assign, cfg.data.split.seed)
+    sparse, vocabs = map_vocabularies(table, assign == S.TRAIN, cfg.data.min_count, order)
     t_vocab = time.perf_counter()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab").mkdir(exist_ok=True)
     features = []
-    for name, vocab in zip(table.sparse_names, vocabs, strict=True):
-        vf = _vocab_file(name)
-        vocab.save(out / vf)
-        features.append(SparseFeature(name=name, num_embeddings=vocab.num_embeddings, vocab_file=vf))
-    infos = _write_splits(out, labels, table.dense, sparse, assign, cfg)
+    synth_facts: dict | None = None
+
+    def alongside() -> None:
+        nonlocal synth_facts
+        for name, vocab in zip(table.sparse_names, vocabs, strict=True):
+            vf = _vocab_file(name)
+            vocab.save(out / vf)
+            features.append(SparseFeature(name=name, num_embeddings=vocab.num_embeddings, vocab_file=vf))
+        if synthetic:
+            synth_facts = _synthetic_facts(raw_dir_of(cfg) / SYNTH_JSON, table, labels, assign)
+
+    infos = _write_splits(out, labels, table.dense, sparse, order, bounds, cfg, alongside)
     t_write = time.perf_counter()
 
     LAST_TIMINGS.update(read=t_read - t0, vocab=t_vocab - t_read, write=t_write - t_vocab)
-    synth_facts = None
-    if synthetic:
-        synth_facts = _synthetic_facts(raw_dir_of(cfg) / SYNTH_JSON, table, labels, assign)
     meta = Metadata(
         name=cfg.name,
         kind=table.kind,
