@@ -14,5 +14,5 @@ def main(args: argparse.Namespace) -> int:
     else:
         from recsys.bench_train import bench_train
 
-        bench_train(steps=args.steps)
+        bench_train(steps=args.steps, reps=args.reps)
     return 0

@@ -14,8 +14,11 @@ Both modes run in the same torchrun workers, interleaved (bare, full, full, bare
 repetitions so machine load hits both alike. Each is timed identically: wall time from the end of
 step WARMUP to the end of step WARMUP+steps (per-step timestamps; the full path's come from its
 progress-bar update, which runs once per step on every rank), the slowest rank's time counts.
-Medians over repetitions are printed, with peak RSS per rank (VmHWM, reset before each run) and
-CPU-seconds per rank. OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waits cost up to 20x on a loaded machine.
+Printed: median samples/s over repetitions, the median of the per-repetition full/bare ratios, the
+full path's extras measured directly on rank 0's training thread (loader, progress bar, loss
+all-reduce, MLflow, extra GC) as a share of its step time — the figure machine load cannot swamp —
+peak RSS per rank (VmHWM, reset before each run) and CPU-seconds per rank of the timed steps.
+OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waits cost up to 20x on a loaded machine.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 BENCH_DIR = Path(".bench/train")
 WARMUP = 5
 BATCH = 2048
+PARTS = ("loader", "progress", "allreduce", "mlflow", "gc")
 _CONFIG_NAME = {"dlrm": "dlrm_synth", "two_tower": "two_tower_synth"}
 
 
@@ -181,24 +185,64 @@ def _bare(cfg: Any, batches: list[Any]) -> list[tuple[float, float]]:
     return stamps
 
 
-def _full(cfg: Any) -> list[tuple[float, float]]:
+def _full(cfg: Any) -> tuple[list[tuple[float, float]], list[tuple[str, float, float]]]:
     """`recsys.train.train(cfg)`; returns (wall, CPU) timestamps per step, taken at its progress-bar
-    update (after the step, before that step's logging: logging lands in the next step's interval)."""
+    update (after the step, before that step's logging: logging lands in the next step's interval),
+    and (part, end, seconds) events of the parts the bare loop lacks: loader, progress bar, the loss
+    all-reduce and MLflow metric logging."""
+    from recsys import distributed, tracking
     from recsys import train as train_mod
+    from recsys.data import loader as loader_mod
 
     stamps: list[tuple[float, float]] = []
-    orig = train_mod._Progress.update
+    events: list[tuple[str, float, float]] = []
+
+    def timed(part: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                e = time.perf_counter()
+                events.append((part, e, e - t))
+
+        return wrapper
+
+    orig_iter = loader_mod.BatchLoader.__iter__
+
+    def timed_iter(self: Any) -> Any:
+        inner = orig_iter(self)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(inner)
+            except StopIteration:
+                return
+            e = time.perf_counter()
+            events.append(("loader", e, e - t))
+            yield batch
+
+    orig_update = train_mod._Progress.update
 
     def update(self: Any, loss: float, samples_per_s: float) -> None:
-        orig(self, loss, samples_per_s)
+        timed("progress", orig_update)(self, loss, samples_per_s)
         stamps.append((time.perf_counter(), time.process_time()))
 
-    train_mod._Progress.update = update  # type: ignore[method-assign]
+    patches = [
+        (train_mod._Progress, "update", update),
+        (loader_mod.BatchLoader, "__iter__", timed_iter),
+        (distributed, "all_reduce_sum", timed("allreduce", distributed.all_reduce_sum)),
+        (tracking.MlflowTracker, "log_metrics", timed("mlflow", tracking.MlflowTracker.log_metrics)),
+    ]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, fn in patches:
+        setattr(obj, name, fn)
     try:
         train_mod.train(cfg)
     finally:
-        train_mod._Progress.update = orig  # type: ignore[method-assign]
-    return stamps
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    return stamps, events
 
 
 def _worker(model: str, steps: int, reps: int, overrides: list[str]) -> None:
@@ -215,6 +259,18 @@ def _worker(model: str, steps: int, reps: int, overrides: list[str]) -> None:
     # init) must not land on whichever mode happens to run first.
     _bare(cfg, _bare_batches(cfg, env.rank, env.world_size, WARMUP))
     records = []
+    gc_events: list[tuple[str, float, float]] = []
+    gc_start = [0.0]
+
+    def gc_timer(phase: str, info: dict) -> None:
+        # Python's cyclic GC pauses the training thread; the full path allocates far more objects.
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            e = time.perf_counter()
+            gc_events.append(("gc", e, e - gc_start[0]))
+
+    gc.callbacks.append(gc_timer)
     for rep in range(reps):
         # bare, full | full, bare | …: a drift in machine load favours neither mode.
         for mode in ("bare", "full") if rep % 2 == 0 else ("full", "bare"):
@@ -223,7 +279,9 @@ def _worker(model: str, steps: int, reps: int, overrides: list[str]) -> None:
             barrier()
             _reset_peak()
             start = time.perf_counter()
-            stamps = _bare(cfg, batches) if batches is not None else _full(cfg)
+            gc_events.clear()
+            stamps, events = (_bare(cfg, batches), []) if batches is not None else _full(cfg)
+            events = events + gc_events
             if len(stamps) != n:
                 raise RuntimeError(f"{mode}: {len(stamps)} steps ran, expected {n}")
             (t0, c0), (t1, c1) = stamps[WARMUP - 1], stamps[-1]
@@ -235,6 +293,7 @@ def _worker(model: str, steps: int, reps: int, overrides: list[str]) -> None:
                     "seconds": t1 - t0,
                     "cpu_s": c1 - c0,
                     "run_s": time.perf_counter() - start,
+                    "parts": {p: sum(d for q, e, d in events if q == p and t0 < e <= t1) for p in PARTS},
                     "peak_mib": _peak_mib(),
                 }
             )
@@ -262,7 +321,6 @@ def _run(model: str, nproc: int, steps: int, reps: int, overrides: list[str]) ->
         **os.environ,
         "OMP_WAIT_POLICY": "PASSIVE",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc))),
-        "TQDM_DISABLE": "0",
     }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -289,16 +347,23 @@ def summarize(result: dict, steps: int) -> dict[str, dict[str, Any]]:
     for mode in ("bare", "full"):
         recs = [r for r in result["records"] if r["mode"] == mode]
         reps = sorted({r["rep"] for r in recs})
-        rates = [
-            steps * BATCH * world / max(r["seconds"] for r in recs if r["rep"] == rep) for rep in reps
-        ]
+        rates = [steps * BATCH * world / max(r["seconds"] for r in recs if r["rep"] == rep) for rep in reps]
         out[mode] = {
             "rate": statistics.median(rates),
             "rates": rates,
             "peak_mib": [max(r["peak_mib"] for r in recs if r["rank"] == k) for k in range(world)],
             "cpu_s": [statistics.median(r["cpu_s"] for r in recs if r["rank"] == k) for k in range(world)],
             "run_s": statistics.median(r["run_s"] for r in recs if r["rank"] == 0),
+            "step_ms": 1000 * statistics.median(r["seconds"] for r in recs if r["rank"] == 0) / steps,
+            "parts_ms": {
+                p: 1000 * statistics.median(r["parts"][p] for r in recs if r["rank"] == 0) / steps
+                for p in PARTS
+            },
         }
+    # Bare and full of one repetition ran back to back, so their ratio is far less exposed to the
+    # machine's load drifting than the ratio of the two medians.
+    out["full"]["paired"] = [f / b for f, b in zip(out["full"]["rates"], out["bare"]["rates"], strict=True)]
+    out["full"]["ratio"] = statistics.median(out["full"]["paired"])
     return out
 
 
@@ -310,11 +375,15 @@ def bench_train(
 ) -> list[dict]:
     """Prepare the data once (under .bench/train/), measure every (model, ranks), print a table."""
     from recsys.config import load_config
+    from recsys.data.metadata import read_metadata
+    from recsys.data.prepare import prepare
     from recsys.demo import ensure_prepared
 
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    cfgs = _configs(BENCH_DIR, steps, max(ranks))
+    # Data sized for at least 2 ranks, so `--ranks 1` and the default share one prepared copy.
+    max_ranks = max(*ranks, 2)
+    cfgs = _configs(BENCH_DIR, steps, max_ranks)
     print(
         f"bench-train: {steps} timed steps after {WARMUP} warm-up steps, {reps} interleaved repetitions, "
         f"batch {BATCH} per rank, {os.cpu_count()} CPUs, OMP_WAIT_POLICY=PASSIVE",
@@ -323,7 +392,12 @@ def bench_train(
     rows = []
     for model in models:
         t = time.perf_counter()
-        msg = ensure_prepared(load_config(_CONFIG_NAME[model], cfgs[model]))
+        cfg = load_config(_CONFIG_NAME[model], cfgs[model])
+        msg = ensure_prepared(cfg)
+        if read_metadata(cfg.data.prepared_dir).splits["train"].rows < _rows_needed(steps, max_ranks):
+            # ensure_prepared trusts the name alone; data left by an interrupted run may be short.
+            prepare(cfg, overwrite=True)
+            msg = f"{cfg.data.prepared_dir}: too few train rows; re-prepared"
         print(f"{msg} ({time.perf_counter() - t:.0f} s)", flush=True)
         for nproc in ranks:
             load0 = os.getloadavg()[0]
@@ -333,13 +407,17 @@ def bench_train(
             rows.append(row)
             print(
                 f"{model} ranks={nproc}: bare {_fmt_rates(s['bare']['rates'])}  full "
-                f"{_fmt_rates(s['full']['rates'])} samples/s; a whole run {s['bare']['run_s']:.0f} s bare, "
+                f"{_fmt_rates(s['full']['rates'])} samples/s (full/bare "
+                + "/".join(f"{x:.2f}" for x in s["full"]["paired"])
+                + f"); a whole run {s['bare']['run_s']:.0f} s bare, "
                 f"{s['full']['run_s']:.0f} s full (with setup and final evaluation); "
                 f"{time.perf_counter() - t:.0f} s in all, load {row['load']:.1f}",
                 flush=True,
             )
     print()
     print(_table(rows, steps))
+    print()
+    print(_parts_table(rows))
     return rows
 
 
@@ -347,13 +425,23 @@ def _fmt_rates(rates: list[float]) -> str:
     return "/".join(f"{r:,.0f}" for r in rates)
 
 
+def extras_fraction(row: dict) -> float:
+    """Time the full path spends on what the bare loop lacks (loader, progress bar, loss all-reduce,
+    MLflow, extra GC), measured on rank 0's training thread, as a fraction of its step time: the
+    overhead figure that machine load does not swamp."""
+    full, bare = row["full"]["parts_ms"], row["bare"]["parts_ms"]
+    extra = sum(full[p] for p in PARTS if p != "gc") + max(full["gc"] - bare["gc"], 0.0)
+    return extra / row["full"]["step_ms"]
+
+
 def _table(rows: list[dict], steps: int) -> str:
-    """Markdown table of the medians."""
+    """Markdown table: median samples/s (wall clock, all ranks), the median of the per-repetition
+    full/bare ratios, the directly measured extras, peak RSS and CPU-seconds per rank."""
     head = (
-        "| model | ranks | bare samples/s | full samples/s | full/bare | peak RSS/rank MiB bare | "
-        "peak RSS/rank MiB full | CPU-s/rank bare | CPU-s/rank full | load |"
+        "| model | ranks | bare samples/s | full samples/s | full/bare | full-path extras | "
+        "peak RSS/rank MiB bare | peak RSS/rank MiB full | CPU-s/rank bare | CPU-s/rank full | load |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         b, f = r["bare"], r["full"]
 
@@ -365,8 +453,26 @@ def _table(rows: list[dict], steps: int) -> str:
 
         lines.append(
             f"| {r['model']} | {r['ranks']} | {b['rate']:,.0f} | {f['rate']:,.0f} | "
-            f"{f['rate'] / b['rate']:.2f} | {per_rank(b['peak_mib'])} | {per_rank(f['peak_mib'])} | "
+            f"{f['ratio']:.2f} | {extras_fraction(r):.1%} | {per_rank(b['peak_mib'])} | {per_rank(f['peak_mib'])} | "
             f"{cpu(b['cpu_s'])} | {cpu(f['cpu_s'])} | {r['load']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _parts_table(rows: list[dict]) -> str:
+    """Markdown table: rank 0's median ms per timed step, bare vs full, and the full path's extras."""
+    lines = [
+        "| model | ranks | step ms bare | step ms full | " + " | ".join(f"{p} ms" for p in PARTS) + " |",
+        "|" + "---|" * (4 + len(PARTS)),
+    ]
+    for r in rows:
+        parts = " | ".join(
+            f"{r['full']['parts_ms'][p]:.1f}"
+            + (f" (bare {r['bare']['parts_ms'][p]:.1f})" if p == "gc" else "")
+            for p in PARTS
+        )
+        lines.append(
+            f"| {r['model']} | {r['ranks']} | {r['bare']['step_ms']:.0f} | {r['full']['step_ms']:.0f} | {parts} |"
         )
     return "\n".join(lines)
 
