@@ -4,8 +4,10 @@ seeds → process group → metadata → model (tables on meta) → plan → DMP
 epochs × steps (TrainPipelineSparseDist or a plain loop) with logging and validation as plain ifs →
 test evaluation → model, embeddings and metrics to MLflow (rank 0).
 
-Checkpoint/resume slots in at `_state()`: loader state, step and epoch, the DMP state dict and the
-combined optimizer state all live in the one `Loop` object.
+Checkpoint/resume is not implemented yet. What it needs is in `_train_tracked`: the loader's
+`state_dict()` (exact mid-epoch resume), the `step`/`epoch` counters, the DMP state dict and the combined
+optimizer's; torch.distributed.checkpoint would save them together at a segment boundary, where the
+pipeline has drained.
 """
 
 from __future__ import annotations
