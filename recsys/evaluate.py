@@ -171,7 +171,10 @@ def evaluate_retrieval(
     scores = (emb["user"][tu] * emb["item"][ti]).sum(-1)
     if labels.numel() and labels.min() == labels.max():
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        neg = torch.randint(1, max(ni, 2), (int(pos.sum()),), generator=gen)
+        # Uniform over the other real items (rows 1..ni-1 minus the positive): draw from one fewer, then
+        # step past the positive, so a user's own item is never its negative.
+        neg = torch.randint(1, max(ni - 1, 2), (int(pos.sum()),), generator=gen)
+        neg = neg + (neg >= ti[torch.from_numpy(pos)]).long()
         scores = torch.cat([scores[torch.from_numpy(pos)], (emb["user"][tu[pos]] * emb["item"][neg]).sum(-1)])
         labels = torch.cat([torch.ones(int(pos.sum())), torch.zeros(int(pos.sum()))])
     metrics["auroc"] = _auroc(scores, labels)

@@ -136,7 +136,15 @@ def test_two_tower_one_rank_meets_bar_and_logs_everything(
         "results.json",
     ):
         assert f in files, (f, sorted(files))
-    assert any(f.startswith("model/") for f in files) or run.outputs is not None
+    # MLflow 3 logs models as LoggedModels linked to the run (not under the run's artifacts/model/).
+    mlflow.set_tracking_uri(mlflow_server)
+    logged = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{result.run_id}'",
+        output_format="list",
+    )
+    assert [m.name for m in logged] == ["model"], logged
+    assert run.outputs.model_outputs, run.outputs
 
     resolved = mlflow.artifacts.load_text(f"runs:/{result.run_id}/config/resolved.yaml")
     assert yaml.safe_load(resolved) == yaml.safe_load(dump_config(cfg))
