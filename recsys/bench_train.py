@@ -375,8 +375,6 @@ def bench_train(
 ) -> list[dict]:
     """Prepare the data once (under .bench/train/), measure every (model, ranks), print a table."""
     from recsys.config import load_config
-    from recsys.data.metadata import read_metadata
-    from recsys.data.prepare import prepare
     from recsys.demo import ensure_prepared
 
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -394,10 +392,6 @@ def bench_train(
         t = time.perf_counter()
         cfg = load_config(_CONFIG_NAME[model], cfgs[model])
         msg = ensure_prepared(cfg)
-        if read_metadata(cfg.data.prepared_dir).splits["train"].rows < _rows_needed(steps, max_ranks):
-            # ensure_prepared trusts the name alone; data left by an interrupted run may be short.
-            prepare(cfg, overwrite=True)
-            msg = f"{cfg.data.prepared_dir}: too few train rows; re-prepared"
         print(f"{msg} ({time.perf_counter() - t:.0f} s)", flush=True)
         for nproc in ranks:
             load0 = os.getloadavg()[0]

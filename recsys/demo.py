@@ -20,18 +20,18 @@ from recsys.config import Config, dump_config, load_config
 
 
 def ensure_prepared(cfg: Config) -> str:
-    """Prepare cfg's data unless its prepared_dir already holds data from the same config."""
-    from recsys.data.metadata import metadata_path, read_metadata
+    """Prepare cfg's data unless its prepared_dir already holds data prepared with the same data settings."""
+    from recsys.data.metadata import data_settings, metadata_path, read_metadata
     from recsys.data.prepare import prepare
 
     if metadata_path(cfg.data.prepared_dir).is_file():
         meta = read_metadata(cfg.data.prepared_dir)
-        if meta.name == cfg.name:
+        if meta.settings == data_settings(cfg):
             return (
                 f"{cfg.data.prepared_dir}: already prepared ({meta.splits['train'].rows} train rows), reused"
             )
         prepare(cfg, overwrite=True)
-        return f"{cfg.data.prepared_dir}: held data of {meta.name!r}; re-prepared"
+        return f"{cfg.data.prepared_dir}: held data prepared with other settings ({meta.name!r}); re-prepared"
     prepare(cfg, overwrite=False)
     return f"{cfg.data.prepared_dir}: prepared"
 

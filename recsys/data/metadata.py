@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from recsys.errors import UserError
+
+if TYPE_CHECKING:
+    from recsys.config import Config
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -85,6 +89,10 @@ class Metadata(_Model):
     synthetic: dict[str, object] | None = Field(
         None, description="For synthetic data: generator facts (e.g. bayes_auc)."
     )
+    settings: dict[str, object] | None = Field(
+        None,
+        description="The data settings the content was prepared from (see data_settings); None in older folders.",
+    )
 
     def sparse_index(self, name: str) -> int:
         """Column of a sparse feature in the `sparse` array."""
@@ -94,6 +102,15 @@ class Metadata(_Model):
         raise UserError(
             f"sparse feature {name!r} is not in the data (have: {[f.name for f in self.sparse_features]})"
         )
+
+
+# Where the output goes and how it is read back do not change what is prepared.
+_NOT_CONTENT = {"prepared_dir", "raw_dir", "num_workers", "num_canonical_nodes", "shuffle_seed"}
+
+
+def data_settings(cfg: Config) -> dict[str, object]:
+    """The part of cfg.data that determines a prepared folder's content (recorded in metadata.json)."""
+    return cfg.data.model_dump(mode="json", exclude=_NOT_CONTENT)
 
 
 def metadata_path(prepared_dir: str | Path) -> Path:

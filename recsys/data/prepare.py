@@ -24,7 +24,7 @@ import numpy as np
 
 from recsys.data import splits as S
 from recsys.data import vocab as V
-from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, write_metadata
+from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, data_settings, write_metadata
 from recsys.data.readers import Table, concat_tables, read_source
 from recsys.errors import UserError
 
@@ -144,7 +144,8 @@ def binarize(label: np.ndarray | None, assign: np.ndarray, cfg: LabelConfig) -> 
     return (label >= thr).astype(np.float32), {"mode": cfg.mode, "threshold": thr}
 
 
-def _vocab_file(name: str) -> str:
+def vocab_file(name: str) -> str:
+    """Vocabulary file of a feature, relative to the prepared folder (unsafe characters become _)."""
     return f"vocab/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.txt"
 
 
@@ -274,7 +275,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
     def alongside() -> None:
         nonlocal synth_facts
         for name, vocab in zip(table.sparse_names, vocabs, strict=True):
-            vf = _vocab_file(name)
+            vf = vocab_file(name)
             vocab.save(out / vf)
             features.append(SparseFeature(name=name, num_embeddings=vocab.num_embeddings, vocab_file=vf))
         if synthetic:
@@ -296,6 +297,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
         sources=table.sources,
         label=label_info,
         synthetic=synth_facts,
+        settings=data_settings(cfg),
     )
     write_metadata(out, meta)
     bad = sum(s.bad_rows.count for s in meta.sources)

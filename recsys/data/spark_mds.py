@@ -45,6 +45,7 @@ from recsys.data.metadata import (
     SourceFile,
     SparseFeature,
     SplitInfo,
+    data_settings,
     write_metadata,
 )
 from recsys.errors import DataError, UserError
@@ -222,7 +223,7 @@ def prepare_dataframe(
     from pyspark.sql import functions as F
 
     from recsys.data.mds import write_split
-    from recsys.data.prepare import _vocab_file, check_output
+    from recsys.data.prepare import check_output, vocab_file
     from recsys.data.vocab import Vocab
 
     m = source_columns(cfg)
@@ -407,7 +408,7 @@ def prepare_dataframe(
     (out / "vocab").mkdir(exist_ok=True)
     features = []
     for col_name, vocab in zip(sparse_cols, vocabs, strict=True):
-        vf = _vocab_file(col_name)
+        vf = vocab_file(col_name)
         vocab.save(out / vf)
         features.append(SparseFeature(name=col_name, num_embeddings=vocab.num_embeddings, vocab_file=vf))
     from streaming.base.converters import dataframe_to_mds
@@ -468,6 +469,7 @@ def prepare_dataframe(
         # A DataFrame has no file bytes to checksum.
         sources=[SourceFile(path=name, sha256="", rows=n, bad_rows=bad_rows)],
         label=label_info,
+        settings=data_settings(cfg),
     )
     write_metadata(out, meta)
     if remote is not None:
