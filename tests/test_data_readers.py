@@ -152,3 +152,50 @@ def test_parquet_null_label_is_a_bad_row(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"t\.parquet:row 2: column 'clicked' is empty"):
         R.read_table(pqf, **kw)
     assert R.read_table(pqf, **{**kw, "skip_bad_rows": True}).rows == 1
+
+
+def test_delimited_bytes_after_a_transform_keep_file_lines(tmp_path: Path) -> None:
+    p = tmp_path / "movies.dat"
+    p.write_bytes("1::Café (1995)::Comedy\n2::Bad\n".encode("latin-1"))
+    data = p.read_bytes().replace(b"::", b"\x1f")
+    kw = dict(
+        delimiter="\x1f",
+        columns=["id", "title", "genres"],
+        types=dict.fromkeys(["id", "title", "genres"], R.STR),
+    )
+    kw |= dict(
+        header=False, required=["id"], quoting=False, encoding="latin-1", data=data, separator_name="'::'"
+    )
+    with pytest.raises(DataError, match=rf"^{p}:2: expected 3 fields separated by '::', got 2"):
+        R.read_delimited(p, skip_bad_rows=False, **kw)
+    tbl, bad = R.read_delimited(p, skip_bad_rows=True, **kw)
+    assert tbl.column("title").to_pylist() == ["Café (1995)"] and bad.count == 1
+
+
+def test_read_source_movielens_side_files_and_recbole(tmp_path: Path) -> None:
+    from pydantic import TypeAdapter
+
+    from recsys.config import Source
+
+    (tmp_path / "u.data").write_text("1\t7\t4\t100\n")
+    (tmp_path / "u.item").write_text(
+        "7|Heat (1995)|15-Dec-1995|||" + "|".join(["0"] * 8 + ["1"] + ["0"] * 10) + "\n"
+    )
+    src = TypeAdapter(Source).validate_python(
+        {
+            "kind": "movielens",
+            "path": str(tmp_path / "u.data"),
+            "items": str(tmp_path / "u.item"),
+            "genre_slots": 1,
+        }
+    )
+    t = R.read_source(src, skip_bad_rows=False)
+    assert t.sparse_names == ["user_id", "item_id", "genre_0", "year"]
+    assert ids(t.sparse[2]) == ["Drama"] and ids(t.sparse[3]) == ["1995"]
+
+    (tmp_path / "r.inter").write_text("user_id:token\titem_id:token\n1\t7\n")
+    src = TypeAdapter(Source).validate_python(
+        {"kind": "recbole", "inter": str(tmp_path / "r.inter"), "rating_field": None, "time_field": None}
+    )
+    t = R.read_source(src, skip_bad_rows=False)
+    assert t.label is None and t.timestamp is None and ids(t.sparse[1]) == ["7"]

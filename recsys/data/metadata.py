@@ -14,7 +14,9 @@ Every MDS sample has three columns, all numpy arrays with the block's rows first
     sparse  int64   [n, S]     embedding row of each sparse feature (vocabulary-mapped; 0 = OOV/missing)
 
 Interaction data (Two-Tower) uses the same layout: its sparse features include the user and item
-columns, named by `user_feature` / `item_feature`.
+columns, named by `user_feature` / `item_feature`, and any side features joined onto each row, named
+by `user_side_features` / `item_side_features` (a multi-valued field such as genres is several
+single-valued features `genre_0 … genre_{k-1}`, padded with row 0; see recsys.data.readers).
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ class Metadata(_Model):
     sparse_features: list[SparseFeature] = Field(description="Sparse features, in column order.")
     user_feature: str | None = Field(None, description="Sparse feature holding the user id (interactions).")
     item_feature: str | None = Field(None, description="Sparse feature holding the item id (interactions).")
+    user_side_features: list[str] = Field(
+        default_factory=list, description="Sparse features describing the user (joined by user id)."
+    )
+    item_side_features: list[str] = Field(
+        default_factory=list, description="Sparse features describing the item (joined by item id)."
+    )
+    read_notes: list[str] = Field(
+        default_factory=list,
+        description="What reading changed beyond bad rows, with counts (missing side rows, dropped tokens).",
+    )
     splits: dict[str, SplitInfo] = Field(description="Counts per split (train, val, test).")
     sources: list[SourceFile] = Field(description="Raw inputs with checksums and bad-row counts.")
     label: dict[str, object] = Field(default_factory=dict, description="The label settings applied.")

@@ -4,6 +4,11 @@ Output (see recsys.data.metadata): train/ val/ test/ MDS block datasets, vocab/<
 metadata.json (written last, so a folder with metadata.json is complete). Train rows are shuffled
 with the split seed before blocking, so a block is a random sample of train rather than a run of
 one user or one hour; val and test keep source order.
+
+Side features joined by the readers (user age, item genre slots, …) are ordinary sparse features with
+vocabularies fit on train like any other; metadata.json names which describe the user
+(`user_side_features`) and which the item (`item_side_features`), and `read_notes` says what reading
+changed (interactions without a side row, tokens beyond the slots).
 """
 
 from __future__ import annotations
@@ -293,6 +298,9 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
         sparse_features=features,
         user_feature=table.user_feature,
         item_feature=table.item_feature,
+        user_side_features=table.user_side,
+        item_side_features=table.item_side,
+        read_notes=table.notes,
         splits=infos,
         sources=table.sources,
         label=label_info,
@@ -306,6 +314,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
         + ", ".join(f"{k} {v.rows} rows/{v.blocks} blocks" for k, v in infos.items())
         + f"; {len(features)} sparse, {len(table.dense_names)} dense features"
         + (f"; {bad} bad rows skipped" if bad else "")
+        + (f"; {len(meta.read_notes)} read notes in metadata.json" if meta.read_notes else "")
         + f" (read {t_read - t0:.1f}s, vocab {t_vocab - t_read:.1f}s, write {t_write - t_vocab:.1f}s)"
     )
     return meta

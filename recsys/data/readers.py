@@ -4,6 +4,22 @@ Fast path: pyarrow's multi-threaded CSV reader. When it rejects a file (wrong fi
 that does not parse, a bad label), the file is re-read line by line, which names the offending
 `file:line` and, with skip_bad_rows, skips and counts such rows. Never silent: every skipped row is
 counted, and the first few are kept as examples for the log and metadata.json.
+
+Side features (MovieLens u.user/u.item, users.dat/movies.dat, movies.csv; RecBole .user/.item) are
+joined onto every interaction by user or item id and become extra sparse features, listed in
+`Table.user_side` / `Table.item_side` (metadata.json `user_side_features` / `item_side_features`).
+An interaction whose id has no side row is kept with those features missing (embedding row 0) and
+counted in `Table.notes` (metadata.json `read_notes`); a repeated id in a side file is a bad row.
+
+Multi-valued fields (genres, any RecBole token_seq) become k single-valued features
+`<name>_0 … <name>_{k-1}`: the first k tokens in file order, null (→ the OOV row 0) where an entity
+has fewer. The prepared layout (sparse int64 [n, S]) and the loader's KeyedJaggedTensor carry exactly
+one id per row per feature, so a true multi-hot bag would need jagged lengths in the MDS blocks and
+the loader. Limitations of the slots: tokens beyond k are dropped (counted in notes); each slot is
+its own table with its own vocabulary, so "Comedy" as an item's first genre and as its second are
+different embeddings, and the slot a genre lands in depends on the order the file lists them.
+Numbers become tokens too, so the towers can embed them: ml-100k ages in years → ml-1m's age groups,
+RecBole float fields → quantile buckets over the side file's rows.
 """
 
 from __future__ import annotations
@@ -13,6 +29,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +63,9 @@ class Table:
     user_feature: str | None = None
     item_feature: str | None = None
     sources: list[SourceFile] = field(default_factory=list)
+    user_side: list[str] = field(default_factory=list)  # sparse features joined by user id
+    item_side: list[str] = field(default_factory=list)  # sparse features joined by item id
+    notes: list[str] = field(default_factory=list)  # what reading changed beyond bad rows (counted)
 
     @property
     def rows(self) -> int:
@@ -81,6 +101,9 @@ def concat_tables(tables: list[Table]) -> Table:
         user_feature=first.user_feature,
         item_feature=first.item_feature,
         sources=[s for t in tables for s in t.sources],
+        user_side=first.user_side,
+        item_side=first.item_side,
+        notes=list(dict.fromkeys(n for t in tables for n in t.notes)),  # a side file read per part
     )
 
 
@@ -170,13 +193,18 @@ def read_delimited(
     skip_bad_rows: bool,
     row_check: Callable[[dict[str, Any]], str | None] | None = None,
     table_check: Callable[[pa.Table], bool] | None = None,
+    encoding: str = "utf-8",
+    data: bytes | None = None,
+    separator_name: str | None = None,
 ) -> tuple[pa.Table, BadRows]:
     """Read the named `columns` of a delimited file into a pyarrow Table typed by `types`.
 
     `columns` are the file's columns (header=False) or the subset to read (header=True). Empty fields
     are null; a null in a `required` column, a field that does not parse, a wrong field count, or a
     `row_check` failure make a bad row. `table_check` vetoes the fast path (then the line-by-line
-    parser, which applies `row_check`, decides).
+    parser, which applies `row_check`, decides). `data` is the file's bytes after a transform that
+    keeps its lines (MovieLens' `::` → one character); messages still name `path` and its lines, and
+    `separator_name` the separator the file really has.
     """
     import pyarrow.csv as pacsv
 
@@ -184,9 +212,12 @@ def read_delimited(
     bad = _BadRowLog(path, skip_bad_rows)
     try:
         tbl = pacsv.read_csv(
-            path,
+            path if data is None else pa.BufferReader(data),
             read_options=pacsv.ReadOptions(
-                column_names=None if header else columns, block_size=_CSV_BLOCK, use_threads=True
+                column_names=None if header else columns,
+                block_size=_CSV_BLOCK,
+                use_threads=True,
+                encoding=encoding,
             ),
             parse_options=pacsv.ParseOptions(
                 delimiter=delimiter,
@@ -211,7 +242,21 @@ def read_delimited(
             return tbl, bad.info
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         log.info("%s: fast reader rejected the file (%s); locating bad rows line by line", path, e)
-    tbl = _read_lines(path, delimiter, columns, types, header, required, quoting, bad, row_check)
+    text = None if data is None else data.decode(encoding)
+    tbl = _read_lines(
+        path,
+        delimiter,
+        columns,
+        types,
+        header,
+        required,
+        quoting,
+        bad,
+        row_check,
+        encoding,
+        text,
+        separator_name,
+    )
     bad.done()
     return tbl, bad.info
 
@@ -226,10 +271,13 @@ def _read_lines(
     quoting: bool,
     bad: _BadRowLog,
     row_check: Callable[[dict[str, Any]], str | None] | None,
+    encoding: str = "utf-8",
+    text: str | None = None,
+    shown_separator: str | None = None,
 ) -> pa.Table:
-    """Line-by-line parse: the slow path that knows line numbers."""
+    """Line-by-line parse: the slow path that knows line numbers (of `text` when given, else the file)."""
     out: dict[str, list[Any]] = {c: [] for c in columns}
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+    with open(path, newline="", encoding=encoding) if text is None else io.StringIO(text, newline="") as f:
         if quoting:
             reader: Any = csv.reader(f, delimiter=delimiter)
 
@@ -253,7 +301,8 @@ def _read_lines(
             if rec == [] or rec == [""]:
                 continue
             if len(rec) != width:
-                bad.bad(lineno, f"expected {width} fields separated by {delimiter!r}, got {len(rec)}")
+                sep = shown_separator or repr(delimiter)
+                bad.bad(lineno, f"expected {width} fields separated by {sep}, got {len(rec)}")
                 continue
             row: dict[str, Any] = {}
             err = None
@@ -413,39 +462,480 @@ def _timestamps(path: Path, col: pa.ChunkedArray, name: str) -> np.ndarray:
     raise DataError(f"{path}: column {name!r}: values are neither numbers nor ISO date-times")
 
 
-def read_movielens(path: str | Path, skip_bad_rows: bool) -> Table:
-    """MovieLens u.data (tab-separated user, item, rating, timestamp; no header; also u1.base etc.)
-    or ratings.csv (header userId,movieId,rating,timestamp)."""
-    p = check_file(path)
-    head = _header(p, ",")
+# --------------------------------------------------------------------------------- side features
+@dataclass
+class SideTable:
+    """Side features of one entity kind (user or item): one row per distinct id, from a side file."""
+
+    what: str  # 'user' or 'item'
+    source: SourceFile
+    ids: pa.Array  # distinct raw ids (strings)
+    features: dict[str, pa.Array]  # feature name → raw value per id (strings; null = missing)
+    notes: list[str] = field(default_factory=list)
+
+
+def _side(
+    what: str, p: Path, tbl: pa.Table, bad: BadRows, id_col: str, features: dict, notes: list
+) -> SideTable:
+    """A SideTable from a side file's parsed rows."""
+    ids = _strings(tbl.column(id_col)).combine_chunks()
+    return SideTable(what, _source_file(p, tbl.num_rows, bad), ids, features, notes)
+
+
+def _unique_ids(column: str) -> Callable[[pa.Table], bool]:
+    """table_check: the id column holds no repeats (else the line-by-line pass names them)."""
+    return lambda tbl: pc.count_distinct(tbl.column(column), mode="all").as_py() == tbl.num_rows
+
+
+def _no_repeats(column: str, what: str) -> Callable[[dict[str, Any]], str | None]:
+    """row_check: an id seen on an earlier line is a bad row (the first line of an id wins)."""
+    seen: set[Any] = set()
+
+    def check(row: dict[str, Any]) -> str | None:
+        key = row[column]
+        if key in seen:
+            return f"{what} id {key!r} repeats an earlier line (ids must be unique in a {what} file)"
+        seen.add(key)
+        return None
+
+    return check
+
+
+def split_tokens(values: pa.ChunkedArray | pa.Array, separator: str) -> tuple[pa.Array, np.ndarray]:
+    """Tokens of every row of a multi-valued string column: (flat tokens, row of each token).
+
+    Empty tokens (two separators in a row, an empty field) are not tokens; null rows have none."""
+    arr = _strings(values).combine_chunks()
+    lists = pc.split_pattern(arr, pattern=separator)
+    flat = pc.list_flatten(lists)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    return flat.filter(pa.array(keep)), parents[keep]
+
+
+def token_slots(
+    flat: pa.Array, parents: np.ndarray, n: int, names: list[str]
+) -> tuple[dict[str, pa.Array], int]:
+    """The first len(names) tokens of each of n rows as single-valued features (null where a row has
+    fewer); returns them and how many rows had more tokens than slots. `parents` is non-decreasing."""
+    counts = np.bincount(parents, minlength=n)
+    starts = np.cumsum(counts) - counts
+    out = {}
+    for j, name in enumerate(names):
+        has = counts > j
+        idx = pa.array(np.where(has, starts + j, 0), type=pa.int64(), mask=~has)
+        out[name] = flat.take(idx)
+    return out, int((counts > len(names)).sum())
+
+
+def quantile_tokens(values: pa.ChunkedArray | pa.Array, buckets: int) -> pa.Array:
+    """Numbers as bucket tokens ('<24', '[24,31)', '>=57') cut at quantiles of the present values;
+    missing stays null. Quantiles over the side file's rows (one per entity), not interactions."""
+    v = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    missing = np.isnan(v)
+    present = v[~missing]
+    if present.size == 0:
+        return pa.nulls(len(v), pa.string())
+    edges = np.unique(np.quantile(present, np.linspace(0, 1, buckets + 1)[1:-1]))
+    edges = edges[edges > present.min()]  # an edge at the minimum would leave its first bucket empty
+    if len(edges) == 0:
+        labels = [f"{present.min():g}"]
+    else:
+        inner = [f"[{a:g},{b:g})" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        labels = [f"<{edges[0]:g}", *inner, f">={edges[-1]:g}"]
+    bucket = np.searchsorted(edges, np.nan_to_num(v), side="right")
+    return pa.array(np.array(labels, dtype=object)[bucket], type=pa.string(), mask=missing)
+
+
+def join_side(table: Table, side: SideTable, key: str, inter_path: Path) -> None:
+    """Append the side features of each row's `key` id to `table`, in place.
+
+    Rows whose id has no row in the side file keep the interaction, with the side features missing
+    (embedding row 0); they are counted in table.notes (metadata.json `read_notes`) and logged.
+    """
+    clash = [f for f in side.features if f in table.sparse_names]
+    if clash:
+        raise UserError(
+            f"{side.source.path}: feature {clash[0]!r} is already a feature of {inter_path}; "
+            "rename it (data.source.rename)"
+        )
+    keys = table.sparse[table.sparse_names.index(key)]
+    idx = pc.index_in(keys, value_set=side.ids)
+    if idx.null_count:
+        lost = pc.unique(keys.filter(pc.is_null(idx)))
+        note = (
+            f"{inter_path}: {idx.null_count:,} interactions ({len(lost):,} distinct {side.what} ids, e.g. "
+            f"{lost[:3].to_pylist()}) have no row in {side.source.path}; their {side.what} features "
+            "are missing (embedding row 0)"
+        )
+        log.warning(note)
+        table.notes.append(note)
+    for name, values in side.features.items():
+        table.sparse.append(_strings(values.take(idx)))
+        table.sparse_names.append(name)
+    (table.user_side if side.what == "user" else table.item_side).extend(side.features)
+    table.sources.append(side.source)
+    table.notes.extend(side.notes)
+    for note in side.notes:
+        log.warning(note)
+
+
+# ---------------------------------------------------------------------------------------- movielens
+# ml-1m's users.dat holds age groups (1 = under 18, 18 = 18-24, 25, 35, 45, 50, 56 = 56+); ml-100k's
+# ages in years are mapped to the same codes so both give one small, shared age vocabulary.
+_AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])
+_AGE_GROUPS = np.array(["1", "18", "25", "35", "45", "50", "56"], dtype=object)
+# u.item's 19 genre flags, in file order (ml-100k u.genre).
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+    "War", "Western",
+]  # fmt: skip
+_DAT_SEP = "\x1f"  # what `::` becomes before parsing (pyarrow splits on one character)
+_TITLE_YEAR = r"\((?P<year>\d{4})(?:[-–]\d{4})?\)\s*$"  # "Toy Story (1995)", "Show (2006–2007)"
+_DATE_YEAR = r"^\d{1,2}-[A-Za-z]{3}-(?P<year>\d{4})$"  # u.item release date "01-Jan-1995"
+
+
+def _first_line(p: Path, encoding: str = "latin-1") -> str:
+    """The file's first line (latin-1, the default, decodes any bytes: enough to detect a format)."""
+    with open(p, "rb") as f:
+        return f.readline().decode(encoding, errors="replace").rstrip("\r\n")
+
+
+def _dat(p: Path) -> dict[str, Any]:
+    """read_delimited options of a `::`-separated .dat file (ml-1m, ml-10m; ml-1m is latin-1)."""
+    data = p.read_bytes().replace(b"::", _DAT_SEP.encode())
+    return {"delimiter": _DAT_SEP, "data": data, "encoding": "latin-1", "separator_name": "'::'"}
+
+
+def _year(values: pa.ChunkedArray, pattern: str) -> pa.Array:
+    """The 4-digit year captured by `pattern` (null where it does not match)."""
+    arr = _strings(values).combine_chunks()
+    return pc.struct_field(pc.extract_regex(arr, pattern=pattern), [0])
+
+
+def genre_names(slots: int) -> list[str]:
+    """Names of the genre features: genre_0 … genre_{slots-1}."""
+    return [f"genre_{j}" for j in range(slots)]
+
+
+def _read_ratings(p: Path, skip_bad_rows: bool) -> Table:
+    """u.data / u1.base (tab), ratings.dat (`::`) or ratings.csv (header userId,movieId,…)."""
+    cols = ["user", "item", "rating", "timestamp"]
+    types = {"user": STR, "item": STR, "rating": FLOAT, "timestamp": INT}
+    first = _first_line(p)
+    head = next(csv.reader([first]), [])
     if head[:2] == ["userId", "movieId"]:
-        cols = ["userId", "movieId", "rating", "timestamp"]
-        missing = [c for c in cols if c not in head]
+        csv_cols = ["userId", "movieId", "rating", "timestamp"]
+        missing = [c for c in csv_cols if c not in head]
         if missing:
             raise DataError(f"{p}: ratings.csv header lacks {missing} (columns present: {head})")
         tbl, bad = read_delimited(
             p,
             delimiter=",",
-            columns=cols,
-            types={"userId": STR, "movieId": STR, "rating": FLOAT, "timestamp": INT},
+            columns=csv_cols,
+            types=dict(zip(csv_cols, types.values(), strict=True)),
             header=True,
-            required=cols,
+            required=csv_cols,
             quoting=True,
             skip_bad_rows=skip_bad_rows,
         )
         return _interactions(p, tbl, bad, "userId", "movieId", "rating", "timestamp")
-    cols = ["user", "item", "rating", "timestamp"]
+    opts: dict[str, Any] = _dat(p) if "::" in first else {"delimiter": "\t"}
     tbl, bad = read_delimited(
         p,
-        delimiter="\t",
         columns=cols,
-        types={"user": STR, "item": STR, "rating": FLOAT, "timestamp": INT},
+        types=types,
         header=False,
         required=cols,
         quoting=False,
         skip_bad_rows=skip_bad_rows,
+        **opts,
     )
     return _interactions(p, tbl, bad, "user", "item", "rating", "timestamp")
+
+
+def read_movielens_users(path: str | Path, skip_bad_rows: bool) -> SideTable:
+    """u.user (`id|age|gender|occupation|zip`, ages in years → age groups) or users.dat
+    (`id::gender::age::occupation::zip`, ages already groups): features age, gender, occupation."""
+    p = check_file(path)
+    dat = "::" in _first_line(p)
+    if dat:
+        cols, opts = ["user_id", "gender", "age", "occupation", "zip"], _dat(p)
+    else:
+        cols, opts = (
+            ["user_id", "age", "gender", "occupation", "zip"],
+            {"delimiter": "|", "encoding": "latin-1"},
+        )
+    tbl, bad = read_delimited(
+        p,
+        columns=cols,
+        types={c: INT if c == "age" and not dat else STR for c in cols},
+        header=False,
+        required=["user_id"],
+        quoting=False,
+        skip_bad_rows=skip_bad_rows,
+        row_check=_no_repeats("user_id", "user"),
+        table_check=_unique_ids("user_id"),
+        **opts,
+    )
+    age = tbl.column("age")
+    if not dat:
+        group = np.searchsorted(_AGE_EDGES, pc.fill_null(age, 0).to_numpy(), side="right")
+        age = pa.array(
+            _AGE_GROUPS[group], type=pa.string(), mask=age.is_null().to_numpy(zero_copy_only=False)
+        )
+    features = {
+        "age": _strings(age).combine_chunks(),
+        "gender": _strings(tbl.column("gender")).combine_chunks(),
+        "occupation": _strings(tbl.column("occupation")).combine_chunks(),
+    }
+    return _side("user", p, tbl, bad, "user_id", features, [])
+
+
+def read_movielens_items(path: str | Path, skip_bad_rows: bool, genre_slots: int = 3) -> SideTable:
+    """u.item, movies.dat or movies.csv (detected from the first line): features genre_0 … and year.
+
+    Genres keep the file's order (u.item: flag order of u.genre; the others: `A|B` order); the year is
+    u.item's release date year, or the "(1995)" at the end of the title in the others."""
+    p = check_file(path)
+    first = _first_line(p)
+    if "::" in first or first.startswith("movieId"):
+        tbl, bad, flat, parents, year = _read_movies(p, skip_bad_rows, dat="::" in first)
+    elif "|" in first:
+        tbl, bad, flat, parents, year = _read_u_item(p, skip_bad_rows)
+    else:
+        raise DataError(f"{p}:1: not a MovieLens item file (u.item, movies.dat or movies.csv)")
+    features, over = token_slots(flat, parents, tbl.num_rows, genre_names(genre_slots))
+    notes = []
+    if over:
+        notes.append(
+            f"{p}: {over:,} items have more than {genre_slots} genres; genres after the first "
+            f"{genre_slots} (in file order) are dropped (data.source.genre_slots)"
+        )
+    return _side("item", p, tbl, bad, "item_id", {**features, "year": year}, notes)
+
+
+def _read_movies(
+    p: Path, skip_bad_rows: bool, dat: bool
+) -> tuple[pa.Table, BadRows, pa.Array, np.ndarray, pa.Array]:
+    """movies.dat (`id::title::A|B`) or movies.csv (`movieId,title,genres`, quoted)."""
+    cols = ["item_id", "title", "genres"] if dat else ["movieId", "title", "genres"]
+    opts: dict[str, Any] = _dat(p) if dat else {"delimiter": ","}
+    tbl, bad = read_delimited(
+        p,
+        columns=cols,
+        types=dict.fromkeys(cols, STR),
+        header=not dat,
+        required=cols[:1],
+        quoting=not dat,
+        skip_bad_rows=skip_bad_rows,
+        row_check=_no_repeats(cols[0], "item"),
+        table_check=_unique_ids(cols[0]),
+        **opts,
+    )
+    tbl = tbl.rename_columns(["item_id", "title", "genres"])
+    flat, parents = split_tokens(tbl.column("genres"), "|")
+    return tbl, bad, flat, parents, _year(tbl.column("title"), _TITLE_YEAR)
+
+
+def _read_u_item(p: Path, skip_bad_rows: bool) -> tuple[pa.Table, BadRows, pa.Array, np.ndarray, pa.Array]:
+    """ml-100k u.item: id|title|release date|video release date|IMDb URL|19 genre flags (latin-1)."""
+    flags = [f"is_{g}" for g in ML100K_GENRES]
+    cols = ["item_id", "title", "release_date", "video_release_date", "url", *flags]
+    repeats = _no_repeats("item_id", "item")
+
+    def row_check(row: dict[str, Any]) -> str | None:
+        bad_flag = next((f for f in flags if row[f] not in (0, 1)), None)
+        if bad_flag is not None:
+            return f"genre flag {bad_flag.removeprefix('is_')!r} must be 0 or 1, got {row[bad_flag]}"
+        date = row["release_date"]
+        if date is not None and re.search(_DATE_YEAR, date) is None:
+            return f"release date {date!r} is not DD-Mon-YYYY"
+        return repeats(row)
+
+    def table_check(tbl: pa.Table) -> bool:
+        flags_ok = all(pc.all(pc.is_in(tbl.column(f), pa.array([0, 1]))).as_py() for f in flags)
+        dates = tbl.column("release_date")
+        return (
+            flags_ok
+            and _year(dates, _DATE_YEAR).null_count == dates.null_count
+            and _unique_ids("item_id")(tbl)
+        )
+
+    tbl, bad = read_delimited(
+        p,
+        delimiter="|",
+        columns=cols,
+        types={c: INT if c in flags else STR for c in cols},
+        header=False,
+        required=["item_id", *flags],
+        quoting=False,
+        skip_bad_rows=skip_bad_rows,
+        row_check=row_check,
+        table_check=table_check,
+        encoding="latin-1",
+    )
+    matrix = np.stack([tbl.column(f).to_numpy() for f in flags], axis=1)
+    rows, genre = np.nonzero(matrix)  # row-major: each item's genres in flag order
+    flat = pa.array(np.array(ML100K_GENRES, dtype=object)[genre], type=pa.string())
+    return tbl, bad, flat, rows, _year(tbl.column("release_date"), _DATE_YEAR)
+
+
+def read_movielens(
+    path: str | Path,
+    skip_bad_rows: bool,
+    users: str | Path | None = None,
+    items: str | Path | None = None,
+    genre_slots: int = 3,
+) -> Table:
+    """MovieLens ratings in an original layout, with optional side features joined by id.
+
+    Ratings: u.data / u1.base (tab-separated user, item, rating, timestamp; no header), ratings.dat
+    (`::`-separated, ml-1m/10m) or ratings.csv (header userId,movieId,rating,timestamp). `users`
+    (u.user, users.dat) adds age, gender, occupation; `items` (u.item, movies.dat, movies.csv) adds
+    genre_0 … genre_{genre_slots-1} and year (see the module docstring for the genre slots).
+    """
+    p = check_file(path)
+    table = _read_ratings(p, skip_bad_rows)
+    if users is not None:
+        join_side(table, read_movielens_users(users, skip_bad_rows), "user_id", p)
+    if items is not None:
+        join_side(table, read_movielens_items(items, skip_bad_rows, genre_slots), "item_id", p)
+    return table
+
+
+# ------------------------------------------------------------------------------------------ recbole
+RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+
+
+def recbole_fields(path: Path) -> dict[str, tuple[str, str]]:
+    """Field name → (header column, type) of a RecBole atomic file's `name:type` header."""
+    out: dict[str, tuple[str, str]] = {}
+    for col in _first_line(path, "utf-8").split("\t"):
+        name, sep, typ = col.rpartition(":")
+        if not (sep and name and typ in RECBOLE_TYPES):
+            raise DataError(
+                f"{path}:1: header field {col!r} is not name:type with type one of "
+                f"{', '.join(RECBOLE_TYPES)} (a RecBole atomic file starts with such a header)"
+            )
+        if name in out:
+            raise DataError(f"{path}:1: field {name!r} appears twice in the header")
+        out[name] = (col, typ)
+    return out
+
+
+def read_recbole(src: Any, skip_bad_rows: bool) -> Table:
+    """RecBole atomic files (config kind `recbole`): the .inter interactions, with the .user and .item
+    fields joined by id as side features (token → one feature; token_seq → `<name>_0 …` slots;
+    float → quantile-bucket tokens; float_seq is refused)."""
+    p = check_file(src.inter)
+    fields = recbole_fields(p)
+    wanted = {
+        "user_id_field": src.user_id_field,
+        "item_id_field": src.item_id_field,
+        "rating_field": src.rating_field,
+        "time_field": src.time_field,
+    }
+    for opt, name in wanted.items():
+        if name is not None and name not in fields:
+            raise DataError(f"{p}:1: no field {name!r} (data.source.{opt}); fields present: {list(fields)}")
+    uid, iid, rating, ts = (fields[n][0] if n is not None else None for n in wanted.values())
+    cols = [c for c in (uid, iid, rating, ts) if c is not None]
+    types = {c: STR if c in (uid, iid) else FLOAT for c in cols}
+    tbl, bad = read_delimited(
+        p,
+        delimiter="\t",
+        columns=cols,
+        types=types,
+        header=True,
+        required=cols,
+        quoting=False,
+        skip_bad_rows=skip_bad_rows,
+    )
+    unused = [f for f, (c, _) in fields.items() if c not in cols]
+    if unused:
+        log.info("%s: fields not used: %s", p, unused)
+    names = tuple(src.rename.get(f, f) for f in (src.user_id_field, src.item_id_field))
+    table = _interactions(p, tbl, bad, uid, iid, rating, ts, names=names)  # type: ignore[arg-type]
+    known = set(fields)
+    for what, side_path, name in (("user", src.user, names[0]), ("item", src.item, names[1])):
+        if side_path is not None:
+            side, side_fields = read_recbole_side(side_path, what, src, skip_bad_rows)
+            known |= side_fields
+            join_side(table, side, name, p)
+    unknown = sorted(set(src.rename) - known)
+    if unknown:
+        raise UserError(
+            f"data.source.rename: {unknown[0]!r} is not a field of the source files ({sorted(known)})"
+        )
+    return table
+
+
+def read_recbole_side(
+    path: str | Path, what: str, src: Any, skip_bad_rows: bool
+) -> tuple[SideTable, set[str]]:
+    """One .user or .item file as a SideTable of the chosen fields; also returns the file's field names."""
+    p = check_file(path)
+    fields = recbole_fields(p)
+    id_field = getattr(src, f"{what}_id_field")
+    if id_field not in fields:
+        raise DataError(
+            f"{p}:1: no field {id_field!r} (data.source.{what}_id_field); fields present: {list(fields)}"
+        )
+    chosen = getattr(src, f"{what}_features")
+    chosen = [f for f in fields if f != id_field] if chosen is None else chosen
+    for f in chosen:
+        if f not in fields or f == id_field:
+            raise UserError(
+                f"data.source.{what}_features: {f!r} is not a feature field of {p} (fields: {list(fields)})"
+            )
+        if fields[f][1] == "float_seq":
+            raise UserError(
+                f"data.source.{what}_features: {f!r} is float_seq in {p}, which has no embedding here; leave it out"
+            )
+    id_col = fields[id_field][0]
+    cols = [id_col, *(fields[f][0] for f in chosen)]
+    tbl, bad = read_delimited(
+        p,
+        delimiter="\t",
+        columns=cols,
+        types={c: FLOAT if c.endswith(":float") else STR for c in cols},
+        header=True,
+        required=[id_col],
+        quoting=False,
+        skip_bad_rows=skip_bad_rows,
+        row_check=_no_repeats(id_col, what),
+        table_check=_unique_ids(id_col),
+    )
+    features, notes = _recbole_features(p, what, tbl, {f: fields[f] for f in chosen}, src)
+    return _side(what, p, tbl, bad, id_col, features, notes), set(fields)
+
+
+def _recbole_features(
+    p: Path, what: str, tbl: pa.Table, chosen: dict[str, tuple[str, str]], src: Any
+) -> tuple[dict[str, pa.Array], list[str]]:
+    """Features of the chosen fields by type: token → itself, float → quantile-bucket tokens,
+    token_seq → `<name>_0 …` slots (with a note when tokens are dropped)."""
+    features: dict[str, pa.Array] = {}
+    notes = []
+    for f, (col, typ) in chosen.items():
+        name = src.rename.get(f, f)
+        if typ == "token":
+            features[name] = _strings(tbl.column(col)).combine_chunks()
+        elif typ == "float":
+            features[name] = quantile_tokens(tbl.column(col), src.float_buckets)
+        else:
+            k = src.seq_slots
+            flat, parents = split_tokens(tbl.column(col), src.seq_separator)
+            slots, over = token_slots(flat, parents, tbl.num_rows, [f"{name}_{j}" for j in range(k)])
+            features.update(slots)
+            if over:
+                notes.append(
+                    f"{p}: {over:,} {what}s have more than {k} {f!r} tokens; tokens after the first {k} "
+                    "are dropped (data.source.seq_slots)"
+                )
+    return features, notes
 
 
 def read_learning_from_sets(path: str | Path, skip_bad_rows: bool) -> Table:
@@ -583,7 +1073,9 @@ def read_source(src: Any, skip_bad_rows: bool, raw_dir: str | Path | None = None
     if kind == "criteo":
         return read_criteo(src.paths, skip_bad_rows)
     if kind == "movielens":
-        return read_movielens(src.path, skip_bad_rows)
+        return read_movielens(src.path, skip_bad_rows, src.users, src.items, src.genre_slots)
+    if kind == "recbole":
+        return read_recbole(src, skip_bad_rows)
     if kind == "learning_from_sets":
         return read_learning_from_sets(src.path, skip_bad_rows)
     if kind == "table":
