@@ -135,7 +135,7 @@ def _bare_batches(cfg: Any, rank: int, world: int, n: int) -> list[Any]:
     from recsys.data.metadata import read_metadata
 
     meta = read_metadata(cfg.data.prepared_dir)
-    arrays = read_split_arrays(cfg.data.prepared_dir, "train")
+    arrays = read_split_arrays(cfg.data.prepared_dir, "train", meta)
     b = cfg.train.batch_size
     if len(arrays["label"]) < n * b * world:
         raise RuntimeError(f"{cfg.data.prepared_dir}: train split too small for {n} bare steps")
@@ -154,7 +154,8 @@ def _bare(cfg: Any, batches: list[Any]) -> list[tuple[float, float]]:
     """The bare TorchRec loop; returns (wall, CPU) timestamps after each step."""
     from recsys.data.metadata import read_metadata
     from recsys.distributed import init_distributed, make_optimizer, shard_model
-    from recsys.train import build_task, log_q_from_train, seed_everything
+    from recsys.models.task import build_task, log_q_from_train
+    from recsys.trainer import seed_everything
 
     env = init_distributed(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -192,6 +193,7 @@ def _full(cfg: Any) -> tuple[list[tuple[float, float]], list[tuple[str, float, f
     all-reduce and MLflow metric logging."""
     from recsys import distributed, tracking
     from recsys import train as train_mod
+    from recsys import trainer as trainer_mod
     from recsys.data import loader as loader_mod
 
     stamps: list[tuple[float, float]] = []
@@ -222,14 +224,14 @@ def _full(cfg: Any) -> tuple[list[tuple[float, float]], list[tuple[str, float, f
             events.append(("loader", e, e - t))
             yield batch
 
-    orig_update = train_mod._Progress.update
+    orig_update = trainer_mod._Progress.update
 
     def update(self: Any, loss: float, samples_per_s: float) -> None:
         timed("progress", orig_update)(self, loss, samples_per_s)
         stamps.append((time.perf_counter(), time.process_time()))
 
     patches = [
-        (train_mod._Progress, "update", update),
+        (trainer_mod._Progress, "update", update),
         (loader_mod.BatchLoader, "__iter__", timed_iter),
         (distributed, "all_reduce_sum", timed("allreduce", distributed.all_reduce_sum)),
         (tracking.MlflowTracker, "log_metrics", timed("mlflow", tracking.MlflowTracker.log_metrics)),
@@ -238,7 +240,10 @@ def _full(cfg: Any) -> tuple[list[tuple[float, float]], list[tuple[str, float, f
     for obj, name, fn in patches:
         setattr(obj, name, fn)
     try:
-        train_mod.train(cfg)
+        # No checkpoints in the timed runs: `make bench-checkpoint` measures those.
+        cfg = cfg.model_copy(deep=True)
+        cfg.train.checkpoint.every_epoch = False
+        train_mod.train(cfg, resume="never")
     finally:
         for obj, name, fn in saved:
             setattr(obj, name, fn)

@@ -89,7 +89,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from recsys.train import train
 
-    train(_resolve(args))
+    train(_resolve(args), resume=args.resume, allow_data_mismatch=args.allow_data_mismatch)
     return 0
 
 
@@ -97,6 +97,63 @@ def _evaluate(args: argparse.Namespace) -> int:
     from recsys.evaluate import evaluate_run
 
     evaluate_run(_resolve(args), run_id=args.run_id)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- retrieval
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-id", required=True, help="MLflow run id of a trained Two-Tower")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./runs)",
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="config name or YAML path (default: the run's config/resolved.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="a.b=v",
+        help="override a config field",
+    )
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from recsys.retrieval.index import IndexParams, build_run_index
+
+    params = IndexParams(args.kind, args.nlist, args.nprobe, args.m, ef_search=args.ef_search)
+    idx = build_run_index(args.run_id, args.tracking_uri, params, args.config, args.overrides, args.recall_k)
+    recall = idx.facts[f"recall_at_{args.recall_k}"]
+    print(
+        f"index {args.kind}: {idx.index.ntotal:,} items x dim {idx.index.d}, recall@{args.recall_k} "
+        f"{recall:.4f} vs exact, built in {idx.facts['build_seconds']:.2f} s; logged as index/ of run {args.run_id}"
+    )
+    return 0
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from recsys.retrieval.recommend import parse_exclude, recommend
+
+    rec = recommend(
+        args.run_id,
+        args.tracking_uri,
+        args.users,
+        args.k,
+        parse_exclude(args.exclude),
+        args.output,
+        args.config,
+        args.overrides,
+    )
+    print(
+        f"{rec.table.num_rows:,} recommendations for {rec.users:,} users ({rec.fallback:,} unknown: "
+        f"popularity) -> {args.output} in {rec.seconds:.1f} s (index: {rec.index})"
+    )
     return 0
 
 
@@ -166,9 +223,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--remote", default=None, help="with --spark: also upload to this object-store URI (s3://, dbfs:/ …)"
     )
 
-    add(sub, "train", _train, "train the configured model (run under torchrun for several processes)")
+    p = add(sub, "train", _train, "train the configured model (run under torchrun for several processes)")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|never|PATH",
+        help="auto: continue this job's newest unfinished run from its last complete checkpoint; "
+        "never: start fresh; PATH: a checkpoint (step-NNNNNNNN) or run folder (default: auto)",
+    )
+    p.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="train even when the prepared folder was made from other data settings than the config's",
+    )
     p = add(sub, "evaluate", _evaluate, "evaluate a trained model from its MLflow run on the test split")
     p.add_argument("--run-id", required=True, help="MLflow run id holding the model")
+
+    index = sub.add_parser("index", help="FAISS index of a Two-Tower run's item embeddings").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add(
+        index,
+        "build",
+        _index_build,
+        "index a run's item embeddings (flat = exact; ivf/hnsw measure recall@K) and log it as index/",
+        config=False,
+    )
+    _add_run_args(p)
+    p.add_argument(
+        "--kind", choices=["flat", "ivf", "hnsw"], default="flat", help="flat (exact), ivf or hnsw"
+    )
+    p.add_argument("--nlist", type=int, default=None, help="ivf lists (default: ~4·sqrt(items))")
+    p.add_argument("--nprobe", type=int, default=32, help="ivf lists searched per query")
+    p.add_argument("--m", type=int, default=32, help="hnsw links per node")
+    p.add_argument("--ef-search", type=int, default=128, help="hnsw candidates per search")
+    p.add_argument("--recall-k", type=int, default=100, help="K of the recall@K measured against exact")
+    p = add(
+        sub,
+        "recommend",
+        _recommend,
+        "top-K unseen items per user of a Two-Tower run -> Parquet",
+        config=False,
+    )
+    _add_run_args(p)
+    p.add_argument(
+        "--users",
+        default="all",
+        help="'all', or a file of raw user ids (one a line, or Parquet/CSV column 'user')",
+    )
+    p.add_argument("--k", type=int, default=100, help="items per user")
+    p.add_argument("-o", "--output", required=True, help="output Parquet: user, rank, item, score, fallback")
+    p.add_argument(
+        "--exclude",
+        default="train",
+        help="splits whose items a user has seen: train, train,val, train,val,test, none",
+    )
 
     p = add(sub, "render", _render, "render Kubernetes manifests (ConfigMap + PyTorchJob or TrainJob)")
     p.add_argument("--backend", choices=["pytorchjob", "trainjob"], required=True)
@@ -192,10 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="spark: one GPU per process")
 
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
-    p.add_argument("what", choices=["data", "train"])
+    p.add_argument("what", choices=["data", "train", "recommend"])
     p.add_argument("--rows", type=int, default=1_000_000, help="rows to convert and read (data)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (train)")
     p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")
+    p.add_argument("--items", type=int, default=1_000_000, help="catalogue size (recommend)")
+    p.add_argument("--queries", type=int, default=10_000, help="users searched per measurement (recommend)")
     return parser
 
 

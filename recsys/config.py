@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     """Base for every config section: unknown keys and silent coercions are errors."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, frozen=False)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -55,10 +55,61 @@ class SyntheticInteractionsSource(Strict):
 
 
 class MovieLensSource(Strict):
-    """MovieLens `u.data` (ml-100k, tab-separated) or `ratings.csv` (ml-latest, ml-25m)."""
+    """MovieLens ratings in an original layout (ml-100k u.data, ml-1m/10m ratings.dat, ml-latest/25m
+    ratings.csv), optionally with user and item side features joined by id."""
 
     kind: Literal["movielens"] = Field(description="Source kind selector.")
-    path: str = Field(description="Path to u.data or ratings.csv (format detected from the name/header).")
+    path: str = Field(
+        description="Ratings file: u.data / u1.base, ratings.dat or ratings.csv (format detected from the content)."
+    )
+    users: str | None = Field(
+        None, description="u.user (ml-100k) or users.dat (ml-1m): adds features age, gender, occupation."
+    )
+    items: str | None = Field(
+        None,
+        description="u.item (ml-100k), movies.dat (ml-1m/10m) or movies.csv (ml-latest/25m): adds "
+        "features genre_0 … genre_{genre_slots-1} and year.",
+    )
+    genre_slots: int = Field(
+        3, ge=1, description="Genre features per item; an item's genres beyond these are dropped (counted)."
+    )
+
+
+class RecBoleSource(Strict):
+    """RecBole atomic files: `.inter` plus optional `.user` / `.item` whose fields are joined by id."""
+
+    kind: Literal["recbole"] = Field(description="Source kind selector.")
+    inter: str = Field(description="The .inter file (tab-separated, header `field:type`).")
+    user: str | None = Field(None, description="The .user file; its fields become user side features.")
+    item: str | None = Field(None, description="The .item file; its fields become item side features.")
+    user_id_field: str = Field("user_id", description="User id field (in .inter and .user).")
+    item_id_field: str = Field("item_id", description="Item id field (in .inter and .item).")
+    rating_field: str | None = Field(
+        "rating", description="Rating/label field of .inter; null: none (use data.label.mode all_positive)."
+    )
+    time_field: str | None = Field(
+        "timestamp", description="Timestamp field of .inter (leave_last_n order); null: file order."
+    )
+    user_features: list[str] | None = Field(
+        None, description=".user fields used as features; null: every field but the id."
+    )
+    item_features: list[str] | None = Field(
+        None, description=".item fields used as features; null: every field but the id."
+    )
+    rename: dict[str, str] = Field(
+        default_factory=dict, description="Feature names instead of field names, e.g. {class: genre}."
+    )
+    seq_slots: int = Field(
+        3,
+        ge=1,
+        description="Features per token_seq field (<name>_0 …); tokens beyond them are dropped (counted).",
+    )
+    seq_separator: str = Field(" ", min_length=1, description="Separator of the tokens of a token_seq field.")
+    float_buckets: int = Field(
+        10,
+        ge=2,
+        description="Quantile buckets (over the side file's rows) that turn a float field into tokens.",
+    )
 
 
 class LearningFromSetsSource(Strict):
@@ -105,6 +156,7 @@ Source = Annotated[
     SyntheticCTRSource
     | SyntheticInteractionsSource
     | MovieLensSource
+    | RecBoleSource
     | LearningFromSetsSource
     | CriteoSource
     | TableSource
@@ -239,12 +291,52 @@ class ShardingConfig(Strict):
     )
 
 
+class CheckpointConfig(Strict):
+    """Distributed checkpoints of the whole Trainer state (torch.distributed.checkpoint)."""
+
+    dir: str | None = Field(
+        None,
+        description="Checkpoint root; None: runs/checkpoints/<name> locally, the checkpoint PVC in rendered jobs.",
+    )
+    every_steps: int = Field(0, ge=0, description="Save every N steps (0: only at epoch ends / never).")
+    every_epoch: bool = Field(True, description="Save at the end of every epoch.")
+    keep_last: int = Field(
+        2, ge=1, description="Complete checkpoints kept, newest first (older ones pruned)."
+    )
+    keep_best: bool = Field(
+        True, description="Also keep the checkpoint with the best train.early_stopping.metric value."
+    )
+    async_save: bool = Field(
+        True, description="Write in the background (dcp.async_save): the loop waits only for staging."
+    )
+
+
+class EarlyStoppingConfig(Strict):
+    """Which validation value is "best", when to stop, and whether the best state is restored."""
+
+    metric: str | None = Field(
+        None,
+        description="Monitored validation metric, e.g. val/auc, val/ndcg@10, val/loss; None: no early "
+        "stopping and the last state is tested.",
+    )
+    mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="max: higher is better; min: lower is better; auto: min for losses, else max."
+    )
+    patience: int | None = Field(
+        None, ge=1, description="Stop after N validations without improvement; None: never stop early."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+    restore_best: bool = Field(
+        True, description="Restore the best state (by `metric`) before the test evaluation and export."
+    )
+
+
 class TrainConfig(Strict):
     """The training loop."""
 
     batch_size: int = Field(1024, gt=0, description="Per-rank batch size (global = batch_size × world size).")
     epochs: int = Field(1, ge=1, description="Passes over the train split.")
-    max_steps: int | None = Field(None, description="Stop after this many steps (None: epochs decide).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (None: epochs decide).")
     dense_optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3), description="Optimizer of the MLPs."
     )
@@ -264,17 +356,30 @@ class TrainConfig(Strict):
     pipeline: bool = Field(True, description="Use TorchRec's TrainPipelineSparseDist.")
     sharding: ShardingConfig = Field(default_factory=ShardingConfig, description="Planner constraints.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Distributed checkpoints and their retention."
+    )
+    early_stopping: EarlyStoppingConfig = Field(
+        default_factory=EarlyStoppingConfig, description="Best-state tracking and early stopping."
+    )
 
 
 class EvalConfig(Strict):
     """Evaluation after (and during) training."""
 
-    ks: list[int] = Field(
-        default_factory=lambda: [10, 50, 100], description="Cut-offs for Recall/NDCG/HitRate@K."
+    ks: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [10, 50, 100],
+        min_length=1,
+        description="Cut-offs for Recall/NDCG/HitRate@K (each at least 1).",
     )
     batch_size: int = Field(4096, gt=0, description="Per-rank evaluation batch size.")
     exclude_train_items: bool = Field(
         True, description="Exclude items a user saw in training from retrieval."
+    )
+    val_retrieval: bool = Field(
+        True,
+        description="Two-Tower: also compute Recall/NDCG/HitRate@K and AUROC on the val split at every "
+        "validation (needed to monitor val/ndcg@10 and the like).",
     )
 
 
@@ -374,11 +479,40 @@ class Config(Strict):
                 )
             if self.model.dlrm.over_arch_layers[-1] != 1:
                 raise ValueError("model.dlrm.over_arch_layers: the last size must be 1 (one logit)")
+        if self.train.sparse_optimizer.weight_decay:
+            # TorchRec passes it to fbgemm with weight_decay_mode NONE, so it would be silently ignored.
+            raise ValueError(
+                "train.sparse_optimizer.weight_decay: the fused embedding optimizers do not apply weight "
+                "decay (fbgemm's mode is NONE); set it to 0"
+            )
+        metric = self.train.early_stopping.metric
+        if metric is not None and metric not in self.validation_metrics():
+            raise ValueError(
+                f"train.early_stopping.metric: {metric!r} is not a validation metric of model.kind "
+                f"{self.model.kind!r}; choose one of {self.validation_metrics()}"
+            )
         if (self.data.split.mode == "presplit") != (self.data.source.kind == "presplit"):
             raise ValueError(
                 "data.split.mode 'presplit' goes with data.source.kind 'presplit' and only with it"
             )
         return self
+
+    def validation_metrics(self) -> list[str]:
+        """Names of the metrics each validation produces (what train.early_stopping.metric may name)."""
+        if self.model.kind == "dlrm":
+            return ["val/loss", "val/auc", "val/logloss", "val/calibration"]
+        names = ["val/loss"]
+        if self.eval.val_retrieval:
+            names += [f"val/{m}@{k}" for m in ("recall", "ndcg", "hitrate") for k in self.eval.ks]
+            names.append("val/auroc")
+        return names
+
+    def best_mode(self) -> str:
+        """'max' or 'min' for train.early_stopping.metric (auto: min for losses, else max)."""
+        mode = self.train.early_stopping.mode
+        if mode != "auto":
+            return mode
+        return "min" if (self.train.early_stopping.metric or "").endswith("loss") else "max"
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -454,6 +588,7 @@ _SOURCE_KINDS = {
     "synthetic_ctr",
     "synthetic_interactions",
     "movielens",
+    "recbole",
     "learning_from_sets",
     "criteo",
     "table",
@@ -481,6 +616,19 @@ def config_from_dict(data: dict[str, Any], origin: str = "<config>") -> Config:
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (every default filled in), loadable by load_config."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted `field: saved → now` lines where two nested config mappings differ."""
+    out: list[str] = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        where = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, where + ".")
+        elif a != b:
+            out.append(f"{where}: {a!r} → {b!r}")
+    return out
 
 
 def flatten(cfg: Config) -> dict[str, str]:

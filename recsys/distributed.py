@@ -117,6 +117,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_min(value: int) -> int:
+    """The smallest of an integer over all ranks."""
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` of rank `src`, on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -164,8 +172,15 @@ def _constraints(cfg: Config, table_names: list[str], env: DistEnv) -> dict[str,
     return out
 
 
-def _sparse_optimizer_class(opt: OptimizerConfig) -> tuple[type, dict[str, Any]]:
+def _sparse_optimizer_class(opt: OptimizerConfig, device: torch.device) -> tuple[type, dict[str, Any]]:
     import torchrec.optim as trec_optim
+
+    if opt.name == "adam" and device.type == "cpu":
+        # fbgemm's CPU embedding kernels implement SGD and (row-wise) Adagrad only.
+        raise UserError(
+            "train.sparse_optimizer.name: 'adam' is not supported by the fused embedding optimizers on "
+            "CPU; use rowwise_adagrad, adagrad or sgd"
+        )
 
     kwargs: dict[str, Any] = {"lr": opt.lr}
     if opt.name == "sgd":
@@ -208,7 +223,7 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
         if isinstance(module, EmbeddingBagCollection):
             tables += [c.name for c in module.embedding_bag_configs()]
             sparse_params += list(module.parameters())
-    opt_cls, opt_kwargs = _sparse_optimizer_class(cfg.train.sparse_optimizer)
+    opt_cls, opt_kwargs = _sparse_optimizer_class(cfg.train.sparse_optimizer, env.device)
     apply_optimizer_in_backward(opt_cls, sparse_params, opt_kwargs)
 
     topology = Topology(

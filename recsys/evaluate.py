@@ -53,7 +53,7 @@ def evaluate_sharded(
 
     was_training = model.training
     model.eval()
-    _, batches = iter_eval_batches(cfg, split, env.rank, env.world_size)
+    _, batches = iter_eval_batches(cfg, meta, split, env.rank, env.world_size)
     ctr = CTRMetrics(device=env.device) if cfg.model.kind == "dlrm" else None
     dummy = None
     loss_sum, rows = 0.0, 0.0
@@ -132,38 +132,53 @@ def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(binary_auroc(scores, labels.long()))
 
 
+def read_all_splits(cfg: Config, meta: Metadata) -> dict[str, dict[str, np.ndarray]]:
+    """Every split's arrays, read once and handed to evaluate_retrieval (which runs many times)."""
+    from recsys.data.loader import read_split_arrays
+
+    return {s: read_split_arrays(cfg.data.prepared_dir, s, meta) for s in ("train", "val", "test")}
+
+
 @torch.no_grad()
 def evaluate_retrieval(
-    model: nn.Module, cfg: Config, meta: Metadata
+    model: nn.Module,
+    cfg: Config,
+    meta: Metadata,
+    arrays: dict[str, dict[str, np.ndarray]],
+    split: str = "test",
+    baseline: bool = True,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(model metrics, popularity baseline) on the test split, on this process only (no collectives).
+    """(model metrics, popularity baseline) on `split`, on this process only (no collectives).
 
     Recall/NDCG/HitRate@K for cfg.eval.ks over every item row but the OOV row, excluding each user's
-    training items (cfg.eval.exclude_train_items). Also `auroc`: pointwise AUROC of user·item scores
-    on the test rows; when the test labels hold one class only (implicit feedback), each test
-    positive is paired with one uniformly drawn catalogue item as its negative (a sampled AUROC).
+    training items (cfg.eval.exclude_train_items) and, when scoring test, the validation items too
+    (they are known interactions, not candidates). Also `auroc`: pointwise AUROC of user·item scores
+    on the split's rows; when its labels hold one class only (implicit feedback), each positive is
+    paired with one uniformly drawn catalogue item as its negative (a sampled AUROC).
+    `arrays` comes from read_all_splits; `baseline=False` skips the popularity baseline.
     """
-    from recsys.data.loader import read_split_arrays
     from recsys.metrics import popularity_baseline, retrieval_metrics
 
     model.eval()
-    prepared = cfg.data.prepared_dir
-    train, val, test = (read_split_arrays(prepared, s) for s in ("train", "val", "test"))
-    emb = tower_embeddings(model, meta, [train, val, test])
+    train, test = arrays["train"], arrays[split]
+    emb = tower_embeddings(model, meta, [arrays[s] for s in ("train", "val", "test")])
     uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
     nu, ni = emb["user"].shape[0], emb["item"].shape[0]
     pos = test["label"] > 0
     targets = _csr(test["sparse"][pos, uc], test["sparse"][pos, ic], nu, ni)
     # The OOV item row is not a recommendable item: excluded for every user.
     ex_u, ex_i = [np.arange(nu)], [np.zeros(nu, np.int64)]
-    if cfg.eval.exclude_train_items:
-        ex_u.append(train["sparse"][:, uc])
-        ex_i.append(train["sparse"][:, ic])
+    known = (["train"] if cfg.eval.exclude_train_items else []) + (["val"] if split == "test" else [])
+    for s in known:
+        ex_u.append(arrays[s]["sparse"][:, uc])
+        ex_i.append(arrays[s]["sparse"][:, ic])
     exclude = _csr(np.concatenate(ex_u), np.concatenate(ex_i), nu, ni)
     metrics = retrieval_metrics(emb["user"], emb["item"], targets, exclude, ks=cfg.eval.ks)
-    counts = np.bincount(train["sparse"][train["label"] > 0, ic], minlength=ni).astype(np.float32)
-    counts[0] = 0
-    baseline = popularity_baseline(counts, targets, exclude, ks=cfg.eval.ks, num_users=nu)
+    base: dict[str, float] = {}
+    if baseline:
+        counts = np.bincount(train["sparse"][train["label"] > 0, ic], minlength=ni).astype(np.float32)
+        counts[0] = 0
+        base = popularity_baseline(counts, targets, exclude, ks=cfg.eval.ks, num_users=nu)
 
     tu = torch.from_numpy(test["sparse"][:, uc])
     ti = torch.from_numpy(test["sparse"][:, ic])
@@ -178,7 +193,7 @@ def evaluate_retrieval(
         scores = torch.cat([scores[torch.from_numpy(pos)], (emb["user"][tu[pos]] * emb["item"][neg]).sum(-1)])
         labels = torch.cat([torch.ones(int(pos.sum())), torch.zeros(int(pos.sum()))])
     metrics["auroc"] = _auroc(scores, labels)
-    return metrics, baseline
+    return metrics, base
 
 
 # ------------------------------------------------------------------------------------- evaluate_run
@@ -186,7 +201,8 @@ def evaluate_run(cfg: Config, run_id: str) -> dict[str, float]:
     """Load the model of an MLflow run, evaluate it on the test split in this process, log back to the run."""
     from recsys.data.metadata import read_metadata
     from recsys.errors import UserError
-    from recsys.train import build_task, load_logged_state, log_q_from_train
+    from recsys.models.task import build_task, log_q_from_train
+    from recsys.tracking import load_logged_state
 
     meta = read_metadata(cfg.data.prepared_dir)
     state = load_logged_state(cfg, run_id)
@@ -198,7 +214,7 @@ def evaluate_run(cfg: Config, run_id: str) -> dict[str, float]:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass the config the run was trained with"
         )
     if cfg.model.kind == "two_tower":
-        metrics, baseline = evaluate_retrieval(task, cfg, meta)
+        metrics, baseline = evaluate_retrieval(task, cfg, meta, read_all_splits(cfg, meta))
         out = {
             **{f"test/{k}": v for k, v in metrics.items()},
             **{f"baseline/{k}": v for k, v in baseline.items()},
@@ -207,10 +223,9 @@ def evaluate_run(cfg: Config, run_id: str) -> dict[str, float]:
         out = _evaluate_ctr_local(task, cfg, meta)
     import mlflow
 
-    from recsys.tracking import resolve_tracking_uri
+    from recsys.tracking import mlflow_metrics, resolve_tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
-    from recsys.train import mlflow_metrics
 
     for k, v in mlflow_metrics("eval", out).items():
         if not math.isnan(v):
@@ -227,7 +242,7 @@ def _evaluate_ctr_local(task: nn.Module, cfg: Config, meta: Metadata) -> dict[st
     from recsys.metrics import CTRMetrics
 
     task.eval()
-    _, batches = iter_eval_batches(cfg, "test", 0, 1)
+    _, batches = iter_eval_batches(cfg, meta, "test", 0, 1)
     ctr = CTRMetrics()
     for batch in batches:
         if batch is None:

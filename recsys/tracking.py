@@ -162,9 +162,16 @@ class Tracker:
         """The MLflow run id (None when nothing is tracked)."""
         return None
 
-    def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
-        """Start a run named `run_name` with `tags`; returns self (usable as a context manager)."""
+    def start(
+        self, run_name: str, tags: Mapping[str, str] | None = None, resume_run_id: str | None = None
+    ) -> Tracker:
+        """Start a run named `run_name` with `tags` (or continue `resume_run_id`); returns self."""
         return self
+
+    @property
+    def resumed(self) -> bool:
+        """True when start() continued an existing run."""
+        return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (flat key → value, e.g. `config.flatten(cfg)`)."""
@@ -233,6 +240,7 @@ class MlflowTracker(Tracker):
         self._client = mlflow.MlflowClient(tracking_uri)
         self._run_id: str | None = None
         self._ended = False
+        self._resumed = False
 
     @property
     def run_id(self) -> str | None:
@@ -262,8 +270,30 @@ class MlflowTracker(Tracker):
                 raise
             return exp.experiment_id
 
-    def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> MlflowTracker:
-        """Start the run (creating the experiment if missing) with `tags`; returns self."""
+    @property
+    def resumed(self) -> bool:
+        """True when start() continued an existing run (a resumed training job)."""
+        return self._resumed
+
+    def _existing_run(self, run_id: str) -> str | None:
+        """`run_id` if this store has it (a resumed job continues it), else None with one line why."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.get_run(run_id)
+            return run_id
+        except MlflowException:
+            print(
+                f"recsys: MLflow run {run_id} of the checkpoint is not in {self.tracking_uri}; "
+                "logging the resumed training to a new run",
+                flush=True,
+            )
+            return None
+
+    def start(
+        self, run_name: str, tags: Mapping[str, str] | None = None, resume_run_id: str | None = None
+    ) -> MlflowTracker:
+        """Start the run (creating the experiment if missing) with `tags`, or continue `resume_run_id`."""
         import mlflow
 
         if self._run_id is not None:
@@ -281,7 +311,12 @@ class MlflowTracker(Tracker):
             raise RuntimeError(
                 f"an MLflow run ({mlflow.active_run().info.run_id}) is already active in this process"
             )
-        run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name, tags=tags)
+        existing = self._existing_run(resume_run_id) if resume_run_id else None
+        if existing:
+            run = mlflow.start_run(run_id=existing, tags=tags)
+            self._resumed = True
+        else:
+            run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name, tags=tags)
         self._run_id = run.info.run_id
         return self
 
@@ -411,6 +446,29 @@ def make_tracker(cfg: Config, rank: int) -> Tracker:
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     return MlflowTracker(resolve_tracking_uri(cfg), cfg.tracking.experiment)
+
+
+def mlflow_metrics(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """`prefix/name` keys MLflow accepts: it forbids '@', so recall@10 is logged as recall_at_10."""
+    return {f"{prefix}/{k.replace('@', '_at_')}": float(v) for k, v in metrics.items()}
+
+
+def load_logged_state(cfg: Config, run_id: str) -> dict[str, torch.Tensor]:
+    """The gathered state dict logged with an MLflow run (artifact state_dict/model.pt)."""
+    import mlflow
+    import torch
+
+    uri = resolve_tracking_uri(cfg)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="state_dict/model.pt", tracking_uri=uri
+        )
+    except Exception as e:
+        raise UserError(
+            f"run {run_id} in {uri}: no state_dict/model.pt artifact ({type(e).__name__}: {e}); was it "
+            "trained with tracking.log_model=true against this tracking URI?"
+        ) from None
+    return torch.load(local, map_location="cpu", weights_only=True)
 
 
 def find_run_by_job(tracking_uri: str, experiment: str, job_name: str) -> str | None:

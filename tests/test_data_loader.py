@@ -15,6 +15,7 @@ from conftest import REPO, free_port
 
 from recsys.config import Config, config_from_dict
 from recsys.data.loader import iter_eval_batches, make_train_loader, read_split_arrays
+from recsys.data.metadata import read_metadata
 from recsys.data.prepare import prepare
 
 ROWS = 80  # random split 0.1/0.1 → train 64 rows = 16 blocks of 4 = 8 batches of 8
@@ -67,7 +68,7 @@ def split_ids(cfg: Config, split: str) -> list[int]:
 def test_train_loader_yields_torchrec_batches_over_whole_epochs(cfg: Config) -> None:
     from torchrec.datasets.utils import Batch
 
-    loader = make_train_loader(cfg)
+    loader = make_train_loader(cfg, read_metadata(cfg.data.prepared_dir), 1)
     epochs = []
     for _ in range(2):
         batches = list(loader)
@@ -88,12 +89,12 @@ def test_train_loader_yields_torchrec_batches_over_whole_epochs(cfg: Config) -> 
 
 
 def test_sparse_ids_match_their_rows(cfg: Config) -> None:
-    from recsys.data.metadata import read_metadata, read_vocab
+    from recsys.data.metadata import read_vocab
 
     meta = read_metadata(cfg.data.prepared_dir)
     rowid_vocab = read_vocab(cfg.data.prepared_dir, meta.sparse_features[0])
     c_vocab = read_vocab(cfg.data.prepared_dir, meta.sparse_features[1])
-    for b in make_train_loader(cfg):
+    for b in make_train_loader(cfg, read_metadata(cfg.data.prepared_dir), 1):
         ids = row_ids(b)
         assert [rowid_vocab[v] for v in b.sparse_features["rowid"].values().tolist()] == [
             f"r{i}" for i in ids
@@ -102,7 +103,7 @@ def test_sparse_ids_match_their_rows(cfg: Config) -> None:
 
 
 def test_resume_mid_epoch_repeats_and_skips_nothing(cfg: Config) -> None:
-    a = make_train_loader(cfg)
+    a = make_train_loader(cfg, read_metadata(cfg.data.prepared_dir), 1)
     it = iter(a)
     seen = [row_ids(next(it)) for _ in range(3)]
     state = a.state_dict()
@@ -110,7 +111,7 @@ def test_resume_mid_epoch_repeats_and_skips_nothing(cfg: Config) -> None:
     del it, a
     gc.collect()
 
-    b = make_train_loader(cfg)
+    b = make_train_loader(cfg, read_metadata(cfg.data.prepared_dir), 1)
     b.load_state_dict(state)
     resumed = [row_ids(x) for x in b]
     assert resumed == rest  # exactly the batches the first run would have produced, same row order
@@ -121,7 +122,7 @@ def test_resume_mid_epoch_repeats_and_skips_nothing(cfg: Config) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_partition_is_exact(cfg: Config, world: int) -> None:
     for split in ("train", "val", "test"):
-        results = [iter_eval_batches(cfg, split, r, world) for r in range(world)]
+        results = [iter_eval_batches(cfg, read_metadata(cfg.data.prepared_dir), split, r, world) for r in range(world)]
         steps = {s for s, _ in results}
         assert len(steps) == 1  # every rank runs the same number of steps
         got = []
@@ -140,10 +141,11 @@ import torch.distributed as dist
 dist.init_process_group("gloo")  # as the trainer does (recsys.distributed) before building loaders
 from recsys.config import load_config
 from recsys.data.loader import make_train_loader
+from recsys.data.metadata import read_metadata
 import numpy as np
 cfg = load_config(sys.argv[1])
 out = []
-for b in make_train_loader(cfg):
+for b in make_train_loader(cfg, read_metadata(cfg.data.prepared_dir), dist.get_world_size()):
     out.append(np.rint(np.expm1(b.dense_features[:, 0].numpy())).astype(int).tolist())
 print("ROWS " + json.dumps(out))
 """

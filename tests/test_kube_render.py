@@ -84,7 +84,7 @@ def test_configmap_holds_resolved_config_with_cluster_paths() -> None:
     # Training settings are the user's, untouched.
     local_train = cfg.model_dump(mode="json")["train"]
     for d in (inner["train"], local_train):
-        d.pop("checkpoint_dir", None)  # the one train path that moves onto the checkpoint PVC
+        d["checkpoint"].pop("dir")  # the one train path that moves onto the checkpoint PVC
     assert inner["train"] == local_train
     assert inner["model"] == cfg.model_dump(mode="json")["model"]
 
@@ -210,3 +210,31 @@ def test_readme_kubernetes_commands_match_the_headers() -> None:
         for key in ("Apply", "Check", "Logs"):
             assert cmds[key] in section, f"README lacks the {key} command of manifests/{name}: {cmds[key]}"
     assert _header_commands(REPO / "manifests/overlays/cpu/kustomization.yaml")["Apply"] in section
+
+
+@pytest.mark.parametrize("path", ["manifests/dlrm-job.yaml", "manifests/two-tower-trainjob.yaml"])
+def test_committed_jobs_checkpoint_to_their_pvc(path: str) -> None:
+    """The trainer's checkpoint root (in the ConfigMap) lies on the volume that claims job.checkpoint_pvc."""
+    docs = [d for d in yaml.safe_load_all((REPO / path).read_text()) if d]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    cfg = yaml.safe_load(next(iter(cm["data"].values())))
+    root = cfg["train"]["checkpoint"]["dir"]
+    assert root == f"/checkpoints/{cfg['job']['name']}"
+    job = next(d for d in docs if d["kind"] != "ConfigMap")
+    text = yaml.safe_dump(job)
+    # Every pod (Master/Worker, or the TrainJob's trainer node) mounts the PVC at /checkpoints.
+    assert f"claimName: {cfg['job']['checkpoint_pvc']}" in text
+    assert "mountPath: /checkpoints" in text
+    if job["kind"] == "PyTorchJob":
+        for rep in job["spec"]["pytorchReplicaSpecs"].values():
+            pod = rep["template"]["spec"]
+            claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+            (c,) = pod["containers"]
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert claims[mounts["/checkpoints"]] == cfg["job"]["checkpoint_pvc"]
+
+
+def test_relative_checkpoint_dir_maps_to_the_pvc_and_absolute_is_kept() -> None:
+    assert cluster_config(load_config("dlrm_synth")).train.checkpoint.dir == "/checkpoints/dlrm"
+    cfg = load_config("dlrm_synth", ["train.checkpoint.dir=/checkpoints/mine"])
+    assert cluster_config(cfg).train.checkpoint.dir == "/checkpoints/mine"

@@ -227,7 +227,7 @@ def test_train_under_torch_distributor(
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["data.prepared_dir"] == str(spark_prepared)
-    from recsys.train import mlflow_metrics
+    from recsys.tracking import mlflow_metrics
 
     logged = mlflow_metrics("test", result["metrics"])
     assert logged and set(logged) <= set(run.data.metrics), sorted(run.data.metrics)

@@ -72,7 +72,7 @@ def bench_data(
         write.append(P.LAST_TIMINGS["write"])
     train_rows = read_metadata(cfg.data.prepared_dir).splits["train"].rows
 
-    loader = make_train_loader(cfg)
+    loader = make_train_loader(cfg, read_metadata(cfg.data.prepared_dir), world_size=1)
     for _ in loader:  # warm-up epoch: decompresses the shards into the local folder
         pass
     load, load_cpu = [], []

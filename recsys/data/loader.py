@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,10 +118,10 @@ def clean_stale_shared_memory_once() -> None:
         _SHM_CLEANED = True
 
 
-def _require_process_group() -> None:
+def _require_process_group(world_size: int) -> None:
     """Under torchrun the process group must exist first: streaming would otherwise create and
     destroy its own twice on the same MASTER_PORT, which hangs the second rendezvous."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -132,21 +131,23 @@ def _require_process_group() -> None:
             )
 
 
-def make_train_loader(cfg: Config, split: str = "train") -> StreamingDataLoader:
+def make_train_loader(
+    cfg: Config, meta: Metadata, world_size: int, split: str = "train"
+) -> StreamingDataLoader:
     """Shuffled, resumable loader of `split` yielding Batch(dense [B,D], sparse KJT, labels [B]).
 
     B = cfg.train.batch_size (whole blocks; only a batch holding the split's final short block has
-    fewer rows). Rank and world come from the env torchrun sets (initialize the process group
-    first when WORLD_SIZE > 1); every rank gets the same number of batches. `state_dict()` / `load_state_dict()` resume mid-epoch; iterating again runs the next epoch.
+    fewer rows). Streaming reads rank and world from the env torchrun sets (initialize the process
+    group first when `world_size` > 1); every rank gets the same number of batches.
+    `state_dict()` / `load_state_dict()` resume mid-epoch; iterating again runs the next epoch.
     """
-    meta = read_metadata(cfg.data.prepared_dir)
     if cfg.train.batch_size % meta.block_size:
         raise UserError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of the prepared block size "
             f"({meta.block_size}, {cfg.data.prepared_dir}/metadata.json); re-prepare or change it"
         )
     blocks_per_batch = cfg.train.batch_size // meta.block_size
-    _require_process_group()
+    _require_process_group(world_size)
     clean_stale_shared_memory_once()
     dataset = BlockDataset(
         local=str(_split_dir(cfg.data.prepared_dir, split)),
@@ -194,7 +195,7 @@ def eval_partition(meta: Metadata, split: str, world_size: int) -> list[tuple[in
 
 
 def iter_eval_batches(
-    cfg: Config, split: str, rank: int, world_size: int
+    cfg: Config, meta: Metadata, split: str, rank: int, world_size: int
 ) -> tuple[int, Iterator[Batch | None]]:
     """Exact evaluation partition: every row of `split` on exactly one rank, in order, no padding.
 
@@ -203,7 +204,6 @@ def iter_eval_batches(
     """
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}")
-    meta = read_metadata(cfg.data.prepared_dir)
     if cfg.eval.batch_size % meta.block_size:
         raise UserError(
             f"eval.batch_size ({cfg.eval.batch_size}) must be a multiple of the prepared block size "
@@ -231,9 +231,14 @@ def iter_eval_batches(
     return steps, gen()
 
 
-def read_split_arrays(prepared_dir: str | Path, split: str) -> dict[str, np.ndarray]:
-    """A whole split in row order: {'label': float32 [n], 'dense': float32 [n,D], 'sparse': int64 [n,S]}."""
-    meta = read_metadata(prepared_dir)
+def read_split_arrays(
+    prepared_dir: str | Path, split: str, meta: Metadata | None = None
+) -> dict[str, np.ndarray]:
+    """A whole split in row order: {'label': float32 [n], 'dense': float32 [n,D], 'sparse': int64 [n,S]}.
+
+    Pass the Metadata the caller holds; without it metadata.json is read here (for scripts and tests).
+    """
+    meta = meta if meta is not None else read_metadata(prepared_dir)
     reader = BlockReader(_split_dir(prepared_dir, split))
     blocks = list(reader.iter_blocks())
     if not blocks:
@@ -245,8 +250,3 @@ def read_split_arrays(prepared_dir: str | Path, split: str) -> dict[str, np.ndar
     out = {k: np.concatenate([b[k] for b in blocks]) for k in ("label", "dense", "sparse")}
     out["dense"] = out["dense"][:, : len(meta.dense_features)]
     return out
-
-
-def world_from_env() -> tuple[int, int]:
-    """(rank, world_size) as torchrun sets them; (0, 1) when run alone."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -101,7 +101,7 @@ def _rewrite_source(source: dict[str, Any]) -> dict[str, Any]:
 
 
 def cluster_config(cfg: Config) -> Config:
-    """The config as the pods read it: relative data paths under /data, checkpoints under /checkpoints/<name>,
+    """The config as the pods read it: relative data paths under /data, checkpoints under /checkpoints/<job>,
     tracking at the in-cluster MLflow. Every training setting is unchanged."""
     from recsys.config import config_from_dict
 
@@ -115,11 +115,11 @@ def cluster_config(cfg: Config) -> Config:
     if data["data"].get("raw_dir"):
         data["data"]["raw_dir"] = _cluster_path(data["data"]["raw_dir"])
     data["data"]["source"] = _rewrite_source(data["data"]["source"])
-    # The checkpoint location belongs to the trainer's section; rewrite it wherever it is declared.
-    if "checkpoint_dir" in data["train"]:
-        data["train"]["checkpoint_dir"] = f"{CHECKPOINT_MOUNT}/{cfg.name}"
-    if isinstance(data.get("checkpoint"), dict) and "dir" in data["checkpoint"]:
-        data["checkpoint"]["dir"] = f"{CHECKPOINT_MOUNT}/{cfg.name}"
+    # One checkpoint root per job on the checkpoint PVC: a restarted pod resumes this job's run. An
+    # absolute directory is the caller's choice and kept.
+    ckpt = cfg.train.checkpoint.dir
+    if not (ckpt and ckpt.startswith("/")):
+        data["train"]["checkpoint"]["dir"] = f"{CHECKPOINT_MOUNT}/{cfg.job.name}"
     data["tracking"]["uri"] = cfg.job.mlflow_tracking_uri
     return config_from_dict(data, origin=f"{cfg.name} (cluster paths)")
 
