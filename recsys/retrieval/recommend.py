@@ -1,0 +1,326 @@
+"""Top-K items for every (or each listed) user of a Two-Tower run, seen items removed.
+
+- Queries are the run's user embeddings; the index is the run's logged `index/` (see
+  `recsys.retrieval.index`), or an exact flat index built on the fly when the run has none.
+- Seen items: each user's items in the excluded splits of the run's prepared folder (train by
+  default), read with `read_split_arrays` in embedding rows and mapped to index positions.
+- Removing seen items never shortens a list: each user batch is searched for k + the batch's most
+  seen items; rows still short (an approximate index can return fewer) are searched again with twice
+  as many, and at the catalogue's size with exact search. A list is shorter than k only when the user
+  has fewer than k unseen items in the whole catalogue.
+- Users the vocabulary does not know get the most popular items (train positives), `fallback=True`;
+  their `score` is the item's train count, otherwise it is the user·item inner product.
+
+Output Parquet columns: user (raw id), rank (1 = best), item (raw id), score (float32), fallback (bool).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from recsys.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from recsys.retrieval.index import ItemIndex
+    from recsys.retrieval.runs import TwoTowerRun
+
+#: Users searched per faiss call (bounds the [batch, k + seen] result arrays).
+BATCH_USERS = 4096
+
+
+@dataclass
+class Recommendations:
+    """What `recommend` produced: the table and counts for the one-line summary."""
+
+    table: pa.Table
+    users: int
+    fallback: int
+    index: str
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------- inputs
+def parse_exclude(spec: str) -> tuple[str, ...]:
+    """'train', 'train,val', 'train,val,test' (any subset of the splits) or 'none' → split names."""
+    from recsys.data.metadata import SPLITS
+
+    if spec.strip() == "none":
+        return ()
+    splits = tuple(s.strip() for s in spec.split(",") if s.strip())
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise UserError(
+            f"--exclude {spec!r}: expected splits from {', '.join(SPLITS)} (comma-separated) or none"
+        )
+    return splits
+
+
+def _column(table: Any, path: Path) -> list[str]:
+    if "user" not in table.column_names:
+        raise UserError(f"--users {path}: no column 'user' (columns: {', '.join(table.column_names)})")
+    return [str(u) for u in table.column("user").to_pylist() if u is not None]
+
+
+def read_users(path: str | Path) -> list[str]:
+    """Raw user ids from a Parquet/CSV file (column `user`) or a text file (one id per line), deduplicated."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            users = _column(pq.read_table(path), path)
+        elif path.suffix == ".csv":
+            # Ids are exact strings ("007" is not 7): read the column as text.
+            opts = pcsv.ConvertOptions(column_types={"user": pa.string()})
+            users = _column(pcsv.read_csv(path, convert_options=opts), path)
+        else:
+            users = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as e:
+        raise UserError(f"--users {path}: cannot read it ({type(e).__name__}: {e})") from None
+    users = [u for u in users if u]
+    if not users:
+        raise UserError(
+            f"--users {path}: no user ids in it (one id per line, or a Parquet/CSV column 'user')"
+        )
+    return list(dict.fromkeys(users))
+
+
+def _prepared(run: TwoTowerRun) -> tuple[Any, str]:
+    """The run's prepared folder and its metadata, or a line saying how to point at it."""
+    from recsys.data.metadata import metadata_path, read_metadata
+
+    prepared = run.cfg.data.prepared_dir
+    if not metadata_path(prepared).is_file():
+        raise UserError(
+            f"run {run.run_id}: its prepared data {prepared} (data.prepared_dir) is not here; "
+            "pass --set data.prepared_dir=PATH"
+        )
+    return read_metadata(prepared), prepared
+
+
+def _check_vocab(prepared: str, meta: Any, feature: str, ids: np.ndarray, rows: np.ndarray) -> None:
+    """The logged embeddings must map to this prepared folder's vocabulary, or exclusion is wrong."""
+    from recsys.data.metadata import read_vocab
+
+    vocab = read_vocab(prepared, meta.sparse_features[meta.sparse_index(feature)])
+    # The run logs every vocabulary row but OOV (row 0), so sizes match and row r holds vocab[r].
+    if len(vocab) != len(rows) + 1 or any(vocab[r] != i for r, i in zip(rows, ids, strict=True)):
+        raise UserError(
+            f"{prepared}: its {feature} vocabulary differs from the run's embeddings; "
+            "pass --set data.prepared_dir= the folder the run was trained on"
+        )
+
+
+# ------------------------------------------------------------------------------------- seen items
+def seen_csr(
+    prepared: str, meta: Any, splits: tuple[str, ...], query_of_row: np.ndarray, pos_of_row: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr [Q+1], index positions) of the items each query user has in `splits`.
+
+    `query_of_row` / `pos_of_row` map user / item embedding rows to query and index positions (-1: none).
+    """
+    from recsys.data.loader import read_split_arrays
+
+    uc = meta.sparse_index(meta.user_feature or "")
+    ic = meta.sparse_index(meta.item_feature or "")
+    nq, ni = int(query_of_row.max(initial=-1)) + 1, len(pos_of_row)
+    keys = [np.zeros(0, np.int64)]
+    for split in splits:
+        sparse = read_split_arrays(prepared, split, meta)["sparse"]
+        q, i = query_of_row[sparse[:, uc]], pos_of_row[sparse[:, ic]]
+        ok = (q >= 0) & (i >= 0)
+        keys.append(q[ok] * ni + i[ok])
+    key = np.unique(np.concatenate(keys))
+    indptr = np.zeros(nq + 1, np.int64)
+    indptr[1:] = np.bincount(key // max(ni, 1), minlength=nq).cumsum()
+    return indptr, key % max(ni, 1)
+
+
+def popularity(prepared: str, meta: Any, pos_of_row: np.ndarray) -> np.ndarray:
+    """Train positives per index position (the cold-user fallback's order)."""
+    from recsys.data.loader import read_split_arrays
+
+    train = read_split_arrays(prepared, "train", meta)
+    rows = train["sparse"][train["label"] > 0, meta.sparse_index(meta.item_feature or "")]
+    counts = np.zeros(int(pos_of_row.max(initial=-1)) + 1, np.float32)
+    pos = pos_of_row[rows]
+    np.add.at(counts, pos[pos >= 0], 1.0)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ search
+def _keep_unseen(
+    scores: np.ndarray, found: np.ndarray, seen: tuple[np.ndarray, np.ndarray], queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first k unseen results per row: (scores [n, k], positions [n, k] with -1 padding, counts [n])."""
+    indptr, items = seen
+    lengths = indptr[queries + 1] - indptr[queries]
+    local = np.repeat(np.arange(len(queries)), lengths)
+    starts = np.repeat(indptr[queries], lengths)
+    offsets = np.arange(int(lengths.sum())) - np.repeat(lengths.cumsum() - lengths, lengths)
+    # One int64 key per (row, item) pair: row in the high 32 bits, index position in the low ones.
+    seen_keys = local * np.int64(1 << 32) + items[starts + offsets]
+    keys = np.arange(len(queries))[:, None] * np.int64(1 << 32) + found
+    valid = (found >= 0) & ~np.isin(keys, seen_keys)
+    # A stable sort on "not valid" moves each row's valid results to its front, best first.
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+    top_s = np.take_along_axis(scores, order, 1)
+    top_i = np.take_along_axis(found, order, 1)
+    count = np.minimum(valid.sum(1), k)
+    filled = np.arange(order.shape[1])[None, :] < count[:, None]
+    top_i = np.where(filled, top_i, -1)
+    pad = k - top_i.shape[1]
+    if pad > 0:
+        top_s = np.pad(top_s, ((0, 0), (0, pad)))
+        top_i = np.pad(top_i, ((0, 0), (0, pad)), constant_values=-1)
+    return top_s, top_i, count
+
+
+def search_unseen(
+    index: ItemIndex,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    seen: tuple[np.ndarray, np.ndarray],
+    k: int,
+    exact: Callable[[], ItemIndex],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k unseen items of `queries` (positions into `seen`'s rows): (scores, positions, -1 = none)."""
+    indptr = seen[0]
+    n_items = index.index.ntotal
+    n_seen = indptr[queries + 1] - indptr[queries]
+    want = np.minimum(k, n_items - n_seen)
+    # k + the batch's 99th-percentile seen count, not its max: one heavy user would otherwise widen
+    # every row of the batch; the few rows left short are searched again below.
+    depth = min(k + int(np.quantile(n_seen, 0.99)) if len(n_seen) else k, n_items)
+    out_s = np.zeros((len(queries), k), np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    todo, searcher = np.arange(len(queries)), index
+    while len(todo):
+        s, f = searcher.search(vectors[queries[todo]], depth)
+        s, f, count = _keep_unseen(s, f, seen, queries[todo], k)
+        out_s[todo], out_i[todo] = s, f
+        todo = todo[count < want[todo]]
+        if depth >= n_items:
+            if searcher.exact or not len(todo):
+                break
+            searcher = exact()  # the approximate index cannot reach them: search those rows exactly
+        depth = min(2 * depth, n_items)
+    return out_s, out_i
+
+
+def _exact_of(index: ItemIndex) -> Callable[[], ItemIndex]:
+    """A builder of the exact flat index over the same items (vectors read back from `index`), built
+    once on first use: most runs never need it."""
+
+    @functools.cache
+    def build() -> ItemIndex:
+        from recsys.retrieval.index import IndexParams, build_index, import_faiss
+
+        faiss = import_faiss()
+        if index.params.kind == "ivf":
+            faiss.extract_index_ivf(index.index).make_direct_map()  # IVF reconstructs only with one
+        vectors = index.index.reconstruct_n(0, index.index.ntotal)
+        return build_index(vectors, index.item_ids, IndexParams("flat"), index.item_rows)
+
+    return build
+
+
+def _run_index(run: TwoTowerRun, items: Any) -> ItemIndex:
+    """The run's logged index, or an exact one over its item embeddings."""
+    from recsys.retrieval.index import build_index, load_run_index
+
+    index = load_run_index(run.run_id, run.tracking_uri)
+    if index is None:
+        return build_index(items.vectors, items.ids, item_rows=items.rows)
+    if not np.array_equal(np.sort(index.item_rows), np.sort(items.rows)):
+        raise UserError(
+            f"run {run.run_id}: its index/ does not cover the items of its embeddings; "
+            f"rebuild it: recsys index build --run-id {run.run_id}"
+        )
+    return index
+
+
+def _table(
+    user_ids: list[str], scores: np.ndarray, positions: np.ndarray, fallback: np.ndarray, item_ids: np.ndarray
+) -> pa.Table:
+    """Long format: one row per (user, rank), empty slots (-1) dropped."""
+    import pyarrow as pa
+
+    filled = positions >= 0
+    per_user = filled.sum(1)
+    ranks = np.broadcast_to(np.arange(1, positions.shape[1] + 1, dtype=np.int32), positions.shape)
+    return pa.table(
+        {
+            "user": pa.array(np.repeat(np.asarray(user_ids, dtype=object), per_user), pa.string()),
+            "rank": pa.array(ranks[filled]),
+            "item": pa.array(item_ids[positions[filled]], pa.string()),
+            "score": pa.array(scores[filled].astype(np.float32)),
+            "fallback": pa.array(np.repeat(fallback, per_user)),
+        }
+    )
+
+
+def recommend(
+    run_id: str,
+    uri: str | None = None,
+    users: str | Path = "all",
+    k: int = 100,
+    exclude: tuple[str, ...] = ("train",),
+    out: str | Path | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+) -> Recommendations:
+    """Top-k unseen items for `users` ('all' = every user with an embedding, or a file of raw ids) of
+    Two-Tower run `run_id`; written to Parquet `out` when given."""
+    from recsys.retrieval.runs import open_run
+
+    if k < 1:
+        raise UserError(f"--k must be >= 1, got {k}")
+    t0 = time.perf_counter()
+    wanted = None if str(users) == "all" else read_users(users)
+    run = open_run(run_id, uri, config, overrides)
+    meta, prepared = _prepared(run)
+    u_emb, i_emb = run.embeddings("user"), run.embeddings("item")
+    _check_vocab(prepared, meta, meta.user_feature or "", u_emb.ids, u_emb.rows)
+    _check_vocab(prepared, meta, meta.item_feature or "", i_emb.ids, i_emb.rows)
+    index = _run_index(run, i_emb)
+    user_ids = list(u_emb.ids) if wanted is None else wanted
+    emb_of_id = {u: j for j, u in enumerate(u_emb.ids)}
+    emb_pos = np.array([emb_of_id.get(u, -1) for u in user_ids], np.int64)
+    known = np.flatnonzero(emb_pos >= 0)
+    # Query j = the j-th known user; embedding rows map to it for the seen-item look-up.
+    query_of_row = np.full(int(u_emb.rows.max(initial=0)) + 1, -1, np.int64)
+    query_of_row[u_emb.rows[emb_pos[known]]] = np.arange(len(known))
+    pos_of_row = np.full(int(index.item_rows.max(initial=0)) + 1, -1, np.int64)
+    pos_of_row[index.item_rows] = np.arange(len(index.item_rows))
+    seen = seen_csr(prepared, meta, exclude, query_of_row, pos_of_row)
+    scores = np.zeros((len(user_ids), k), np.float32)
+    positions = np.full((len(user_ids), k), -1, np.int64)
+    vectors, exact = u_emb.vectors[emb_pos[known]], _exact_of(index)
+    for start in range(0, len(known), BATCH_USERS):
+        q = np.arange(start, min(start + BATCH_USERS, len(known)))
+        scores[known[q]], positions[known[q]] = search_unseen(index, vectors, q, seen, k, exact)
+    cold = np.flatnonzero(emb_pos < 0)
+    if len(cold):
+        counts = popularity(prepared, meta, pos_of_row)
+        top = np.argsort(-counts, kind="stable")[:k]  # ties: the lower index position (vocabulary order)
+        positions[cold, : len(top)], scores[cold, : len(top)] = top, counts[top]
+    table = _table(user_ids, scores, positions, emb_pos < 0, index.item_ids)
+    if out is not None:
+        import pyarrow.parquet as pq
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out)
+    kind = index.params.kind
+    return Recommendations(table, len(user_ids), len(cold), kind, time.perf_counter() - t0)
