@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench-data bench-train manifests pipelines pipeline-local image clean
+.PHONY: help install test test-fast lint demo bench-data bench-train bench-recommend manifests pipelines pipeline-local image clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
@@ -24,11 +24,15 @@ $(STAMP): requirements/cpu.txt requirements/torchrec.txt pyproject.toml
 	$(PY) -c "import torch, fbgemm_gpu, torchrec, streaming, mlflow, kfp; print('stack ok: torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	@touch $@
 
-test: install ## run the whole test suite (unit, dist, contract, pipeline, spark; gpu tests skip without CUDA)
+test: install ## run the whole test suite (unit, dist, contract, pipeline, spark, image; gpu tests skip without CUDA)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: install ## unit tests only (no multi-process, no slow end-to-end)
 	$(PY) -m pytest -q -m "not slow and not dist and not spark" tests
+
+.PHONY: test-image
+test-image: install ## the image tier alone: Docker engine, stand-in base, CPU image build, a rendered job in it (~8 min cold, ~1 min warm)
+	$(PY) -m pytest -q -p no:cacheprovider -m image tests/test_image_build.py
 
 lint: install ## ruff check + format check
 	$(VENV)/bin/ruff check recsys tests pipelines
@@ -50,10 +54,13 @@ bench-data: install ## convert 1M synthetic Criteo rows to MDS and read them bac
 bench-train: install ## samples/s of DLRM and Two-Tower, 1 and 2 ranks, beside a bare TorchRec loop
 	$(PY) -m recsys bench train
 
+bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall@100) on 1M trained-like items, beside sgemm's ceiling
+	$(PY) -m recsys bench recommend
+
 manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml) from the shipped configs
 	$(PY) -m recsys.launch.manifests
 
-image: ## build the trainer images (CUDA + CPU) with docker; says so when no Docker engine answers (IMAGE=…, PUSH=1)
+image: ## build the trainer images (CUDA + CPU) with docker; says so when no Docker engine answers (IMAGE=…, PUSH=1, ONLY=cpu; OFFLINE=1: CPU image without registries)
 	bash images/build.sh
 
 clean: ## remove generated data, runs and the venv
