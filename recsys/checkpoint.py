@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class Checkpointer:
         self.run_dir = run_dir
         self.best_mode = best_mode
         self._pending: Any = None
-        self._pending_tmp: Path | None = None
+        self._lock = threading.Lock()
         self.blocked_seconds = 0.0
         self.saves = 0
         # A group of its own: a background save's collectives must not interleave with training's.
@@ -196,10 +197,14 @@ class Checkpointer:
             return
         barrier()  # the folder exists before any rank writes into it
         if self.cfg.async_save:
-            self._pending = dcp.async_save(
+            fut = dcp.async_save(
                 state, checkpoint_id=str(tmp), process_group=self._group, async_stager=_copy_stager()
             )
-            self._pending_tmp = tmp
+            fut = fut.upload_completion if hasattr(fut, "upload_completion") else fut
+            # Rank 0's future completes after every rank's write (its coordinator writes .metadata
+            # last), so the folder is published as soon as the data is safe, not at the next save.
+            fut.add_done_callback(lambda f, tmp=tmp: f.exception() is None and self._commit(tmp))
+            self._pending = (fut, tmp)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
             self._commit(tmp)
@@ -210,20 +215,19 @@ class Checkpointer:
         """Finish a background save and commit it (every rank waits for its own part)."""
         if self._pending is None:
             return
-        fut, tmp = self._pending, self._pending_tmp
-        self._pending, self._pending_tmp = None, None
-        result = fut.result() if hasattr(fut, "result") else fut.upload_completion.result()
-        del result
-        assert tmp is not None
-        self._commit(tmp)
+        (fut, tmp), self._pending = self._pending, None
+        fut.result()  # raises what the background write raised
+        self._commit(tmp)  # the callback may still be running: _commit is idempotent under a lock
 
     def _commit(self, tmp: Path) -> None:
         if not self.env.is_main:
             return
-        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-        os.replace(tmp, final)
-        _fsync_dir(self.run_dir)
-        self.prune()
+        with self._lock:
+            if not tmp.exists():
+                return
+            os.replace(tmp, tmp.with_name(tmp.name.removesuffix(".tmp")))
+            _fsync_dir(self.run_dir)
+            self.prune()
 
     def prune(self) -> None:
         """Rank 0: delete complete checkpoints beyond keep_last, sparing the best one."""

@@ -307,7 +307,10 @@ class CheckpointConfig(Strict):
         True, description="Also keep the checkpoint with the best train.early_stopping.metric value."
     )
     async_save: bool = Field(
-        True, description="Write in the background (dcp.async_save): the loop waits only for staging."
+        False,
+        description="Write in the background (dcp.async_save; the loop waits only for the copy). It "
+        "needs a second gloo group, which torchrun's c10d rendezvous (--standalone) cannot recreate "
+        "after a restart in torch 2.14; static rendezvous (PyTorchJob pods, --master-addr) can.",
     )
 
 
@@ -443,7 +446,12 @@ class JobConfig(Strict):
         default_factory=lambda: {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"},
         description="Extra env of the trainer container (NCCL settings by default).",
     )
-    backoff_limit: int = Field(2, ge=0, description="Pod restarts before the job fails.")
+    backoff_limit: int = Field(
+        2,
+        ge=0,
+        description="Failures the job survives (each resumes from the last checkpoint); one failure "
+        "restarts every pod, so the PyTorchJob's runPolicy.backoffLimit is this × nodes + 1.",
+    )
     ttl_seconds_after_finished: int = Field(86400, ge=0, description="Seconds a finished job is kept.")
     service_account: str = Field("recsys-trainer", description="ServiceAccount of the pods.")
 

@@ -14,20 +14,28 @@ For every replica of the rendered job this does what the control plane does, fro
     PET_MASTER_PORT = 29400), the pod settings coming from `runtimePatches`;
 - the ConfigMap written as the file the volume mount makes (/etc/recsys/config.yaml → a temp folder);
 - PVC mounts (/data, /checkpoints) mapped to temp folders: paths are rewritten only under a mounted path;
-- Service names mapped to 127.0.0.1 (the master's Service and the in-cluster MLflow), every mapping recorded.
+- Service names mapped to 127.0.0.1 (the master's Service and the in-cluster MLflow), every mapping recorded;
+- each pod in PID and mount namespaces of its own (its /dev/shm; killing it kills all its processes);
+- restarts as the kubelet and the operator do them: restartPolicy OnFailure with the kubelet's crash
+  back-off, and runPolicy.backoffLimit counted over the pods' restarts (see PodSet).
 2 nodes × 1 process, gloo on CPU, to completion, and the run is found in a real MLflow server by the
-`recsys.job_name` tag the trainer sets from RECSYS_JOB_NAME. No cluster is involved.
+`recsys.job_name` tag the trainer sets from RECSYS_JOB_NAME. No cluster is involved. One test kills a
+pod mid-training (kill -9 of the container) and checks that the restarted pods resume the same run.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 import pytest
@@ -75,6 +83,7 @@ class Pod:
     cwd: Path
     mapped: dict[str, str] = field(default_factory=dict)
     shm_size: str | None = None  # the pod's memory emptyDir at /dev/shm, if it declares one
+    restart_policy: str = "Never"  # the pod's restartPolicy (PyTorchJob: the replica spec's)
 
 
 def _target(path: str) -> Target:
@@ -188,19 +197,23 @@ def _shm_size(pod_spec: dict[str, Any], container: dict[str, Any]) -> str | None
     return None
 
 
-def _with_private_shm(argv: list[str], size: str) -> list[str]:
-    """Give the process its own /dev/shm, as each pod has: a new mount namespace with a tmpfs there.
+def _in_pod_namespaces(argv: list[str], size: str) -> list[str]:
+    """Run argv as a pod's container: in PID and mount namespaces of its own, with a tmpfs at /dev/shm.
 
-    Without it the two local "pods" share the host's /dev/shm, which no two pods do; mosaicml-streaming
-    keys its shared memory by local rank and collides (FileExistsError '/000030_locals').
+    - /dev/shm: without a private one the two local "pods" share the host's, which no two pods do;
+      mosaicml-streaming keys its shared memory by local rank and collides (FileExistsError '/000030_locals').
+    - PID namespace (the command is its PID 1, /proc remounted): killing the returned process (`unshare`,
+      whose --kill-child SIGKILLs that PID 1) ends every process of the pod, as a container's death does.
+      A process group would not: torchrun starts each worker in a session of its own.
     """
     k8s_to_tmpfs = size.replace("Gi", "g").replace("Mi", "m").replace("Ki", "k")
     script = f'mount -t tmpfs -o size={k8s_to_tmpfs} tmpfs /dev/shm && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *argv]
+    namespaces = ["--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    return ["unshare", *namespaces, "--", "sh", "-c", script, "sh", *argv]
 
 
-def _private_shm_works() -> bool:
-    r = subprocess.run(_with_private_shm(["true"], "1Mi"), capture_output=True, check=False)
+def _pod_namespaces_work() -> bool:
+    r = subprocess.run(_in_pod_namespaces(["true"], "1Mi"), capture_output=True, check=False)
     return r.returncode == 0
 
 
@@ -248,7 +261,9 @@ def pytorchjob_pods(docs: list[dict[str, Any]], root: Path, mlflow_uri: str) -> 
                 "PET_NNODES": str(total),
             }
             shm = _shm_size(pod_spec, container)
-            pods.append(Pod(pod_name, argv, {**_base_env(pod_dir), **env, **injected}, pod_dir, mapped, shm))
+            pod_env = {**_base_env(pod_dir), **env, **injected}
+            restart = reps[rtype]["restartPolicy"]  # the operator copies it into the pod spec
+            pods.append(Pod(pod_name, argv, pod_env, pod_dir, mapped, shm, restart))
     return pods
 
 
@@ -292,35 +307,154 @@ def _services(job: dict[str, Any], mlflow_uri: str, mapped: dict[str, str]) -> d
     return {cm_uri: mlflow_uri}
 
 
-def run_pods(pods: list[Pod], timeout: float = 240) -> None:
-    """Start every pod at once (as the scheduler would) and require all to exit 0."""
-    if not _private_shm_works():
-        pytest.skip("needs `unshare --mount` (root) to give each local pod its own /dev/shm as pods have")
-    procs = []
-    for pod in pods:
-        assert pod.shm_size, f"{pod.name}: the pod spec mounts no memory emptyDir at /dev/shm"
+# kubelet: a container that exited is restarted after a crash back-off of 10 s, doubled on each restart
+# of that container, at most 5 min (kubelet backOffPeriod and MaxContainerBackOff).
+KUBELET_BACKOFF_S = 10.0
+KUBELET_MAX_BACKOFF_S = 300.0
+_T = TypeVar("_T")
+
+
+class PodSet:
+    """The pods of one job as local processes: what the kubelets and the operator do with them.
+
+    Every pod starts at once (as the scheduler would). A container that exits non-zero is started again
+    with the same command and env when its restartPolicy is OnFailure, after the kubelet's back-off
+    (the pod keeps its name, env and PVCs; the /dev/shm tmpfs is a new one); restartPolicy Never fails
+    the job. The operator fails the job once the pods' restart counts add up to runPolicy.backoffLimit
+    (kubeflow/training-operator pkg/core/job.go PastBackoffLimit: `sum >= backoffLimit`, any restart when
+    it is 0); a restart that would reach it fails the job here, without waiting for the back-off.
+    Leaving the `with` block kills whatever still runs, pod by pod (nothing is left behind).
+    """
+
+    def __init__(self, pods: list[Pod], backoff_limit: int | None = 0) -> None:
+        for pod in pods:
+            assert pod.shm_size, f"{pod.name}: the pod spec mounts no memory emptyDir at /dev/shm"
+            assert pod.restart_policy in ("Never", "OnFailure"), (
+                f"{pod.name}: {pod.restart_policy} not emulated"
+            )
+        self.pods = {p.name: p for p in pods}
+        self.backoff_limit = backoff_limit
+        self.restarts = {p.name: 0 for p in pods}  # the containers' restartCount
+        self.exits: dict[str, list[int]] = {p.name: [] for p in pods}  # exit code of each start
+        self.logs: dict[str, list[Path]] = {p.name: [] for p in pods}  # log of each start
+        self.succeeded: set[str] = set()
+        self._running: dict[str, subprocess.Popen[bytes]] = {}
+        self._restart_at: dict[str, float] = {}
+        self._files: list[IO[bytes]] = []
+
+    def __enter__(self) -> PodSet:
+        if not _pod_namespaces_work():
+            pytest.skip(
+                "needs `unshare --mount --pid` (root) to give each local pod its namespaces as pods have"
+            )
+        try:
+            for pod in self.pods.values():
+                self._start(pod)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, pod: Pod) -> None:
         pod.cwd.mkdir(parents=True, exist_ok=True)
-        log = open(pod.cwd / "log.txt", "w")  # noqa: SIM115
-        argv = _with_private_shm(pod.argv, pod.shm_size)
-        procs.append(
-            (pod, log, subprocess.Popen(argv, env=pod.env, cwd=pod.cwd, stdout=log, stderr=subprocess.STDOUT))
-        )
-    failed = []
-    try:
-        for pod, log, p in procs:
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = "timeout"
-            log.close()
-            if rc != 0:
-                failed.append(f"{pod.name}: exit {rc}\n{(pod.cwd / 'log.txt').read_text()[-4000:]}")
-    finally:
-        for _, _, p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert not failed, "\n".join(failed)
+        n = len(self.logs[pod.name])
+        path = pod.cwd / ("log.txt" if n == 0 else f"log.restart-{n}.txt")
+        log = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._files.append(log)
+        self.logs[pod.name].append(path)
+        argv = _in_pod_namespaces(pod.argv, pod.shm_size or "64Mi")
+        proc = subprocess.Popen(argv, env=pod.env, cwd=pod.cwd, stdout=log, stderr=subprocess.STDOUT)
+        self._running[pod.name] = proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the pod's container (torchrun and its workers), as a node failure or OOM kill would."""
+        proc = self._running[name]
+        proc.kill()
+        proc.wait()  # reaped: its PID 1 has been sent SIGKILL, and with it every process of the pod
+
+    def close(self) -> None:
+        """Kill every pod still running and wait for it; close the logs."""
+        for proc in self._running.values():
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self._running.values():
+            proc.wait()
+        self._running.clear()
+        self._restart_at.clear()
+        for f in self._files:
+            f.close()
+
+    def _fail(self, why: str) -> None:
+        self.close()
+        pytest.fail(f"{why}\n{self.log_tails()}")
+
+    def log_tails(self, chars: int = 4000) -> str:
+        out = []
+        for name, paths in self.logs.items():
+            for i, path in enumerate(paths):
+                rc = self.exits[name][i] if i < len(self.exits[name]) else "running"
+                out.append(
+                    f"--- {name} start {i} (exit {rc}): {path}\n{path.read_text(errors='replace')[-chars:]}"
+                )
+        return "\n".join(out)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for name, proc in list(self._running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del self._running[name]
+            self.exits[name].append(rc)
+            if rc == 0:
+                self.succeeded.add(name)
+                continue
+            if self.pods[name].restart_policy == "Never":
+                self._fail(f"{name}: exit {rc} and restartPolicy Never: the job failed")
+            # restartCount of every pod not Succeeded, with the restarts already due and this one.
+            counted = sum(n for p, n in self.restarts.items() if p not in self.succeeded)
+            would = counted + len(self._restart_at) + 1
+            limit = self.backoff_limit
+            if limit is not None and (would > 0 if limit == 0 else would >= limit):
+                self._fail(
+                    f"{name}: exit {rc}; its restart would bring the pods' restarts to {would}, and the "
+                    f"operator fails the job at runPolicy.backoffLimit {limit} (pkg/core/job.go PastBackoffLimit)"
+                )
+            backoff = min(KUBELET_BACKOFF_S * 2 ** self.restarts[name], KUBELET_MAX_BACKOFF_S)
+            self._restart_at[name] = now + backoff
+        for name, at in list(self._restart_at.items()):
+            if now >= at:
+                del self._restart_at[name]
+                self.restarts[name] += 1
+                self._start(self.pods[name])
+
+    def wait_until(self, found: Callable[[], _T | None], timeout: float, what: str) -> _T:
+        """Run the pods until found() returns something, and return it; fail if they end first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._tick()
+            value = found()
+            if value is not None:
+                return value
+            if not self._running and not self._restart_at:
+                self._fail(f"every pod ended before {what}")
+            if time.monotonic() > deadline:
+                self._fail(f"no {what} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def run_to_completion(self, timeout: float) -> None:
+        """Run the pods until every one has exited 0 (restarting them as above)."""
+        done = lambda: True if self.succeeded == set(self.pods) else None  # noqa: E731
+        self.wait_until(done, timeout, "success of every pod")
+
+
+def run_pods(pods: list[Pod], timeout: float = 240, backoff_limit: int | None = 0) -> None:
+    """Start every pod at once and require all to exit 0 (by default a failed pod fails the job)."""
+    with PodSet(pods, backoff_limit) as ps:
+        ps.run_to_completion(timeout)
 
 
 @pytest.fixture(scope="module")
@@ -344,9 +478,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _committed_job(path: str) -> dict[str, Any]:
+    return [d for d in yaml.safe_load_all((REPO / path).read_text()) if d][-1]
+
+
 def _committed_container(path: str) -> dict[str, Any]:
-    docs = [d for d in yaml.safe_load_all((REPO / path).read_text()) if d]
-    job = docs[-1]
+    job = _committed_job(path)
     if job["kind"] == "PyTorchJob":
         return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     return job["spec"]["trainer"]
@@ -384,6 +521,87 @@ def test_pytorchjob_pods_train_to_completion(
     run_pods(pods)
     inner = yaml.safe_load(docs[0]["data"]["config.yaml"])
     _check_run(mlflow_server, inner["tracking"]["experiment"], job["metadata"]["name"])
+
+
+# Long enough to be killed mid-training (the tiny train split is 4 steps an epoch at 2 × 256 rows), with
+# checkpoints early enough that one is complete before the kill.
+KILLED_RUN = [
+    "train.epochs=20",
+    "train.max_steps=60",
+    "train.checkpoint.every_steps=8",
+    "train.checkpoint.every_epoch=false",
+    "train.log_every_steps=2",
+]
+_RESUMED = re.compile(r"recsys: resumed from (\S+) \(step (\d+)")
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root's run folders (step-* without .tmp, holding recsys.json), by step."""
+    found = root.glob("run-*/step-*")
+    return sorted(
+        (p for p in found if not p.name.endswith(".tmp") and (p / "recsys.json").is_file()),
+        key=lambda p: p.name,
+    )
+
+
+def test_pytorchjob_pod_killed_restarts_and_resumes(cluster: Path, mlflow_server: str) -> None:
+    """kill -9 of the master pod mid-training; both pods restart per the manifest's restartPolicy and
+    backoffLimit, resume from the last checkpoint on the PVC and finish the same MLflow run."""
+    path, name = "manifests/dlrm-job.yaml", "dlrm-killed"  # own checkpoint folder and MLflow run
+    docs, _ = _render(_target(path), [f"job.name={name}", *KILLED_RUN])
+    spec, committed = docs[-1]["spec"], _committed_job(path)["spec"]
+    # The committed file's restart settings: restartPolicy per replica, backoffLimit of the job.
+    backoff_limit = committed["runPolicy"]["backoffLimit"]
+    assert spec["runPolicy"]["backoffLimit"] == backoff_limit
+    for rtype, rep in committed["pytorchReplicaSpecs"].items():
+        assert spec["pytorchReplicaSpecs"][rtype]["restartPolicy"] == rep["restartPolicy"]
+    master_container = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert master_container["command"] == _committed_container(path)["command"]
+    pods = pytorchjob_pods(docs, cluster, mlflow_server)
+    master, worker = pods
+    config = Path(master.argv[master.argv.index("--config") + 1])
+    inner = yaml.safe_load(config.read_text())
+    ckpt_root = Path(inner["train"]["checkpoint"]["dir"])  # /checkpoints/<job> on the checkpoint PVC
+    assert ckpt_root == cluster / "pvc/recsys-checkpoints" / name
+
+    with PodSet(pods, backoff_limit) as ps:
+        first = ps.wait_until(lambda: _complete_checkpoints(ckpt_root) or None, 150, "complete checkpoint")
+        ps.kill(master.name)
+        at_kill = _complete_checkpoints(ckpt_root)
+        run_id = json.loads((at_kill[-1] / "recsys.json").read_text())["run_id"]  # before it is pruned
+        print(
+            f"killed {master.name} with complete checkpoints {[p.name for p in at_kill]} (first {first[-1]})"
+        )
+        ps.run_to_completion(240)
+
+    # Both pods failed once (the master killed, the worker's torchrun on its peer's death) and restarted.
+    assert ps.restarts == {master.name: 1, worker.name: 1}, ps.log_tails()
+    assert ps.exits[master.name][0] == -9 and ps.exits[worker.name][0] != 0
+    restarted = ps.logs[master.name][1].read_text(errors="replace")
+    resumed = _RESUMED.search(restarted)
+    assert resumed, f"the restarted master did not resume:\n{restarted[-4000:]}"
+    assert Path(resumed.group(1)) == at_kill[-1], (resumed.group(0), at_kill)
+
+    import mlflow
+
+    from recsys.tracking import JOB_TAG
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(inner["tracking"]["experiment"])
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id == run_id  # the run the checkpoint recorded
+    total, every = inner["train"]["max_steps"], inner["train"]["log_every_steps"]
+    test_auc = client.get_metric_history(run.info.run_id, "test/auc")
+    assert [m.step for m in test_auc] == [total], test_auc  # tested once, at the run's last step
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    steps = sorted({m.step for m in losses})
+    # No gaps: every logged step from the first to the last (steps re-run after the kill may repeat).
+    assert steps == sorted({*range(every, total + 1, every), total}), steps
+    print(f"train/loss: {len(losses)} values at {len(steps)} steps; resumed at step {resumed.group(2)}")
 
 
 def test_trainjob_twin_pods_train_with_only_pet_env(cluster: Path, mlflow_server: str) -> None:

@@ -200,7 +200,9 @@ def job_spec(cfg: Config) -> JobSpec:
         node_selector=dict(job.node_selector),
         tolerations=tolerations,
         service_account=job.service_account,
-        backoff_limit=job.backoff_limit,
+        # The operator fails the job once its pods' restarts add up to backoffLimit, and with static
+        # rendezvous one failed pod takes every pod down: count restarts per tolerated failure.
+        backoff_limit=job.backoff_limit * job.nodes + 1 if job.backoff_limit else 0,
         ttl_seconds_after_finished=job.ttl_seconds_after_finished,
         labels=labels,
         # Istio sidecars keep pods from completing and intercept the rendezvous port.

@@ -16,8 +16,9 @@ from recsys.config import Config, dump_config
 from recsys.errors import UserError
 
 
-def torchrun_command(config_file: str | Path, nproc: int) -> list[str]:
-    """The local torchrun command line for `nproc` processes on this machine."""
+def torchrun_command(config_file: str | Path, nproc: int, max_restarts: int = 0) -> list[str]:
+    """The local torchrun command line for `nproc` processes; a failed worker restarts the group up to
+    `max_restarts` times, and the trainer resumes from its last checkpoint."""
     return [
         sys.executable,
         "-m",
@@ -27,6 +28,8 @@ def torchrun_command(config_file: str | Path, nproc: int) -> list[str]:
         "1",
         "--nproc-per-node",
         str(nproc),
+        "--max-restarts",
+        str(max_restarts),
         "-m",
         "recsys",
         "train",
@@ -45,6 +48,6 @@ def launch_local(cfg: Config, nproc: int) -> int:
     fd, name = tempfile.mkstemp(prefix=f"{cfg.name}-", suffix=".yaml", dir=runs)
     with os.fdopen(fd, "w") as f:
         f.write(dump_config(cfg))
-    cmd = torchrun_command(name, nproc)
+    cmd = torchrun_command(name, nproc, max_restarts=cfg.job.backoff_limit)
     print(f"recsys: resolved config → {name}\nrecsys: {' '.join(cmd)}", file=sys.stderr)
     return subprocess.call(cmd)
