@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench-data bench-train bench-recommend manifests pipelines pipeline-local image clean
+.PHONY: help install test test-fast lint demo bench-data bench-train bench-checkpoint bench-recommend manifests pipelines pipeline-local image clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-data: install ## convert 1M synthetic Criteo rows to MDS and read them bac
 
 bench-train: install ## samples/s of DLRM and Two-Tower, 1 and 2 ranks, beside a bare TorchRec loop
 	$(PY) -m recsys bench train
+
+bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (sync/async), load time, resume vs cold start, 1 and 2 ranks
+	$(PY) -m recsys bench checkpoint
 
 bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall@100) on 1M trained-like items, beside sgemm's ceiling
 	$(PY) -m recsys bench recommend

@@ -1,4 +1,4 @@
-"""`recsys bench data|train|recommend`: commands that print throughput figures (never timed assertions)."""
+"""`recsys bench data|train|checkpoint|recommend`: commands that print throughput figures (never timed assertions)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.data.bench import bench_data
 
         bench_data(rows=args.rows)
+    elif args.what == "checkpoint":
+        from recsys.bench_checkpoint import bench_checkpoint
+
+        bench_checkpoint()
     elif args.what == "recommend":
         from recsys.retrieval.bench import bench_recommend
 

@@ -157,6 +157,22 @@ def _recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_build(args: argparse.Namespace) -> int:
+    from recsys.retrieval.serve import build_model
+
+    built = build_model(args.run_id, args.tracking_uri, args.register)
+    where = f"registered as {built.name} version {built.version}" if built.name else "not registered"
+    print(f"serving model {built.model_uri} ({where}); files at {built.artifact_uri}")
+    return 0
+
+
+def _serve_render(args: argparse.Namespace) -> int:
+    from recsys.launch.kserve import render_to_file
+
+    render_to_file(_resolve(args), args, out=args.output)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- render / launch
 def _render(args: argparse.Namespace) -> int:
     from recsys.launch.kube import render_command, render_to_file
@@ -165,6 +181,12 @@ def _render(args: argparse.Namespace) -> int:
     cmd = render_command(args.config, args.backend, args.overrides, args.output)
     render_to_file(_resolve(args), backend=args.backend, out=args.output, generated_by=cmd)
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from recsys import tune
+
+    return tune.main(args)
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -183,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `recsys` command."""
     parser = argparse.ArgumentParser(
         prog="recsys", description="Train TorchRec recommenders anywhere: laptop, Kubeflow, Spark."
+    )
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="show library warnings (hidden by default)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -279,6 +304,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="splits whose items a user has seen: train, train,val, train,val,test, none",
     )
 
+    serve = sub.add_parser("serve", help="serve a Two-Tower run: MLflow pyfunc model, KServe").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add(
+        serve, "build", _serve_build, "log a run's retrieval model (pyfunc) and register it", config=False
+    )
+    p.add_argument("--run-id", required=True, help="MLflow run id of a trained Two-Tower")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--register", default=None, help="registered model name (default: recsys-<config name>; '' = none)"
+    )
+    p = add(serve, "render", _serve_render, "render a KServe InferenceService for a registered model")
+    p.add_argument(
+        "--storage-uri", required=True, help="where the model files are: s3://…, gs://…, pvc://<claim>/<path>"
+    )
+    p.add_argument("--name", default=None, help="InferenceService name (default: recsys-<config name>)")
+    p.add_argument("--namespace", default=None, help="namespace (default: job.namespace)")
+    p.add_argument("--image", default=None, help="serving image (default: the MLflow runtime's own)")
+    p.add_argument("--service-account", default=None, help="ServiceAccount with storage credentials")
+    p.add_argument("-o", "--output", default="-", help="output file ('-' for stdout)")
+
+    p = add(
+        sub,
+        "tune",
+        _tune,
+        "search config fields with Optuna (trials as MLflow child runs), or render a Katib Experiment",
+    )
+    p.add_argument(
+        "--space", required=True, help="search space YAML: metric, mode, params (field → distribution)"
+    )
+    p.add_argument("--trials", type=int, default=10, help="number of trials (Katib: maxTrialCount)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="-",
+        help="best config YAML, or the Katib file with --render-katib ('-': stdout)",
+    )
+    p.add_argument(
+        "--workdir", default=None, help="trial checkpoint folders (default: runs/tune/<config name>)"
+    )
+    p.add_argument(
+        "--prune-startup", type=int, default=2, help="trials that complete before the median pruner acts"
+    )
+    p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
+    p.add_argument(
+        "--render-katib", action="store_true", help="render a Katib Experiment instead of tuning here"
+    )
+    p.add_argument("--parallel", type=int, default=2, help="Katib parallelTrialCount")
+
     p = add(sub, "render", _render, "render Kubernetes manifests (ConfigMap + PyTorchJob or TrainJob)")
     p.add_argument("--backend", choices=["pytorchjob", "trainjob"], required=True)
     p.add_argument("-o", "--output", default="-", help="output file ('-' for stdout)")
@@ -301,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="spark: one GPU per process")
 
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
-    p.add_argument("what", choices=["data", "train", "recommend"])
+    p.add_argument("what", choices=["data", "train", "checkpoint", "recommend"])
     p.add_argument("--rows", type=int, default=1_000_000, help="rows to convert and read (data)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (train)")
     p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")
@@ -313,8 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `recsys` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    import os
+
     from recsys.config import ConfigError
+    from recsys.console import quiet_libraries
     from recsys.errors import UserError
+
+    if args.verbose:
+        os.environ["RECSYS_VERBOSE"] = "1"  # torchrun workers and launched jobs inherit it
+    quiet_libraries()
 
     try:
         return int(args.fn(args) or 0)

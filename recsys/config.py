@@ -307,10 +307,9 @@ class CheckpointConfig(Strict):
         True, description="Also keep the checkpoint with the best train.early_stopping.metric value."
     )
     async_save: bool = Field(
-        False,
-        description="Write in the background (dcp.async_save; the loop waits only for the copy). It "
-        "needs a second gloo group, which torchrun's c10d rendezvous (--standalone) cannot recreate "
-        "after a restart in torch 2.14; static rendezvous (PyTorchJob pods, --master-addr) can.",
+        True,
+        description="Write in the background (dcp.async_save on a gloo group of its own); the loop "
+        "waits only for the copy of the state.",
     )
 
 

@@ -44,7 +44,8 @@ def torchrun(cfg: Config, nproc: int) -> None:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-            "-m", "recsys", "train", "--config", str(path),
+            # A fresh run each time: the demo must not continue an interrupted earlier one.
+            "-m", "recsys", "train", "--config", str(path), "--resume", "never",
         ]  # fmt: skip
         print("$", " ".join(cmd[1:]), flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

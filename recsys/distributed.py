@@ -88,8 +88,13 @@ def init_distributed(device: str = "auto") -> DistEnv:
                 )
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+        # torchrun keeps its store across worker restarts; without a per-attempt prefix the restarted
+        # workers read the dead ones' gloo addresses and hang ("Connection refused").
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
+            store=dist.PrefixStore(f"recsys/attempt_{attempt}", store),
             rank=rank,
             world_size=world_size,
             device_id=dev if use_cuda else None,
@@ -213,7 +218,7 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
     (`collective_plan` computes it on rank 0 and broadcasts it).
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -226,20 +231,36 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
     opt_cls, opt_kwargs = _sparse_optimizer_class(cfg.train.sparse_optimizer, env.device)
     apply_optimizer_in_backward(opt_cls, sparse_params, opt_kwargs)
 
-    topology = Topology(
-        world_size=env.world_size,
-        local_world_size=env.local_world_size,
-        compute_device=env.device.type,
-    )
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+
     planner = EmbeddingShardingPlanner(
-        topology=topology,
+        topology=_topology(env),
         batch_size=cfg.train.batch_size,
         constraints=_constraints(cfg, tables, env),
+        # Chosen explicitly: the default heuristic over-estimates dense tensors built on `meta` and
+        # warns about it; 15% of each device's memory is kept free for activations and buffers.
+        storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
     )
     sharders = get_default_sharders()
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
     return dmp, format_plan(plan)
+
+
+def _topology(env: DistEnv) -> Any:
+    """The planner's Topology, built the way TorchRec asks (TopologyFactory, "1.9"; older: directly)."""
+    try:
+        from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+    except ImportError:
+        from torchrec.distributed.planner import Topology
+
+        return Topology(
+            world_size=env.world_size, local_world_size=env.local_world_size, compute_device=env.device.type
+        )
+    return TopologyFactory.create_topology(
+        TrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size),
+        kernel_config=KernelConfig(compute_device=env.device.type),
+    )
 
 
 def format_plan(plan: Any) -> str:

@@ -26,16 +26,25 @@ if TYPE_CHECKING:
 __all__ = ["TrainResult", "check_data_settings", "train"]
 
 
-def train(cfg: Config, resume: str = "auto", allow_data_mismatch: bool = False) -> TrainResult:
-    """Train cfg.model on cfg.data (resuming per `resume`: auto, never or a path), validate, test, log."""
+def train(
+    cfg: Config,
+    resume: str = "auto",
+    allow_data_mismatch: bool = False,
+    extra_tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train cfg.model on cfg.data (resuming per `resume`: auto, never or a path), validate, test, log.
+
+    `extra_tags` are added to the MLflow run's tags (e.g. `mlflow.parentRunId` for a tuning trial)."""
     import torch.distributed as dist
 
+    from recsys.console import quiet_libraries
     from recsys.distributed import cleanup, init_distributed
 
+    quiet_libraries()  # also when called in-process (Spark workers, notebooks, pipeline steps)
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, env, resume, allow_data_mismatch)
+        return _train(cfg, env, resume, allow_data_mismatch, extra_tags or {})
     finally:
         if owns_group:
             cleanup()
@@ -85,7 +94,9 @@ def _decide_resume(
     return answer
 
 
-def _train(cfg: Config, env: DistEnv, resume: str, allow_data_mismatch: bool) -> TrainResult:
+def _train(
+    cfg: Config, env: DistEnv, resume: str, allow_data_mismatch: bool, extra_tags: dict[str, str]
+) -> TrainResult:
     from recsys.checkpoint import Checkpointer
     from recsys.data.metadata import read_metadata
     from recsys.distributed import broadcast_object
@@ -98,7 +109,7 @@ def _train(cfg: Config, env: DistEnv, resume: str, allow_data_mismatch: bool) ->
     tracker = make_tracker(cfg, env.rank)
     name = cfg.tracking.run_name or f"{cfg.name}-{cfg.model.kind}"
     resume_run = info.meta.get("run_id") if info is not None else None
-    with tracker.start(name, run_tags(cfg, env.world_size), resume_run_id=resume_run):
+    with tracker.start(name, {**run_tags(cfg, env.world_size), **extra_tags}, resume_run_id=resume_run):
         trainer = Trainer(cfg, meta, env, tracker)
         ckpt = Checkpointer(cfg, env, run_dir, cfg.best_mode())
         if info is not None:

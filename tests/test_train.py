@@ -47,6 +47,7 @@ def _cfg(name: str, sets: list[str], root: Path, uri: str) -> Config:
         [
             *sets,
             f"data.prepared_dir={root / name}",
+            f"train.checkpoint.dir={root / name / 'checkpoints'}",
             f"tracking.uri={uri}",
             "tracking.experiment=test-train",
         ],
