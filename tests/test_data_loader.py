@@ -122,7 +122,10 @@ def test_resume_mid_epoch_repeats_and_skips_nothing(cfg: Config) -> None:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_partition_is_exact(cfg: Config, world: int) -> None:
     for split in ("train", "val", "test"):
-        results = [iter_eval_batches(cfg, read_metadata(cfg.data.prepared_dir), split, r, world) for r in range(world)]
+        results = [
+            iter_eval_batches(cfg, read_metadata(cfg.data.prepared_dir), split, r, world)
+            for r in range(world)
+        ]
         steps = {s for s, _ in results}
         assert len(steps) == 1  # every rank runs the same number of steps
         got = []
