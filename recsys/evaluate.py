@@ -152,12 +152,14 @@ def evaluate_retrieval(
 
     Recall/NDCG/HitRate@K for cfg.eval.ks over every item row but the OOV row, excluding each user's
     training items (cfg.eval.exclude_train_items) and, when scoring test, the validation items too
-    (they are known interactions, not candidates). Also `auroc`: pointwise AUROC of user·item scores
+    (they are known interactions, not candidates). Items unseen in training stay in the targets as
+    misses; users unseen in training get the popularity list, reported as `cold_*` and counted in
+    the overall figures (`users` = warm users + cold queries). Also `auroc`: pointwise AUROC of user·item scores
     on the split's rows; when its labels hold one class only (implicit feedback), each positive is
     paired with one uniformly drawn catalogue item as its negative (a sampled AUROC).
     `arrays` comes from read_all_splits; `baseline=False` skips the popularity baseline.
     """
-    from recsys.metrics import popularity_baseline, retrieval_metrics
+    from recsys.metrics import combine_retrieval, popularity_baseline, retrieval_metrics
 
     model.eval()
     train, test = arrays["train"], arrays[split]
@@ -165,7 +167,11 @@ def evaluate_retrieval(
     uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
     nu, ni = emb["user"].shape[0], emb["item"].shape[0]
     pos = test["label"] > 0
-    targets = _csr(test["sparse"][pos, uc], test["sparse"][pos, ic], nu, ni)
+    users, items = test["sparse"][pos, uc], test["sparse"][pos, ic]
+    warm, known_item = users > 0, items > 0
+    # Items unseen in training (the OOV row) cannot be ranked; they stay relevant, as misses.
+    targets = _csr(users[warm & known_item], items[warm & known_item], nu, ni)
+    unseen = torch.from_numpy(np.bincount(users[warm & ~known_item], minlength=nu))
     # The OOV item row is not a recommendable item: excluded for every user.
     ex_u, ex_i = [np.arange(nu)], [np.zeros(nu, np.int64)]
     known = (["train"] if cfg.eval.exclude_train_items else []) + (["val"] if split == "test" else [])
@@ -173,12 +179,20 @@ def evaluate_retrieval(
         ex_u.append(arrays[s]["sparse"][:, uc])
         ex_i.append(arrays[s]["sparse"][:, ic])
     exclude = _csr(np.concatenate(ex_u), np.concatenate(ex_i), nu, ni)
-    metrics = retrieval_metrics(emb["user"], emb["item"], targets, exclude, ks=cfg.eval.ks)
+    ks = cfg.eval.ks
+    counts = np.bincount(train["sparse"][train["label"] > 0, ic], minlength=ni).astype(np.float32)
+    counts[0] = 0
+    metrics = retrieval_metrics(emb["user"], emb["item"], targets, exclude, ks=ks, unrankable=unseen)
     base: dict[str, float] = {}
     if baseline:
-        counts = np.bincount(train["sparse"][train["label"] > 0, ic], minlength=ni).astype(np.float32)
-        counts[0] = 0
-        base = popularity_baseline(counts, targets, exclude, ks=cfg.eval.ks, num_users=nu)
+        base = popularity_baseline(counts, targets, exclude, ks=ks, num_users=nu, unrankable=unseen)
+    # Users unseen in training all map to the OOV row: each of their interactions is its own query,
+    # answered with the popularity list (what a served model does for them), and counted overall.
+    cold = _cold_start(counts, items[~warm], ks)
+    if cold is not None:
+        metrics = {**combine_retrieval([metrics, cold]), **{f"cold_{k}": v for k, v in cold.items()}}
+        if baseline:
+            base = combine_retrieval([base, cold])
 
     tu = torch.from_numpy(test["sparse"][:, uc])
     ti = torch.from_numpy(test["sparse"][:, ic])
@@ -194,6 +208,20 @@ def evaluate_retrieval(
         labels = torch.cat([torch.ones(int(pos.sum())), torch.zeros(int(pos.sum()))])
     metrics["auroc"] = _auroc(scores, labels)
     return metrics, base
+
+
+def _cold_start(counts: np.ndarray, items: np.ndarray, ks: list[int]) -> dict[str, float] | None:
+    """Popularity metrics of cold users' interactions, one query each (None when there are none)."""
+    from recsys.metrics import popularity_baseline
+
+    if len(items) == 0:
+        return None
+    n = len(items)
+    known = items > 0
+    targets = _csr(np.arange(n)[known], items[known], n, len(counts))
+    oov_only = _csr(np.arange(n), np.zeros(n, np.int64), n, len(counts))
+    unrankable = torch.from_numpy((~known).astype(np.int64))
+    return popularity_baseline(counts, targets, oov_only, ks=ks, num_users=n, unrankable=unrankable)
 
 
 # ------------------------------------------------------------------------------------- evaluate_run

@@ -394,6 +394,7 @@ def _evaluate(
     ks: Sequence[int],
     users: Sequence[int] | Tensor | None,
     batch_users: int | None,
+    unrankable: Tensor | None = None,
 ) -> dict[str, float]:
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -404,7 +405,13 @@ def _evaluate(
     excl = as_csr(exclude, num_users, num_items, "exclude") if exclude is not None else None
     rows = _as_rows(users, num_users)
     n_tgt = tgt[0].diff()
-    rows = rows[n_tgt[rows] > 0]
+    # Relevant items that cannot be ranked at all (e.g. unseen in training): misses in every list.
+    extra = (
+        torch.as_tensor(unrankable, dtype=torch.float64).reshape(-1)
+        if unrankable is not None
+        else torch.zeros(num_users, dtype=torch.float64)
+    )
+    rows = rows[(n_tgt[rows] + extra[rows]) > 0]
     kmax = ks[-1]
     disc = _discounts(min(kmax, num_items))
     idcg_cum = torch.cat([torch.zeros(1, dtype=torch.float64), disc.cumsum(0)])
@@ -422,7 +429,7 @@ def _evaluate(
         t_rows, t_cols = t_rows[rankable], t_cols[rankable]
         tmask = torch.zeros_like(emask)
         tmask[t_rows, t_cols] = True
-        n = torch.bincount(t_rows, minlength=len(batch)).to(torch.float64)
+        n = torch.bincount(t_rows, minlength=len(batch)).to(torch.float64) + extra[batch].to(dev)
         keep = n > 0
         count += int(keep.sum())
         hits = (tmask.gather(1, idx.clamp(min=0)) & (idx >= 0))[keep].to(torch.float64)
@@ -448,6 +455,7 @@ def retrieval_metrics(
     ks: Sequence[int] = (10, 50, 100),
     users: Sequence[int] | Tensor | None = None,
     batch_users: int | None = None,
+    unrankable: Tensor | None = None,
 ) -> dict[str, float]:
     """Exact Recall@K, NDCG@K and HitRate@K of dot-product retrieval over the full catalogue.
 
@@ -461,6 +469,8 @@ def retrieval_metrics(
     - ndcg@K    = DCG / IDCG, DCG = Σ_{j<K} [R_K[j] ∈ T] / log2(j + 2) (binary gains, j from 0),
                   IDCG = Σ_{j < min(|T|, K)} 1 / log2(j + 2)
 
+    `unrankable` [U] counts relevant items outside the catalogue (unseen in training): they stay in
+    |T| (and IDCG) as misses instead of being dropped, which would inflate recall.
     Each is the mean over evaluated users: those in `users` (default all) with a non-empty T.
     The result also carries `users` (how many were evaluated) so partial results over user
     slices can be combined with `combine_retrieval`. Scores are computed `batch_users` users at a
@@ -476,7 +486,9 @@ def retrieval_metrics(
     def score(batch: Tensor) -> Tensor:
         return (user_emb[batch.to(user_emb.device)].detach() @ item_t).float()
 
-    return _evaluate(score, user_emb.shape[0], item_emb.shape[0], targets, exclude, ks, users, batch_users)
+    return _evaluate(
+        score, user_emb.shape[0], item_emb.shape[0], targets, exclude, ks, users, batch_users, unrankable
+    )
 
 
 def popularity_baseline(
@@ -487,6 +499,7 @@ def popularity_baseline(
     num_users: int | None = None,
     users: Sequence[int] | Tensor | None = None,
     batch_users: int | None = None,
+    unrankable: Tensor | None = None,
 ) -> dict[str, float]:
     """`retrieval_metrics` when every user gets the same list: items by training count, descending.
 
@@ -507,7 +520,7 @@ def popularity_baseline(
     def score(batch: Tensor) -> Tensor:
         return counts.expand(len(batch), -1).clone()
 
-    return _evaluate(score, num_users, counts.numel(), targets, exclude, ks, users, batch_users)
+    return _evaluate(score, num_users, counts.numel(), targets, exclude, ks, users, batch_users, unrankable)
 
 
 def combine_retrieval(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -90,6 +90,7 @@ class Trainer:
         self.loader = make_train_loader(cfg, meta, env.world_size)
         self.blocks_per_step = cfg.train.batch_size // meta.block_size * env.world_size
         self.steps_per_epoch = self._steps_per_epoch()
+        self.blocks_left_out = meta.splits["train"].blocks - self.steps_per_epoch * self.blocks_per_step
         # Counters: everything below is in state_dict().
         self.step, self.epoch, self.epoch_blocks = 0, 0, 0
         self.best: dict[str, Any] | None = None
@@ -299,6 +300,7 @@ class Trainer:
             "train/lr_dense": self.optimizer.param_groups[-1]["lr"],
             "train/samples_per_s": n * self.global_batch / max(now - since, 1e-9),
             "train/epoch": float(self.epoch),
+            "train/blocks_left_out_per_epoch": float(self.blocks_left_out),
         }
         self.tracker.log_metrics(rec, step=self.step)
         self.history.append({"step": float(self.step), **rec})
@@ -342,8 +344,20 @@ class Trainer:
 
         return fingerprint(self.cfg, {f.name: f.num_embeddings for f in self.meta.sparse_features})
 
+    def _report_left_out(self) -> None:
+        """Say how many train blocks each epoch leaves out (or repeats): never silently."""
+        n = self.blocks_left_out
+        if n and self.env.is_main:
+            what = "left out of" if n > 0 else "repeated in"
+            print(
+                f"recsys: {abs(n)} of {self.meta.splits['train'].blocks} train blocks are {what} each "
+                f"epoch (whole global batches of {self.blocks_per_step} blocks; the shuffle changes which)",
+                flush=True,
+            )
+
     def fit(self, ckpt: Checkpointer) -> float:
         """Train until the planned total, max_steps or early stopping; returns the training seconds."""
+        self._report_left_out()
         self.model.train()
         start, t0 = self.step, time.perf_counter()
         self._window = (0.0, 0, t0)

@@ -184,6 +184,17 @@ def test_exclusion_masks_seen_items_and_drops_unrankable_targets() -> None:
     assert rows.tolist() == [[4, 2, 1, 0, -1]]
 
 
+def test_unrankable_targets_stay_in_the_denominator() -> None:
+    # User 0 ranks item 0 first (a target) and has one more relevant item unseen in training: it
+    # counts as a miss, so recall@1 = 1/2 and IDCG@2 covers two relevant items.
+    out = retrieval_metrics(USERS[:1], ITEMS, {0: {0}}, ks=(1, 2), unrankable=torch.tensor([1]))
+    assert out["recall@1"] == pytest.approx(0.5) and out["hitrate@1"] == 1.0
+    assert out["ndcg@2"] == pytest.approx(1 / (1 + 1 / L2(3)))
+    # A user whose only relevant item is unrankable is still evaluated, with zeros.
+    out = retrieval_metrics(USERS[:2], ITEMS, {0: {0}}, ks=(1,), unrankable=torch.tensor([0, 2]))
+    assert out["users"] == 2 and out["recall@1"] == pytest.approx(0.5)
+
+
 def test_ties_broken_by_lower_item_row() -> None:
     # Scores 5, 1, 1, 1, 0, 1: the k=2 boundary falls inside the tie of items 1, 2, 3, 5.
     items = torch.tensor([[5.0], [1.0], [1.0], [1.0], [0.0], [1.0]])
