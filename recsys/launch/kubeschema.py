@@ -3,7 +3,11 @@
 - core kinds: the kubernetes client's models (openapi_types / attribute_map), then kubernetes-validate's
   offline JSON schemas (strict: additional properties are errors);
 - PyTorchJob: kubeflow-training's KubeflowOrgV1PyTorchJob (same generator, same walk);
-- TrainJob: kubeflow-trainer-api's TrainerV1alpha1TrainJob (pydantic models).
+- TrainJob: kubeflow-trainer-api's TrainerV1alpha1TrainJob (pydantic models);
+- Katib Experiment: kubeflow-katib's V1beta1Experiment (same generator); its trialTemplate.trialSpec is
+  an untyped object there, so it is validated as the manifest it is (a PyTorchJob);
+- InferenceService: kserve's V1beta1InferenceService (same generator); kserve is installed --no-deps,
+  so its package __init__ (the model server's imports) is bypassed, see `_kserve_models`.
 
 The clients' own deserialisers ignore unknown keys, and the kubernetes client coerces "5" into 5, so a
 typo or a wrong type would slip through them: the walkers here reject both and name the field path.
@@ -27,11 +31,16 @@ _KIND_MODELS = {
     ("v1", "PersistentVolumeClaim"): "V1PersistentVolumeClaim",
     ("v1", "Secret"): "V1Secret",
     ("apps/v1", "Deployment"): "V1Deployment",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy",
     ("batch/v1", "Job"): "V1Job",
     ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding",
     ("kubeflow.org/v1", "PyTorchJob"): "KubeflowOrgV1PyTorchJob",
+    ("kubeflow.org/v1beta1", "Experiment"): "V1beta1Experiment",
+    ("serving.kserve.io/v1beta1", "InferenceService"): "V1beta1InferenceService",
 }
+#: Kinds whose models come from kserve (a CRD: kubernetes-validate has no schema for it).
+_KSERVE_MODELS = {"V1beta1InferenceService"}
 TRAINJOB = ("trainer.kubeflow.org/v1alpha1", "TrainJob")
 _PRIMS: dict[str, tuple[type, ...]] = {
     "str": (str,),
@@ -48,11 +57,39 @@ class ManifestError(UserError):
 
 
 @cache
+def _kserve_models() -> Any:
+    """kserve.models without running kserve/__init__.py (it imports the model server and its
+    dependencies, which a --no-deps install lacks): a bare package module stands in while it loads."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if "kserve" in sys.modules:
+        return importlib.import_module("kserve.models")
+    spec = importlib.util.find_spec("kserve")
+    if spec is None or spec.submodule_search_locations is None:
+        raise UserError("validating an InferenceService needs kserve: pip install --no-deps kserve==0.21.0")
+    stub = types.ModuleType("kserve")
+    stub.__path__ = list(spec.submodule_search_locations)
+    sys.modules["kserve"] = stub
+    try:
+        return importlib.import_module("kserve.models")
+    finally:
+        del sys.modules["kserve"]  # a later `import kserve` runs the real package
+
+
+@cache
 def _openapi_class(name: str) -> type:
     import kubeflow.training.models as kf
     import kubernetes.client.models as k8s
 
     cls = getattr(k8s, name, None) or getattr(kf, name, None)
+    if cls is None and name.startswith("V1beta1"):
+        import kubeflow.katib.models as katib  # only for Katib Experiments (recsys tune --render-katib)
+
+        cls = getattr(katib, name, None)
+    if cls is None and name.startswith(("V1beta1", "V1alpha1")):
+        cls = getattr(_kserve_models(), name, None)  # no name is both a Katib and a KServe model
     if cls is None:
         raise KeyError(f"no API model named {name}")
     return cls
@@ -98,10 +135,32 @@ def _walk_openapi(value: Any, typ: str, path: str, errors: list[str]) -> None:
         _walk_openapi(item, cls.openapi_types[by_json[key]], f"{path}.{key}", errors)
 
 
+def _build_openapi(value: Any, typ: str) -> Any:
+    """Construct the model objects of a walked document; their constructors check required fields."""
+    if value is None or typ in _PRIMS or typ == "object":
+        return value
+    if typ.startswith("list["):
+        return [_build_openapi(v, typ[5:-1]) for v in value]
+    if typ.startswith("dict("):
+        return {k: _build_openapi(v, typ[5:-1].split(", ", 1)[1]) for k, v in value.items()}
+    cls = _openapi_class(typ)
+    by_json = {json_key: attr for attr, json_key in cls.attribute_map.items()}
+    return cls(**{by_json[k]: _build_openapi(v, cls.openapi_types[by_json[k]]) for k, v in value.items()})
+
+
 def _required_openapi(doc: dict[str, Any], model: str, errors: list[str]) -> None:
     """Build the model with client-side validation on: missing required fields and bad enums raise."""
+    if model in _KSERVE_MODELS:
+        # kserve's ApiClient resolves only its own classes (not V1ObjectMeta & co.): build directly.
+        try:
+            _build_openapi(doc, model)
+        except (ValueError, TypeError) as e:
+            errors.append(f"{model}: {e}")
+        return
     if model.startswith("KubeflowOrg"):
         from kubeflow.training.api_client import ApiClient
+    elif model.startswith("V1beta1"):
+        from kubeflow.katib.api_client import ApiClient
     else:
         from kubernetes.client import ApiClient
     try:
@@ -193,7 +252,11 @@ def validation_errors(doc: dict[str, Any]) -> list[str]:
         _walk_openapi(doc, model, key[1], errors)
         if not errors:
             _required_openapi(doc, model, errors)
-        if not model.startswith("KubeflowOrg"):
+        if model == "V1beta1Experiment":
+            trial = ((doc.get("spec") or {}).get("trialTemplate") or {}).get("trialSpec")
+            if isinstance(trial, dict):
+                errors += [f"spec.trialTemplate.trialSpec: {e}" for e in validation_errors(trial)]
+        elif not model.startswith("KubeflowOrg") and model not in _KSERVE_MODELS:
             _check_kubernetes_validate(doc, errors)
     else:
         errors.append(f"apiVersion {key[0]!r} kind {key[1]!r}: no API model known to recsys")

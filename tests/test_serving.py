@@ -1,0 +1,245 @@
+"""Serving end to end: a tiny real Two-Tower run → `recsys serve build` (pyfunc, registered) → a real
+`mlflow models serve` on 127.0.0.1 answering HTTP requests; and request parsing without MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from recsys.cli import main
+from recsys.config import Config, load_config
+from tests.conftest import free_port
+from tests.test_retrieval_recommend import TINY, _seen, _vocab
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> tuple[Config, str]:
+    """A tiny Two-Tower trained once for this module: (its config, its run id)."""
+    from recsys.data.prepare import prepare
+    from recsys.train import train
+
+    root = tmp_path_factory.mktemp("serving")
+    overrides = [*TINY, "tracking.experiment=test-serving"]
+    cfg = load_config(
+        "two_tower_synth", [*overrides, f"data.prepared_dir={root / 'tt'}", f"tracking.uri={mlflow_server}"]
+    )
+    prepare(cfg, overwrite=False)
+    return cfg, train(cfg).run_id
+
+
+def _post(url: str, payload: Any) -> tuple[int, Any]:
+    """(HTTP status, parsed JSON body) of a POST of `payload` as JSON."""
+    req = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"mlflow models serve not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server's process group (it forks uvicorn workers into the session we started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_built_model_serves_over_http_like_recommend(
+    trained: tuple[Config, str], mlflow_server: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from recsys.retrieval.recommend import recommend
+
+    cfg, run_id = trained
+    name = "recsys-test-serving"
+    argv = ["serve", "build", "--run-id", run_id, "--tracking-uri", mlflow_server, "--register", name]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"registered as {name} version 1" in printed, printed
+    assert "files at mlflow-artifacts:/" in printed, printed  # the storage location KServe copies from
+
+    port, log = free_port(), tmp_path / "serve.log"
+    # mlflow execs `uvicorn` by name: the venv's bin must be on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": path}
+    cmd = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/1",
+        "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1", "--workers", "1",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url, log)
+        known = _vocab(cfg, "user_id")[1:3]
+        records = [
+            {"user_id": known[0], "k": 5},
+            {"user_id": "nobody", "k": 5},
+            {"user_id": known[1], "k": 3},
+            {"user_id": known[1]},  # no k: the default, 10
+        ]
+        status, body = _post(f"{url}/invocations", {"dataframe_records": records})
+        assert status == 200, body
+        rows = body["predictions"]
+        assert [r["user_id"] for r in rows] == [known[0], "nobody", known[1], known[1]]
+        assert [r["fallback"] for r in rows] == [False, True, False, False]
+        assert [len(r["items"]) for r in rows] == [5, 5, 3, 10]
+        assert rows[3]["items"][:3] == rows[2]["items"]  # a shorter list is the longer one's prefix
+
+        # Known users: the same items in the same order as `recsys recommend`, none seen in train.
+        users = tmp_path / "users.txt"
+        users.write_text("\n".join([*known, "nobody"]) + "\n")
+        batch = recommend(run_id, mlflow_server, users=users, k=5).table.to_pandas()
+        want = {u: list(g.sort_values("rank")["item"]) for u, g in batch.groupby("user")}
+        seen = _seen(cfg, ("train",))
+        assert rows[0]["items"] == want[known[0]]
+        assert rows[2]["items"] == want[known[1]][:3]
+        assert not {(known[0], i) for i in rows[0]["items"]} & seen
+        assert rows[0]["scores"] == sorted(rows[0]["scores"], reverse=True)
+        # Unknown user: the popularity list recommend gives it, scores = train counts.
+        assert rows[1]["items"] == want["nobody"]
+        cold = batch[batch["user"] == "nobody"].sort_values("rank")
+        assert rows[1]["scores"] == [float(s) for s in cold["score"]]
+
+        # Bad payloads: 400 with a message that says what is wrong.
+        for payload, expect in [
+            ({"dataframe_records": [{"user_id": known[0], "k": 0}]}, "k must be between 1 and"),
+            ({"dataframe_records": [{"k": 5}]}, "missing column 'user_id'"),
+            ({"dataframe_records": [{"user_id": known[0], "k": 2.5}]}, "k must be an integer"),
+            ({"dataframe_records": [{"user_id": known[0], "k": "ten"}]}, "k must be an integer"),
+        ]:
+            status, body = _post(f"{url}/invocations", payload)
+            assert 400 <= status < 500, (payload, status, body)
+            assert expect in body["message"], (payload, body)
+    finally:
+        _stop(proc)
+
+
+# ----------------------------------------------------------------------------- request parsing, no MLflow
+def test_parse_requests_accepts_rows_and_defaults_k() -> None:
+    from recsys.retrieval.serve import DEFAULT_K, parse_requests
+
+    users, ks = parse_requests(pd.DataFrame({"user_id": ["a", "007"], "k": [3, 1]}))
+    assert users == ["a", "007"] and ks.tolist() == [3, 1]
+    users, ks = parse_requests(pd.DataFrame({"user_id": ["a"]}))
+    assert ks.tolist() == [DEFAULT_K]
+    _, ks = parse_requests(pd.DataFrame.from_records([{"user_id": "a", "k": 4}, {"user_id": "b"}]))
+    assert ks.tolist() == [4, DEFAULT_K]
+
+
+@pytest.mark.parametrize(
+    ("frame", "expect"),
+    [
+        ({"k": [5]}, "missing column 'user_id'"),
+        ({"user_id": ["a"], "k": [0]}, "k must be between 1 and"),
+        ({"user_id": ["a"], "k": [-3]}, "k must be between 1 and"),
+        ({"user_id": ["a"], "k": [2.5]}, "k must be an integer"),
+        ({"user_id": ["a"], "k": ["ten"]}, "k must be an integer"),
+        ({"user_id": ["a"], "k": [True]}, "k must be an integer"),
+        ({"user_id": [None], "k": [3]}, "user_id is empty"),
+    ],
+)
+def test_bad_requests_are_invalid_parameter_value(frame: dict[str, list[Any]], expect: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from recsys.retrieval.serve import parse_requests
+
+    with pytest.raises(MlflowException) as e:
+        parse_requests(pd.DataFrame(frame))
+    assert expect in e.value.message
+    assert e.value.get_http_status_code() == 400
+
+
+# ------------------------------------------------------------------------------------------- KServe
+def _isvc(**kw: Any) -> dict[str, Any]:
+    from recsys.launch.kserve import inference_service
+
+    cfg = load_config("two_tower_synth", ["job.cpu='2'", "job.memory=4Gi"])
+    return inference_service(cfg, "s3://models/recsys-two-tower/1", **kw)
+
+
+def test_rendered_inference_service_validates() -> None:
+    from recsys.launch.kubeschema import validation_errors
+
+    doc = _isvc(image="ghcr.io/recsys/serving:0.1.0", service_account="recsys-serving")
+    assert validation_errors(doc) == []
+    assert doc["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    predictor = doc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"] == {"name": "mlflow"} and model["storageUri"].startswith("s3://")
+    assert model["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+    assert model["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expect"),
+    [
+        ("spec/predictor/model/storageURI", "s3://x", "model.storageURI: unknown field"),
+        ("spec/predictor/model/modelFormat/nam", "mlflow", "modelFormat.nam: unknown field"),
+        ("spec/predictor/minReplicas", "1", "minReplicas: expected int"),
+        ("spec/predictor/securityContext/runAsNonRoot", "yes", "runAsNonRoot: expected bool"),
+        ("spec/predictor/model/resources/limits", ["4Gi"], "limits: expected a mapping"),
+        ("spec/predictor", None, "predictor"),  # required field missing
+    ],
+)
+def test_broken_inference_service_fails(path: str, value: Any, expect: str) -> None:
+    import copy
+
+    from recsys.launch.kubeschema import validation_errors
+
+    doc = copy.deepcopy(_isvc())
+    *parents, last = path.split("/")
+    node = doc
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    errors = validation_errors(doc)
+    assert any(expect in e for e in errors), errors
+
+
+def test_serve_render_cli_writes_a_validated_file(tmp_path: Path) -> None:
+    import yaml
+
+    out = tmp_path / "isvc.yaml"
+    argv = ["serve", "render", "--config", "two_tower_synth", "--storage-uri", "pvc://recsys-models/tt/1"]
+    assert main([*argv, "--name", "tt", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# generated by recsys serve render --config two_tower_synth")
+    (doc,) = [d for d in yaml.safe_load_all(text) if d]
+    assert doc["kind"] == "InferenceService" and doc["metadata"]["name"] == "tt"
+    assert doc["metadata"]["namespace"] == load_config("two_tower_synth").job.namespace
+    assert main([*argv[:-1], "models:/recsys-two-tower/1", "-o", str(out)]) == 2  # not a storage URI
