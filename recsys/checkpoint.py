@@ -117,8 +117,11 @@ def fingerprint(cfg: Config, num_embeddings: dict[str, int]) -> dict[str, Any]:
     """What a checkpoint must agree on with the config that loads it (model shape, data, vocabularies)."""
     from recsys.data.metadata import data_settings
 
+    model = cfg.model.model_dump(mode="json")
+    # Only the chosen family's section shapes the state (a DLRM ignores model.two_tower).
+    model.pop("dlrm" if cfg.model.kind == "two_tower" else "two_tower")
     return {
-        "model": cfg.model.model_dump(mode="json"),
+        "model": model,
         "data": data_settings(cfg),
         "vocab": dict(num_embeddings),
         "train.batch_size": cfg.train.batch_size,

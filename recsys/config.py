@@ -8,6 +8,7 @@ name the dotted path.
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -239,7 +240,28 @@ class TwoTowerConfig(Strict):
         "softmax", description="softmax: in-batch sampled softmax with log-Q correction; bce: pointwise BCE."
     )
     temperature: float = Field(0.05, gt=0, description="Softmax temperature.")
-    logq_correction: bool = Field(True, description="Subtract log item frequency from in-batch logits.")
+    logq_correction: bool = Field(
+        True,
+        description="Subtract each negative source's log expected count (in-batch: log(B·q_pop); uniform: "
+        "log(M/num_items)) from the softmax logits.",
+    )
+    similarity: Literal["auto", "cosine", "dot"] = Field(
+        "auto",
+        description="Score of a user·item pair: cosine (L2-normalised towers), dot (raw inner product); "
+        "auto: cosine for softmax, dot for bce. Logits are divided by temperature either way.",
+    )
+    embedding_l2: float = Field(
+        0.0,
+        ge=0,
+        description="λ of an L2 penalty added to the loss: λ × (sum of squared norms of the batch's looked-up "
+        "pooled embeddings, both towers) / batch size; regularises the fused sparse tables.",
+    )
+    num_uniform_negatives: int = Field(
+        0,
+        ge=0,
+        description="Softmax: M items drawn uniformly from the catalogue per batch as extra negatives "
+        "shared by every row (needs train.pipeline: false).",
+    )
 
 
 class DLRMConfig(Strict):
@@ -555,6 +577,9 @@ def _read_yaml(ref: str) -> tuple[dict[str, Any], str]:
     return data, origin
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3, true, [1,2] work)."""
     if "=" not in assignment:
@@ -567,6 +592,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {assignment!r}: value is not valid YAML: {e}") from e
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string; everyone means a number
     node = data
     for i, key in enumerate(keys[:-1]):
         child = node.get(key)
@@ -625,14 +652,20 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def config_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted `field: saved → now` lines where two nested config mappings differ."""
+def config_differences(
+    saved: dict[str, Any], now: dict[str, Any], prefix: str = "", new_fields: bool = True
+) -> list[str]:
+    """Dotted `field: saved → now` lines where two nested config mappings differ.
+
+    With new_fields=False, keys absent from `saved` (fields added since it was written) are skipped.
+    """
     out: list[str] = []
-    for key in sorted(set(saved) | set(now)):
+    keys = set(saved) | set(now) if new_fields else set(saved)
+    for key in sorted(keys):
         a, b = saved.get(key), now.get(key)
         where = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, where + ".")
+            out += config_differences(a, b, where + ".", new_fields)
         elif a != b:
             out.append(f"{where}: {a!r} → {b!r}")
     return out

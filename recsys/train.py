@@ -79,7 +79,8 @@ def _decide_resume(
             run_dir, info = resolve_resume(default_root(cfg), resume)
             if info is not None:
                 now = fingerprint(cfg, {f.name: f.num_embeddings for f in meta.sparse_features})
-                diffs = config_differences(info.meta.get("fingerprint", {}), now)
+                # Fields added to the config since the checkpoint was written keep their defaults.
+                diffs = config_differences(info.meta.get("fingerprint", {}), now, new_fields=False)
                 if diffs:
                     raise UserError(
                         f"checkpoint {info.path} does not fit this config: {'; '.join(diffs)}; resume it "

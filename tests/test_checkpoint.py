@@ -367,3 +367,9 @@ def test_train_prints_the_results_table_without_tracking(
     out = capsys.readouterr().out
     assert "metric" in out and "val (last)" in out
     assert any(line.startswith("recall@10") for line in out.splitlines())
+
+
+def test_set_reads_scientific_notation_as_a_number() -> None:
+    # YAML 1.1 would read 1e-5 (no dot) as the string '1e-5'.
+    cfg = load_config("dlrm_synth", ["train.sparse_optimizer.lr=1e-5", "train.dense_optimizer.lr=2E-3"])
+    assert cfg.train.sparse_optimizer.lr == 1e-5 and cfg.train.dense_optimizer.lr == 2e-3

@@ -34,7 +34,8 @@ def test_pytorchjob_gpu_shape_and_pod_settings() -> None:
     cm, job = _docs("dlrm_synth", "pytorchjob", GPU + PLACEMENT)
     spec = job["spec"]
     assert spec["nprocPerNode"] == "4"
-    assert spec["runPolicy"] == {"backoffLimit": 2, "ttlSecondsAfterFinished": 86400}
+    # job.backoff_limit 2 failures × 3 pods restarted by each + 1 (the operator sums pod restarts)
+    assert spec["runPolicy"] == {"backoffLimit": 7, "ttlSecondsAfterFinished": 86400}
     reps = spec["pytorchReplicaSpecs"]
     assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 2
     for rep in reps.values():
@@ -51,7 +52,14 @@ def test_pytorchjob_gpu_shape_and_pod_settings() -> None:
         assert "args" not in c  # no topology flags: torchrun reads the operator's PET_* env
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
         assert c["resources"]["requests"]["cpu"] == "4" and c["resources"]["requests"]["memory"] == "16Gi"
-        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        }
+        tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+        (vol,) = [v for v in pod["volumes"] if v["name"] == tmp["name"]]
+        assert vol["emptyDir"] == {"sizeLimit": "10Gi"}  # the only writable place besides mounts
         assert c["envFrom"] == [{"secretRef": {"name": "mlflow-credentials", "optional": True}}]
         env = _env(c)
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.recsys.svc:5000"

@@ -46,5 +46,5 @@ def test_a_stale_file_is_detected(tmp_path: Path) -> None:
         (tmp_path / t.path).write_text(render_target(t))
     assert stale(tmp_path) == []
     edited = tmp_path / TARGETS[0].path
-    edited.write_text(edited.read_text().replace("backoffLimit: 2", "backoffLimit: 3"))
+    edited.write_text(edited.read_text().replace("backoffLimit: 5", "backoffLimit: 6"))
     assert stale(tmp_path) == [TARGETS[0].path]

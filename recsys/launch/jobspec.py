@@ -19,6 +19,8 @@ CONFIG_FILE = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"
+TMP_MOUNT = "/tmp"
+TMP_SIZE = "10Gi"
 SHM_MOUNT = "/dev/shm"
 # The one command every replica runs: torchrun reads its topology from the PET_* env the operator injects.
 TRAIN_COMMAND = ["torchrun", "-m", "recsys", "train", "--config", CONFIG_PATH]
@@ -46,8 +48,8 @@ class Volume:
 
     name: str
     mount_path: str
-    kind: Literal["pvc", "configmap", "shm"]
-    source: str  # claim name, ConfigMap name, or emptyDir sizeLimit
+    kind: Literal["pvc", "configmap", "shm", "scratch"]
+    source: str  # claim name, ConfigMap name, or emptyDir sizeLimit (shm: memory, scratch: disk)
     read_only: bool = False
 
 
@@ -174,6 +176,8 @@ def job_spec(cfg: Config) -> JobSpec:
         Volume("data", DATA_MOUNT, "pvc", job.data_pvc),
         Volume("checkpoints", CHECKPOINT_MOUNT, "pvc", job.checkpoint_pvc),
         Volume("dshm", SHM_MOUNT, "shm", job.shm_size),
+        # The root filesystem is read-only; the trainer and its libraries write temp files here only.
+        Volume("tmp", TMP_MOUNT, "scratch", TMP_SIZE),
     ]
     tolerations = [t.model_dump(exclude_none=True) for t in job.tolerations]
     labels = {

@@ -45,6 +45,8 @@ def _volumes(spec: JobSpec) -> list[dict[str, Any]]:
             out.append({"name": v.name, "persistentVolumeClaim": {"claimName": v.source}})
         elif v.kind == "configmap":
             out.append({"name": v.name, "configMap": {"name": v.source}})
+        elif v.kind == "scratch":
+            out.append({"name": v.name, "emptyDir": {"sizeLimit": v.source}})
         else:
             out.append({"name": v.name, "emptyDir": {"medium": "Memory", "sizeLimit": v.source}})
     return out
@@ -70,7 +72,11 @@ def _pod_security() -> dict[str, Any]:
 
 
 def _container_security() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
 
 
 def _env(spec: JobSpec) -> list[dict[str, Any]]:
