@@ -12,6 +12,8 @@
 # Without a Docker engine it says so and exits 3 (images/engine.sh starts one; tests/test_images.py lints the
 # Dockerfiles either way).
 set -euo pipefail
+# The revision the image is built from (RECSYS_GIT_SHA in the image; "unknown" outside a checkout).
+GIT_SHA="${GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 cd "$(dirname "$0")/.."
 
 IMAGE="${IMAGE:-ghcr.io/recsys/trainer:0.1.0}"
@@ -90,14 +92,14 @@ build_cpu() {
   else
     echo "building $CPU_IMAGE (CPU)"
   fi
-  context | "$DOCKER" build --force-rm --label org.recsys.image=trainer-cpu "${args[@]}" \
+  context | "$DOCKER" build --force-rm --build-arg "GIT_SHA=$GIT_SHA" --label org.recsys.image=trainer-cpu "${args[@]}" \
     -f images/trainer/Dockerfile.cpu -t "$CPU_IMAGE" -
   stop_server
 }
 
 build_cuda() {
   echo "building $IMAGE (CUDA)"
-  context | "$DOCKER" build --force-rm --label org.recsys.image=trainer-cuda \
+  context | "$DOCKER" build --force-rm --build-arg "GIT_SHA=$GIT_SHA" --label org.recsys.image=trainer-cuda \
     -f images/trainer/Dockerfile -t "$IMAGE" -
 }
 

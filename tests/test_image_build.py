@@ -156,6 +156,9 @@ def test_image_user_and_help(image: str) -> None:
     cfg = json.loads(_docker("image", "inspect", "--format", "{{json .Config}}", image).stdout)
     assert cfg["User"] == "1000:1000"
     assert cfg["Cmd"] == ["recsys", "--help"]
+    # The image records the commit it was built from (MLflow runs tag it as git_sha).
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert f"RECSYS_GIT_SHA={sha}" in cfg["Env"]
     # The default command, with no network and nothing writable: --help must not need either.
     r = _run(image, ["--read-only", "--network", "none"], [])
     assert r.returncode == 0, r.stderr[-3000:]
