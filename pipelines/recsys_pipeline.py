@@ -94,6 +94,9 @@ def train_model(
     job_node_selector: dict,
     job_tolerations: list,
     mlflow_tracking_uri: str,
+    data_pvc: str,
+    checkpoint_pvc: str,
+    mlflow_secret: str,
     pipeline_job_name: str,
     pipeline_task_id: str,
 ) -> NamedTuple("TrainOutputs", [("job_name", str), ("run_id", str)]):
@@ -124,6 +127,10 @@ def train_model(
         f"job.procs_per_node={gpus_per_node if gpus_per_node > 0 else procs_per_node}",
         f"job.node_selector={json.dumps(job_node_selector)}",
         f"job.tolerations={json.dumps(job_tolerations)}",
+        # The run's volumes and secret reach the job pods, not only this step's pod.
+        f"job.data_pvc={data_pvc}",
+        f"job.checkpoint_pvc={checkpoint_pvc}",
+        f"job.mlflow_secret={mlflow_secret}",
     ]
     if mlflow_tracking_uri:
         sets += [f"tracking.uri={mlflow_tracking_uri}", f"job.mlflow_tracking_uri={mlflow_tracking_uri}"]
@@ -349,9 +356,10 @@ def recsys_pipeline(
         procs_per_node: torchrun processes per pod when gpus_per_node is 0.
         mlflow_tracking_uri: MLflow tracking URI seen by the steps and the jobs ('' keeps the config's).
         data_root: Folder on the data PVC under which each run prepares its MDS data.
-        data_pvc: PVC mounted at /data in the steps (and by the launcher in the job pods).
-        checkpoint_pvc: PVC mounted at /checkpoints in the training steps (backend=local).
-        mlflow_secret: Secret with MLflow credentials (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), optional.
+        data_pvc: PVC mounted at /data in the steps and in the training job pods.
+        checkpoint_pvc: PVC mounted at /checkpoints in the training job pods (and the step, backend=local).
+        mlflow_secret: Secret with MLflow credentials (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), optional;
+            the steps and the training job pods read it.
         object_store_secret: Secret with object-store credentials (AWS_*, S3_ENDPOINT_URL), optional.
         job_node_selector: nodeSelector of the training job pods, e.g. {"nvidia.com/gpu.present": "true"}.
         job_tolerations: Tolerations of the training job pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists"}].
@@ -393,6 +401,9 @@ def recsys_pipeline(
             job_node_selector=job_node_selector,
             job_tolerations=job_tolerations,
             mlflow_tracking_uri=mlflow_tracking_uri,
+            data_pvc=data_pvc,
+            checkpoint_pvc=checkpoint_pvc,
+            mlflow_secret=mlflow_secret,
             pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
             pipeline_task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,
         )

@@ -152,6 +152,9 @@ def test_cluster_train_step_goes_through_the_kube_launcher(
             job_node_selector={"nvidia.com/gpu.present": "true"},
             job_tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             mlflow_tracking_uri="http://mlflow.recsys.svc:5000",
+            data_pvc="team-data",
+            checkpoint_pvc="team-ckpt",
+            mlflow_secret="team-mlflow",
             pipeline_job_name="Nightly run (v2)",
             pipeline_task_id="1234",
         )
@@ -166,6 +169,24 @@ def test_cluster_train_step_goes_through_the_kube_launcher(
         "--set job.gpus_per_node=4",
     ):
         assert part in cmd, part
+    # The job the launcher renders from exactly these arguments mounts the run's PVCs and secret.
+    import shlex
+
+    from recsys.config import load_config
+    from recsys.launch.kube import render_objects
+
+    argv = shlex.split(cmd[cmd.index("recsys launch") :])
+    # (the printed line is not shell-quoted: leave out the JSON-valued placement settings)
+    placement = ("job.node_selector=", "job.tolerations=")
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set" and not argv[i + 1].startswith(placement)]
+    _, job = render_objects(load_config("dlrm_synth", sets), "pytorchjob")
+    for rep in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = rep["template"]["spec"]
+        claims = {
+            v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+        }
+        assert claims == {"team-data", "team-ckpt"}, claims
+        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "team-mlflow", "optional": True}}]
     failure = next(ln for ln in text.splitlines() if "(pytorchjob) failed with exit status" in ln)
     # A DNS-1123 job name from the display name, unique per run and task, within the launcher's 40 chars.
     assert "training job dlrm-nightly-run-v2-" in failure
