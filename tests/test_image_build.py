@@ -157,7 +157,9 @@ def test_image_user_and_help(image: str) -> None:
     assert cfg["User"] == "1000:1000"
     assert cfg["Cmd"] == ["recsys", "--help"]
     # The image records the commit it was built from (MLflow runs tag it as git_sha).
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     assert f"RECSYS_GIT_SHA={sha}" in cfg["Env"]
     # The default command, with no network and nothing writable: --help must not need either.
     r = _run(image, ["--read-only", "--network", "none"], [])
@@ -218,6 +220,8 @@ def _pod_args(docs: list[dict[str, Any]], tmp: Path) -> tuple[list[str], list[st
         opts += ["--cap-drop", "ALL"]
     if csc.get("allowPrivilegeEscalation") is False:
         opts += ["--security-opt", "no-new-privileges"]
+    if csc.get("readOnlyRootFilesystem"):
+        opts += ["--read-only"]
     vols = {v["name"]: v for v in pod["volumes"]}
     for m in c["volumeMounts"]:
         vol = vols[m["name"]]
@@ -236,6 +240,9 @@ def _pod_args(docs: list[dict[str, Any]], tmp: Path) -> tuple[list[str], list[st
         elif m["mountPath"] == "/dev/shm" and vol.get("emptyDir", {}).get("medium") == "Memory":
             limit = vol["emptyDir"].get("sizeLimit", "64Mi")
             opts += ["--shm-size", limit.replace("Gi", "g").replace("Mi", "m")]
+        elif "emptyDir" in vol and "medium" not in vol["emptyDir"]:
+            # A disk emptyDir (the pod's /tmp): a fresh tmpfs the pod's user may write.
+            opts += ["--tmpfs", f"{m['mountPath']}:uid={sc['runAsUser']},gid={sc['runAsGroup']},mode=1777"]
         else:
             pytest.fail(f"no docker equivalent written for volume {vol}")
     env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
@@ -271,9 +278,8 @@ def test_rendered_job_trains_in_a_read_only_container(image: str, tmp_path: Path
     experiment = f"image-test-{uuid.uuid4().hex[:8]}"
     docs = _render(tmp_path, image, mlflow_server, experiment)
     opts, argv, job_name = _pod_args(docs, tmp_path)
-    # Read-only root: the trainer may write only to its mounts and /tmp (tempfile needs one; HOME is not
-    # written, so a pod with readOnlyRootFilesystem needs just a /tmp emptyDir beside its volumes).
-    opts += ["--read-only", "--tmpfs", "/tmp"]
+    # The manifest's own read-only root and /tmp emptyDir: the trainer may write only to its mounts.
+    assert "--read-only" in opts and any(o.startswith("/tmp:") for o in opts), opts
 
     # The data-prep Job's step (manifests/base/data-prep-job.yaml), on the job's own ConfigMap config.
     t0 = time.monotonic()
