@@ -1,7 +1,7 @@
 """The one module that touches process groups, devices, the sharding planner and DistributedModelParallel.
 
 Rank, local rank and world size come from the environment torchrun (or a PyTorchJob/TrainJob pod, or
-Spark's TorchDistributor) sets; a plain `recsys train` is rank 0 of 1 on a private 127.0.0.1 port.
+Spark's TorchDistributor) sets; a plain `recsys train` is rank 0 of 1 over an in-memory store (no port to race for).
 gloo on CPU, nccl on CUDA with the device bound to `cuda:LOCAL_RANK`.
 
 TorchRec version notes: this is written against torchrec 1.9.2 (CPU here). The GPU images may carry
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,12 +52,6 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join (or create) the default process group; returns this process's DistEnv.
 
@@ -80,15 +73,17 @@ def init_distributed(device: str = "auto") -> DistEnv:
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            if world_size > 1:
-                raise UserError(
-                    f"WORLD_SIZE={world_size} but MASTER_ADDR is unset: start several processes with "
-                    "torchrun (or `recsys launch --backend local`)"
-                )
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+        if "MASTER_ADDR" in os.environ:
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+        elif world_size > 1:
+            raise UserError(
+                f"WORLD_SIZE={world_size} but MASTER_ADDR is unset: start several processes with "
+                "torchrun (or `recsys launch --backend local`)"
+            )
+        else:
+            # A process on its own needs no TCP store (a free port picked here could be taken by
+            # another process before the store binds it).
+            store = dist.HashStore()
         # torchrun keeps its store across worker restarts; without a per-attempt prefix the restarted
         # workers read the dead ones' gloo addresses and hang ("Connection refused").
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
