@@ -1,4 +1,4 @@
-"""`recsys bench data|train|checkpoint|recommend`: commands that print throughput figures (never timed assertions)."""
+"""`recsys bench data|train|checkpoint|recommend|quality`: commands that print throughput figures (never timed assertions)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench_checkpoint import bench_checkpoint
 
         bench_checkpoint()
+    elif args.what == "quality":
+        from recsys.bench_quality import bench_quality
+
+        bench_quality(quick=args.quick)
     elif args.what == "recommend":
         from recsys.retrieval.bench import bench_recommend
 

@@ -34,14 +34,41 @@ def log_q_from_train(cfg: Config, meta: Metadata) -> torch.Tensor | None:
     return item_log_q(torch.from_numpy(np.bincount(items, minlength=n)))
 
 
+def item_feature_rows(cfg: Config, meta: Metadata) -> torch.Tensor:
+    """[N, F_i] embedding rows of each item row's item-tower features, from its last train row.
+
+    Row 0 (OOV) and items without train rows keep zeros; uniform negatives are drawn from rows 1..N-1.
+    """
+    from recsys.data.loader import read_split_arrays
+
+    names = [f.name for f in meta.sparse_features]
+    key = names.index(meta.item_feature or "")
+    cols = [names.index(f) for f in cfg.model.two_tower.item_features]
+    table = np.zeros((meta.sparse_features[key].num_embeddings, len(cols)), np.int64)
+    sparse = read_split_arrays(cfg.data.prepared_dir, "train", meta)["sparse"]
+    table[sparse[:, key]] = sparse[:, cols]
+    if key in cols:  # every row, also the ones train never shows
+        table[:, cols.index(key)] = np.arange(len(table))
+    return torch.from_numpy(table)
+
+
+def similarity_normalizes(cfg: Config) -> bool:
+    """True when the towers' outputs are L2-normalised (cosine); auto: cosine for softmax, dot for bce."""
+    tt = cfg.model.two_tower
+    return tt.loss == "softmax" if tt.similarity == "auto" else tt.similarity == "cosine"
+
+
 def build_task(
     cfg: Config,
     meta: Metadata,
     ebc_device: str | torch.device = "meta",
     item_log_q: torch.Tensor | None = None,
     dense_device: str | torch.device | None = None,
+    training: bool = True,
 ) -> nn.Module:
-    """The train-task module of cfg.model.kind; tables on `ebc_device` (meta: DMP materialises them)."""
+    """The train-task module of cfg.model.kind; tables on `ebc_device` (meta: DMP materialises them).
+
+    `training=False` (evaluation copies) skips what only training steps use (uniform negatives' table)."""
     from recsys.models.dlrm import DLRMTask, build_dlrm
     from recsys.models.two_tower import TwoTower, TwoTowerTask, make_ebc
 
@@ -81,14 +108,33 @@ def build_task(
         tt.user_features,
         tt.item_features,
         tt.layers,
-        normalize=tt.loss == "softmax",
+        normalize=similarity_normalizes(cfg),
         dense_device=dense_device,
     )
-    return TwoTowerTask(model, meta.item_feature, tt.loss, tt.temperature, item_log_q, dense_device)
+    rows = None
+    if tt.num_uniform_negatives:
+        if tt.loss != "softmax":
+            raise UserError("model.two_tower.num_uniform_negatives: needs loss: softmax")
+        if cfg.train.pipeline:
+            # The pipeline rewrites the EBC's one call on the batch; a second lookup needs a plain loop.
+            raise UserError("model.two_tower.num_uniform_negatives: needs train.pipeline: false")
+        rows = item_feature_rows(cfg, meta) if training else None
+    return TwoTowerTask(
+        model,
+        meta.item_feature,
+        tt.loss,
+        tt.temperature,
+        item_log_q,
+        dense_device,
+        embedding_l2=tt.embedding_l2,
+        num_uniform_negatives=tt.num_uniform_negatives,
+        item_rows=rows,
+        logq_correction=tt.logq_correction,
+    )
 
 
 def plain_model(cfg: Config, meta: Metadata, state: dict[str, torch.Tensor]) -> nn.Module:
     """An unsharded CPU train task loaded with a gathered state dict (for retrieval eval and MLflow)."""
-    task = build_task(cfg, meta, ebc_device="cpu", item_log_q=None)
+    task = build_task(cfg, meta, ebc_device="cpu", item_log_q=None, training=False)
     task.load_state_dict(state, strict=True)
     return task.eval()
