@@ -91,10 +91,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[str]
 
 # MovieLens-100K in RecBole's atomic format ships inside the recbole wheel on PyPI (the registry is
 # reachable where the internet is not). Downloaded once into a cache outside the repo; nothing committed.
-RECBOLE_WHEEL = "recbole==1.2.1"
-ML100K_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
-
-
 @pytest.fixture(scope="session")
 def ml100k_recbole() -> Path:
     """Folder holding ml-100k.inter/.user/.item (RecBole atomic files), from the recbole wheel on PyPI.
@@ -102,37 +98,10 @@ def ml100k_recbole() -> Path:
     Cache: $RECSYS_TEST_DATA or ~/.cache/recsys-test-data, reused when present. Skips when the
     registry cannot be reached.
     """
-    import subprocess
-    import sys
-    import zipfile
+    from recsys.bench_quality import fetch_ml100k
+    from recsys.errors import UserError
 
-    cache = Path(os.environ.get("RECSYS_TEST_DATA", Path.home() / ".cache" / "recsys-test-data"))
-    out = cache / "ml-100k"
-    if all((out / f).is_file() for f in ML100K_FILES):
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               RECBOLE_WHEEL, "-d", str(cache)]  # fmt: skip
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"`pip download {RECBOLE_WHEEL}` timed out (package registry unreachable?)")
-        wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(
-                f"cannot fetch MovieLens-100K (registry unreachable?): `pip download {RECBOLE_WHEEL}`: {why}"
-            )
-    tmp = cache / f"ml-100k.tmp{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    with zipfile.ZipFile(wheels[0]) as whl:
-        for name in ML100K_FILES:
-            (tmp / name).write_bytes(whl.read(f"recbole/dataset_example/ml-100k/{name}"))
-    if out.exists():  # a partial folder from an interrupted run
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)  # complete or absent: another session never sees half the files
-    return out
+    try:
+        return fetch_ml100k()
+    except UserError as e:
+        pytest.skip(f"{e} (registry unreachable?)")
