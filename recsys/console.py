@@ -20,6 +20,8 @@ _WARNINGS = [
     # fbgemm's optional SSD/CUDA kernels that a CPU build does not have.
     (DeprecationWarning, r"(?s).*Failed to import: fbgemm_gpu"),
     (DeprecationWarning, r"(?s).*fbgemm_gpu.split_table_batched_embeddings_ops is now DEPRECATED"),
+    # torchmetrics 1.0.3 (pinned by torchrec) gathers AUC state across ranks with list indexing.
+    (UserWarning, r"Using a non-tuple sequence for multidimensional indexing"),
     # TorchRec inputs (KeyedJaggedTensor) cannot be torch.export-ed, so models are logged as pickles
     # (loaded only from the project's own MLflow store).
     (UserWarning, r"Saving pytorch model by Pickle"),
