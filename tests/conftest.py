@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,14 +38,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def wait_http_ok(proc: Any, url: str, log: Path, what: str, timeout: float) -> None:
+    """Wait until `url` answers 200; fail with the server's log when `proc` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[str]
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts proxied over HTTP); yields its URI."""
     import signal
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
@@ -62,20 +80,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[str]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 120 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.3)
+        wait_http_ok(proc, f"{uri}/health", log, "mlflow server", timeout=120)
         yield uri
     finally:
         # The server forks its workers into the session we started: stop that group only.

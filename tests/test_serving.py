@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from recsys.cli import main
 from recsys.config import Config, load_config
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_http_ok
 from tests.test_retrieval_recommend import TINY, _seen, _vocab
 
 
@@ -48,21 +47,6 @@ def _post(url: str, payload: Any) -> tuple[int, Any]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve not ready after {timeout} s:\n{log.read_text()[-4000:]}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -103,7 +87,7 @@ def test_built_model_serves_over_http_like_recommend(
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url, log)
+        wait_http_ok(proc, f"{url}/ping", log, "mlflow models serve", timeout=90)
         known = _vocab(cfg, "user_id")[1:3]
         records = [
             {"user_id": known[0], "k": 5},
