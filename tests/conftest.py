@@ -38,6 +38,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def port_or_free(port: int) -> int:
+    """`port` when it is free on 127.0.0.1 (as a pod's own port would be), else any free port."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            pass
+    return free_port()
+
+
+def stop_process_group(proc: Any) -> None:
+    """Stop a server started with start_new_session=True (it forks workers into that group)."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def wait_http_ok(proc: Any, url: str, log: Path, what: str, timeout: float) -> None:
     """Wait until `url` answers 200; fail with the server's log when `proc` exits or time runs out."""
     import time
@@ -60,7 +86,6 @@ def wait_http_ok(proc: Any, url: str, log: Path, what: str, timeout: float) -> N
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[str]
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts proxied over HTTP); yields its URI."""
-    import signal
     import subprocess
     import sys
 
@@ -84,15 +109,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[str]
         wait_http_ok(proc, f"{uri}/health", log, "mlflow server", timeout=120)
         yield uri
     finally:
-        # The server forks its workers into the session we started: stop that group only.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 # MovieLens-100K in RecBole's atomic format ships inside the recbole wheel on PyPI (the registry is

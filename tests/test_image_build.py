@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import port_or_free
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("RECSYS_TEST_IMAGE", "recsys-test/trainer:cpu")
@@ -195,18 +195,6 @@ def _render(tmp: Path, image: str, tracking_uri: str, experiment: str) -> list[d
     return [d for d in yaml.safe_load_all(out.read_text()) if d]
 
 
-def _port_or_free(port: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            pass
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pod_args(docs: list[dict[str, Any]], tmp: Path) -> tuple[list[str], list[str], str]:
     """docker run options for the job's master pod (mounts, user, capabilities, env), its argv, its name."""
     job = next(d for d in docs if d["kind"] == "PyTorchJob")
@@ -252,7 +240,7 @@ def _pod_args(docs: list[dict[str, Any]], tmp: Path) -> tuple[list[str], list[st
     port = next(p["containerPort"] for p in c["ports"] if p["name"] == "pytorchjob-port")
     # The container shares this machine's network (to reach the MLflow server on the loopback), where
     # the pod's port may be taken by another test: a free one then, as a second pod IP would give.
-    port = _port_or_free(port)
+    port = port_or_free(port)
     nproc = job["spec"]["nprocPerNode"]
     env |= {
         "PYTHONUNBUFFERED": "1",

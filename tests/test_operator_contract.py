@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from conftest import port_or_free
 
 from recsys.config import load_config
 from recsys.launch.kube import render_text
@@ -99,16 +99,9 @@ def _render(target: Target, extra: list[str]) -> tuple[list[dict[str, Any]], lis
 
 def _port_or_free(port: int, mapped: dict[str, str]) -> int:
     """The manifest's port when free on 127.0.0.1 (as in a pod), else a free one — recorded."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            pass
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    mapped[f"port {port}"] = f"port {free} (busy here)"
+    free = port_or_free(port)
+    if free != port:
+        mapped[f"port {port}"] = f"port {free} (busy here)"
     return free
 
 

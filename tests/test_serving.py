@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -18,7 +17,7 @@ import pytest
 
 from recsys.cli import main
 from recsys.config import Config, load_config
-from tests.conftest import free_port, wait_http_ok
+from tests.conftest import free_port, stop_process_group, wait_http_ok
 from tests.test_retrieval_recommend import TINY, _seen, _vocab
 
 
@@ -47,18 +46,6 @@ def _post(url: str, payload: Any) -> tuple[int, Any]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server's process group (it forks uvicorn workers into the session we started)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.mark.slow
@@ -129,7 +116,7 @@ def test_built_model_serves_over_http_like_recommend(
             assert 400 <= status < 500, (payload, status, body)
             assert expect in body["message"], (payload, body)
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 # ----------------------------------------------------------------------------- request parsing, no MLflow
