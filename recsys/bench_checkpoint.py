@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from recsys.bench_train import BENCH_DIR, _configs, _free_port
+from recsys.bench_train import BENCH_DIR, _configs, run_workers
 
 STEPS = 60
 EVERY = 20
@@ -112,23 +111,7 @@ def _worker(phase: str, overrides: list[str]) -> None:
 
 
 def _run(nproc: int, phase: str, overrides: list[str]) -> dict[str, Any]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        "-m", "recsys.bench_checkpoint", "--worker", phase, *overrides,
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
-    }
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH "):
-            return json.loads(line[6:])
-    raise RuntimeError(
-        f"bench-checkpoint {nproc} ranks failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
-    )
+    return run_workers("recsys.bench_checkpoint", nproc, [phase, *overrides])
 
 
 def _row(result: dict[str, Any]) -> str:

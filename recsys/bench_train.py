@@ -316,11 +316,12 @@ def _worker(model: str, steps: int, reps: int, overrides: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------- orchestrator
-def _run(model: str, nproc: int, steps: int, reps: int, overrides: list[str]) -> dict:
+def run_workers(module: str, nproc: int, args: list[str]) -> dict:
+    """`python -m <module> --worker ARGS` under torchrun on `nproc` ranks; rank 0's `BENCH {...}` line."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        "-m", "recsys.bench_train", "--worker", model, str(steps), str(reps), *overrides,
+        "-m", module, "--worker", *args,
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -332,8 +333,13 @@ def _run(model: str, nproc: int, steps: int, reps: int, overrides: list[str]) ->
         if line.startswith("BENCH "):
             return json.loads(line[6:])
     raise RuntimeError(
-        f"bench {model}/{nproc} ranks failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+        f"{module} {' '.join(args[:2])} on {nproc} ranks failed (rc {proc.returncode}):\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     )
+
+
+def _run(model: str, nproc: int, steps: int, reps: int, overrides: list[str]) -> dict:
+    return run_workers("recsys.bench_train", nproc, [model, str(steps), str(reps), *overrides])
 
 
 def _free_port() -> int:

@@ -8,9 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
     p.add_argument(
-        "--config", "-c", required=True, help="shipped config name (see `recsys config list`) or YAML path"
+        "--config",
+        "-c",
+        required=required,
+        default=None,
+        help=help or "shipped config name (see `recsys config list`) or YAML path",
     )
     p.add_argument(
         "--set",
@@ -108,19 +112,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./runs)",
     )
-    p.add_argument(
-        "--config",
-        "-c",
-        default=None,
-        help="config name or YAML path (default: the run's config/resolved.yaml)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="a.b=v",
-        help="override a config field",
+    _add_config_args(
+        p, required=False, help="config name or YAML path (default: the run's config/resolved.yaml)"
     )
 
 
