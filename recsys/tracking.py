@@ -21,7 +21,8 @@ import posixpath
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -149,6 +150,29 @@ def _default_pip_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             continue
     return reqs
+
+
+@contextmanager
+def _refused_as_user_error(uri: str) -> Iterator[None]:
+    """Turn the server's 401/403 (MLflow's basic-auth app, a proxy) into one line saying what to set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        code = e.get_http_status_code()
+        if code not in (401, 403):
+            raise
+        what = "refused these credentials" if code == 403 or _has_credentials() else "needs credentials"
+        raise UserError(
+            f"tracking.uri {uri}: the MLflow server {what} (HTTP {code}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account with write access "
+            "(in a cluster: the Secret named by job.mlflow_secret, default mlflow-credentials)"
+        ) from None
+
+
+def _has_credentials() -> bool:
+    return any(os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN"))
 
 
 # ------------------------------------------------------------------------------------------ trackers
@@ -311,12 +335,13 @@ class MlflowTracker(Tracker):
             raise RuntimeError(
                 f"an MLflow run ({mlflow.active_run().info.run_id}) is already active in this process"
             )
-        existing = self._existing_run(resume_run_id) if resume_run_id else None
-        if existing:
-            run = mlflow.start_run(run_id=existing, tags=tags)
-            self._resumed = True
-        else:
-            run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name, tags=tags)
+        with _refused_as_user_error(self.tracking_uri):
+            existing = self._existing_run(resume_run_id) if resume_run_id else None
+            if existing:
+                run = mlflow.start_run(run_id=existing, tags=tags)
+                self._resumed = True
+            else:
+                run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name, tags=tags)
         self._run_id = run.info.run_id
         return self
 

@@ -81,6 +81,7 @@ class Trainer:
         from recsys.data.loader import make_train_loader
         from recsys.distributed import make_optimizer, shard_model
         from recsys.models.task import build_task, log_q_from_train
+        from recsys.progress import make_reporter
 
         self.cfg, self.meta, self.env, self.tracker = cfg, meta, env, tracker
         train = meta.splits["train"]
@@ -112,6 +113,8 @@ class Trainer:
         self._arrays: dict[str, Any] | None = None
         self._window = (0.0, 0, time.perf_counter())
         self.steps_this_run = 0
+        # Kubeflow TrainJob status (rank 0, only where the Trainer injects its status server).
+        self.job_status = make_reporter(env.is_main)
 
     # ------------------------------------------------------------------------------------- sizing
     def _steps_per_epoch(self) -> int:
@@ -254,6 +257,7 @@ class Trainer:
             m = broadcast_object(m)
             self.model.train()
         self.tracker.log_metrics(mlflow_metrics("val", m), step=self.step)
+        self.job_status.update(self.step, self.total, mlflow_metrics("val", m))
         self.validations.append({"step": float(self.step), **m})
         return m
 
@@ -303,6 +307,7 @@ class Trainer:
             "train/blocks_left_out_per_epoch": float(self.blocks_left_out),
         }
         self.tracker.log_metrics(rec, step=self.step)
+        self.job_status.update(self.step, self.total, rec)
         self.history.append({"step": float(self.step), **rec})
         self._window = (0.0, 0, now)
 
@@ -377,6 +382,7 @@ class Trainer:
                 if self._save_due(at_end, improved):
                     self.save(ckpt)
         bar.close()
+        self.job_status.finish(self.step, self.total)
         if self.pipeline is not None:
             self.pipeline.detach()
         self.steps_this_run = self.step - start
