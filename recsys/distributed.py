@@ -213,7 +213,6 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
     (`collective_plan` computes it on rank 0 and broadcasts it).
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -226,9 +225,18 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
     opt_cls, opt_kwargs = _sparse_optimizer_class(cfg.train.sparse_optimizer, env.device)
     apply_optimizer_in_backward(opt_cls, sparse_params, opt_kwargs)
 
+    sharders = get_default_sharders()
+    plan = make_planner(cfg, env, tables).collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
+    return dmp, format_plan(plan)
+
+
+def make_planner(cfg: Config, env: DistEnv, tables: list[str]) -> Any:
+    """The EmbeddingShardingPlanner of a job: its topology (world, local world, device) and cfg's constraints."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 
-    planner = EmbeddingShardingPlanner(
+    return EmbeddingShardingPlanner(
         topology=_topology(env),
         batch_size=cfg.train.batch_size,
         constraints=_constraints(cfg, tables, env),
@@ -236,10 +244,6 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
         # warns about it; 15% of each device's memory is kept free for activations and buffers.
         storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
     )
-    sharders = get_default_sharders()
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
-    return dmp, format_plan(plan)
 
 
 def _topology(env: DistEnv) -> Any:

@@ -186,13 +186,16 @@ def test_every_manifest_opens_with_what_it_is_and_four_commands(path: Path) -> N
 
 
 def test_data_prep_job_prepares_what_the_jobs_read() -> None:
-    """The base data-prep Job writes exactly the prepared_dir each generated job's ConfigMap reads."""
+    """The data-prep Jobs (flagship: base/, synthetic: synth/) write exactly the prepared_dir each
+    generated job's ConfigMap reads."""
     from recsys.launch.manifests import TARGETS
 
-    prep = yaml.safe_load((REPO / "manifests/base/data-prep-job.yaml").read_text())
-    pod = prep["spec"]["template"]["spec"]
+    containers = []
+    for path in ("manifests/base/data-prep-job.yaml", "manifests/synth/data-prep-job.yaml"):
+        pod = yaml.safe_load((REPO / path).read_text())["spec"]["template"]["spec"]
+        containers += pod["initContainers"] + pod["containers"]
     prepared = {}
-    for c in pod["initContainers"] + pod["containers"]:
+    for c in containers:
         argv = c["command"]
         assert argv[:3] == ["recsys", "data", "prepare"]
         sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]

@@ -30,6 +30,7 @@ _KIND_MODELS = {
     ("v1", "Service"): "V1Service",
     ("v1", "PersistentVolumeClaim"): "V1PersistentVolumeClaim",
     ("v1", "Secret"): "V1Secret",
+    ("v1", "Pod"): "V1Pod",
     ("apps/v1", "Deployment"): "V1Deployment",
     ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy",
     ("batch/v1", "Job"): "V1Job",

@@ -2,7 +2,9 @@
 
 Each target is exactly one `recsys render` command (written into the file's first line), so a file can
 be reproduced by hand; tests/test_manifests_fresh.py fails when a committed file differs from a fresh
-render. The hand-written cluster plumbing lives in manifests/base/ and is not touched here.
+render. The flagship jobs (manifests/*.yaml) train on real data at a realistic size (criteo_kaggle,
+movielens_25m); their synthetic twins (manifests/synth/) serve the demo data and the CPU overlay. The
+hand-written cluster plumbing (manifests/base/, the data-prep Jobs) is not touched here.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# The committed jobs are GPU-sized (2 nodes × 1 GPU); manifests/overlays/cpu re-sizes them for CPU clusters.
-GPU_SIZE = ["job.nodes=2", "job.gpus_per_node=1"]
+# The synthetic jobs (demo data, no downloads) are small GPU jobs (2 nodes × 1 GPU); manifests/overlays/cpu
+# re-sizes them for CPU clusters. The flagship jobs take their size from their config's job section.
+SYNTH_GPU_SIZE = ("job.nodes=2", "job.gpus_per_node=1")
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,21 @@ class Target:
     overrides: tuple[str, ...]
 
 
-TARGETS = [
-    Target("manifests/dlrm-job.yaml", "dlrm_synth", "pytorchjob", tuple(GPU_SIZE)),
-    Target("manifests/two-tower-job.yaml", "two_tower_synth", "pytorchjob", tuple(GPU_SIZE)),
-    Target("manifests/dlrm-trainjob.yaml", "dlrm_synth", "trainjob", tuple(GPU_SIZE)),
-    Target("manifests/two-tower-trainjob.yaml", "two_tower_synth", "trainjob", tuple(GPU_SIZE)),
+# Flagship: real data prepared by manifests/base/data-prep-job.yaml from raw files on the data PVC.
+FLAGSHIP = [
+    Target("manifests/dlrm-job.yaml", "criteo_kaggle", "pytorchjob", ()),
+    Target("manifests/two-tower-job.yaml", "movielens_25m", "pytorchjob", ()),
+    Target("manifests/dlrm-trainjob.yaml", "criteo_kaggle", "trainjob", ()),
+    Target("manifests/two-tower-trainjob.yaml", "movielens_25m", "trainjob", ()),
 ]
+# Synthetic: the demo's configs, prepared by manifests/synth/data-prep-job.yaml (no raw files needed).
+SYNTH = [
+    Target("manifests/synth/dlrm-job.yaml", "dlrm_synth", "pytorchjob", SYNTH_GPU_SIZE),
+    Target("manifests/synth/two-tower-job.yaml", "two_tower_synth", "pytorchjob", SYNTH_GPU_SIZE),
+    Target("manifests/synth/dlrm-trainjob.yaml", "dlrm_synth", "trainjob", SYNTH_GPU_SIZE),
+    Target("manifests/synth/two-tower-trainjob.yaml", "two_tower_synth", "trainjob", SYNTH_GPU_SIZE),
+]
+TARGETS = FLAGSHIP + SYNTH
 
 
 def render_target(target: Target) -> str:
