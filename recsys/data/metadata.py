@@ -122,7 +122,10 @@ _NOT_CONTENT = {"prepared_dir", "raw_dir", "num_workers", "num_canonical_nodes",
 
 def data_settings(cfg: Config) -> dict[str, object]:
     """The part of cfg.data that determines a prepared folder's content (recorded in metadata.json)."""
-    return cfg.data.model_dump(mode="json", exclude=_NOT_CONTENT)
+    out = cfg.data.model_dump(mode="json", exclude=_NOT_CONTENT)
+    if not cfg.data.negatives.per_positive:  # folders prepared before the field existed still match
+        out.pop("negatives")
+    return out
 
 
 def metadata_path(prepared_dir: str | Path) -> Path:

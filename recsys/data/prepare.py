@@ -30,6 +30,7 @@ import numpy as np
 from recsys.data import splits as S
 from recsys.data import vocab as V
 from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, data_settings, write_metadata
+from recsys.data.negatives import add_negatives
 from recsys.data.readers import Table, concat_tables, read_source
 from recsys.errors import UserError
 
@@ -268,6 +269,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
         f"read {table.rows:,} rows in {t_read - t0:.1f}s; fitting {len(table.sparse)} vocabularies on train …"
     )
     labels, label_info = binarize(table.label, assign, cfg.data.label)
+    table, assign, labels = add_negatives(table, assign, labels, cfg.data.negatives)
     order, bounds = split_order(assign, cfg.data.split.seed)
     sparse, vocabs = map_vocabularies(table, assign == S.TRAIN, cfg.data.min_count, order)
     t_vocab = time.perf_counter()

@@ -1,0 +1,170 @@
+"""Retrieve → rank end to end on a slice of MovieLens-100K (real mlflow server): a Two-Tower and a DCN
+ranker with sampled negatives are trained once; re-ranked lists are well-formed and drawn from the
+retrieved candidates; `evaluate_funnel` scores both stages with the retrieval protocol and logs them;
+a ranker that is not a ranking model or does not know the retrieval data's ids is one clear line."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from recsys.cli import main
+from recsys.config import Config, load_config
+from recsys.errors import UserError
+
+# Slow under load: the module trains two models (~1 min on an idle 2-core machine).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+USERS = 150  # users 1..150 of ML-100K: ~17k ratings, ~1.3k items
+
+
+@dataclasses.dataclass
+class Runs:
+    """The two trained runs of this module and their configs."""
+
+    uri: str
+    tt: str
+    ranker: str
+    tt_cfg: Config
+
+
+def _slice(src: Path, dst: Path) -> Path:
+    """ML-100K's atomic files with the ratings of the first USERS users only."""
+    dst.mkdir(parents=True)
+    lines = (src / "ml-100k.inter").read_text().splitlines()
+    keep = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t", 1)[0]) <= USERS]
+    (dst / "ml-100k.inter").write_text("\n".join(keep) + "\n")
+    for ext in ("user", "item"):
+        shutil.copy(src / f"ml-100k.{ext}", dst / f"ml-100k.{ext}")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, ml100k_recbole: Path) -> Runs:
+    """A Two-Tower and a DCN ranker trained on the same ML-100K slice (20 steps each)."""
+    from recsys.data.prepare import prepare
+    from recsys.train import train
+
+    root = tmp_path_factory.mktemp("funnel")
+    raw = _slice(ml100k_recbole, root / "raw")
+    common = [
+        *(f"data.source.{k}={raw / f'ml-100k.{k}'}" for k in ("inter", "user", "item")),
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=test-retrieve-rank",
+        "train.epochs=1",
+        "train.max_steps=20",
+        "train.early_stopping.metric=null",
+    ]
+    tt_cfg = load_config(
+        "movielens_100k_recbole",
+        [*common, f"data.prepared_dir={root / 'tt'}", "eval.ks=[10]", "eval.val_retrieval=false"],
+    )
+    rk_cfg = load_config(
+        "movielens_100k_ranker",
+        [*common, f"data.prepared_dir={root / 'rk'}", "data.negatives.per_positive=2"],
+    )
+    out = []
+    for cfg in (tt_cfg, rk_cfg):
+        prepare(cfg, overwrite=False)
+        out.append(train(cfg).run_id)
+    return Runs(mlflow_server, out[0], out[1], tt_cfg)
+
+
+def _train_pairs(cfg: Config) -> set[tuple[str, str]]:
+    from recsys.data.loader import read_split_arrays
+    from recsys.data.metadata import read_metadata, read_vocab
+
+    meta = read_metadata(cfg.data.prepared_dir)
+    u, i = meta.sparse_index("user_id"), meta.sparse_index("item_id")
+    vu = read_vocab(cfg.data.prepared_dir, meta.sparse_features[u])
+    vi = read_vocab(cfg.data.prepared_dir, meta.sparse_features[i])
+    s = read_split_arrays(cfg.data.prepared_dir, "train", meta)["sparse"]
+    return {(vu[a], vi[b]) for a, b in s[:, [u, i]].tolist()}
+
+
+def test_reranked_lists_come_from_the_candidates_in_ranker_order(runs: Runs, tmp_path: Path) -> None:
+    from recsys.retrieval.rank import open_ranker, retrieve_and_rank, score_pairs
+    from recsys.retrieval.recommend import recommend
+
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join([*(str(u) for u in range(1, 21)), "nobody"]) + "\n")
+    rec = retrieve_and_rank(
+        runs.tt, runs.ranker, runs.uri, users, candidates=30, k=10, out=tmp_path / "r.parquet"
+    )
+    t = pq.read_table(tmp_path / "r.parquet").to_pandas()
+    assert list(t.columns) == ["user", "rank", "item", "score", "fallback", "retrieval_rank"]
+    assert rec.users == 21 and rec.fallback == 1 and len(t) == 21 * 10
+    cands = recommend(runs.tt, runs.uri, users, k=30).table.to_pandas()
+    seen = _train_pairs(runs.tt_cfg)
+    moved = 0
+    for user, g in t.groupby("user", sort=False):
+        assert g["rank"].tolist() == list(range(1, 11))
+        assert g["item"].is_unique and not {(user, i) for i in g["item"]} & seen
+        if user == "nobody":  # the cold user keeps its popularity list
+            assert g["fallback"].all() and g["retrieval_rank"].tolist() == list(range(1, 11))
+            continue
+        assert np.all(np.diff(g["score"].to_numpy()) <= 0) and not g["fallback"].any()
+        mine = cands[cands.user == user]
+        rank_of = dict(zip(mine["item"], mine["rank"], strict=True))
+        assert set(g["item"]) <= set(rank_of)  # drawn from this user's 30 candidates
+        assert [rank_of[i] for i in g["item"]] == g["retrieval_rank"].tolist()
+        moved += g["retrieval_rank"].tolist() != list(range(1, 11))
+    assert moved > 0  # the ranker changed some order
+    ranker = open_ranker(runs.ranker, runs.uri)
+    warm = t[~t.fallback]
+    again = score_pairs(ranker, warm["user"].to_numpy(), warm["item"].to_numpy())
+    np.testing.assert_allclose(again, warm["score"].to_numpy(), rtol=1e-5)
+
+
+def test_funnel_metrics_match_the_retrieval_protocol_and_are_logged(runs: Runs) -> None:
+    import mlflow
+
+    from recsys.evaluate import evaluate_funnel
+
+    out = evaluate_funnel(runs.tt, runs.ranker, runs.uri, candidates=(20, 50), split="test")
+    for stage in ("retrieval", "rank_n20", "rank_n50"):
+        for m in ("recall@10", "ndcg@10", "hitrate@10"):
+            assert 0.0 <= out[f"{stage}/{m}"] <= 1.0
+        assert out[f"{stage}/users"] == USERS  # every user has one test rating
+    run = mlflow.MlflowClient(runs.uri).get_run(runs.tt)
+    # Retrieval-only through FAISS lists equals what training measured with exact torch scores.
+    assert out["retrieval/recall@10"] == pytest.approx(run.data.metrics["test/recall_at_10"], abs=1e-9)
+    assert out["retrieval/ndcg@10"] == pytest.approx(run.data.metrics["test/ndcg_at_10"], abs=1e-6)
+    for key in ("retrieval/recall_at_10", "rank_n20/ndcg_at_10", "rank_n50/recall_at_10"):
+        assert run.data.metrics[f"funnel/test/{key}"] == pytest.approx(out[key.replace("_at_", "@")])
+    assert run.data.tags["funnel.ranker_run_id"] == runs.ranker
+
+
+def test_cli_recommend_and_evaluate_with_a_ranker(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base = ["--run-id", runs.tt, "--tracking-uri", runs.uri, "--ranker-run-id", runs.ranker]
+    out = tmp_path / "recs.parquet"
+    assert main(["recommend", *base, "--candidates", "20", "--k", "5", "-o", str(out)]) == 0
+    assert pq.read_table(out).num_rows == USERS * 5
+    assert main(["evaluate", *base, "--candidates", "20,40", "--split", "val"]) == 0
+    assert "val/rank_n40/ndcg@10" in capsys.readouterr().out
+    assert main(["recommend", *base, "--candidates", "5", "--k", "10", "-o", str(out)]) == 2
+    assert "--candidates (5) must be >= --k (10)" in capsys.readouterr().err
+
+
+def test_bad_rankers_are_one_line(runs: Runs) -> None:
+    from recsys.retrieval.rank import check_vocab, open_ranker, retrieve_and_rank
+
+    with pytest.raises(UserError, match="a two_tower run, not a ranking model"):
+        retrieve_and_rank(runs.tt, runs.tt, runs.uri, candidates=20, k=10)
+    with pytest.raises(UserError, match="not found"):
+        open_ranker("0" * 32, runs.uri)
+    # A ranker trained on other interactions: its item vocabulary lacks some of the retrieval data's items.
+    ranker = open_ranker(runs.ranker, runs.uri)
+    fewer = dataclasses.replace(ranker, item_row=dict(list(ranker.item_row.items())[:-3]))
+    meta_dir = runs.tt_cfg.data.prepared_dir
+    from recsys.data.metadata import read_metadata
+
+    with pytest.raises(UserError, match=r"item vocabulary .* lacks 3 of the"):
+        check_vocab(fewer, runs.tt, meta_dir, read_metadata(meta_dir))
