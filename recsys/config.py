@@ -191,6 +191,15 @@ class SplitConfig(Strict):
     seed: int = Field(0, description="Seed of the random split.")
 
 
+class NegativesConfig(Strict):
+    """Sampled negatives: label-0 rows added to interaction data so a ranker (DLRM/DCN) can train on it."""
+
+    per_positive: int = Field(
+        0, ge=0, description="Items drawn per positive among those its user has no row with (0: none)."
+    )
+    seed: int = Field(0, description="Seed of the negative sampling.")
+
+
 class DataConfig(Strict):
     """Where raw data comes from and how it becomes MDS shards."""
 
@@ -203,6 +212,9 @@ class DataConfig(Strict):
     )
     label: LabelConfig = Field(default_factory=LabelConfig, description="Label binarization.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/val/test split.")
+    negatives: NegativesConfig = Field(
+        default_factory=NegativesConfig, description="Sampled label-0 rows per positive (rankers)."
+    )
     min_count: int = Field(1, ge=1, description="Raw ids seen fewer times in train map to the OOV row.")
     block_size: int = Field(
         256, gt=0, description="Rows per MDS sample (columnar block); batch_size must be a multiple."
@@ -462,6 +474,11 @@ class JobConfig(Strict):
         ],
         description="Keys of mlflow_secret passed as optional env in TrainJobs (no envFrom there); "
         "PyTorchJobs take every key of the Secret through envFrom.",
+    )
+    extra_secrets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="More Secrets for the trainer's env, name → keys (all optional; e.g. object-store "
+        "credentials); PyTorchJobs take every key through envFrom, TrainJobs the listed keys.",
     )
     env: dict[str, str] = Field(
         default_factory=lambda: {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"},
