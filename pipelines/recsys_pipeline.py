@@ -1,10 +1,14 @@
-"""Kubeflow Pipelines v2: prepare data (MDS) → train Two-Tower and DLRM → evaluate → summary.
+"""Kubeflow Pipelines v2: prepare data (MDS) → train Two-Tower and DLRM → (Two-Tower: index → batch
+recommend for every user) → evaluate → summary.
 
 Every step is a lightweight Python component that runs in the trainer image (the `image` parameter;
-the compiled default is JobConfig.image) and calls the same code as the `recsys` command: training goes
-through `recsys launch`, so a cluster run creates a PyTorchJob or TrainJob exactly like the CLI does, and
-`backend=local` runs torchrun inside the step. Per-run names come from the pipeline-job placeholders at
-run time; nothing per-run is computed here, because this module's body runs once, at compile time.
+the compiled default is JobConfig.image) and calls the library in-process (recsys.launch.steps):
+training goes through the launcher contract (`recsys.launch.contract.submit`), so a cluster run creates
+a PyTorchJob or TrainJob exactly like `recsys launch` does, `backend=local` runs torchrun inside the
+step, and the run id and failure reason come back as values. The run's data PVC, checkpoint PVC and
+secrets go into the job section, so they reach the job pods. Per-run names come from the pipeline-job
+placeholders at run time; nothing per-run is computed here, because this module's body runs once, at
+compile time.
 
     python pipelines/recsys_pipeline.py --compile     # writes pipelines/recsys_pipeline.yaml
     python pipelines/recsys_pipeline.py --local       # the whole pipeline on this machine (kfp.local)
@@ -22,6 +26,7 @@ from kfp.dsl import Input, Markdown, Metrics, Output
 from kfp.dsl.pipeline_channel import PipelineChannel
 
 from recsys.config import JobConfig
+from recsys.launch.steps import OBJECT_STORE_SECRET_KEYS
 
 PIPELINE_NAME = "recsys-pipeline"
 PIPELINE_YAML = Path(__file__).with_suffix(".yaml")
@@ -32,14 +37,6 @@ DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"
 # Keys copied from the Secrets into the step's environment (optional: a missing key or Secret is skipped).
 MLFLOW_SECRET_KEYS = ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"]
-OBJECT_STORE_SECRET_KEYS = [
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "S3_ENDPOINT_URL",
-    "MLFLOW_S3_ENDPOINT_URL",
-]
 
 
 # ------------------------------------------------------------------------------------------ components
@@ -97,97 +94,57 @@ def train_model(
     data_pvc: str,
     checkpoint_pvc: str,
     mlflow_secret: str,
+    object_store_secret: str,
     pipeline_job_name: str,
     pipeline_task_id: str,
 ) -> NamedTuple("TrainOutputs", [("job_name", str), ("run_id", str)]):
-    """Train through `recsys launch` (PyTorchJob, TrainJob or local torchrun), wait, return job name + run id."""
-    import collections
-    import hashlib
+    """Train through the launcher contract (PyTorchJob, TrainJob or local torchrun), wait; job name + run id."""
+    from recsys.launch.contract import job_size
+    from recsys.launch.steps import OBJECT_STORE_SECRET_KEYS, ClusterParams, train_config, train_step
+
+    params = ClusterParams(
+        image=image,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        procs_per_node=procs_per_node,
+        node_selector=job_node_selector,
+        tolerations=job_tolerations,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        data_pvc=data_pvc,
+        checkpoint_pvc=checkpoint_pvc,
+        mlflow_secret=mlflow_secret,
+        object_store_secret=object_store_secret,
+        object_store_keys=tuple(OBJECT_STORE_SECRET_KEYS),
+    )
+    cfg = train_config(
+        config, [*overrides, *model_overrides], prepared_dir, params, pipeline_job_name, pipeline_task_id
+    )
+    print(f"train: {cfg.job.name} on {backend}: {job_size(cfg.job).describe()}", flush=True)
+    result = train_step(cfg, backend, echo=lambda line: print(line, flush=True))
+    print(f"train: {result.job_name} done, MLflow run {result.run_id}", flush=True)
+    return result.job_name, result.run_id
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def build_index(run_id: str, mlflow_tracking_uri: str, index_kind: str) -> str:
+    """Build the run's FAISS item index (recall@k against exact measured) and log it to the run; its facts."""
     import json
-    import os
-    import re
-    import subprocess
-    import sys
 
-    from recsys.config import load_config
-    from recsys.tracking import find_run_by_job, resolve_tracking_uri
+    from recsys.launch.steps import index_step
 
-    if backend not in ("pytorchjob", "trainjob", "local"):
-        raise ValueError(f"backend: expected pytorchjob, trainjob or local, got {backend!r}")
-    if backend == "local" and nodes > 1:
-        raise ValueError(
-            f"nodes={nodes} needs backend pytorchjob or trainjob; backend=local trains on one node"
-        )
-    sets = [
-        f"data.prepared_dir={prepared_dir}",
-        f"job.image={image}",
-        f"job.nodes={nodes}",
-        f"job.gpus_per_node={gpus_per_node}",
-        # On GPUs torchrun starts one process per GPU; on CPU procs_per_node decides.
-        f"job.procs_per_node={gpus_per_node if gpus_per_node > 0 else procs_per_node}",
-        f"job.node_selector={json.dumps(job_node_selector)}",
-        f"job.tolerations={json.dumps(job_tolerations)}",
-        # The run's volumes and secret reach the job pods, not only this step's pod.
-        f"job.data_pvc={data_pvc}",
-        f"job.checkpoint_pvc={checkpoint_pvc}",
-        f"job.mlflow_secret={mlflow_secret}",
-    ]
-    if mlflow_tracking_uri:
-        sets += [f"tracking.uri={mlflow_tracking_uri}", f"job.mlflow_tracking_uri={mlflow_tracking_uri}"]
-    # User overrides come last so they can refine anything the parameters set.
-    sets += [*overrides, *model_overrides]
-    cfg = load_config(config, sets)
+    facts = index_step(run_id, mlflow_tracking_uri, index_kind)
+    print(f"index: run {run_id}: {facts}", flush=True)
+    return json.dumps(facts, sort_keys=True)
 
-    # Unique per run and task (display names repeat across runs); at most 40 characters, the limit
-    # `recsys launch` enforces so that the operators' pod and service names stay valid.
-    base = cfg.job.name[:14].strip("-")
-    digest = hashlib.sha1(f"{pipeline_job_name}/{pipeline_task_id}".encode()).hexdigest()[:8]
-    slug = re.sub(r"[^a-z0-9]+", "-", pipeline_job_name.lower()).strip("-")
-    slug = slug[: 40 - len(base) - len(digest) - 2].strip("-")
-    job_name = "-".join(p for p in (base, slug, digest) if p)
-    sets.append(f"job.name={job_name}")
 
-    cmd = [sys.executable, "-m", "recsys", "launch", "--backend", backend, "--config", config]
-    for s in sets:
-        cmd += ["--set", s]
-    if backend == "local":
-        cmd += ["--num-processes", str(cfg.job.procs_per_node)]
-    else:
-        cmd += ["--wait", "--logs"]
-    print(f"train: {job_name}: {' '.join(cmd[2:])}", flush=True)
-    # The trainer tags its MLflow run with RECSYS_JOB_NAME; the run is found by that tag afterwards.
-    env = dict(os.environ, RECSYS_JOB_NAME=job_name)
-    # The reason of a failure is the last line that states one: the launcher's or trainer's
-    # `recsys: …` line (e.g. "PyTorchJob x failed: BackoffLimitExceeded: …") or an exception's message.
-    stated = re.compile(r"(^|[\s:\]])recsys: |\b\w*(Error|Exception): ")
-    tail: collections.deque[str] = collections.deque(maxlen=5)
-    reason = ""
-    with subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if line.strip():
-                tail.append(line.strip())
-            if stated.search(line) and "ChildFailedError" not in line:
-                reason = line.strip()
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"training job {job_name} ({backend}) failed with exit status {proc.returncode}: "
-            + (reason or " | ".join(tail))
-        )
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def recommend_all(run_id: str, mlflow_tracking_uri: str, prepared_dir: str, k: int) -> str:
+    """Top-k unseen items for every user of the run as Parquet on the data volume; returns its path."""
+    from recsys.launch.steps import recommend_step, recommendations_path
 
-    uri = resolve_tracking_uri(cfg)
-    run_id = find_run_by_job(uri, cfg.tracking.experiment, job_name)
-    if run_id is None:
-        raise RuntimeError(
-            f"training job {job_name} succeeded but no MLflow run tagged with it is in experiment "
-            f"{cfg.tracking.experiment!r} at {uri}"
-        )
-    print(f"train: {job_name} done, MLflow run {run_id}", flush=True)
-    return job_name, run_id
+    done = recommend_step(run_id, mlflow_tracking_uri, k, recommendations_path(prepared_dir, run_id, k))
+    print(f"recommend: run {run_id}: {done}", flush=True)
+    return done["path"]
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
@@ -198,15 +155,18 @@ def evaluate_model(
     prepared_dir: str,
     run_id: str,
     mlflow_tracking_uri: str,
+    recommendations: str,
     metrics: Output[Metrics],
 ) -> None:
-    """Evaluate a trained run on the test split; the metrics go to the MLflow run and to a KFP artifact."""
+    """Evaluate a trained run on the test split (and score its batch recommendations when given); the
+    metrics go to the MLflow run and to a KFP artifact."""
     import math
 
     import mlflow
 
     from recsys.config import load_config
     from recsys.evaluate import evaluate_run
+    from recsys.launch.steps import score_recommendations
     from recsys.tracking import resolve_tracking_uri
 
     sets = [f"data.prepared_dir={prepared_dir}"]
@@ -214,8 +174,14 @@ def evaluate_model(
         sets.append(f"tracking.uri={mlflow_tracking_uri}")
     cfg = load_config(config, [*sets, *overrides, *model_overrides])
     evaluate_run(cfg, run_id=run_id)
-    # Read back what evaluate_run logged, so the KFP metrics are exactly the MLflow run's eval/ metrics.
-    logged = mlflow.MlflowClient(resolve_tracking_uri(cfg)).get_run(run_id).data.metrics
+    client = mlflow.MlflowClient(resolve_tracking_uri(cfg))
+    if recommendations:
+        # The written top-K lists scored against the test positives: what a serving layer would show.
+        scored = score_recommendations(recommendations, prepared_dir, list(cfg.eval.ks))
+        for name, value in scored.items():
+            client.log_metric(run_id, f"eval/recs_{name}", value)
+    # Read back what was logged, so the KFP metrics are exactly the MLflow run's eval/ metrics.
+    logged = client.get_run(run_id).data.metrics
     values = {k.removeprefix("eval/"): v for k, v in sorted(logged.items()) if k.startswith("eval/")}
     if not values:
         raise RuntimeError(f"evaluation of run {run_id} logged no eval/ metrics to MLflow")
@@ -230,6 +196,7 @@ def summarize(
     two_tower_job_name: str,
     two_tower_run_id: str,
     two_tower_metrics: Input[Metrics],
+    two_tower_recommendations: str,
     dlrm_job_name: str,
     dlrm_run_id: str,
     dlrm_metrics: Input[Metrics],
@@ -239,6 +206,7 @@ def summarize(
     """Gather both models' jobs, MLflow runs and test metrics into a Markdown table and a JSON string."""
     import json
 
+    outputs = {"two_tower": two_tower_recommendations, "dlrm": ""}
     models = {
         "two_tower": (two_tower_job_name, two_tower_run_id, two_tower_metrics),
         "dlrm": (dlrm_job_name, dlrm_run_id, dlrm_metrics),
@@ -248,9 +216,13 @@ def summarize(
     for model, (job_name, run_id, artifact) in models.items():
         values = {k: v for k, v in artifact.metadata.items() if isinstance(v, (int, float))}
         result[model] = {"job_name": job_name, "run_id": run_id, "metrics": values}
+        if outputs[model]:
+            result[model]["recommendations"] = outputs[model]
         lines += [
             f"## {model}\n",
-            f"job `{job_name}`, MLflow run `{run_id}`\n",
+            f"job `{job_name}`, MLflow run `{run_id}`"
+            + (f", recommendations `{outputs[model]}`" if outputs[model] else "")
+            + "\n",
             "| metric | value |",
             "|---|---|",
         ]
@@ -314,10 +286,34 @@ def _with_shm(task: dsl.PipelineTask) -> dsl.PipelineTask:
     )
 
 
+def _recommendations(
+    run_id: PipelineChannel,
+    prepared_dir: PipelineChannel,
+    mlflow_tracking_uri: PipelineChannel,
+    index_kind: PipelineChannel,
+    k: PipelineChannel,
+    cluster: dict,
+) -> PipelineChannel:
+    """Two-Tower after training: index its items, then top-k for every user; the Parquet path.
+
+    The retrieve → rank step (recsys.retrieval.rank, DLRM/DCN re-ranking the top-N of each user) goes
+    between recommend and evaluate: it takes this path and the DLRM train step's run id, writes a
+    re-ranked Parquet beside it and returns that path for evaluate to score.
+    """
+    index = build_index(run_id=run_id, mlflow_tracking_uri=mlflow_tracking_uri, index_kind=index_kind)
+    _cluster_step(index, name="index-two-tower", **cluster)
+    recommend = recommend_all(
+        run_id=run_id, mlflow_tracking_uri=mlflow_tracking_uri, prepared_dir=prepared_dir, k=k
+    )
+    _cluster_step(recommend.after(index), name="recommend-two-tower", **cluster)
+    return recommend.output
+
+
 @dsl.pipeline(
     name=PIPELINE_NAME,
     description="Prepare MDS data, train Two-Tower and DLRM as PyTorchJobs/TrainJobs (or locally), "
-    "evaluate both and record everything in MLflow.",
+    "index the Two-Tower's items and recommend top-K for every user, evaluate both and record "
+    "everything in MLflow.",
 )
 def recsys_pipeline(
     two_tower_config: str = "two_tower_synth",
@@ -338,6 +334,8 @@ def recsys_pipeline(
     object_store_secret: str = "recsys-object-store",
     job_node_selector: dict = {},  # noqa: B006
     job_tolerations: list = [],  # noqa: B006
+    index_kind: str = "flat",
+    recommend_k: int = 100,
     step_node_selector: dict = {},  # noqa: B006
     step_tolerations: list = [],  # noqa: B006
 ) -> PipelineOutputs:
@@ -360,9 +358,12 @@ def recsys_pipeline(
         checkpoint_pvc: PVC mounted at /checkpoints in the training job pods (and the step, backend=local).
         mlflow_secret: Secret with MLflow credentials (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), optional;
             the steps and the training job pods read it.
-        object_store_secret: Secret with object-store credentials (AWS_*, S3_ENDPOINT_URL), optional.
+        object_store_secret: Secret with object-store credentials (AWS_*, S3_ENDPOINT_URL), optional;
+            the steps and the training job pods read it.
         job_node_selector: nodeSelector of the training job pods, e.g. {"nvidia.com/gpu.present": "true"}.
         job_tolerations: Tolerations of the training job pods, e.g. [{"key": "nvidia.com/gpu", "operator": "Exists"}].
+        index_kind: FAISS index of the Two-Tower's items: flat (exact), ivf or hnsw (recall@k vs exact logged).
+        recommend_k: Items recommended per user (Parquet beside the run's data on the data PVC).
         step_node_selector: nodeSelector of the pipeline's own step pods.
         step_tolerations: Tolerations of the pipeline's own step pods.
     """
@@ -404,12 +405,18 @@ def recsys_pipeline(
             data_pvc=data_pvc,
             checkpoint_pvc=checkpoint_pvc,
             mlflow_secret=mlflow_secret,
+            object_store_secret=object_store_secret,
             pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
             pipeline_task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,
         )
         _with_shm(_cluster_step(train, name=f"train-{model}", **cluster))
         # backend=local trains inside this pod and checkpoints beside the job pods' checkpoints.
         kubernetes.mount_pvc(train, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
+        recommendations = ""
+        if model == "two-tower":
+            recommendations = _recommendations(
+                train.outputs["run_id"], data.output, mlflow_tracking_uri, index_kind, recommend_k, cluster
+            )
         evaluate = evaluate_model(
             config=config,
             overrides=overrides,
@@ -417,15 +424,17 @@ def recsys_pipeline(
             prepared_dir=data.output,
             run_id=train.outputs["run_id"],
             mlflow_tracking_uri=mlflow_tracking_uri,
+            recommendations=recommendations,
         )
         _with_shm(_cluster_step(evaluate, name=f"evaluate-{model}", **cluster))
-        trained[model] = (train, evaluate)
+        trained[model] = (train, evaluate, recommendations)
 
-    (tt_train, tt_eval), (dlrm_train, dlrm_eval) = trained["two-tower"], trained["dlrm"]
+    (tt_train, tt_eval, tt_recs), (dlrm_train, dlrm_eval, _) = trained["two-tower"], trained["dlrm"]
     summary = summarize(
         two_tower_job_name=tt_train.outputs["job_name"],
         two_tower_run_id=tt_train.outputs["run_id"],
         two_tower_metrics=tt_eval.outputs["metrics"],
+        two_tower_recommendations=tt_recs,
         dlrm_job_name=dlrm_train.outputs["job_name"],
         dlrm_run_id=dlrm_train.outputs["run_id"],
         dlrm_metrics=dlrm_eval.outputs["metrics"],
@@ -513,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in ("two_tower", "dlrm"):
         s, artifact = result["summary"][model], result["metrics"][model]
         print(f"\n{model}: job {s['job_name']}  MLflow run {s['run_id']}  (KFP metrics: {artifact.uri})")
+        if s.get("recommendations"):
+            print(f"  recommendations: {s['recommendations']}")
         for name, value in sorted(artifact.metadata.items()):
             print(f"  {name:<28} {value:.6g}")
     return 0

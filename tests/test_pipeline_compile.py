@@ -46,6 +46,8 @@ def test_steps_and_dependencies(compiled: tuple[str, dict]) -> None:
         "prepare-data-dlrm",
         "train-two-tower",
         "train-dlrm",
+        "index-two-tower",
+        "recommend-two-tower",
         "evaluate-two-tower",
         "evaluate-dlrm",
         "summary",
@@ -57,8 +59,18 @@ def test_steps_and_dependencies(compiled: tuple[str, dict]) -> None:
 
     for model in ("two-tower", "dlrm"):
         assert deps(f"train-{model}") == {f"prepare-data-{model}"}
-        assert deps(f"evaluate-{model}") == {f"prepare-data-{model}", f"train-{model}"}
-    assert deps("summary") == {"train-two-tower", "train-dlrm", "evaluate-two-tower", "evaluate-dlrm"}
+    # Two-Tower: train → index → batch recommend → evaluate (which scores the recommendations too).
+    assert deps("index-two-tower") == {"train-two-tower"}
+    assert deps("recommend-two-tower") == {"train-two-tower", "index-two-tower", "prepare-data-two-tower"}
+    assert deps("evaluate-two-tower") == {"prepare-data-two-tower", "train-two-tower", "recommend-two-tower"}
+    assert deps("evaluate-dlrm") == {"prepare-data-dlrm", "train-dlrm"}
+    assert deps("summary") == {
+        "train-two-tower",
+        "train-dlrm",
+        "evaluate-two-tower",
+        "evaluate-dlrm",
+        "recommend-two-tower",
+    }
     for task in tasks.values():
         assert task["cachingOptions"] == {}, "every step runs anew (caching off)"
 
@@ -76,10 +88,17 @@ def test_parameters(compiled: tuple[str, dict]) -> None:
         "backend",
         "mlflow_tracking_uri",
         "data_root",
+        "data_pvc",
+        "checkpoint_pvc",
+        "mlflow_secret",
+        "object_store_secret",
+        "index_kind",
+        "recommend_k",
     ):
         assert name in params, name
     assert params["overrides"]["parameterType"] == "LIST"
     assert params["backend"]["defaultValue"] == "pytorchjob"
+    assert params["recommend_k"]["defaultValue"] == 100 and params["index_kind"]["defaultValue"] == "flat"
     from recsys.config import JobConfig
 
     assert params["image"]["defaultValue"] == JobConfig().image
@@ -118,6 +137,12 @@ def test_kubernetes_platform_settings(compiled: tuple[str, dict]) -> None:
     for step in ("train-two-tower", "train-dlrm"):
         mounts = {m["mountPath"] for m in by_step[step]["pvcMount"]}
         assert mounts == {"/data", "/checkpoints"}
+        # The job pods get the run's PVCs and secrets through the train step's parameters.
+        params = tasks[next(k for k, t in tasks.items() if t["taskInfo"]["name"] == step)]["inputs"][
+            "parameters"
+        ]
+        for name in ("data_pvc", "checkpoint_pvc", "mlflow_secret", "object_store_secret"):
+            assert params[name]["componentInputParameter"] == name, (step, name)
 
 
 def test_steps_run_in_the_image_parameter(compiled: tuple[str, dict]) -> None:

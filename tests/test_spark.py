@@ -205,11 +205,12 @@ def test_bad_row_names_the_row(spark: Any, rows_parquet: Path, tmp_path: Path) -
 def test_train_under_torch_distributor(
     spark: Any, spark_prepared: Path, rows_parquet: Path, tmp_path: Path
 ) -> None:
-    """TorchDistributor with 2 CPU processes (local mode: one torchrun on the driver) runs the
-    trainer on Spark-written MDS to completion; the run is in MLflow with rank 0's metrics."""
+    """The Spark backend of the launcher contract: job.procs_per_node=2 → TorchDistributor with 2 CPU
+    processes (local mode: one torchrun on the driver) trains on Spark-written MDS to completion; the
+    handle's result carries rank 0's run id, which is in MLflow with the trainer's metrics."""
     import mlflow
 
-    from recsys.launch.spark import run_on_spark
+    from recsys.launch.contract import submit
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = table_config(
@@ -219,20 +220,36 @@ def test_train_under_torch_distributor(
         tracking__uri=uri,
         tracking__experiment="spark-test",
         tracking__log_model=False,
+        job__procs_per_node=2,
+        job__name="spark-contract",
     )
-    result = run_on_spark(cfg, num_processes=2, local_mode=True, use_gpu=False, spark=spark)
-    assert result["world_size"] == 2
-    assert result["global_batch_size"] == 2 * 128
-    assert result["steps"] > 0 and result["run_id"]
-    run = mlflow.MlflowClient(tracking_uri=uri).get_run(result["run_id"])
+    handle = submit(cfg, "spark")
+    assert handle.status() == "Running"
+    result = handle.wait(900)
+    assert (result.backend, result.job_name, result.state, result.reason) == (
+        "spark",
+        "spark-contract",
+        "Succeeded",
+        "",
+    ), result
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.prepared_dir"] == str(spark_prepared)
-    from recsys.tracking import mlflow_metrics
+    assert run.data.params["job.procs_per_node"] == "2"
+    assert any(k.startswith("test/") for k in run.data.metrics), sorted(run.data.metrics)
+    assert "train/loss" in run.data.metrics
 
-    logged = mlflow_metrics("test", result["metrics"])
-    assert logged and set(logged) <= set(run.data.metrics), sorted(run.data.metrics)
-    for k, v in logged.items():
-        assert run.data.metrics[k] == pytest.approx(v)
+
+@needs_spark
+def test_spark_failure_reason_is_a_value(spark: Any, rows_parquet: Path, tmp_path: Path) -> None:
+    """A rank's failure comes back as the result's reason (the ranks' result files on the driver)."""
+    from recsys.launch.contract import submit
+
+    missing = tmp_path / "not-prepared"
+    cfg = table_config(rows_parquet, missing, "leave_last_n", tracking__uri=f"sqlite:///{tmp_path / 'm.db'}")
+    result = submit(cfg, "spark").wait(600)
+    assert result.state == "Failed" and result.run_id is None
+    assert str(missing) in result.reason and "\n" not in result.reason.strip(), result.reason
 
 
 @needs_spark

@@ -1,27 +1,25 @@
 """Launchers decide where and how big; they never re-derive training settings.
 
-Each backend receives the one resolved Config and starts the same trainer entry
-(`torchrun -m recsys train --config <resolved.yaml>` or its in-process twin under Spark).
+Every backend sits behind one contract (recsys/launch/contract.py): `submit(cfg, backend)` returns a
+handle with status / wait / logs / delete, and `wait` returns a JobResult with the MLflow run id and
+the failure reason as values. Each backend starts the same trainer entry on the one resolved Config.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from recsys.config import Config
 from recsys.errors import UserError
+from recsys.launch.contract import JobHandle, JobResult, JobSize, job_size, submit
+
+__all__ = ["JobHandle", "JobResult", "JobSize", "job_size", "launch", "submit"]
 
 
 def launch(cfg: Config, args: argparse.Namespace) -> int:
-    """Dispatch `recsys launch --backend …` to the backend's module; returns the exit status."""
-    if args.backend == "local":
-        from recsys.launch.local import launch_local
-
-        return launch_local(cfg, nproc=args.num_processes or cfg.job.procs_per_node)
-    if args.backend in ("pytorchjob", "trainjob"):
-        from recsys.launch.kube import launch_kube
-
-        return launch_kube(cfg, backend=args.backend, wait=args.wait, logs=args.logs)
+    """`recsys launch --backend …`: submit, then (local, Spark, or Kubernetes with --wait/--logs) follow
+    the job to its end; returns 0 when it succeeded, 1 when it failed or is still running."""
     if args.backend == "spark":
         try:
             import pyspark  # noqa: F401
@@ -29,12 +27,28 @@ def launch(cfg: Config, args: argparse.Namespace) -> int:
             raise UserError(
                 "--backend spark needs pyspark: `pip install 'recsys[spark]'` (pyspark 4.3.0) and Java 17+ on PATH"
             ) from None
-        from recsys.launch.spark import launch_spark
+    handle = submit(cfg, args.backend, spark_local_mode=args.local_mode)
+    kube = args.backend in ("pytorchjob", "trainjob")
+    if kube and not (args.wait or args.logs):
+        return 0  # submitted; kubectl (the Check line above) follows it
+    try:
+        if args.logs or not kube:
+            for line in handle.logs(follow=True):
+                print(line, flush=True)
+        if kube and not args.wait:
+            return 0  # --logs alone: the log ended; the job's outcome is kubectl's to show
+        result = handle.wait(args.timeout)
+    except KeyboardInterrupt:
+        if not kube:  # a local/Spark job dies with this process anyway: stop it cleanly
+            handle.delete()
+        raise
+    return _report(result)
 
-        return launch_spark(
-            cfg,
-            num_processes=args.num_processes or cfg.job.procs_per_node,
-            local_mode=args.local_mode,
-            use_gpu=args.use_gpu,
-        )
-    raise UserError(f"unknown backend {args.backend!r}")
+
+def _report(result: JobResult) -> int:
+    """Print the result line (stdout on success, stderr otherwise); the exit status."""
+    if result.succeeded:
+        print(result.summary())
+        return 0
+    print(f"recsys: {result.summary()}", file=sys.stderr)
+    return 1

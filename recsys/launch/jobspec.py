@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from recsys.config import Config, dump_config
 from recsys.errors import UserError
+from recsys.launch.contract import job_size
 
 CONFIG_DIR = "/etc/recsys"
 CONFIG_FILE = "config.yaml"
@@ -81,6 +82,12 @@ class JobSpec:
     annotations: dict[str, str] = field(default_factory=dict)
     model_kind: str = ""
     config_name: str = ""
+    extra_secrets: dict[str, list[str]] = field(default_factory=dict)  # name → keys, after `secret`
+
+    def secrets(self) -> list[tuple[str, list[str]]]:
+        """Every Secret whose keys become optional env of the trainer: (name, keys), credentials first."""
+        first = [(self.secret, list(self.secret_keys))] if self.secret else []
+        return first + [(name, list(keys)) for name, keys in self.extra_secrets.items()]
 
 
 def _cluster_path(path: str) -> str:
@@ -92,8 +99,10 @@ def _cluster_path(path: str) -> str:
 
 def _rewrite_source(source: dict[str, Any]) -> dict[str, Any]:
     out = dict(source)
-    if isinstance(out.get("path"), str):
-        out["path"] = _cluster_path(out["path"])
+    # Every file field of the source kinds: the ratings/interactions file and the side-feature files.
+    for key in ("path", "users", "items", "inter", "user", "item"):
+        if isinstance(out.get(key), str):
+            out[key] = _cluster_path(out[key])
     if isinstance(out.get("paths"), list):
         out["paths"] = [_cluster_path(p) for p in out["paths"]]
     for split in ("train", "val", "test"):
@@ -145,6 +154,8 @@ def job_spec(cfg: Config) -> JobSpec:
     _check_name(job.checkpoint_pvc, "job.checkpoint_pvc", max_len=253)
     if job.mlflow_secret is not None:
         _check_name(job.mlflow_secret, "job.mlflow_secret", max_len=253)
+    for secret in job.extra_secrets:
+        _check_name(secret, f"job.extra_secrets.{secret}", max_len=253)
     clash = sorted(RESERVED_ENV & set(job.env))
     if clash:
         raise UserError(
@@ -153,17 +164,12 @@ def job_spec(cfg: Config) -> JobSpec:
     for key in ("RECSYS_JOB_NAME", "RECSYS_IMAGE", "MLFLOW_TRACKING_URI"):
         if key in job.env:
             raise UserError(f"job.env: {key} is set by recsys from the job section; remove it")
-    if job.gpus_per_node and job.procs_per_node not in (1, job.gpus_per_node):
-        raise UserError(
-            f"job.procs_per_node ({job.procs_per_node}) must equal job.gpus_per_node ({job.gpus_per_node}) "
-            "on a GPU job: one process per GPU"
-        )
-    nproc = job.gpus_per_node or job.procs_per_node
+    size = job_size(job)  # the one reading of nodes × processes × GPUs, shared with every backend
     requests = {"cpu": job.cpu, "memory": job.memory}
     limits = {"memory": job.memory}
-    if job.gpus_per_node:
-        requests["nvidia.com/gpu"] = str(job.gpus_per_node)
-        limits["nvidia.com/gpu"] = str(job.gpus_per_node)
+    if size.gpus_per_node:
+        requests["nvidia.com/gpu"] = str(size.gpus_per_node)
+        limits["nvidia.com/gpu"] = str(size.gpus_per_node)
     env = [
         ("MLFLOW_TRACKING_URI", job.mlflow_tracking_uri),
         ("RECSYS_JOB_NAME", job.name),
@@ -190,9 +196,9 @@ def job_spec(cfg: Config) -> JobSpec:
         namespace=job.namespace,
         image=job.image,
         command=list(TRAIN_COMMAND),
-        nodes=job.nodes,
-        nproc_per_node=nproc,
-        gpus_per_node=job.gpus_per_node,
+        nodes=size.nodes,
+        nproc_per_node=size.procs_per_node,
+        gpus_per_node=size.gpus_per_node,
         requests=requests,
         limits=limits,
         env=env,
@@ -213,4 +219,5 @@ def job_spec(cfg: Config) -> JobSpec:
         annotations={"sidecar.istio.io/inject": "false"},
         model_kind=cfg.model.kind,
         config_name=cfg.name,
+        extra_secrets={k: list(v) for k, v in job.extra_secrets.items()},
     )

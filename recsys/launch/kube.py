@@ -1,18 +1,16 @@
 """Kubernetes: render a ConfigMap + PyTorchJob (kubeflow.org/v1) or TrainJob (trainer.kubeflow.org/v1alpha1)
-from the one neutral JobSpec, validate it against the API models, and submit it.
+from the one neutral JobSpec and validate it against the API models.
 
-Rendering is pure (Config → dicts → YAML text); `launch_kube` is the thin submit/wait/logs layer on the
-kubernetes client. Both kinds run the same `torchrun -m recsys train --config /etc/recsys/config.yaml`:
-the operator injects the rendezvous env (PET_*), so nothing here assembles a topology.
+Rendering is pure (Config → dicts → YAML text); submitting and following a job is
+recsys/launch/kubeclient.py (the API client). Both kinds run the same
+`torchrun -m recsys train --config /etc/recsys/config.yaml`: the operator injects the rendezvous env
+(PET_*), so nothing here assembles a topology.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,8 +128,8 @@ def pytorchjob(spec: JobSpec) -> dict[str, Any]:
         "volumeMounts": _mounts(spec.volumes),
         "securityContext": _container_security(),
     }
-    if spec.secret:
-        container["envFrom"] = [{"secretRef": {"name": spec.secret, "optional": True}}]
+    if spec.secrets():
+        container["envFrom"] = [{"secretRef": {"name": name, "optional": True}} for name, _ in spec.secrets()]
     template = {
         "metadata": {"labels": dict(spec.labels), "annotations": dict(spec.annotations)},
         "spec": {**_pod_spec_common(spec), "containers": [container], "volumes": _volumes(spec)},
@@ -157,15 +155,12 @@ def pytorchjob(spec: JobSpec) -> dict[str, Any]:
 def trainjob(spec: JobSpec) -> dict[str, Any]:
     """The TrainJob twin on the `torch-distributed` runtime; pod settings go through runtimePatches."""
     env = _env(spec)
-    if spec.secret:
-        # TrainJob env has no envFrom: pass the credential keys one by one, each optional.
-        env += [
-            {
-                "name": key,
-                "valueFrom": {"secretKeyRef": {"name": spec.secret, "key": key, "optional": True}},
-            }
-            for key in spec.secret_keys
-        ]
+    # TrainJob env has no envFrom: pass the credential keys one by one, each optional.
+    env += [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": True}}}
+        for name, keys in spec.secrets()
+        for key in keys
+    ]
     pod_patch = {
         **_pod_spec_common(spec),
         "volumes": _volumes(spec),
@@ -345,191 +340,3 @@ def render_to_file(cfg: Config, backend: Backend, out: str, generated_by: str | 
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     print(f"wrote {out}: ConfigMap + {backend} {cfg.job.name} ({cfg.job.nodes} node(s))", file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------- launch
-def _load_cluster_config() -> Any:
-    """An ApiClient from the in-cluster service account, else the kube config; UserError when neither."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            # The client reads $KUBECONFIG once, at import; read it now so the current value counts.
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
-        except (config.ConfigException, FileNotFoundError, TypeError) as e:
-            raise UserError(
-                "no Kubernetes cluster configured: not in a pod and no usable kube config "
-                f"({e}); set KUBECONFIG or `kubectl config use-context`"
-            ) from None
-    return client.ApiClient()
-
-
-def _api_error(e: Any, what: str, backend: Backend, spec: JobSpec) -> UserError:
-    """One clear line for the API errors a user can act on."""
-    import json
-
-    group, version, plural, kind = PYTORCHJOB if backend == "pytorchjob" else TRAINJOB
-    try:
-        message = json.loads(e.body or "{}").get("message") or e.reason
-    except (ValueError, AttributeError):
-        message = e.reason
-    ns = spec.namespace
-    if e.status == 404 and what == "job":
-        install = (
-            "install the Kubeflow Training Operator"
-            if backend == "pytorchjob"
-            else "install Kubeflow Trainer v2 and its runtimes"
-        )
-        return UserError(
-            f"the {kind} API ({group}/{version}) is not installed on this cluster ({message}): {install}, "
-            f"or use --backend {'trainjob' if backend == 'pytorchjob' else 'pytorchjob'}"
-        )
-    if e.status == 404:
-        return UserError(
-            f"namespace {ns!r} not found ({message}): kubectl apply -k manifests/base, or set job.namespace"
-        )
-    if e.status == 403:
-        return UserError(
-            f"access denied creating the {what} in namespace {ns!r}: {message}; "
-            "ask for the recsys-launcher Role (manifests/base/rbac.yaml) or use a context that has it"
-        )
-    if e.status == 409:
-        obj = f"{kind.lower()} {spec.name}" if what == "job" else f"configmap {spec.config_map}"
-        return UserError(
-            f"{obj} already exists in namespace {ns!r}: delete it "
-            f"(kubectl -n {ns} delete {kind.lower()} {spec.name}; kubectl -n {ns} delete configmap "
-            f"{spec.config_map}) or choose another --set job.name=…"
-        )
-    return UserError(f"creating the {what} failed: HTTP {e.status} {message}")
-
-
-def _conditions(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    return list((obj.get("status") or {}).get("conditions") or [])
-
-
-def job_outcome(obj: dict[str, Any], backend: Backend) -> tuple[str, str] | None:
-    """('Succeeded'|'Failed', reason: message) once the job has finished, else None."""
-    done = {"Succeeded": "Succeeded", "Complete": "Succeeded", "Failed": "Failed"}
-    for cond in _conditions(obj):
-        outcome = done.get(cond.get("type", ""))
-        if outcome and str(cond.get("status")) == "True":
-            detail = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
-            return outcome, detail
-    return None
-
-
-def _stream_master_logs(core: Any, spec: JobSpec, backend: Backend, timeout_s: float) -> None:
-    """Wait for the master pod to start, then copy its log stream to stdout."""
-    from kubernetes.client.exceptions import ApiException
-
-    selector = master_selector(spec.name, backend)
-    deadline = time.monotonic() + timeout_s
-    pod_name = None
-    while time.monotonic() < deadline:
-        pods = core.list_namespaced_pod(spec.namespace, label_selector=selector).items
-        running = [p for p in pods if p.status and p.status.phase in ("Running", "Succeeded", "Failed")]
-        if running:
-            pod_name = running[0].metadata.name
-            break
-        time.sleep(2)
-    if pod_name is None:
-        print(f"recsys: the master pod ({selector}) did not start within {timeout_s:.0f}s", file=sys.stderr)
-        return
-    print(f"--- logs of {spec.namespace}/{pod_name}", file=sys.stderr)
-    try:
-        resp = core.read_namespaced_pod_log(
-            pod_name, spec.namespace, container=_container(backend), follow=True, _preload_content=False
-        )
-        for chunk in resp.stream(4096):
-            sys.stdout.write(chunk.decode(errors="replace"))
-            sys.stdout.flush()
-    except ApiException as e:
-        print(f"recsys: cannot read the logs of {pod_name}: HTTP {e.status} {e.reason}", file=sys.stderr)
-
-
-def _container(backend: Backend) -> str:
-    return PYTORCHJOB_CONTAINER if backend == "pytorchjob" else TRAINJOB_CONTAINER
-
-
-def launch_kube(
-    cfg: Config,
-    backend: Backend,
-    wait: bool,
-    logs: bool,
-    poll_s: float = 5.0,
-    timeout_s: float | None = None,
-) -> int:
-    """Create the ConfigMap and the job; with `logs` stream the master's log, with `wait` poll until the
-    job Succeeded (0) or Failed (1, with the reason). Returns the exit status."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
-
-    spec = job_spec(cfg)
-    cm, job = render_objects(cfg, backend)
-    from recsys.launch.kubeschema import validate_documents
-
-    validate_documents([cm, job], origin=f"launch of {cfg.name} ({backend})")
-    group, version, plural, kind = PYTORCHJOB if backend == "pytorchjob" else TRAINJOB
-    api = _load_cluster_config()
-    core = client.CoreV1Api(api)
-    custom = client.CustomObjectsApi(api)
-    host = api.configuration.host
-    try:
-        try:
-            core.create_namespaced_config_map(spec.namespace, cm)
-        except ApiException as e:
-            raise _api_error(e, "configmap", backend, spec) from None
-        try:
-            created = custom.create_namespaced_custom_object(group, version, spec.namespace, plural, job)
-        except ApiException as e:
-            # Leave nothing half-made behind: the ConfigMap belongs to the job that could not be created.
-            with contextlib.suppress(ApiException):
-                core.delete_namespaced_config_map(spec.config_map, spec.namespace)
-            raise _api_error(e, "job", backend, spec) from None
-        # Deleting the job then deletes its ConfigMap too.
-        owner = {
-            "apiVersion": f"{group}/{version}",
-            "kind": kind,
-            "name": spec.name,
-            "uid": (created.get("metadata") or {}).get("uid", ""),
-            "controller": False,
-            "blockOwnerDeletion": False,
-        }
-        if owner["uid"]:
-            try:
-                core.patch_namespaced_config_map(
-                    spec.config_map, spec.namespace, {"metadata": {"ownerReferences": [owner]}}
-                )
-            except ApiException as e:
-                print(
-                    f"recsys: note: could not link the ConfigMap to the job (HTTP {e.status})",
-                    file=sys.stderr,
-                )
-        print(
-            f"created {kind} {spec.namespace}/{spec.name} ({spec.nodes} node(s) × {spec.nproc_per_node}) "
-            f"and ConfigMap {spec.config_map}; watch: {commands(spec, backend, '-')['Check']}"
-        )
-        if logs:
-            _stream_master_logs(core, spec, backend, timeout_s=timeout_s or 900)
-        if not wait:
-            return 0
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            obj = custom.get_namespaced_custom_object(group, version, spec.namespace, plural, spec.name)
-            outcome = job_outcome(obj, backend)
-            if outcome is not None:
-                state, detail = outcome
-                if state == "Succeeded":
-                    print(f"{kind} {spec.name} succeeded" + (f" ({detail})" if detail else ""))
-                    return 0
-                print(f"recsys: {kind} {spec.name} failed: {detail or 'no reason given'}", file=sys.stderr)
-                return 1
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"recsys: {kind} {spec.name} still running after {timeout_s:.0f}s", file=sys.stderr)
-                return 1
-            time.sleep(poll_s)
-    except HTTPError as e:
-        raise UserError(f"cannot reach the Kubernetes API server at {host}: {e}") from None
