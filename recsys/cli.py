@@ -98,8 +98,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from recsys.evaluate import evaluate_run
+    from recsys.errors import UserError
+    from recsys.evaluate import evaluate_funnel, evaluate_run
 
+    if args.ranker_run_id:
+        try:
+            candidates = tuple(int(n) for n in args.candidates.split(","))
+        except ValueError:
+            raise UserError(
+                f"--candidates {args.candidates!r}: expected integers like 100 or 20,50,100"
+            ) from None
+        out = evaluate_funnel(
+            args.run_id, args.ranker_run_id, args.tracking_uri, candidates, args.split,
+            config=args.config, overrides=args.overrides, ranker_overrides=args.ranker_overrides,
+        )  # fmt: skip
+        for k, v in out.items():
+            print(f"{args.split}/{k:<28} {v:.5f}")
+        return 0
+    if args.config is None:
+        raise UserError(
+            "recsys evaluate: --config is required (the run's training config) without --ranker-run-id"
+        )
     evaluate_run(_resolve(args), run_id=args.run_id)
     return 0
 
@@ -131,8 +150,17 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _recommend(args: argparse.Namespace) -> int:
+    import os
+
     from recsys.retrieval.recommend import parse_exclude, recommend
 
+    if args.ranker_run_id:
+        return _recommend_ranked(args)
+    # Under torchrun (WORLD_SIZE set), with --nproc or --render: parts + manifest (retrieval/batch.py).
+    if args.nproc is not None or args.render or "WORLD_SIZE" in os.environ:
+        from recsys.retrieval.batch import batch_main
+
+        return batch_main(args)
     rec = recommend(
         args.run_id,
         args.tracking_uri,
@@ -146,6 +174,33 @@ def _recommend(args: argparse.Namespace) -> int:
     print(
         f"{rec.table.num_rows:,} recommendations for {rec.users:,} users ({rec.fallback:,} unknown: "
         f"popularity) -> {args.output} in {rec.seconds:.1f} s (index: {rec.index})"
+    )
+    return 0
+
+
+def _recommend_ranked(args: argparse.Namespace) -> int:
+    from recsys.errors import UserError
+    from recsys.retrieval.rank import retrieve_and_rank
+    from recsys.retrieval.recommend import parse_exclude
+
+    if args.nproc is not None or args.render:
+        raise UserError("--ranker-run-id: re-ranking runs in one process; drop --nproc/--render")
+    rec = retrieve_and_rank(
+        args.run_id,
+        args.ranker_run_id,
+        args.tracking_uri,
+        args.users,
+        args.candidates,
+        args.k,
+        parse_exclude(args.exclude),
+        args.output,
+        args.config,
+        args.overrides,
+        args.ranker_overrides,
+    )
+    print(
+        f"{rec.table.num_rows:,} re-ranked recommendations (top {args.k} of {args.candidates} candidates) for "
+        f"{rec.users:,} users ({rec.fallback:,} unknown: popularity) -> {args.output} in {rec.seconds:.1f} s"
     )
     return 0
 
@@ -185,7 +240,14 @@ def _tune(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from recsys.launch import launch
 
-    return launch(_resolve(args), args)
+    # The shorthands are job-section overrides, so every backend reads one resolved job size.
+    if args.num_processes is not None:
+        args.overrides = [*args.overrides, f"job.procs_per_node={args.num_processes}"]
+    cfg = _resolve(args)
+    if args.use_gpu and not cfg.job.gpus_per_node:
+        args.overrides = [*args.overrides, f"job.gpus_per_node={cfg.job.procs_per_node}"]
+        cfg = _resolve(args)
+    return launch(cfg, args)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -254,8 +316,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train even when the prepared folder was made from other data settings than the config's",
     )
-    p = add(sub, "evaluate", _evaluate, "evaluate a trained model from its MLflow run on the test split")
+    p = add(
+        sub,
+        "evaluate",
+        _evaluate,
+        "evaluate a trained model from its MLflow run on the test split (or retrieval vs retrieve → rank)",
+        config=False,
+    )
+    _add_config_args(p, required=False, help="config name or YAML path (required without --ranker-run-id)")
     p.add_argument("--run-id", required=True, help="MLflow run id holding the model")
+    p.add_argument(
+        "--ranker-run-id",
+        default=None,
+        help="score the Two-Tower --run-id alone and re-ranked by this DLRM/DCN run (Recall/NDCG@10)",
+    )
+    p.add_argument(
+        "--candidates", default="100", help="retrieved items per user to re-rank; comma-separated to compare"
+    )
+    p.add_argument("--split", choices=["val", "test"], default="test", help="choose --candidates on val")
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI of the runs (with --ranker-run-id)"
+    )
+    p.add_argument(
+        "--ranker-set", dest="ranker_overrides", action="append", default=[], metavar="a.b=v",
+        help="override a field of the ranker run's config (repeatable)",
+    )  # fmt: skip
 
     index = sub.add_parser("index", help="FAISS index of a Two-Tower run's item embeddings").add_subparsers(
         dest="sub", required=True
@@ -290,12 +375,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all', or a file of raw user ids (one a line, or Parquet/CSV column 'user')",
     )
     p.add_argument("--k", type=int, default=100, help="items per user")
-    p.add_argument("-o", "--output", required=True, help="output Parquet: user, rank, item, score, fallback")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output Parquet: user, rank, item, score, fallback (a folder of parts under torchrun/--nproc)",
+    )
     p.add_argument(
         "--exclude",
         default="train",
         help="splits whose items a user has seen: train, train,val, train,val,test, none",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="batch inference on N local processes (torchrun): -o is a folder of parts + manifest.json",
+    )
+    p.add_argument(
+        "--render",
+        choices=["pytorchjob", "trainjob"],
+        default=None,
+        help="print a ConfigMap + PyTorchJob/TrainJob running this command (-o: a path in the pods)",
+    )
+    p.add_argument(
+        "--ranker-run-id",
+        default=None,
+        help="retrieve --candidates with the Two-Tower, re-rank them with this DLRM/DCN run, keep --k",
+    )
+    p.add_argument("--candidates", type=int, default=100, help="items retrieved per user for the ranker")
+    p.add_argument(
+        "--ranker-set", dest="ranker_overrides", action="append", default=[], metavar="a.b=v",
+        help="override a field of the ranker run's config (repeatable), e.g. data.prepared_dir=PATH",
+    )  # fmt: skip
 
     serve = sub.add_parser("serve", help="serve a Two-Tower run: MLflow pyfunc model, KServe").add_subparsers(
         dest="sub", required=True
@@ -355,18 +467,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "launch", _launch, "launch training: local torchrun, Kubernetes (PyTorchJob/TrainJob) or Spark"
     )
     p.add_argument("--backend", choices=["local", "pytorchjob", "trainjob", "spark"], required=True)
-    p.add_argument("--wait", action="store_true", help="wait for the job to finish (kubernetes)")
-    p.add_argument("--logs", action="store_true", help="stream the master's logs (kubernetes)")
+    p.add_argument("--wait", action="store_true", help="kubernetes: wait for the job to finish")
+    p.add_argument("--logs", action="store_true", help="kubernetes: stream the master's logs")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait before giving up (exit 1)")
     p.add_argument(
         "--num-processes",
         type=int,
         default=None,
-        help="processes (local, spark); default: job.procs_per_node",
+        help="processes per node: shorthand for --set job.procs_per_node=N",
     )
     p.add_argument(
-        "--local-mode", action=argparse.BooleanOptionalAction, default=True, help="spark: run on the driver"
+        "--local-mode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="spark: torchrun on the driver (default when job.nodes is 1) or one node per executor",
     )
-    p.add_argument("--use-gpu", action="store_true", help="spark: one GPU per process")
+    p.add_argument(
+        "--use-gpu", action="store_true", help="one GPU per process: shorthand for job.gpus_per_node"
+    )
 
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
     p.add_argument("what", choices=["data", "train", "checkpoint", "recommend", "quality"])
@@ -377,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=10_000, help="users searched per measurement (recommend)")
     p.add_argument(
         "--quick", action="store_true", help="quality: 1 seed, a one-point grid, few epochs (a smoke run)"
+    )
+    p.add_argument(
+        "--split",
+        choices=["random", "leave-last"],
+        default="random",
+        help="quality: random 80/10/10 of the ratings (seed 0) or per-user leave-last-1",
     )
     return parser
 

@@ -202,7 +202,76 @@ def bench_recommend(
     print(f"  all {users:,} users at 2 threads: ~{users / med[2]['rate']:,.0f} s")
     rate1, rate2 = med[1]["rate"], med[2]["rate"]
     _ivf(faiss, item_emb, q, exact_ids, (rate1, rate2))
+    bench_batch(min(items, 200_000), min(queries, 10_000), dim)
     print(
         "\nusers/s are medians of 3 interleaved parts of the timed users (1 then 2 threads each); on a "
         "shared machine another job's load shows as 2-thread scaling below 2x"
     )
+
+
+# ------------------------------------------------------------------------------ batch: 1 vs 2 ranks
+def _rank_worker(
+    items: np.ndarray, users: np.ndarray, seen_per_user: int, part: slice, barrier: Any
+) -> float:
+    """One rank of a batch run: the Retriever's per-user code (exact index, seen items removed) on
+    its slice of the users, one faiss thread; returns the seconds from the common start."""
+    from recsys.retrieval.index import build_index, import_faiss
+    from recsys.retrieval.recommend import Retriever
+    from recsys.retrieval.runs import Embeddings
+
+    import_faiss().omp_set_num_threads(1)
+    n_items, n_users = len(items), len(users)
+    rng = np.random.default_rng(0)
+    indptr = np.arange(n_users + 1, dtype=np.int64) * seen_per_user
+    seen = (indptr, rng.integers(0, n_items, n_users * seen_per_user).astype(np.int64))
+    ids = np.array([f"u{j}" for j in range(n_users)], dtype=object)
+    emb = Embeddings(ids, np.arange(1, n_users + 1), users)
+    index = build_index(items, [f"i{j}" for j in range(n_items)])
+    ret = Retriever(None, None, "", emb, index, ("train",), seen, np.arange(n_items))  # type: ignore[arg-type]
+    mine = list(ids[part])
+    ret.recommend(mine[:1], K)  # warm-up: pyarrow's lazy imports are not part of the rate
+    barrier.wait()  # ranks start together, after their setup (a batch run's MLflow reads are not timed)
+    t0 = time.perf_counter()
+    ret.recommend(mine, K)
+    return time.perf_counter() - t0
+
+
+def _ranks_rate(items: np.ndarray, users: np.ndarray, ranks: int, seen_per_user: int) -> float:
+    """Users/s of `ranks` spawned processes, each taking a contiguous slice (the slowest rank counts)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from recsys.retrieval.batch import partition
+
+    ctx = mp.get_context("spawn")  # no fork after OpenMP threads have started
+    with ctx.Manager() as manager, ProcessPoolExecutor(ranks, mp_context=ctx) as pool:
+        barrier = manager.Barrier(ranks)
+        futures = [
+            pool.submit(_rank_worker, items, users, seen_per_user, partition(len(users), ranks, r), barrier)
+            for r in range(ranks)
+        ]
+        seconds = [f.result() for f in futures]
+    return len(users) / max(seconds)
+
+
+def bench_batch(
+    items: int = 200_000, users: int = 10_000, dim: int = 64, reps: int = 3
+) -> tuple[float, float]:
+    """Batch inference (`recsys recommend` under torchrun) on 1 vs 2 ranks: print and return the median
+    users/s of each, 1- and 2-rank runs interleaved `reps` times."""
+    cores = len(os.sched_getaffinity(0))
+    item_emb, user_emb = clustered_embeddings(items, users, dim, seed=1)
+    print(
+        f"\nbatch inference (Retriever.recommend per rank, exact index, 20 seen items per user removed, "
+        f"1 faiss thread per rank): {items:,} items x dim {dim}, {users:,} users, top-{K}; {cores} cores"
+    )
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(reps):
+        for ranks in (1, 2):
+            rates[ranks].append(_ranks_rate(item_emb, user_emb, ranks, 20))
+    r1, r2 = float(np.median(rates[1])), float(np.median(rates[2]))
+    print(f"  1 rank  {r1:10,.0f} users/s   (runs: {', '.join(f'{r:,.0f}' for r in rates[1])})")
+    print(f"  2 ranks {r2:10,.0f} users/s   (runs: {', '.join(f'{r:,.0f}' for r in rates[2])})")
+    where = "" if cores >= 2 else f"; only {cores} core(s) here: 2 ranks cannot beat 1"
+    print(f"  speed-up {r2 / r1:.2f}x (aim >= 1.7x where 2 cores are free){where}")
+    return r1, r2

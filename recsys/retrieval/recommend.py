@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from recsys.retrieval.index import ItemIndex
-    from recsys.retrieval.runs import TwoTowerRun
+    from recsys.retrieval.runs import Embeddings, TwoTowerRun
 
 #: Users searched per faiss call (bounds the [batch, k + seen] result arrays).
 BATCH_USERS = 4096
@@ -187,6 +187,12 @@ def _keep_unseen(
     return top_s, top_i, count
 
 
+def first_depth(n_seen: np.ndarray, k: int) -> int:
+    """k + the 99th-percentile seen count, not the max: one heavy user would otherwise widen every
+    row of a batch; the few rows left short are searched again, deeper."""
+    return k + int(np.quantile(n_seen, 0.99)) if len(n_seen) else k
+
+
 def search_unseen(
     index: ItemIndex,
     vectors: np.ndarray,
@@ -194,15 +200,18 @@ def search_unseen(
     seen: tuple[np.ndarray, np.ndarray],
     k: int,
     exact: Callable[[], ItemIndex],
+    depth: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k unseen items of `queries` (positions into `seen`'s rows): (scores, positions, -1 = none)."""
+    """Top-k unseen items of `queries` (positions into `seen`'s rows): (scores, positions, -1 = none).
+
+    `depth` is the first search's depth (default: from this batch's seen counts); a fixed one makes
+    each row's result independent of the batch it is in (see `first_depth`).
+    """
     indptr = seen[0]
     n_items = index.index.ntotal
     n_seen = indptr[queries + 1] - indptr[queries]
     want = np.minimum(k, n_items - n_seen)
-    # k + the batch's 99th-percentile seen count, not its max: one heavy user would otherwise widen
-    # every row of the batch; the few rows left short are searched again below.
-    depth = min(k + int(np.quantile(n_seen, 0.99)) if len(n_seen) else k, n_items)
+    depth = min(depth if depth is not None else first_depth(n_seen, k), n_items)
     out_s = np.zeros((len(queries), k), np.float32)
     out_i = np.full((len(queries), k), -1, np.int64)
     todo, searcher = np.arange(len(queries)), index
@@ -271,6 +280,105 @@ def _table(
     )
 
 
+@dataclass
+class Retriever:
+    """A run opened once for recommending: embeddings, index, seen items of every known user.
+
+    Built by `open_retriever` in each process that recommends (a torchrun rank, a Spark task, a Ray
+    actor); `recommend(users, k)` gives the same rows for a user whatever other users it is called with.
+    """
+
+    run: TwoTowerRun
+    meta: Any
+    prepared: str
+    users: Embeddings
+    index: ItemIndex
+    exclude: tuple[str, ...]
+    seen: tuple[np.ndarray, np.ndarray]  # CSR over `users` positions → index positions
+    pos_of_row: np.ndarray  # item embedding row → index position (-1: none)
+
+    @functools.cached_property
+    def emb_of_id(self) -> dict[str, int]:
+        """Raw user id → position in `users`."""
+        return {u: j for j, u in enumerate(self.users.ids)}
+
+    @functools.cached_property
+    def exact(self) -> Callable[[], ItemIndex]:
+        """The exact index for rows an approximate one cannot fill (built on first use)."""
+        return _exact_of(self.index)
+
+    @functools.cached_property
+    def popular(self) -> tuple[np.ndarray, np.ndarray]:
+        """(index positions, train counts) in popularity order; ties: the lower position."""
+        counts = popularity(self.prepared, self.meta, self.pos_of_row)
+        order = np.argsort(-counts, kind="stable")
+        return order, counts[order]
+
+    def all_users(self) -> list[str]:
+        """Every user with an embedding, in the run's embedding order."""
+        return list(self.users.ids)
+
+    def recommend(self, user_ids: list[str], k: int) -> pa.Table:
+        """Top-k unseen items of `user_ids` (raw ids; unknown ones get popularity) as the long table."""
+        emb_pos = np.array([self.emb_of_id.get(u, -1) for u in user_ids], np.int64)
+        known = np.flatnonzero(emb_pos >= 0)
+        scores = np.zeros((len(user_ids), k), np.float32)
+        positions = np.full((len(user_ids), k), -1, np.int64)
+        # Depth from every user's seen count, not the batch's: a user's list must not depend on
+        # which other users share its call (partitions of a distributed run differ in size).
+        depth = first_depth(np.diff(self.seen[0]), k)
+        for start in range(0, len(known), BATCH_USERS):
+            rows = known[start : start + BATCH_USERS]
+            found = search_unseen(
+                self.index, self.users.vectors, emb_pos[rows], self.seen, k, self.exact, depth
+            )
+            scores[rows], positions[rows] = found
+        cold = np.flatnonzero(emb_pos < 0)
+        if len(cold):
+            top, counts = self.popular[0][:k], self.popular[1][:k]
+            positions[cold, : len(top)], scores[cold, : len(top)] = top, counts
+        return _table(user_ids, scores, positions, emb_pos < 0, self.index.item_ids)
+
+
+def open_retriever(
+    run_id: str,
+    uri: str | None = None,
+    exclude: tuple[str, ...] = ("train",),
+    config: str | None = None,
+    overrides: list[str] | None = None,
+) -> Retriever:
+    """Open Two-Tower run `run_id` for recommending: checked, embeddings, index and seen items loaded."""
+    from recsys.retrieval.runs import open_run
+
+    run = open_run(run_id, uri, config, overrides)
+    meta, prepared = _prepared(run)
+    u_emb, i_emb = run.embeddings("user"), run.embeddings("item")
+    _check_vocab(prepared, meta, meta.user_feature or "", u_emb.ids, u_emb.rows)
+    _check_vocab(prepared, meta, meta.item_feature or "", i_emb.ids, i_emb.rows)
+    index = _run_index(run, i_emb)
+    # Seen items of every user with an embedding, by its position in the embeddings.
+    query_of_row = np.full(int(u_emb.rows.max(initial=0)) + 1, -1, np.int64)
+    query_of_row[u_emb.rows] = np.arange(len(u_emb.rows))
+    pos_of_row = np.full(int(index.item_rows.max(initial=0)) + 1, -1, np.int64)
+    pos_of_row[index.item_rows] = np.arange(len(index.item_rows))
+    seen = seen_csr(prepared, meta, exclude, query_of_row, pos_of_row)
+    return Retriever(run, meta, prepared, u_emb, index, exclude, seen, pos_of_row)
+
+
+def check_k(k: int) -> None:
+    """--k must be at least 1."""
+    if k < 1:
+        raise UserError(f"--k must be >= 1, got {k}")
+
+
+def write_parquet(table: pa.Table, out: str | Path) -> None:
+    """Write `table` to `out` (parent folders created)."""
+    import pyarrow.parquet as pq
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+
+
 def recommend(
     run_id: str,
     uri: str | None = None,
@@ -283,44 +391,13 @@ def recommend(
 ) -> Recommendations:
     """Top-k unseen items for `users` ('all' = every user with an embedding, or a file of raw ids) of
     Two-Tower run `run_id`; written to Parquet `out` when given."""
-    from recsys.retrieval.runs import open_run
-
-    if k < 1:
-        raise UserError(f"--k must be >= 1, got {k}")
+    check_k(k)
     t0 = time.perf_counter()
     wanted = None if str(users) == "all" else read_users(users)
-    run = open_run(run_id, uri, config, overrides)
-    meta, prepared = _prepared(run)
-    u_emb, i_emb = run.embeddings("user"), run.embeddings("item")
-    _check_vocab(prepared, meta, meta.user_feature or "", u_emb.ids, u_emb.rows)
-    _check_vocab(prepared, meta, meta.item_feature or "", i_emb.ids, i_emb.rows)
-    index = _run_index(run, i_emb)
-    user_ids = list(u_emb.ids) if wanted is None else wanted
-    emb_of_id = {u: j for j, u in enumerate(u_emb.ids)}
-    emb_pos = np.array([emb_of_id.get(u, -1) for u in user_ids], np.int64)
-    known = np.flatnonzero(emb_pos >= 0)
-    # Query j = the j-th known user; embedding rows map to it for the seen-item look-up.
-    query_of_row = np.full(int(u_emb.rows.max(initial=0)) + 1, -1, np.int64)
-    query_of_row[u_emb.rows[emb_pos[known]]] = np.arange(len(known))
-    pos_of_row = np.full(int(index.item_rows.max(initial=0)) + 1, -1, np.int64)
-    pos_of_row[index.item_rows] = np.arange(len(index.item_rows))
-    seen = seen_csr(prepared, meta, exclude, query_of_row, pos_of_row)
-    scores = np.zeros((len(user_ids), k), np.float32)
-    positions = np.full((len(user_ids), k), -1, np.int64)
-    vectors, exact = u_emb.vectors[emb_pos[known]], _exact_of(index)
-    for start in range(0, len(known), BATCH_USERS):
-        q = np.arange(start, min(start + BATCH_USERS, len(known)))
-        scores[known[q]], positions[known[q]] = search_unseen(index, vectors, q, seen, k, exact)
-    cold = np.flatnonzero(emb_pos < 0)
-    if len(cold):
-        counts = popularity(prepared, meta, pos_of_row)
-        top = np.argsort(-counts, kind="stable")[:k]  # ties: the lower index position (vocabulary order)
-        positions[cold, : len(top)], scores[cold, : len(top)] = top, counts[top]
-    table = _table(user_ids, scores, positions, emb_pos < 0, index.item_ids)
+    ret = open_retriever(run_id, uri, exclude, config, overrides)
+    user_ids = ret.all_users() if wanted is None else wanted
+    table = ret.recommend(user_ids, k)
     if out is not None:
-        import pyarrow.parquet as pq
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, out)
-    kind = index.params.kind
-    return Recommendations(table, len(user_ids), len(cold), kind, time.perf_counter() - t0)
+        write_parquet(table, out)
+    cold = sum(u not in ret.emb_of_id for u in user_ids)
+    return Recommendations(table, len(user_ids), cold, ret.index.params.kind, time.perf_counter() - t0)
