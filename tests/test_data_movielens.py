@@ -286,6 +286,7 @@ def test_real_ml100k_prepare_with_side_features(ml100k_recbole: Path, tmp_path: 
             f"data.source.user={d / 'ml-100k.user'}",
             f"data.source.item={d / 'ml-100k.item'}",
             f"data.prepared_dir={tmp_path / 'prepared'}",
+            "data.split.mode=leave_last_n",  # the shipped config splits at random; this checks the temporal split
         ],
     )
     meta = prepare(cfg, overwrite=False)
