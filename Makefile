@@ -31,7 +31,7 @@ test-fast: install ## unit tests only (no multi-process, no slow end-to-end)
 	$(PY) -m pytest -q -m "not slow and not dist and not spark" tests
 
 .PHONY: test-image
-test-image: install ## the image tier alone: Docker engine, stand-in base, CPU image build, a rendered job in it (~8 min cold, ~1 min warm)
+test-image: install ## the image tier alone: Docker engine, stand-in base, CPU image build, the synthetic jobs' pods as containers (timings: README "Image tier")
 	$(PY) -m pytest -q -p no:cacheprovider -m image tests/test_image_build.py
 
 lint: install ## ruff check + format check
@@ -63,11 +63,15 @@ bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall
 bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds (~15 min)
 	$(PY) -m recsys bench quality
 
-manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml) from the shipped configs
+manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml, manifests/synth/) from the shipped configs
 	$(PY) -m recsys.launch.manifests
 
 image: ## build the trainer images (CUDA + CPU) with docker; says so when no Docker engine answers (IMAGE=…, PUSH=1, ONLY=cpu; OFFLINE=1: CPU image without registries)
 	bash images/build.sh
+
+.PHONY: lock
+lock: install ## regenerate requirements/lock-cpu.txt and lock-cuda.txt (hash-checked, what the images install) after a requirements change
+	$(PY) images/lock.py
 
 clean: ## remove generated data, runs and the venv
 	rm -rf data runs mlruns .bench $(VENV)

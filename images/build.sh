@@ -5,9 +5,11 @@
 #   ONLY=cpu images/build.sh                                             # one of them: cpu | cuda
 #   WHEELHOUSE=DIR images/build.sh                  # CPU image from a local wheel folder (images/wheelhouse.sh)
 #   OFFLINE=1 images/build.sh                       # CPU image with no registry at all, as tests/test_image_build.py does
+#   BASE_IMAGE=REF images/build.sh                  # CPU image on another base than the digest-pinned default
 # OFFLINE=1 means: ONLY=cpu, the classic builder (DOCKER_BUILDKIT=0: BuildKit would fetch its Dockerfile
-# frontend from Docker Hub), a stand-in base when the FROM image is absent (images/standin-base.sh), and the
-# wheels collected from this machine's pip (images/wheelhouse.sh). The Dockerfiles are the ones a user builds;
+# frontend from Docker Hub), a stand-in base under the base's tag (images/standin-base.sh; a local image cannot
+# have the registry's digest, so BASE_IMAGE is that tag), and the locked files collected by this machine's pip
+# (images/wheelhouse.sh). The Dockerfiles are the ones a user builds;
 # only build args change where pip takes packages from.
 # Without a Docker engine it says so and exits 3 (images/engine.sh starts one; tests/test_images.py lints the
 # Dockerfiles either way).
@@ -23,8 +25,11 @@ ONLY="${ONLY:-}"
 WHEELHOUSE="${WHEELHOUSE:-}"
 # Fixed, so that the build args (which are part of the layer cache key) stay the same from build to build.
 WHEELHOUSE_PORT="${WHEELHOUSE_PORT:-38765}"
+BASE_IMAGE="${BASE_IMAGE:-}"
 if [[ "${OFFLINE:-0}" == "1" ]]; then
   ONLY=cpu
+  # The stand-in's tag: the Dockerfile's digest-pinned default without its @sha256:… part.
+  BASE_IMAGE="${BASE_IMAGE:-$(sed -n 's/^ARG BASE_IMAGE=\([^@[:space:]]*\).*/\1/p' images/trainer/Dockerfile.cpu | head -n 1)}"
   WHEELHOUSE="${WHEELHOUSE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/recsys/wheelhouse}"
   export DOCKER_BUILDKIT=0
 fi
@@ -39,7 +44,7 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   exit 3
 fi
 if [[ "${OFFLINE:-0}" == "1" ]]; then
-  bash images/standin-base.sh
+  bash images/standin-base.sh "$BASE_IMAGE"
   bash images/wheelhouse.sh "$WHEELHOUSE"
 fi
 
@@ -71,6 +76,7 @@ serve_wheelhouse() {
 
 build_cpu() {
   local args=()
+  [[ -z "$BASE_IMAGE" ]] || args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
   if [[ -n "$WHEELHOUSE" ]]; then
     [[ -d "$WHEELHOUSE/simple" ]] || {
       echo "make image: $WHEELHOUSE has no simple/ index; collect it with images/wheelhouse.sh $WHEELHOUSE" >&2
@@ -87,7 +93,7 @@ build_cpu() {
       }
     fi
     local index="http://127.0.0.1:$WHEELHOUSE_PORT/simple"
-    args+=(--network host --build-arg "PIP_INDEX_URL=$index" --build-arg "TORCH_INDEX=$index")
+    args+=(--network host --build-arg "PIP_INDEX_URL=$index")
     echo "building $CPU_IMAGE (CPU) from the wheels in $WHEELHOUSE"
   else
     echo "building $CPU_IMAGE (CPU)"

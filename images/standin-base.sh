@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Build a local stand-in for the CPU trainer image's base (the FROM of images/trainer/Dockerfile.cpu,
-# python:3.11-slim-bookworm) when no registry can be reached: Debian bookworm from the Debian mirror
-# (debootstrap, minbase) with Debian's Python 3.11 and venv, imported into the engine under the FROM name.
-#   images/standin-base.sh              # the Dockerfile.cpu FROM; kept when that tag already exists
+# Build a local stand-in for the CPU trainer image's base (the BASE_IMAGE default of images/trainer/Dockerfile.cpu,
+# python:3.11-slim-bookworm@sha256:…) when no registry can be reached: Debian bookworm from the Debian mirror
+# (debootstrap, minbase) with Debian's Python 3.11 and venv, imported into the engine under the base's tag.
+# A local image cannot carry the registry's digest (the digest is the hash of the registry's manifest), so the
+# stand-in has the tag only and the offline build passes it: `--build-arg BASE_IMAGE=python:3.11-slim-bookworm`.
+#   images/standin-base.sh              # kept when that tag already exists
 #   FORCE=1 images/standin-base.sh      # rebuild even if the tag exists
 #   DEBIAN_MIRROR=http://mirror.example/debian images/standin-base.sh
 # Needs root, debootstrap (installed with apt-get when absent) and a Docker engine (images/engine.sh starts one).
@@ -24,13 +26,14 @@ cd "$(dirname "$0")/.."
 DOCKER="${DOCKER:-docker}"
 SUITE="${SUITE:-bookworm}"
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-BASE="${1:-$(sed -n 's/^FROM[[:space:]]\{1,\}\([^[:space:]]*\).*/\1/p' images/trainer/Dockerfile.cpu | head -n 1)}"
+# The Dockerfile's digest-pinned default without its digest: name:tag.
+BASE="${1:-$(sed -n 's/^ARG BASE_IMAGE=\([^@[:space:]]*\).*/\1/p' images/trainer/Dockerfile.cpu | head -n 1)}"
 
 missing() {
   echo "standin-base: $*" >&2
   exit 3
 }
-[[ -n "$BASE" ]] || missing "no FROM line found in images/trainer/Dockerfile.cpu"
+[[ -n "$BASE" ]] || missing "no ARG BASE_IMAGE=… line found in images/trainer/Dockerfile.cpu"
 "$DOCKER" info >/dev/null 2>&1 || missing "no Docker engine answers ('$DOCKER info' failed; images/engine.sh starts one)"
 
 if [[ "${FORCE:-0}" != "1" ]] && "$DOCKER" image inspect "$BASE" >/dev/null 2>&1; then

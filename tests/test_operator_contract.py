@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 from conftest import port_or_free
+from pod_containers import pytorchjob_env, trainjob_env, trainjob_pod
 
 from recsys.config import load_config
 from recsys.launch.kube import render_text
@@ -48,6 +49,11 @@ from recsys.launch.manifests import TARGETS, Target
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
+# The jobs run here: the synthetic variants of the flagship files (same pod specs, data made by
+# manifests/synth/data-prep-job.yaml instead of raw files on the PVC).
+SYNTH_DLRM = "manifests/synth/dlrm-job.yaml"
+SYNTH_TWO_TOWER = "manifests/synth/two-tower-job.yaml"
+SYNTH_TWO_TOWER_TRAINJOB = "manifests/synth/two-tower-trainjob.yaml"
 VENV_BIN = Path(sys.executable).parent
 CPU_SIZE = ["job.nodes=2", "job.gpus_per_node=0", "job.procs_per_node=1"]
 # Tiny data and a few steps: the contract is about how the pods start, not about learning.
@@ -218,14 +224,9 @@ def _which(exe: str, path: str) -> str:
 
 
 def pytorchjob_pods(docs: list[dict[str, Any]], root: Path, mlflow_uri: str) -> list[Pod]:
-    """The pods the v1 operator creates, with the env it injects (envvar.go / master.go)."""
+    """The pods the v1 operator creates, with the env it injects (pod_containers.pytorchjob_env)."""
     job = next(d for d in docs if d["kind"] == "PyTorchJob")
-    name, spec = job["metadata"]["name"], job["spec"]
-    reps = spec["pytorchReplicaSpecs"]
-    total = sum(r["replicas"] for r in reps.values())
-    nproc = spec["nprocPerNode"]
-    master_c = reps["Master"]["template"]["spec"]["containers"][0]
-    port = next(p["containerPort"] for p in master_c["ports"] if p["name"] == "pytorchjob-port")
+    name, reps = job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]
     master_svc = f"{name}-master-0"
     pods = []
     for rtype in ("Master", "Worker"):
@@ -238,21 +239,13 @@ def pytorchjob_pods(docs: list[dict[str, Any]], root: Path, mlflow_uri: str) -> 
             mapped: dict[str, str] = {}
             services = _services(job, mlflow_uri, mapped)
             argv, env = _materialise(docs, pod_spec, container, root, pod_dir, services, mapped)
-            rank = index + 1 if rtype == "Worker" else index
+            injected = pytorchjob_env(job, rtype, index)
+            port = int(injected["MASTER_PORT"])
             local_port = _port_or_free(port, mapped) if not pods else int(pods[0].env["MASTER_PORT"])
             mapped[master_svc] = "127.0.0.1"
-            injected = {
-                "PYTHONUNBUFFERED": "0",
-                "MASTER_PORT": str(local_port),
-                "PET_MASTER_PORT": str(local_port),
-                "MASTER_ADDR": "127.0.0.1",  # = master_svc
-                "PET_MASTER_ADDR": "127.0.0.1",  # = master_svc
-                "WORLD_SIZE": str(total * int(nproc)),
-                "RANK": str(rank),
-                "PET_NPROC_PER_NODE": nproc,
-                "PET_NODE_RANK": str(rank),
-                "PET_NNODES": str(total),
-            }
+            # One machine: the master's Service is the loopback, its port one that is free here.
+            injected |= {"MASTER_ADDR": "127.0.0.1", "PET_MASTER_ADDR": "127.0.0.1"}
+            injected |= {"MASTER_PORT": str(local_port), "PET_MASTER_PORT": str(local_port)}
             shm = _shm_size(pod_spec, container)
             pod_env = {**_base_env(pod_dir), **env, **injected}
             restart = reps[rtype]["restartPolicy"]  # the operator copies it into the pod spec
@@ -261,17 +254,10 @@ def pytorchjob_pods(docs: list[dict[str, Any]], root: Path, mlflow_uri: str) -> 
 
 
 def trainjob_pods(docs: list[dict[str, Any]], root: Path, mlflow_uri: str) -> list[Pod]:
-    """The pods Trainer v2 creates on torch-distributed: only PET_* injected (torch.go)."""
+    """The pods Trainer v2 creates on torch-distributed: only PET_* injected (pod_containers.trainjob_env)."""
     job = next(d for d in docs if d["kind"] == "TrainJob")
-    name, spec = job["metadata"]["name"], job["spec"]
-    trainer = spec["trainer"]
-    (patch,) = spec["runtimePatches"]
-    (rj,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
-    assert rj["name"] == "node"
-    pod_patch = rj["template"]["spec"]["template"]["spec"]
-    (cpatch,) = pod_patch["containers"]
-    assert cpatch["name"] == "node"
-    container = {"command": trainer["command"], "env": trainer["env"], "volumeMounts": cpatch["volumeMounts"]}
+    name, trainer = job["metadata"]["name"], job["spec"]["trainer"]
+    pod_patch, container = trainjob_pod(job)
     pods: list[Pod] = []
     for index in range(trainer["numNodes"]):
         pod_name = f"{name}-node-0-{index}"
@@ -279,15 +265,11 @@ def trainjob_pods(docs: list[dict[str, Any]], root: Path, mlflow_uri: str) -> li
         mapped: dict[str, str] = {}
         services = _services(job, mlflow_uri, mapped)
         argv, env = _materialise(docs, pod_patch, container, root, pod_dir, services, mapped)
-        port = _port_or_free(29400, mapped) if not pods else int(pods[0].env["PET_MASTER_PORT"])
-        mapped[f"{name}-node-0-0.{name}"] = "127.0.0.1"
-        injected = {
-            "PET_NNODES": str(trainer["numNodes"]),
-            "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
-            "PET_NODE_RANK": str(index),  # from batch.kubernetes.io/job-completion-index
-            "PET_MASTER_ADDR": "127.0.0.1",  # = <name>-node-0-0.<name>
-            "PET_MASTER_PORT": str(port),
-        }
+        injected = trainjob_env(job, index)
+        port = int(injected["PET_MASTER_PORT"])
+        port = _port_or_free(port, mapped) if not pods else int(pods[0].env["PET_MASTER_PORT"])
+        mapped[injected["PET_MASTER_ADDR"]] = "127.0.0.1"
+        injected |= {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
         shm = _shm_size(pod_patch, container)
         pods.append(Pod(pod_name, argv, {**_base_env(pod_dir), **env, **injected}, pod_dir, mapped, shm))
     return pods
@@ -450,13 +432,11 @@ def run_pods(pods: list[Pod], timeout: float = 240, backoff_limit: int | None = 
         ps.run_to_completion(timeout)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The data-prep Job's work, done once: tiny prepared data on the 'recsys-data PVC' folder."""
+def prepare_pvc(root: Path) -> None:
+    """The data-prep Job's work (manifests/synth/data-prep-job.yaml), tiny, onto root/pvc/recsys-data."""
     from recsys.data.prepare import prepare
 
-    root = tmp_path_factory.mktemp("cluster")
-    prep = yaml.safe_load((REPO / "manifests/base/data-prep-job.yaml").read_text())["spec"]["template"][
+    prep = yaml.safe_load((REPO / "manifests/synth/data-prep-job.yaml").read_text())["spec"]["template"][
         "spec"
     ]
     for c in prep["initContainers"] + prep["containers"]:
@@ -468,6 +448,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Path:
             root / "pvc" / "recsys-data" / cfg.data.prepared_dir.removeprefix("/data/")
         )
         prepare(cfg, overwrite=False)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data-prep Job's work, done once: tiny prepared data on the 'recsys-data PVC' folder."""
+    root = tmp_path_factory.mktemp("cluster")
+    prepare_pvc(root)
     return root
 
 
@@ -494,7 +481,7 @@ def _check_run(mlflow_uri: str, experiment: str, job_name: str) -> None:
     assert run.data.metrics, "the run logged no metrics"
 
 
-@pytest.mark.parametrize("path", ["manifests/dlrm-job.yaml", "manifests/two-tower-job.yaml"])
+@pytest.mark.parametrize("path", [SYNTH_DLRM, SYNTH_TWO_TOWER])
 def test_pytorchjob_pods_train_to_completion(
     path: str, cluster: Path, mlflow_server: str, tmp_path: Path
 ) -> None:
@@ -540,7 +527,7 @@ def _complete_checkpoints(root: Path) -> list[Path]:
 def test_pytorchjob_pod_killed_restarts_and_resumes(cluster: Path, mlflow_server: str) -> None:
     """kill -9 of the master pod mid-training; both pods restart per the manifest's restartPolicy and
     backoffLimit, resume from the last checkpoint on the PVC and finish the same MLflow run."""
-    path, name = "manifests/dlrm-job.yaml", "dlrm-killed"  # own checkpoint folder and MLflow run
+    path, name = SYNTH_DLRM, "dlrm-killed"  # own checkpoint folder and MLflow run
     docs, _ = _render(_target(path), [f"job.name={name}", *KILLED_RUN])
     spec, committed = docs[-1]["spec"], _committed_job(path)["spec"]
     # The committed file's restart settings: restartPolicy per replica, backoffLimit of the job.
@@ -598,7 +585,7 @@ def test_pytorchjob_pod_killed_restarts_and_resumes(cluster: Path, mlflow_server
 
 
 def test_trainjob_twin_pods_train_with_only_pet_env(cluster: Path, mlflow_server: str) -> None:
-    target = _target("manifests/two-tower-trainjob.yaml")
+    target = _target(SYNTH_TWO_TOWER_TRAINJOB)
     docs, _ = _render(target, ["job.name=two-tower-v2"])
     assert docs[-1]["spec"]["trainer"]["command"] == _committed_container(target.path)["command"]
     pods = trainjob_pods(docs, cluster, mlflow_server)
@@ -612,7 +599,7 @@ def test_trainjob_twin_pods_train_with_only_pet_env(cluster: Path, mlflow_server
 
 def test_contract_env_matches_operator_source() -> None:
     """The injected env above, checked on its own (fast): a Master+Worker job of 2 nodes × 1 process."""
-    docs, _ = _render(_target("manifests/dlrm-job.yaml"), [])
+    docs, _ = _render(_target(SYNTH_DLRM), [])
     root = Path(os.environ.get("TMPDIR", "/tmp")) / f"recsys-contract-{os.getpid()}"
     pods = pytorchjob_pods(docs, root, "http://127.0.0.1:1")
     master, worker = (p.env for p in pods)
