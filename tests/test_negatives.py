@@ -91,6 +91,7 @@ def test_prepare_writes_negatives_with_the_items_side_features(tmp_path: Path) -
             "data.source.user_features=[age]",
             "data.source.seq_slots=1",
             "data.negatives.per_positive=2",
+            "data.split.mode=leave_last_n",  # one val and one test positive per user: counts below
             "data.block_size=8",
             "train.batch_size=64",
             "eval.batch_size=64",
