@@ -59,6 +59,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, ml100k_re
         "train.epochs=1",
         "train.max_steps=20",
         "train.early_stopping.metric=null",
+        "data.split.mode=leave_last_n",  # one val and one test rating per user (the checks below count users)
     ]
     tt_cfg = load_config(
         "movielens_100k_recbole",
