@@ -510,22 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import os
 
-    from recsys.config import ConfigError
     from recsys.console import quiet_libraries
-    from recsys.errors import UserError
+    from recsys.errors import exit_status
 
     if args.verbose:
         os.environ["RECSYS_VERBOSE"] = "1"  # torchrun workers and launched jobs inherit it
     quiet_libraries()
-
-    try:
-        return int(args.fn(args) or 0)
-    except ConfigError as e:
-        print(f"recsys: config error:\n{e}", file=sys.stderr)
-        return 2
-    except UserError as e:
-        print(f"recsys: {e}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: args.fn(args))
 
 
 if __name__ == "__main__":

@@ -70,24 +70,20 @@ def read_results(result_dir: str | Path) -> tuple[str | None, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m recsys.launch.worker --config FILE --result-dir DIR` (under torchrun)."""
-    from recsys.config import ConfigError, load_config
+    from recsys.config import load_config
     from recsys.console import quiet_libraries
-    from recsys.errors import UserError
+    from recsys.errors import exit_status
 
     p = argparse.ArgumentParser(prog="recsys.launch.worker")
     p.add_argument("--config", required=True)
     p.add_argument("--result-dir", required=True)
     args = p.parse_args(argv)
     quiet_libraries()
-    try:
-        run_worker(load_config(args.config), args.result_dir)
-    except ConfigError as e:
-        print(f"recsys: config error:\n{e}", file=sys.stderr)
-        return 2
-    except UserError as e:
-        print(f"recsys: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    def work() -> None:
+        run_worker(load_config(args.config), args.result_dir)  # the outcome is in rank-N.json
+
+    return exit_status(work)
 
 
 if __name__ == "__main__":
