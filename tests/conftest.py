@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+#: A tiny synthetic Two-Tower (two_tower_synth) for launcher and pipeline tests: seconds per run.
+TINY_TWO_TOWER = [
+    "data.source.num_users=40",
+    "data.source.num_items=30",
+    "data.source.interactions_per_user=6",
+    "data.block_size=16",
+    "train.batch_size=32",
+    "eval.batch_size=64",
+    "model.embedding_dim=8",
+    "model.two_tower.layers=[16,8]",
+    "eval.ks=[5,10]",
+]
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

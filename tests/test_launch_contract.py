@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TWO_TOWER
 
 from recsys.config import Config, load_config
 from recsys.errors import UserError
@@ -17,20 +18,7 @@ from recsys.launch.contract import JobSize, job_size, submit
 from recsys.launch.jobspec import job_spec
 from recsys.launch.kube import render_objects
 
-TINY = [
-    "data.source.num_users=40",
-    "data.source.num_items=30",
-    "data.source.interactions_per_user=6",
-    "data.block_size=16",
-    "train.batch_size=32",
-    "eval.batch_size=64",
-    "model.embedding_dim=8",
-    "model.two_tower.layers=[16,8]",
-    "eval.ks=[5,10]",
-    "train.epochs=1",
-    "train.max_steps=3",
-    "tracking.log_model=false",
-]
+TINY = [*TINY_TWO_TOWER, "train.epochs=1", "train.max_steps=3", "tracking.log_model=false"]
 
 
 @pytest.mark.parametrize(

@@ -12,23 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TWO_TOWER
 
 from recsys.config import load_config
 from tests.test_kube_launch import CM, PODS, V1, FakeApi, _created, api, tracked  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
-TWO_TOWER = [
-    "data.source.num_users=40",
-    "data.source.num_items=30",
-    "data.source.interactions_per_user=6",
-    "data.block_size=16",
-    "train.batch_size=32",
-    "eval.batch_size=64",
-    "model.embedding_dim=8",
-    "model.two_tower.layers=[16,8]",
-    "eval.ks=[5,10]",
-]
+TWO_TOWER = TINY_TWO_TOWER
 DLRM = [
     "data.source.rows=1500",
     "data.source.cardinality=20",
