@@ -31,6 +31,19 @@ TINY_TWO_TOWER = [
 ]
 
 
+def tiny_dlrm_args(tmp_path: Path, *sets: str) -> list[str]:
+    """`--config dlrm_synth --set …` for a seconds-long DLRM under tmp_path (then `sets`) for CLI tests."""
+    base = [
+        "data.source.rows=6000",
+        "data.source.cardinality=50",
+        f"data.prepared_dir={tmp_path / 'dlrm'}",
+        "train.batch_size=256",
+        "eval.batch_size=256",
+        f"train.checkpoint.dir={tmp_path / 'ckpt'}",
+    ]
+    return ["--config", "dlrm_synth", *[a for s in [*base, *sets] for a in ("--set", s)]]
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import running_mlflow_server
+from conftest import running_mlflow_server, tiny_dlrm_args
 
 from recsys.config import JobConfig
 from recsys.launch.kubeschema import validation_errors
@@ -155,19 +155,13 @@ def test_train_logs_with_credentials_and_is_refused_without(
 
     from recsys.cli import main
 
-    sets = [
-        "data.source.rows=6000",
-        "data.source.cardinality=50",
-        f"data.prepared_dir={tmp_path / 'dlrm'}",
-        "train.batch_size=256",
-        "eval.batch_size=256",
+    args = tiny_dlrm_args(
+        tmp_path,
         "train.max_steps=2",
-        f"train.checkpoint.dir={tmp_path / 'ckpt'}",
         "tracking.log_model=false",
         f"tracking.uri={auth_server}",
         "tracking.experiment=test-auth",
-    ]
-    args = ["--config", "dlrm_synth", *[a for s in sets for a in ("--set", s)]]
+    )
     assert main(["data", "prepare", *args]) == 0
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         monkeypatch.delenv(key, raising=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_dlrm_args
 
 from recsys.progress import ENV_CA_CERT, ENV_TOKEN, ENV_URL, StatusReporter
 
@@ -201,18 +202,7 @@ def test_recsys_train_reports_to_the_trainjob_status(
     """A real `recsys train` (tiny DLRM, world size 1) with the Trainer's env: progress, ETA and metrics."""
     from recsys.cli import main
 
-    sets = [
-        "data.source.rows=6000",
-        "data.source.cardinality=50",
-        f"data.prepared_dir={tmp_path / 'dlrm'}",
-        "train.batch_size=256",
-        "eval.batch_size=256",
-        "train.max_steps=4",
-        "train.log_every_steps=1",
-        f"train.checkpoint.dir={tmp_path / 'ckpt'}",
-        "tracking.enabled=false",
-    ]
-    args = ["--config", "dlrm_synth", *[a for s in sets for a in ("--set", s)]]
+    args = tiny_dlrm_args(tmp_path, "train.max_steps=4", "train.log_every_steps=1", "tracking.enabled=false")
     assert main(["data", "prepare", *args]) == 0
     monkeypatch.setenv(ENV_URL, status_server.url)
     monkeypatch.setenv(ENV_CA_CERT, str(status_server.ca_cert))
