@@ -329,15 +329,10 @@ class ContainerPods(PodSet):
             raise
         return self
 
-    def _start(self, pod: Pod) -> None:
-        pod.cwd.mkdir(parents=True, exist_ok=True)
-        n = len(self.logs[pod.name])
-        path = pod.cwd / ("log.txt" if n == 0 else f"log.restart-{n}.txt")
-        log = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._files.append(log)
-        self.logs[pod.name].append(path)
-        argv = pod.argv if n == 0 else ["docker", "start", "-a", _container(pod.name)]
-        self._running[pod.name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    def _spawn(self, pod: Pod, log: Any, restart: bool) -> subprocess.Popen:
+        """`docker run` the container; a restart is `docker start` of the same one (as the kubelet does)."""
+        argv = ["docker", "start", "-a", _container(pod.name)] if restart else pod.argv
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self, name: str) -> None:
         """SIGKILL the container (torchrun and its workers), as a node failure or OOM kill would."""

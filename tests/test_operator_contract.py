@@ -340,9 +340,12 @@ class PodSet:
         log = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._files.append(log)
         self.logs[pod.name].append(path)
+        self._running[pod.name] = self._spawn(pod, log, restart=n > 0)
+
+    def _spawn(self, pod: Pod, log: Any, restart: bool) -> subprocess.Popen:
+        """Start (or restart) the pod's container writing to `log`: here a process in its own namespaces."""
         argv = _in_pod_namespaces(pod.argv, pod.shm_size or "64Mi")
-        proc = subprocess.Popen(argv, env=pod.env, cwd=pod.cwd, stdout=log, stderr=subprocess.STDOUT)
-        self._running[pod.name] = proc
+        return subprocess.Popen(argv, env=pod.env, cwd=pod.cwd, stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self, name: str) -> None:
         """SIGKILL the pod's container (torchrun and its workers), as a node failure or OOM kill would."""
