@@ -330,19 +330,10 @@ def write_embeddings(emb: torch.Tensor, vocab: list[str], path: Path) -> Path:
 def list_metrics(lists: np.ndarray, sets: SplitTargets, ks: list[int], num_items: int) -> dict[str, float]:
     """Recall/NDCG/HitRate@K of given ranked lists (item rows [U, K] by user row, -1 = empty), through
     the same metric code as `retrieval_metrics` (a list's order becomes its scores), cold users added."""
-    from recsys.metrics import _evaluate, combine_retrieval
+    from recsys.metrics import combine_retrieval, list_retrieval_metrics
 
     ranked = torch.from_numpy(lists)
-    width = ranked.shape[1]
-
-    def score(batch: torch.Tensor) -> torch.Tensor:
-        out = torch.full((len(batch), num_items), -math.inf)
-        rows = ranked[batch]
-        r, c = (rows >= 0).nonzero(as_tuple=True)
-        out[r, rows[r, c]] = (width - c).float()  # rank 1 scores highest; unlisted items stay -inf
-        return out
-
-    metrics = _evaluate(score, len(lists), num_items, sets.targets, sets.exclude, ks, None, None, sets.unseen)
+    metrics = list_retrieval_metrics(ranked, num_items, sets.targets, sets.exclude, ks, sets.unseen)
     cold = _cold_start(sets.counts, sets.cold_items, ks)
     return metrics if cold is None else combine_retrieval([metrics, cold])
 

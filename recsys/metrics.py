@@ -447,6 +447,28 @@ def _evaluate(
     return out
 
 
+def list_retrieval_metrics(
+    lists: Tensor,
+    num_items: int,
+    targets: ItemSets,
+    exclude: ItemSets | None = None,
+    ks: Sequence[int] = (10, 50, 100),
+    unrankable: Tensor | None = None,
+) -> dict[str, float]:
+    """`retrieval_metrics` of given ranked lists instead of embeddings: `lists` [U, K] item rows by user
+    row (-1 = empty); a list's order becomes its scores, unlisted items rank nowhere."""
+    width = lists.shape[1]
+
+    def score(batch: Tensor) -> Tensor:
+        out = torch.full((len(batch), num_items), -math.inf)
+        rows = lists[batch]
+        r, c = (rows >= 0).nonzero(as_tuple=True)
+        out[r, rows[r, c]] = (width - c).float()  # rank 1 scores highest
+        return out
+
+    return _evaluate(score, len(lists), num_items, targets, exclude, ks, None, None, unrankable)
+
+
 def retrieval_metrics(
     user_emb: Tensor,
     item_emb: Tensor,
