@@ -7,6 +7,7 @@ test_spark.py.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,11 @@ def test_local_handle_failure_gives_the_reason(tiny: Config, tmp_path: Path) -> 
 
 def test_local_handle_delete_stops_the_job(tiny: Config) -> None:
     handle = submit(_with(tiny, "job.name=contract-del"), "local")
-    env = Path(f"/proc/{handle.proc.pid}/environ").read_bytes().split(b"\0")
+    # Right after fork, before exec, the child's /proc environ can read empty: wait for the exec'd one.
+    deadline = time.monotonic() + 10
+    while not (env := Path(f"/proc/{handle.proc.pid}/environ").read_bytes().split(b"\0"))[0]:
+        assert time.monotonic() < deadline, "the launched process never showed an environment"
+        time.sleep(0.05)
     # job.gpus_per_node=0 is a CPU job here as in a pod: the GPUs are hidden from it.
     assert b"CUDA_VISIBLE_DEVICES=" in env and b"RECSYS_JOB_NAME=contract-del" in env
     handle.delete()
