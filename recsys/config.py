@@ -274,6 +274,12 @@ class TwoTowerConfig(Strict):
         description="Softmax: M items drawn uniformly from the catalogue per batch as extra negatives "
         "shared by every row (needs train.pipeline: false).",
     )
+    popularity_prior: float = Field(
+        0.0,
+        ge=0,
+        description="β: at retrieval (evaluation, exported embeddings, index, serving) each item's logit gains "
+        "β·log(its share of train interactions), folded into the vectors as one extra coordinate; 0: off.",
+    )
 
 
 class DLRMConfig(Strict):

@@ -127,6 +127,35 @@ def tower_embeddings(model: nn.Module, meta: Metadata, arrays: list[dict[str, np
     return out
 
 
+def retrieval_embeddings(
+    model: nn.Module, cfg: Config, meta: Metadata, arrays: dict[str, dict[str, np.ndarray]]
+) -> dict[str, Any]:
+    """tower_embeddings with model.two_tower.popularity_prior β folded in: user rows gain a coordinate 1,
+    item rows β·τ·log q (q: train share, τ: the logits' temperature), so every inner product — exact
+    metrics, FAISS index, serving — ranks by logit + β·log q without knowing about the prior."""
+    from recsys.models.task import logit_temperature
+    from recsys.models.two_tower import item_log_q
+
+    emb = tower_embeddings(model, meta, [arrays[s] for s in ("train", "val", "test")])
+    beta = cfg.model.two_tower.popularity_prior
+    if not beta:
+        return emb
+    counts = train_item_counts(meta, arrays["train"], emb["item"].shape[0])
+    prior = beta * logit_temperature(cfg) * item_log_q(torch.from_numpy(counts))
+    return {
+        "user": torch.cat([emb["user"], torch.ones(len(emb["user"]), 1)], dim=1),
+        "item": torch.cat([emb["item"], prior.unsqueeze(1)], dim=1),
+    }
+
+
+def train_item_counts(meta: Metadata, train: dict[str, np.ndarray], num_items: int) -> np.ndarray:
+    """float32 [I] train positives per item row (popularity); the OOV row 0."""
+    ic = meta.sparse_index(meta.item_feature or "")
+    counts = np.bincount(train["sparse"][train["label"] > 0, ic], minlength=num_items).astype(np.float32)
+    counts[0] = 0
+    return counts
+
+
 def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     from torchmetrics.functional.classification import binary_auroc
 
@@ -172,9 +201,7 @@ def split_targets(
         ex_u.append(arrays[s]["sparse"][:, uc])
         ex_i.append(arrays[s]["sparse"][:, ic])
     exclude = _csr(np.concatenate(ex_u), np.concatenate(ex_i), nu, ni)
-    counts = np.bincount(train["sparse"][train["label"] > 0, ic], minlength=ni).astype(np.float32)
-    counts[0] = 0
-    return SplitTargets(targets, unseen, exclude, counts, items[~warm])
+    return SplitTargets(targets, unseen, exclude, train_item_counts(meta, train, ni), items[~warm])
 
 
 @torch.no_grad()
@@ -201,7 +228,7 @@ def evaluate_retrieval(
 
     model.eval()
     test = arrays[split]
-    emb = tower_embeddings(model, meta, [arrays[s] for s in ("train", "val", "test")])
+    emb = retrieval_embeddings(model, cfg, meta, arrays)
     uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
     nu, ni = emb["user"].shape[0], emb["item"].shape[0]
     pos = test["label"] > 0

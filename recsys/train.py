@@ -209,13 +209,12 @@ def _log_model(cfg: Config, trainer: Trainer, plain: nn.Module, tracker: Tracker
     if not (cfg.tracking.enabled and cfg.tracking.log_model):
         return
     from recsys.data.metadata import read_vocab
-    from recsys.evaluate import tower_embeddings, write_embeddings
+    from recsys.evaluate import retrieval_embeddings, write_embeddings
 
     meta = trainer.meta
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.model.kind == "two_tower":
-            arrays = trainer.split_arrays()
-            emb = tower_embeddings(plain, meta, [arrays[s] for s in ("train", "val", "test")])
+            emb = retrieval_embeddings(plain, cfg, meta, trainer.split_arrays())
             for side, feat in (("user", meta.user_feature), ("item", meta.item_feature)):
                 sf = meta.sparse_features[meta.sparse_index(feat or "")]
                 vocab = read_vocab(cfg.data.prepared_dir, sf)

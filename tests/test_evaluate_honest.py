@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.config import load_config
-from recsys.data.metadata import read_metadata
+from recsys.config import Config, load_config
+from recsys.data.metadata import Metadata, read_metadata
 
 SETS = [
     "data.source.num_users=300",
@@ -46,17 +46,25 @@ def _brute_force_recall(u: np.ndarray, i: np.ndarray, arrays: dict, uc: int, ic:
     return float(np.mean(recalls)), len(recalls)
 
 
-def test_cold_users_and_unseen_items_are_counted(tmp_path: Path) -> None:
+def _untrained(cfg: Config) -> tuple[Metadata, torch.nn.Module, dict]:
+    """Prepare cfg's data; (its Metadata, an untrained seeded Two-Tower task, every split's arrays)."""
     from recsys.data.prepare import prepare
-    from recsys.evaluate import evaluate_retrieval, read_all_splits, tower_embeddings
+    from recsys.evaluate import read_all_splits
     from recsys.models.task import build_task
 
-    cfg = load_config("two_tower_synth", [*SETS, f"data.prepared_dir={tmp_path / 'd'}"])
     prepare(cfg, overwrite=False)
     meta = read_metadata(cfg.data.prepared_dir)
     torch.manual_seed(0)
     model = build_task(cfg, meta, ebc_device="cpu").eval()
     arrays = read_all_splits(cfg, meta)
+    return meta, model, arrays
+
+
+def test_cold_users_and_unseen_items_are_counted(tmp_path: Path) -> None:
+    from recsys.evaluate import evaluate_retrieval, tower_embeddings
+
+    cfg = load_config("two_tower_synth", [*SETS, f"data.prepared_dir={tmp_path / 'd'}"])
+    meta, model, arrays = _untrained(cfg)
     uc, ic = meta.sparse_index("user_id"), meta.sparse_index("item_id")
     test = arrays["test"]["sparse"]
     cold_rows = int((test[:, uc] == 0).sum())
@@ -71,3 +79,40 @@ def test_cold_users_and_unseen_items_are_counted(tmp_path: Path) -> None:
     assert metrics["users"] == warm_users + cold_rows == base["users"]
     expected = (warm_recall * warm_users + metrics["cold_recall@10"] * cold_rows) / (warm_users + cold_rows)
     assert metrics["recall@10"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_popularity_prior_is_folded_into_every_score(tmp_path: Path) -> None:
+    """model.two_tower.popularity_prior β: user·item of the retrieval embeddings = the towers' score +
+    β·τ·log(train share of the item), and the retrieval metrics rank by exactly that."""
+    from recsys.evaluate import evaluate_retrieval, retrieval_embeddings, tower_embeddings
+
+    beta = 0.7
+    sets = [*SETS, f"data.prepared_dir={tmp_path / 'd'}", f"model.two_tower.popularity_prior={beta}"]
+    cfg = load_config("two_tower_synth", sets)
+    meta, model, arrays = _untrained(cfg)
+    uc, ic = meta.sparse_index("user_id"), meta.sparse_index("item_id")
+    plain = tower_embeddings(model, meta, [arrays[s] for s in ("train", "val", "test")])
+    emb = retrieval_embeddings(model, cfg, meta, arrays)
+    assert emb["user"].shape[1] == emb["item"].shape[1] == plain["user"].shape[1] + 1
+
+    # By hand: counts of train positives per item row, unseen rows count as 1 (the smallest share).
+    train = arrays["train"]
+    counts = np.bincount(train["sparse"][train["label"] > 0, ic], minlength=len(plain["item"])).astype(float)
+    counts[0] = 0
+    log_q = np.log(np.maximum(counts, 1.0) / np.maximum(counts, 1.0).sum())
+    tau = cfg.model.two_tower.temperature
+    u, i = plain["user"].numpy().astype(np.float64), plain["item"].numpy().astype(np.float64)
+    want = u @ i.T + beta * tau * log_q[None, :]
+    got = emb["user"].numpy().astype(np.float64) @ emb["item"].numpy().astype(np.float64).T
+    assert np.allclose(got, want, atol=1e-5)
+    assert float(np.ptp(log_q[1:])) > 1.0  # the data has popular and rare items: the prior matters
+
+    metrics, _ = evaluate_retrieval(model, cfg, meta, arrays, "test")
+    aug_u = np.concatenate([u, np.ones((len(u), 1))], 1)
+    aug_i = np.concatenate([i, (beta * tau * log_q)[:, None]], 1)
+    warm_recall, warm_users = _brute_force_recall(aug_u, aug_i, arrays, uc, ic)
+    cold = metrics["cold_users"]
+    expected = (warm_recall * warm_users + metrics["cold_recall@10"] * cold) / (warm_users + cold)
+    assert metrics["recall@10"] == pytest.approx(expected, abs=1e-9)
+    without, _ = evaluate_retrieval(model, load_config("two_tower_synth", sets[:-1]), meta, arrays, "test")
+    assert without["recall@10"] != metrics["recall@10"]  # the prior changed the ranking

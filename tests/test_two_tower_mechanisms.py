@@ -135,3 +135,37 @@ def test_bench_quality_quick_smoke(tmp_path: Path, ml100k_recbole: Path) -> None
     assert set(rows) == {"popularity", "bpr-mf", "two-tower-default", "two-tower"}, proc.stdout
     for values in rows.values():
         assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_popularity_prior_reaches_the_exported_embeddings(tmp_path: Path) -> None:
+    """A run with popularity_prior β exports vectors whose extra coordinate carries the prior (users: 1,
+    items: β·τ·log train share), so the index, batch recommendations and serving rank by it too."""
+    import numpy as np
+    import pandas as pd
+    from conftest import TINY_TWO_TOWER
+
+    from recsys.data.loader import read_split_arrays
+    from recsys.data.metadata import read_metadata
+    from recsys.data.prepare import prepare
+    from recsys.retrieval.runs import download
+    from recsys.train import train
+
+    beta, uri = 0.5, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [*TINY_TWO_TOWER, "train.epochs=1", f"data.prepared_dir={tmp_path / 'd'}",
+            f"train.checkpoint.dir={tmp_path / 'ckpt'}", f"tracking.uri={uri}",
+            f"model.two_tower.popularity_prior={beta}"]  # fmt: skip
+    cfg = load_config("two_tower_synth", sets)
+    prepare(cfg, overwrite=False)
+    result = train(cfg, resume="never")
+    side = {s: pd.read_parquet(download(result.run_id, uri, f"embeddings/{s}_embeddings.parquet", str(tmp_path)))
+            for s in ("user", "item")}  # fmt: skip
+    users, items = (np.stack(side[s]["embedding"].to_numpy()) for s in ("user", "item"))
+    assert users.shape[1] == items.shape[1] == cfg.model.two_tower.layers[-1] + 1
+    assert np.all(users[:, -1] == 1.0)
+    meta = read_metadata(cfg.data.prepared_dir)
+    train = read_split_arrays(cfg.data.prepared_dir, "train", meta)
+    rows = train["sparse"][train["label"] > 0, meta.sparse_index("item_id")]  # train positives per item row
+    counts = np.maximum(np.bincount(rows, minlength=len(items) + 1), 1).astype(float)
+    counts[0] = 1  # the OOV row counts as the rarest item (it is never recommended)
+    want = beta * cfg.model.two_tower.temperature * np.log(counts / counts.sum())[side["item"]["row"]]
+    assert np.allclose(items[:, -1], want, atol=1e-5)

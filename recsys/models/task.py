@@ -58,6 +58,12 @@ def similarity_normalizes(cfg: Config) -> bool:
     return tt.loss == "softmax" if tt.similarity == "auto" else tt.similarity == "cosine"
 
 
+def logit_temperature(cfg: Config) -> float:
+    """τ with logit = user·item / τ: the temperature, except for bce with dot similarity (raw scores)."""
+    tt = cfg.model.two_tower
+    return tt.temperature if tt.loss == "softmax" or similarity_normalizes(cfg) else 1.0
+
+
 def build_task(
     cfg: Config,
     meta: Metadata,
