@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -342,6 +343,15 @@ TT_GRID: list[dict[str, Any]] = [
     {**TT_BASE, "model.two_tower.temperature": 0.2, "model.two_tower.popularity_prior": 0.5},
 ]  # fmt: skip
 TT_QUICK: list[dict[str, Any]] = [{**TT_GRID[0], "train.epochs": 1}, {**TT_GRID[4], "train.epochs": 1}]
+# Each mechanism of issue 10 switched against the chosen settings (val only, seed 0): what it is worth.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no popularity_prior": {"model.two_tower.popularity_prior": 0.0},
+    "no embedding_l2": {"model.two_tower.embedding_l2": 0.0},
+    "dot similarity (T 1)": {"model.two_tower.similarity": "dot", "model.two_tower.temperature": 1.0},
+    "+1,024 uniform negatives": {"model.two_tower.num_uniform_negatives": 1024, "train.pipeline": False},
+    "id-only towers": {"model.two_tower.user_features": ["user_id"], "model.two_tower.item_features": ["item_id"]},
+    "no early stopping (30 epochs)": {"train.early_stopping.patience": 30, "train.early_stopping.restore_best": False},
+}  # fmt: skip
 
 
 def shipped_differences(hp: dict[str, Any]) -> list[str]:
@@ -446,6 +456,7 @@ def bench_quality(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split
             f"{SHIPPED}.yaml "
             + (f"differs from val's choice: {'; '.join(diff)}" if diff else "holds val's choice")
         )
+    ablation = ablate(chosen["two-tower"], val["two-tower"], tt, log)  # quick: 1 epoch each
     # Test, once, for the chosen settings only.
     order = ("popularity", "bpr-mf", "two-tower-default", "two-tower")
     rows = {m: [ev(s, "test") for s in finals[m]] for m in order}
@@ -453,7 +464,7 @@ def bench_quality(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split
     print(f"\nMovieLens-100K, {SPLIT_TITLES[split_name]}, full catalogue, seen removed; "
           f"test mean ± std over seeds {list(seeds)} (two-tower-default, every new mechanism off: "
           f"seed 0 only)\n{table}", flush=True)  # fmt: skip
-    log_bench(table, rows, chosen, runs, quick, split_name)
+    log_bench(table, rows, chosen, runs, quick, split_name, ablation)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)  # prepared data and checkpoints; the models are in MLflow
@@ -461,8 +472,27 @@ def bench_quality(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split
     return table
 
 
+def ablate(hp: dict[str, Any], chosen_val: float, fit: Any, log: Any) -> dict[str, float]:
+    """Val nDCG@10 (seed 0) of the chosen Two-Tower with each of ABLATIONS applied; printed as a table."""
+    out = {"chosen": chosen_val}
+    for name, change in ABLATIONS.items():
+        _, info = fit({**hp, **change}, 0)
+        out[name] = info["val"][f"ndcg@{K}"]
+        log(f"  ablation {name}: val ndcg@{K} {out[name]:.4f} (epoch {info['epoch']})")
+    print(f"\nTwo-Tower mechanisms, each switched against the chosen settings (val nDCG@{K}, seed 0)")
+    for name, v in out.items():
+        print(f"  {name:<32} {v:.4f} {(v / chosen_val - 1) * 100:+6.1f}%")
+    return out
+
+
 def log_bench(
-    table: str, rows: dict[str, list[dict]], chosen: dict[str, Any], runs: list[str], quick: bool, split: str
+    table: str,
+    rows: dict[str, list[dict]],
+    chosen: dict[str, Any],
+    runs: list[str],
+    quick: bool,
+    split: str,
+    ablation: dict[str, float],
 ) -> None:
     """A `bench-quality` MLflow run holding the table, the chosen settings and mean/std per metric;
     the product's Two-Tower runs become its children."""
@@ -482,6 +512,8 @@ def log_bench(
                 v = np.array([r[name] for r in rs])
                 key = name.replace("@", "_at_")
                 tracker.log_metrics({f"{m}/{key}_mean": float(v.mean()), f"{m}/{key}_std": float(v.std())})
+        slug = lambda name: re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")  # noqa: E731
+        tracker.log_metrics({f"ablation/{slug(k)}/val_ndcg_at_{K}": v for k, v in ablation.items()})
         tracker.log_text(table, "bench_quality.txt")
     client = mlflow.MlflowClient(uri)
     for r in runs:

@@ -133,6 +133,8 @@ def test_shipped_ml100k_config_is_a_bench_quality_candidate() -> None:
 
 @pytest.mark.slow
 def test_bench_quality_quick_smoke(tmp_path: Path, ml100k_recbole: Path) -> None:
+    from recsys.bench_quality import ABLATIONS
+
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "RECSYS_TEST_DATA": str(ml100k_recbole.parent)}  # fmt: skip
     proc = subprocess.run(
@@ -148,6 +150,8 @@ def test_bench_quality_quick_smoke(tmp_path: Path, ml100k_recbole: Path) -> None
     assert set(rows) == {"popularity", "bpr-mf", "two-tower-default", "two-tower"}, proc.stdout
     for values in rows.values():
         assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
+    ablation = re.findall(r"^  (.+?)\s+(\d\.\d{4}) +[+-]\d+\.\d%$", proc.stdout, flags=re.M)
+    assert [name for name, _ in ablation] == ["chosen", *ABLATIONS], proc.stdout[-3000:]
 
 
 def test_popularity_prior_reaches_the_exported_embeddings(tmp_path: Path) -> None:
