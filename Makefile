@@ -60,7 +60,7 @@ bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (
 bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall@100) on 1M trained-like items, beside sgemm's ceiling
 	$(PY) -m recsys bench recommend
 
-bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds (~15 min)
+bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds, mechanism ablation (~20 min)
 	$(PY) -m recsys bench quality
 
 manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml, manifests/synth/) from the shipped configs
