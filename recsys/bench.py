@@ -18,7 +18,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.what == "quality":
         from recsys.bench_quality import bench_quality
 
-        bench_quality(quick=args.quick, split_name=args.split)
+        bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
     elif args.what == "recommend":
         from recsys.retrieval.bench import bench_recommend
 

@@ -227,14 +227,60 @@ def train_bpr(split: Split, ev: Evaluator, hp: dict[str, Any], seed: int) -> tup
 
 # ----------------------------------------------------------------------------------------- Two-Tower
 SHIPPED = "movielens_100k_recbole"
+#: The shipped ML-100K Two-Tower configs: RecBole's atomic files, or the original u.data/u.user/u.item.
+CONFIGS = (SHIPPED, "movielens_100k")
 
 
-def base_overrides(data: Path, work: Path, split: Split) -> list[str]:
-    """`--set` overrides pointing the shipped config at the cached files, a scratch folder and the split."""
+def ml100k_original_layout(data: Path) -> Path:
+    """Folder beside `data` with u.data, u.user and u.item in ml-100k's own layout, written once from
+    RecBole's files (same ratings in the same order, same users; u.item's release date holds only the
+    year and its URL is empty, the two things the RecBole file does not carry)."""
+    from recsys.data.readers import ML100K_GENRES
+
+    out = data.parent / "ml-100k-original"
+    if all((out / f).is_file() for f in ("u.data", "u.user", "u.item")):
+        return out
+    tmp = data.parent / f"ml-100k-original.tmp{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    rows = [line.split("\t") for line in (data / "ml-100k.inter").read_text().splitlines()[1:]]
+    (tmp / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{int(float(t))}\n" for u, i, r, t in rows))
+    users = [line.split("\t") for line in (data / "ml-100k.user").read_text().splitlines()[1:]]
+    (tmp / "u.user").write_text("".join("|".join(u) + "\n" for u in users))
+    lines = []
+    for line in (data / "ml-100k.item").read_text(encoding="latin-1").splitlines()[1:]:
+        item, title, year, genres = line.split("\t")
+        flags = "|".join("1" if g in genres.split() else "0" for g in ML100K_GENRES)
+        date = f"01-Jan-{year}" if year.isdigit() else ""  # item 267's year reads "unkonwn"; u.item: empty
+        lines.append(f"{item}|{title}|{date}|||{flags}\n")  # video release date and URL: empty
+    (tmp / "u.item").write_bytes("".join(lines).encode("latin-1"))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)  # complete or absent, as in fetch_ml100k
+    return out
+
+
+def source_overrides(data: Path, config: str) -> list[str]:
+    """`--set` overrides pointing `config`'s source at the cached ML-100K (RecBole files or the original layout)."""
+    from recsys.config import load_config
+
+    kind = load_config(config).data.source.kind
+    if kind == "recbole":
+        return [f"data.source.{k}={data / f'ml-100k.{k}'}" for k in ("inter", "user", "item")]
+    if kind == "movielens":
+        orig = ml100k_original_layout(data)
+        return [f"data.source.path={orig / 'u.data'}", f"data.source.users={orig / 'u.user'}",
+                f"data.source.items={orig / 'u.item'}"]  # fmt: skip
+    raise UserError(
+        f"bench quality --config {config}: reads a {kind} source, not ML-100K (recbole or movielens)"
+    )
+
+
+def base_overrides(data: Path, work: Path, split: Split, config: str = SHIPPED) -> list[str]:
+    """`--set` overrides pointing `config` at the cached files, a scratch folder and the split."""
     return [
-        f"data.source.inter={data / 'ml-100k.inter'}",
-        f"data.source.user={data / 'ml-100k.user'}",
-        f"data.source.item={data / 'ml-100k.item'}",
+        *source_overrides(data, config),
         f"data.prepared_dir={work / 'prepared'}",
         f"train.checkpoint.dir={work / 'checkpoints'}",
         "train.checkpoint.keep_last=1",
@@ -246,14 +292,14 @@ def base_overrides(data: Path, work: Path, split: Split) -> list[str]:
     ]
 
 
-def prepare_and_check(data: Path, work: Path, split: Split) -> None:
-    """`recsys data prepare` the shipped config into `work`; stop unless its val/test pairs are ours."""
+def prepare_and_check(data: Path, work: Path, split: Split, config: str = SHIPPED) -> None:
+    """`recsys data prepare` `config` into `work`; stop unless its val/test pairs are ours."""
     from recsys.config import load_config
     from recsys.data.loader import read_split_arrays
     from recsys.data.metadata import read_metadata, read_vocab
     from recsys.data.prepare import prepare
 
-    cfg = load_config(SHIPPED, base_overrides(data, work, split))
+    cfg = load_config(config, base_overrides(data, work, split, config))
     prepare(cfg, overwrite=True)
     meta = read_metadata(cfg.data.prepared_dir)
     names = [f.name for f in meta.sparse_features]
@@ -289,7 +335,7 @@ def embedding_scores(run_id: str, uri: str, split: Split) -> torch.Tensor:
 
 
 def train_two_tower(
-    data: Path, work: Path, split: Split, ev: Evaluator, hp: dict[str, Any], seed: int
+    data: Path, work: Path, split: Split, ev: Evaluator, hp: dict[str, Any], seed: int, config: str = SHIPPED
 ) -> tuple[torch.Tensor, dict]:
     """Train through `recsys.train.train` (early stopping on val/ndcg@10, best state restored); returns
     (score matrix from the exported embeddings, {"val": bench val metrics, "epoch": best epoch})."""
@@ -299,8 +345,8 @@ def train_two_tower(
     from recsys.tracking import resolve_tracking_uri
     from recsys.train import train
 
-    sets = base_overrides(data, work, split) + assignments(hp) + [f"train.seed={seed}"]
-    cfg = load_config(SHIPPED, sets)
+    sets = base_overrides(data, work, split, config) + assignments(hp) + [f"train.seed={seed}"]
+    cfg = load_config(config, sets)
     # The trainer's own table, plan and progress bar would bury the bench's; they go to a log file.
     with (
         open(work / "train.log", "a") as log,
@@ -354,12 +400,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def shipped_differences(hp: dict[str, Any]) -> list[str]:
+def shipped_differences(hp: dict[str, Any], config: str = SHIPPED) -> list[str]:
     """`field: shipped → hp` for each setting of `hp` the shipped ML-100K config does not hold."""
     from recsys.config import config_differences, load_config
 
-    shipped = load_config(SHIPPED).model_dump(mode="json")
-    return config_differences(shipped, load_config(SHIPPED, assignments(hp)).model_dump(mode="json"))
+    shipped = load_config(config).model_dump(mode="json")
+    return config_differences(shipped, load_config(config, assignments(hp)).model_dump(mode="json"))
 
 
 def assignments(hp: dict[str, Any]) -> list[str]:
@@ -409,7 +455,9 @@ SPLIT_TITLES = {
 }
 
 
-def bench_quality(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split_name: str = "random") -> str:
+def bench_quality(
+    quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split_name: str = "random", config: str = SHIPPED
+) -> str:
     """Run the benchmark, print and return its table (also logged to MLflow, experiment bench-quality)."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     t0 = time.perf_counter()
@@ -424,9 +472,9 @@ def bench_quality(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     log(f"ML-100K: {len(split.user_ids)} users, {len(split.item_ids)} items, train {len(split.train)}, "
         f"val {len(split.val)}, test {len(split.test)}; {int(ev.cold.sum())} items without train rows")  # fmt: skip
-    prepare_and_check(data, work, split)
+    prepare_and_check(data, work, split, config)
     bpr = lambda hp, seed: train_bpr(split, ev, hp, seed)  # noqa: E731
-    tt = lambda hp, seed: train_two_tower(data, work, split, ev, hp, seed)  # noqa: E731
+    tt = lambda hp, seed: train_two_tower(data, work, split, ev, hp, seed, config)  # noqa: E731
     chosen: dict[str, Any] = {}
     finals: dict[str, list[torch.Tensor]] = {"popularity": [popularity_scores(split)] * len(seeds)}
     val = {"popularity": ev(finals["popularity"][0], "val")[f"ndcg@{K}"]}
@@ -451,9 +499,9 @@ def bench_quality(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split
             runs += [extra["run_id"]] if "run_id" in extra else []
         log(f"{model}: chosen {hp}")
     if not quick:
-        diff = shipped_differences(chosen["two-tower"])
+        diff = shipped_differences(chosen["two-tower"], config)
         log(
-            f"{SHIPPED}.yaml "
+            f"{config}.yaml "
             + (f"differs from val's choice: {'; '.join(diff)}" if diff else "holds val's choice")
         )
     ablation = ablate(chosen["two-tower"], val["two-tower"], tt, log)  # quick: 1 epoch each
@@ -461,10 +509,12 @@ def bench_quality(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split
     order = ("popularity", "bpr-mf", "two-tower-default", "two-tower")
     rows = {m: [ev(s, "test") for s in finals[m]] for m in order}
     table = format_table(rows, val)
-    print(f"\nMovieLens-100K, {SPLIT_TITLES[split_name]}, full catalogue, seen removed; "
+    print(f"\nMovieLens-100K ({config}), {SPLIT_TITLES[split_name]}, full catalogue, seen removed; "
           f"test mean ± std over seeds {list(seeds)} (two-tower-default, every new mechanism off: "
           f"seed 0 only)\n{table}", flush=True)  # fmt: skip
-    log_bench(table, rows, chosen, runs, quick, split_name, ablation)
+    log_bench(
+        table, rows, chosen, runs, {"quick": str(quick), "split": split_name, "config": config}, ablation
+    )
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)  # prepared data and checkpoints; the models are in MLflow
@@ -490,8 +540,7 @@ def log_bench(
     rows: dict[str, list[dict]],
     chosen: dict[str, Any],
     runs: list[str],
-    quick: bool,
-    split: str,
+    tags: dict[str, str],
     ablation: dict[str, float],
 ) -> None:
     """A `bench-quality` MLflow run holding the table, the chosen settings and mean/std per metric;
@@ -505,7 +554,7 @@ def log_bench(
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(uri, "bench-quality")
-    with tracker.start("bench-quality", {"quick": str(quick), "split": split}):
+    with tracker.start("bench-quality", tags):
         tracker.log_params({f"{m}.{k}": v for m, hp in chosen.items() for k, v in hp.items()})
         for m, rs in rows.items():
             for name in rs[0]:

@@ -502,6 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="random",
         help="quality: random 80/10/10 of the ratings (seed 0) or per-user leave-last-1",
     )
+    p.add_argument(
+        "--config",
+        dest="ml100k_config",
+        choices=["movielens_100k_recbole", "movielens_100k"],
+        default="movielens_100k_recbole",
+        help="quality: the shipped config to train (RecBole's files, or the original u.data layout written from them)",
+    )
     return parser
 
 

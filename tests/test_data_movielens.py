@@ -313,6 +313,41 @@ def test_real_ml100k_prepare_with_side_features(ml100k_recbole: Path, tmp_path: 
     ]  # fmt: skip
 
 
+def test_movielens_100k_config_reads_what_the_recbole_one_does(ml100k_recbole: Path, tmp_path: Path) -> None:
+    """The shipped movielens_100k (u.data/u.user/u.item, written from RecBole's files) and
+    movielens_100k_recbole configs: the bench's split exactly, and the same genres, year, gender and
+    occupation per id (age: u.user's years become ml-1m's groups there, RecBole keeps the years)."""
+    from recsys.bench_quality import prepare_and_check, random_split_of
+
+    split = random_split_of(ml100k_recbole / "ml-100k.inter")
+    side: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {}
+    for config in ("movielens_100k", "movielens_100k_recbole"):
+        work = tmp_path / config
+        prepare_and_check(ml100k_recbole, work, split, config)  # raises unless val/test are the bench's
+        meta = read_metadata(work / "prepared")
+        assert meta.splits["train"].rows == len(split.train) == 80_000
+        vocab = {f.name: read_vocab(work / "prepared", f) for f in meta.sparse_features}
+        names = [f.name for f in meta.sparse_features]
+        rows = read_split_arrays(work / "prepared", "train", meta)["sparse"]
+        side[config] = {}
+        for key, feats in (("item_id", [*GENRES, "year"]), ("user_id", ["gender", "occupation"])):
+            cols = [names.index(key), *(names.index(f) for f in feats)]
+            side[config][key] = {
+                vocab[key][r[0]]: tuple(vocab[f][v] for f, v in zip(feats, r[1:], strict=True))
+                for r in rows[:, cols]
+            }
+    a, b = side["movielens_100k"], side["movielens_100k_recbole"]
+    for key in a:
+        diff = {k: (v, b[key].get(k)) for k, v in a[key].items() if b[key].get(k) != v}
+        assert a[key].keys() == b[key].keys()
+        # RecBole's year column holds junk for 2 items ("unkonwn", "V"): a u.item date with no year there.
+        assert {k: d[1][-1] for k, d in diff.items() if d[0][:-1] == d[1][:-1] and d[0][-1] == "<OOV>"} == (
+            {"267": "unkonwn", "1412": "V"} if key == "item_id" else {}
+        ), list(diff.items())[:5]
+        assert len(diff) == (2 if key == "item_id" else 0)
+    assert side["movielens_100k"]["item_id"]["1"] == ("Animation", "Children's", "Comedy", "1995")
+
+
 def test_presplit_parts_share_the_side_files(tmp_path: Path) -> None:
     data, users, items = write_ml100k(tmp_path)
     (tmp_path / "u1.test").write_text("2\t1\t4\t200\n")
