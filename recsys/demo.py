@@ -78,19 +78,15 @@ def _latest_run(cfg: Config, run_name: str) -> str:
 
 
 def _results(cfg: Config, run_id: str) -> dict[str, dict[str, float]]:
-    import mlflow
-
+    from recsys.retrieval.runs import download
     from recsys.tracking import resolve_tracking_uri
 
-    path = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path="results.json", tracking_uri=resolve_tracking_uri(cfg)
-    )
-    return json.loads(Path(path).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(download(run_id, resolve_tracking_uri(cfg), "results.json", tmp).read_text())
 
 
 def top_items(cfg: Config, run_id: str, n_users: int = 3, k: int = 10) -> list[tuple[str, list[str]]]:
     """Top-k raw item ids for the first `n_users` test users, from the run's logged embeddings."""
-    import mlflow
     import numpy as np
     import pandas as pd
     import torch
@@ -98,17 +94,15 @@ def top_items(cfg: Config, run_id: str, n_users: int = 3, k: int = 10) -> list[t
     from recsys.data.loader import read_split_arrays
     from recsys.data.metadata import read_metadata
     from recsys.metrics import top_k
+    from recsys.retrieval.runs import download
     from recsys.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg)
-    emb = {
-        side: pd.read_parquet(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=f"embeddings/{side}_embeddings.parquet", tracking_uri=uri
-            )
-        )
-        for side in ("user", "item")
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        emb = {
+            side: pd.read_parquet(download(run_id, uri, f"embeddings/{side}_embeddings.parquet", tmp))
+            for side in ("user", "item")
+        }
     meta = read_metadata(cfg.data.prepared_dir)
     uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
     train = read_split_arrays(cfg.data.prepared_dir, "train")["sparse"]
