@@ -97,19 +97,25 @@ class Split:
         return m
 
 
-def leave_last_split(inter: Path) -> Split:
-    """Per user by timestamp, then file order: last rating → test, the one before → val, rest → train."""
+def _ratings(inter: Path, order: list[str] | None = None) -> tuple[Any, list[str], list[str], np.ndarray]:
+    """(ratings DataFrame, users and items in raw-id order, [n, 2] dense (user, item) per row) of a
+    RecBole .inter file; rows in file order, or sorted by the DataFrame columns `order`."""
     import pandas as pd
 
     df = pd.read_csv(inter, sep="\t", dtype=str).rename(columns=lambda c: c.split(":")[0])
     df["t"], df["pos"] = df["timestamp"].astype(float), np.arange(len(df))
-    df = df.sort_values(["user_id", "t", "pos"])
+    df = df.sort_values(order) if order else df
     users = sorted(df["user_id"].unique(), key=int)
     items = sorted(df["item_id"].unique(), key=int)
     u = df["user_id"].map({x: i for i, x in enumerate(users)}).to_numpy()
     i = df["item_id"].map({x: j for j, x in enumerate(items)}).to_numpy()
+    return df, users, items, np.stack([u, i], 1).astype(np.int64)
+
+
+def leave_last_split(inter: Path) -> Split:
+    """Per user by timestamp, then file order: last rating → test, the one before → val, rest → train."""
+    df, users, items, pairs = _ratings(inter, ["user_id", "t", "pos"])
     from_end = df.groupby("user_id").cumcount(ascending=False).to_numpy()
-    pairs = np.stack([u, i], 1).astype(np.int64)
     sets = ("data.split.mode=leave_last_n", "data.split.n=1")
     return Split(users, items, pairs[from_end >= 2], pairs[from_end == 1], pairs[from_end == 0], sets)
 
@@ -117,17 +123,10 @@ def leave_last_split(inter: Path) -> Split:
 def random_split_of(inter: Path, val: float = 0.1, test: float = 0.1, seed: int = 0) -> Split:
     """Rows in file order split by the product's seeded `random_split` (the assignment `recsys data
     prepare` makes under the returned `sets`; prepare_and_check verifies it); users/items in raw-id order."""
-    import pandas as pd
-
     from recsys.data.splits import TEST, VAL, random_split
 
-    df = pd.read_csv(inter, sep="\t", dtype=str).rename(columns=lambda c: c.split(":")[0])
-    users = sorted(df["user_id"].unique(), key=int)
-    items = sorted(df["item_id"].unique(), key=int)
-    u = df["user_id"].map({x: i for i, x in enumerate(users)}).to_numpy()
-    i = df["item_id"].map({x: j for j, x in enumerate(items)}).to_numpy()
-    pairs = np.stack([u, i], 1).astype(np.int64)
-    a = random_split(len(df), val, test, seed)
+    _, users, items, pairs = _ratings(inter)
+    a = random_split(len(pairs), val, test, seed)
     sets = ("data.split.mode=random", f"data.split.val_fraction={val}", f"data.split.test_fraction={test}",
             f"data.split.seed={seed}")  # fmt: skip
     return Split(users, items, pairs[a == 0], pairs[a == VAL], pairs[a == TEST], sets)
@@ -380,7 +379,8 @@ TT_BASE = {
     "model.two_tower.embedding_l2": 0.01,
 }
 TT_GRID: list[dict[str, Any]] = [
-    # First: every issue-10 mechanism off (the settings shipped before issue 10), the "before" row.
+    # First: the "before" row — the temperature shipped before issue 10, no embedding L2, no prior,
+    # patience 3 (side features and early stopping, also issue-10 mechanisms, are on in every row).
     {**TT_BASE, "model.two_tower.temperature": 0.05, "model.two_tower.embedding_l2": 0.0,
      "model.two_tower.popularity_prior": 0.0, "train.early_stopping.patience": 3},
     {**TT_BASE, "model.two_tower.temperature": 0.2, "model.two_tower.popularity_prior": 0.0},
@@ -474,29 +474,31 @@ def bench_quality(
         f"val {len(split.val)}, test {len(split.test)}; {int(ev.cold.sum())} items without train rows")  # fmt: skip
     prepare_and_check(data, work, split, config)
     bpr = lambda hp, seed: train_bpr(split, ev, hp, seed)  # noqa: E731
-    tt = lambda hp, seed: train_two_tower(data, work, split, ev, hp, seed, config)  # noqa: E731
+    runs: list[str] = []  # every Two-Tower run (grid, seeds, ablation): children of the bench's run
+
+    def tt(hp: dict[str, Any], seed: int) -> tuple[torch.Tensor, dict]:
+        scores, info = train_two_tower(data, work, split, ev, hp, seed, config)
+        runs.append(info["run_id"])
+        return scores, info
+
     chosen: dict[str, Any] = {}
     finals: dict[str, list[torch.Tensor]] = {"popularity": [popularity_scores(split)] * len(seeds)}
     val = {"popularity": ev(finals["popularity"][0], "val")[f"ndcg@{K}"]}
-    runs: list[str] = []
     tt_cands = TT_QUICK if quick else TT_GRID
     done = {"bpr-mf": select("bpr-mf", grid(BPR_QUICK if quick else BPR_GRID), bpr, log)}
     done["two-tower"] = select("two-tower", tt_cands, tt, log)
-    # The first Two-Tower candidate has every new mechanism off: the "before" beside the chosen one.
+    # The first Two-Tower candidate is the "before" row (see TT_GRID), shown beside the chosen one.
     done["two-tower-default"] = [d for d in done["two-tower"] if d[0] is tt_cands[0]]
     for model in ("bpr-mf", "two-tower", "two-tower-default"):
         fit = bpr if model == "bpr-mf" else tt
         hp, scores, info = done[model][0]
         chosen[model], val[model], finals[model] = hp, info["val"][f"ndcg@{K}"], [scores]
-        runs += [info["run_id"]] if "run_id" in info else []
         if model == "two-tower-default":
             # Seed 0 only (time budget), unless it is the chosen one and has all seeds already.
             finals[model] = finals["two-tower"] if hp is chosen["two-tower"] else finals[model]
             continue
         for seed in seeds[1:]:  # seed 0 is the selection run itself
-            s, extra = fit(hp, seed)
-            finals[model].append(s)
-            runs += [extra["run_id"]] if "run_id" in extra else []
+            finals[model].append(fit(hp, seed)[0])
         log(f"{model}: chosen {hp}")
     if not quick:
         diff = shipped_differences(chosen["two-tower"], config)
@@ -510,7 +512,7 @@ def bench_quality(
     rows = {m: [ev(s, "test") for s in finals[m]] for m in order}
     table = format_table(rows, val)
     print(f"\nMovieLens-100K ({config}), {SPLIT_TITLES[split_name]}, full catalogue, seen removed; "
-          f"test mean ± std over seeds {list(seeds)} (two-tower-default, every new mechanism off: "
+          f"test mean ± std over seeds {list(seeds)} (two-tower-default: T 0.05, no L2, no prior; "
           f"seed 0 only)\n{table}", flush=True)  # fmt: skip
     log_bench(
         table, rows, chosen, runs, {"quick": str(quick), "split": split_name, "config": config}, ablation
