@@ -320,14 +320,8 @@ class ContainerPods(PodSet):
     `docker start -a` of the same container; a kill is `docker kill` (SIGKILL, exit 137).
     """
 
-    def __enter__(self) -> ContainerPods:
-        try:
-            for pod in self.pods.values():
-                self._start(pod)
-        except BaseException:
-            self.close()
-            raise
-        return self
+    def _require(self) -> None:
+        """Containers need no local namespaces (the image tier checks the engine itself)."""
 
     def _spawn(self, pod: Pod, log: Any, restart: bool) -> subprocess.Popen:
         """`docker run` the container; a restart is `docker start` of the same one (as the kubelet does)."""

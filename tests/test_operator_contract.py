@@ -317,11 +317,15 @@ class PodSet:
         self._restart_at: dict[str, float] = {}
         self._files: list[IO[bytes]] = []
 
-    def __enter__(self) -> PodSet:
+    def _require(self) -> None:
+        """Skip unless this host can run the pods (here: local processes in their own namespaces)."""
         if not _pod_namespaces_work():
             pytest.skip(
                 "needs `unshare --mount --pid` (root) to give each local pod its namespaces as pods have"
             )
+
+    def __enter__(self) -> PodSet:
+        self._require()
         try:
             for pod in self.pods.values():
                 self._start(pod)
