@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 from recsys.errors import UserError
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from recsys.config import Config, JobConfig
 
 Backend = Literal["local", "pytorchjob", "trainjob", "spark"]
-BACKENDS: tuple[str, ...] = ("local", "pytorchjob", "trainjob", "spark")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 State = Literal["Pending", "Running", "Succeeded", "Failed"]
 
 

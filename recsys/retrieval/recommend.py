@@ -308,6 +308,12 @@ class Retriever:
         return _exact_of(self.index)
 
     @functools.cached_property
+    def extra_depth(self) -> int:
+        """First search depth beyond k, from every known user's seen count (once per process, not per
+        call: Spark and Ray call `recommend` once per batch)."""
+        return first_depth(np.diff(self.seen[0]), 0)
+
+    @functools.cached_property
     def popular(self) -> tuple[np.ndarray, np.ndarray]:
         """(index positions, train counts) in popularity order; ties: the lower position."""
         counts = popularity(self.prepared, self.meta, self.pos_of_row)
@@ -326,7 +332,7 @@ class Retriever:
         positions = np.full((len(user_ids), k), -1, np.int64)
         # Depth from every user's seen count, not the batch's: a user's list must not depend on
         # which other users share its call (partitions of a distributed run differ in size).
-        depth = first_depth(np.diff(self.seen[0]), k)
+        depth = k + self.extra_depth
         for start in range(0, len(known), BATCH_USERS):
             rows = known[start : start + BATCH_USERS]
             found = search_unseen(
