@@ -158,7 +158,7 @@ def ml100k_recbole() -> Path:
     Cache: $RECSYS_TEST_DATA or ~/.cache/recsys-test-data, reused when present. Skips when the
     registry cannot be reached.
     """
-    from recsys.bench_quality import fetch_ml100k
+    from recsys.bench.quality import fetch_ml100k
     from recsys.errors import UserError
 
     try:

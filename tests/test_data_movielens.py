@@ -317,7 +317,7 @@ def test_movielens_100k_config_reads_what_the_recbole_one_does(ml100k_recbole: P
     """The shipped movielens_100k (u.data/u.user/u.item, written from RecBole's files) and
     movielens_100k_recbole configs: the bench's split exactly, and the same genres, year, gender and
     occupation per id (age: u.user's years become ml-1m's groups there, RecBole keeps the years)."""
-    from recsys.bench_quality import prepare_and_check, random_split_of
+    from recsys.bench.quality import prepare_and_check, random_split_of
 
     split = random_split_of(ml100k_recbole / "ml-100k.inter")
     side: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {}

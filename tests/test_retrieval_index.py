@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recsys.errors import UserError
-from recsys.retrieval.bench import clustered_embeddings
+from recsys.bench.recommend import clustered_embeddings
 from recsys.retrieval.index import (
     IndexParams,
     ItemIndex,

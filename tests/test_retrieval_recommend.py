@@ -216,7 +216,7 @@ def test_index_build_logs_index_and_recommend_uses_it(
 def test_search_unseen_is_exact_top_k_of_unseen_for_every_index(kind: str) -> None:
     """No MLflow: a poorly set approximate index (1 of 5 lists; 4 HNSW candidates) is refilled to the
     exact answer when it cannot fill k unseen items."""
-    from recsys.retrieval.bench import clustered_embeddings
+    from recsys.bench.recommend import clustered_embeddings
     from recsys.retrieval.index import IndexParams, build_index
     from recsys.retrieval.recommend import _exact_of, search_unseen
 

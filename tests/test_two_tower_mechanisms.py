@@ -121,7 +121,7 @@ def test_task_draws_uniform_negatives_only_while_training() -> None:
 def test_shipped_ml100k_config_is_a_bench_quality_candidate() -> None:
     """The shipped ML-100K configs' settings are each one of the bench's Two-Tower candidates (the one val
     chose, per the README): a setting changed in one place only shows here."""
-    from recsys.bench_quality import CONFIGS, TT_GRID, shipped_differences
+    from recsys.bench.quality import CONFIGS, TT_GRID, shipped_differences
 
     for config in CONFIGS:
         diffs = [shipped_differences(c, config) for c in TT_GRID]
@@ -134,7 +134,7 @@ def test_shipped_ml100k_config_is_a_bench_quality_candidate() -> None:
 
 @pytest.mark.slow
 def test_bench_quality_quick_smoke(tmp_path: Path, ml100k_recbole: Path) -> None:
-    from recsys.bench_quality import ABLATIONS
+    from recsys.bench.quality import ABLATIONS
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "RECSYS_TEST_DATA": str(ml100k_recbole.parent)}  # fmt: skip

@@ -9,16 +9,47 @@ from recsys.errors import UserError
 TRAIN, VAL, TEST = 0, 1, 2
 
 
-def random_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Seeded random assignment (int8 per row): the first test_fraction of a permutation is test, then val."""
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(seed: int, positions: np.ndarray) -> np.ndarray:
+    """A well-mixed uint64 per row from (seed, global row position): splitmix64's finalizer.
+
+    The rule every prepare path shares (in-memory, streaming, Spark through a pandas UDF), so a row's
+    split and shuffle key depend only on where it stands in the input, never on how it was chunked.
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(positions, dtype=np.uint64) + (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def uniform(seed: int, positions: np.ndarray) -> np.ndarray:
+    """A uniform float64 in [0, 1) per row from (seed, position) (the top 53 bits of mix64)."""
+    return (mix64(seed, positions) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def random_split_at(positions: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Seeded random assignment (int8 per row) decided per row from (seed, position): test where
+    uniform < test_fraction, val where it is below test_fraction + val_fraction, else train."""
     if val_fraction + test_fraction >= 1:
         raise UserError("data.split: val_fraction + test_fraction must be below 1")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
-    out = np.full(n, TRAIN, dtype=np.int8)
-    out[perm[:n_test]] = TEST
-    out[perm[n_test : n_test + n_val]] = VAL
+    u = uniform(seed, positions)
+    out = np.full(len(u), TRAIN, dtype=np.int8)
+    out[u < test_fraction + val_fraction] = VAL
+    out[u < test_fraction] = TEST
     return out
+
+
+def random_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """random_split_at for rows 0..n-1 (the whole input in one piece)."""
+    return random_split_at(np.arange(n, dtype=np.int64), val_fraction, test_fraction, seed)
+
+
+def shuffle_keys(seed: int, positions: np.ndarray) -> np.ndarray:
+    """Sort key of train rows within a shuffle window: mix64 of (split seed + 1, position)."""
+    return mix64(seed + 1, positions)
 
 
 def leave_last_n(users: np.ndarray, timestamps: np.ndarray | None, n: int) -> np.ndarray:

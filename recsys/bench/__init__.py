@@ -8,23 +8,23 @@ import argparse
 def main(args: argparse.Namespace) -> int:
     """Run the named benchmark and print its figures."""
     if args.what == "data":
-        from recsys.data.bench import bench_data
+        from recsys.bench.data import bench_data
 
         bench_data(rows=args.rows)
     elif args.what == "checkpoint":
-        from recsys.bench_checkpoint import bench_checkpoint
+        from recsys.bench.checkpoint import bench_checkpoint
 
         bench_checkpoint()
     elif args.what == "quality":
-        from recsys.bench_quality import bench_quality
+        from recsys.bench.quality import bench_quality
 
         bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
     elif args.what == "recommend":
-        from recsys.retrieval.bench import bench_recommend
+        from recsys.bench.recommend import bench_recommend
 
         bench_recommend(items=args.items, queries=args.queries)
     else:
-        from recsys.bench_train import bench_train
+        from recsys.bench.train import bench_train
 
         bench_train(steps=args.steps, reps=args.reps)
     return 0

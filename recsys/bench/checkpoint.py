@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recsys.bench_train import BENCH_DIR, _configs, run_workers
+from recsys.bench.train import BENCH_DIR, _configs, run_workers
 
 STEPS = 60
 EVERY = 20
@@ -111,7 +111,7 @@ def _worker(phase: str, overrides: list[str]) -> None:
 
 
 def _run(nproc: int, phase: str, overrides: list[str]) -> dict[str, Any]:
-    return run_workers("recsys.bench_checkpoint", nproc, [phase, *overrides])
+    return run_workers("recsys.bench.checkpoint", nproc, [phase, *overrides])
 
 
 def _row(result: dict[str, Any]) -> str:

@@ -339,7 +339,7 @@ def run_workers(module: str, nproc: int, args: list[str]) -> dict:
 
 
 def _run(model: str, nproc: int, steps: int, reps: int, overrides: list[str]) -> dict:
-    return run_workers("recsys.bench_train", nproc, [model, str(steps), str(reps), *overrides])
+    return run_workers("recsys.bench.train", nproc, [model, str(steps), str(reps), *overrides])
 
 
 def _free_port() -> int:
@@ -483,7 +483,7 @@ def _parts_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m recsys.bench_train [--steps N] [--reps R]`, or a torchrun worker (`--worker …`)."""
+    """`python -m recsys.bench.train [--steps N] [--reps R]`, or a torchrun worker (`--worker …`)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
         model, steps, reps, *overrides = argv[1:]
