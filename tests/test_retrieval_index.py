@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.errors import UserError
 from recsys.bench.recommend import clustered_embeddings
+from recsys.errors import UserError
 from recsys.retrieval.index import (
     IndexParams,
     ItemIndex,
