@@ -19,7 +19,10 @@ def mix64(seed: int, positions: np.ndarray) -> np.ndarray:
     split and shuffle key depend only on where it stands in the input, never on how it was chunked.
     """
     with np.errstate(over="ignore"):
-        z = np.asarray(positions, dtype=np.uint64) + (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(1)) * _GOLDEN
+        z = (
+            np.asarray(positions, dtype=np.uint64)
+            + (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(1)) * _GOLDEN
+        )
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
@@ -30,7 +33,9 @@ def uniform(seed: int, positions: np.ndarray) -> np.ndarray:
     return (mix64(seed, positions) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def random_split_at(positions: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+def random_split_at(
+    positions: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
     """Seeded random assignment (int8 per row) decided per row from (seed, position): test where
     uniform < test_fraction, val where it is below test_fraction + val_fraction, else train."""
     if val_fraction + test_fraction >= 1:
