@@ -125,7 +125,7 @@ def test_reranked_lists_come_from_the_candidates_in_ranker_order(runs: Runs, tmp
 def test_funnel_metrics_match_the_retrieval_protocol_and_are_logged(runs: Runs) -> None:
     import mlflow
 
-    from recsys.evaluate import evaluate_funnel
+    from recsys.retrieval.funnel import evaluate_funnel
 
     out = evaluate_funnel(runs.tt, runs.ranker, runs.uri, candidates=(20, 50), split="test")
     for stage in ("retrieval", "rank_n20", "rank_n50"):

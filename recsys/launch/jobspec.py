@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from recsys.config import Config, dump_config
 from recsys.errors import UserError
-from recsys.launch.contract import job_size
+from recsys.launch.types import job_size
 
 CONFIG_DIR = "/etc/recsys"
 CONFIG_FILE = "config.yaml"

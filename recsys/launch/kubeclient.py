@@ -29,7 +29,6 @@ from typing import Any
 
 from recsys.config import Config
 from recsys.errors import UserError
-from recsys.launch.contract import JobResult, State
 from recsys.launch.jobspec import JobSpec, job_spec
 from recsys.launch.kube import (
     PYTORCHJOB,
@@ -41,6 +40,7 @@ from recsys.launch.kube import (
     master_selector,
     render_objects,
 )
+from recsys.launch.types import JobResult, State
 
 
 def load_cluster_config() -> Any:

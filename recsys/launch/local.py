@@ -19,7 +19,7 @@ from pathlib import Path
 
 from recsys.config import Config, dump_config
 from recsys.errors import UserError
-from recsys.launch.contract import JobResult, JobSize, State
+from recsys.launch.types import JobResult, JobSize, State
 from recsys.launch.worker import read_results
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys.errors import UserError
-from recsys.launch.contract import JobResult, JobSize, State
+from recsys.launch.types import JobResult, JobSize, State
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession

@@ -20,7 +20,7 @@ from recsys.errors import UserError
 
 if TYPE_CHECKING:
     from recsys.config import Config
-    from recsys.launch.contract import JobResult
+    from recsys.launch.types import JobResult
 
 #: Job names stay within what `job_spec` accepts (the TrainJob's pod names add a prefix).
 MAX_JOB_NAME = 40
