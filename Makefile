@@ -15,12 +15,14 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv with the pinned CPU stack (torch 2.14.1, torchrec 1.9.2, fbgemm-gpu-cpu 1.9.0, ...)
 
-$(STAMP): requirements/cpu.txt requirements/torchrec.txt pyproject.toml
+$(STAMP): requirements/cpu.txt requirements/torchrec.txt requirements/dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/cpu.txt 2> >(grep -v "is ignored: it is neither" >&2)
 	# torchrec's metadata requires the CUDA fbgemm-gpu; its real deps are in requirements/cpu.txt
 	$(PY) -m pip install -q --no-deps -r requirements/torchrec.txt 2> >(grep -v "is ignored: it is neither" >&2)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored: it is neither" >&2)
+	# the documentation site and the tested docs (development only; the images never install it)
+	$(PY) -m pip install -q -r requirements/dev.txt 2> >(grep -v "is ignored: it is neither" >&2)
 	$(PY) -c "import torch, fbgemm_gpu, torchrec, streaming, mlflow, kfp; print('stack ok: torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	@touch $@
 
@@ -68,6 +70,16 @@ manifests: install ## regenerate the generated Kubernetes manifests (manifests/*
 
 image: ## build the trainer images (CUDA + CPU) with docker; says so when no Docker engine answers (IMAGE=…, PUSH=1, ONLY=cpu; OFFLINE=1: CPU image without registries)
 	bash images/build.sh
+
+.PHONY: docs docs-reference docs-serve
+docs: install ## build the documentation site into site/ (mkdocs --strict: a broken link or missing page fails)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-reference: install ## regenerate docs/reference/{config,cli,manifests}.md from the config schema, the CLI and manifests/
+	$(PY) -m recsys.reference
+
+docs-serve: install ## serve the documentation site on http://127.0.0.1:8000 while you edit it
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 .PHONY: lock
 lock: install ## regenerate requirements/lock-cpu.txt and lock-cuda.txt (hash-checked, what the images install) after a requirements change

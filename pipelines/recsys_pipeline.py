@@ -495,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--compile", action="store_true", help=f"write {PIPELINE_YAML.name}")
     mode.add_argument("--local", action="store_true", help="run the pipeline locally with kfp.local")
+    mode.add_argument(
+        "--check", action="store_true", help=f"exit 1 when {PIPELINE_YAML.name} differs from a fresh compile"
+    )
     p.add_argument("-o", "--output", type=Path, default=PIPELINE_YAML, help="compiled YAML path (--compile)")
     p.add_argument("--workdir", type=Path, default=Path("runs/pipeline-local"), help="outputs, data, MLflow")
     p.add_argument(
@@ -508,6 +511,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.compile:
         print(f"wrote {compile_pipeline(args.output)}")
+        return 0
+    if args.check:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = compile_pipeline(Path(tmp) / PIPELINE_YAML.name).read_text()
+        if fresh != args.output.read_text():
+            print(f"{args.output}: stale; run `make pipelines` and commit it", file=sys.stderr)
+            return 1
         return 0
     arguments: dict = {
         "overrides": args.overrides,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -93,13 +95,16 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from recsys.train import train
 
-    train(_resolve(args), resume=args.resume, allow_data_mismatch=args.allow_data_mismatch)
+    result = train(_resolve(args), resume=args.resume, allow_data_mismatch=args.allow_data_mismatch)
+    if args.run_id_file and result.run_id and os.environ.get("RANK", "0") == "0":
+        Path(args.run_id_file).write_text(result.run_id + "\n")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from recsys.errors import UserError
-    from recsys.evaluate import evaluate_funnel, evaluate_run
+    from recsys.evaluate import evaluate_run
+    from recsys.retrieval.funnel import evaluate_funnel
 
     if args.ranker_run_id:
         try:
@@ -315,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-data-mismatch",
         action="store_true",
         help="train even when the prepared folder was made from other data settings than the config's",
+    )
+    p.add_argument(
+        "--run-id-file",
+        default=None,
+        metavar="PATH",
+        help="write the MLflow run id to PATH when training ends (for scripts: RUN_ID=$(cat PATH))",
     )
     p = add(
         sub,

@@ -209,17 +209,19 @@ def test_data_prep_job_prepares_what_the_jobs_read() -> None:
         )
 
 
-def _readme_section() -> str:
-    text = (REPO / "README.md").read_text()
-    return text.split("<!-- section:kubernetes -->", 1)[1].split("<!-- /section:kubernetes -->", 1)[0]
+def _kubernetes_guide() -> str:
+    """The Kubernetes guide of the documentation (it was the README's Kubernetes section)."""
+    return (REPO / "docs" / "guides" / "kubernetes.md").read_text()
 
 
-def test_readme_kubernetes_commands_match_the_headers() -> None:
-    section = _readme_section()
+def test_kubernetes_guide_commands_match_the_headers() -> None:
+    section = _kubernetes_guide()
     for name in ("dlrm-job.yaml", "two-tower-trainjob.yaml", "base/kustomization.yaml"):
         cmds = _header_commands(REPO / "manifests" / name)
         for key in ("Apply", "Check", "Logs"):
-            assert cmds[key] in section, f"README lacks the {key} command of manifests/{name}: {cmds[key]}"
+            assert cmds[key] in section, (
+                f"docs/guides/kubernetes.md lacks the {key} command of manifests/{name}: {cmds[key]}"
+            )
     assert _header_commands(REPO / "manifests/overlays/cpu/kustomization.yaml")["Apply"] in section
 
 
