@@ -51,19 +51,19 @@ pipeline-local: install ## run the whole KFP pipeline on CPU with kfp.local (syn
 	$(PY) pipelines/recsys_pipeline.py --local $(PIPELINE_ARGS)
 
 bench-data: install ## convert 1M synthetic Criteo rows to MDS and read them back; prints rows/s and samples/s
-	$(PY) -m recsys bench data
+	$(PY) -m recsys bench data --record
 
 bench-train: install ## samples/s of DLRM and Two-Tower, 1 and 2 ranks, beside a bare TorchRec loop
-	$(PY) -m recsys bench train
+	$(PY) -m recsys bench train --record
 
 bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (sync/async), load time, resume vs cold start, 1 and 2 ranks
-	$(PY) -m recsys bench checkpoint
+	$(PY) -m recsys bench checkpoint --record
 
 bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall@100) on 1M trained-like items, beside sgemm's ceiling
-	$(PY) -m recsys bench recommend
+	$(PY) -m recsys bench recommend --record
 
 bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds, mechanism ablation (~20 min)
-	$(PY) -m recsys bench quality
+	$(PY) -m recsys bench quality --record
 
 manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml, manifests/synth/) from the shipped configs
 	$(PY) -m recsys.launch.manifests

@@ -257,8 +257,10 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from recsys import bench
+    from recsys.bench.record import recorded
 
-    return bench.main(args)
+    with recorded(args.what, ["recsys", *sys.argv[1:]], enabled=args.record and not args.quick):
+        return bench.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -499,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
     p.add_argument("what", choices=["data", "train", "checkpoint", "recommend", "quality"])
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="also write the printed figures, with date, commit and machine load, to "
+        "docs/benchmarks/results/NAME.txt (what the docs show; the make bench-* targets pass it)",
+    )
     p.add_argument("--rows", type=int, default=1_000_000, help="rows to convert and read (data)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (train)")
     p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")
