@@ -196,9 +196,10 @@ def answer(state: ServingState, users: list[str], ks: np.ndarray) -> pd.DataFram
 
 # --------------------------------------------------------------------------------------------- build
 #: The served model's pandas, chosen apart from the venv that builds it (docs/serving.md, "pandas"):
-#: KServe's MLflow runtime (MLServer 1.7.1 + mlserver-mlflow) cannot encode pandas 3's string dtype
-#: and kserve pins pandas<3; the model's code runs on both lines (tests serve it on each).
-MODEL_PANDAS = "pandas==2.3.3"
+#: both lines serve it, tested at each end (3.1.1 under `mlflow models serve`, 2.3.3 under MLServer,
+#: the line KServe's MLflow runtime ships: kserve pins pandas<3). A range, not the builder's pin, so
+#: a runtime image that brings its own pandas 2.x matches it.
+MODEL_PANDAS = "pandas>=2.2,<4"
 
 
 def pip_requirements() -> list[str]:
