@@ -199,6 +199,32 @@ def test_rows_per_request_are_capped_with_a_short_message() -> None:
     assert f"({MAX_ROWS:,} in all)" in e.value.message and len(e.value.message) < 200
 
 
+def test_answer_is_object_columns_that_mlserver_can_encode() -> None:
+    """MLServer's V2 codec knows object and numpy dtypes only: pandas 3's `str` dtype was its KeyError 'O'."""
+    import numpy as np
+
+    from recsys.retrieval.index import build_index
+    from recsys.retrieval.recommend import _exact_of
+    from recsys.retrieval.serve import ServingState, answer
+
+    rng = np.random.default_rng(0)
+    index = build_index(rng.normal(size=(6, 4)).astype(np.float32), [f"i{j}" for j in range(6)])
+    state = ServingState(
+        index=index,
+        user_pos={"a": 0},
+        user_vectors=rng.normal(size=(1, 4)).astype(np.float32),
+        seen=(np.array([0, 1]), np.array([2])),  # user a saw index position 2
+        popular=np.arange(6),
+        popular_counts=np.arange(6, 0, -1),
+        exact=_exact_of(index),
+    )
+    out = answer(state, ["a", "new"], np.array([3, 2]))
+    assert out["user_id"].dtype == object and out["items"].dtype == object, out.dtypes
+    assert out["fallback"].tolist() == [False, True]
+    assert "i2" not in out["items"][0] and len(out["items"][0]) == 3
+    assert out["items"][1] == ["i0", "i1"] and out["scores"][1] == [6.0, 5.0]
+
+
 # ------------------------------------------------------------------------------------------- KServe
 def _isvc(**kw: Any) -> dict[str, Any]:
     from recsys.launch.kserve import inference_service

@@ -14,9 +14,8 @@ and needs no installed recsys — only the pip requirements recorded in the mode
 `predict` answers one row per request row: user_id, items (best first), scores, fallback (True: the
 user is unknown and got the most popular items). It searches with `search_unseen`, the function
 `recsys recommend` uses, so a served list equals the batch one. Bad input (no user_id, a wrong type,
-k outside 1..MAX_K, more than MAX_ROWS rows, unknown columns) raises MlflowException
-INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with HTTP 400 and the message (MLServer:
-HTTP 400 too, see docs/serving.md).
+k outside 1..MAX_K, more than MAX_ROWS rows) raises `BadRequest`, which `mlflow models serve` and
+MLServer both answer with HTTP 400 and the message (docs/serving.md).
 """
 
 from __future__ import annotations
