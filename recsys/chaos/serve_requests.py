@@ -238,16 +238,15 @@ def inject(url: str, requests: list[tuple[str, bytes, str]], deadline: float) ->
     return failures
 
 
-def _largest_valid_s(url: str, users: list[str]) -> float:
-    """Seconds the largest request the model accepts takes (MAX_ROWS rows at MAX_K); it must answer 200."""
+def _largest_valid(url: str, users: list[str]) -> tuple[float, list[str]]:
+    """(seconds, failures) of the largest request the model accepts (MAX_ROWS rows at MAX_K): a 200."""
     from recsys.retrieval.serve import MAX_K, MAX_ROWS
 
     rows = [{"user_id": users[i % len(users)], "k": MAX_K} for i in range(MAX_ROWS)]
     start = time.monotonic()
     status, text = post(url, json.dumps({"dataframe_records": rows}).encode())
-    if status != 200:
-        raise RuntimeError(f"the largest valid request failed: HTTP {status} {text[:300]}")
-    return time.monotonic() - start
+    failed = [] if status == 200 else [f"the largest valid request: HTTP {status} {text[:200]!r}"]
+    return time.monotonic() - start, failed
 
 
 def run(workdir: Path) -> dict[str, Any]:
@@ -267,7 +266,7 @@ def run(workdir: Path) -> dict[str, Any]:
         status, before = post(f"{url}/invocations", valid.encode())
         if status != 200:
             raise RuntimeError(f"the valid request failed before any fault: HTTP {status} {before[:300]}")
-        largest_s = _largest_valid_s(f"{url}/invocations", model.known_users)
+        largest_s, largest_failed = _largest_valid(f"{url}/invocations", model.known_users)
         start = time.monotonic()
         failures = inject(f"{url}/invocations", requests, start + DEADLINE_S)
         done = time.monotonic()
@@ -276,7 +275,7 @@ def run(workdir: Path) -> dict[str, Any]:
         recover_s = time.monotonic() - done if status == 200 else None
     same = status == 200 and json.loads(after) == json.loads(before)
     lost = "; ".join(
-        [*failures, *([] if alive else ["the server process died"]),
+        [*largest_failed, *failures, *([] if alive else ["the server process died"]),
          *([] if same else [f"the valid request after the faults: HTTP {status} {after[:200]!r}"])]
     )  # fmt: skip
     return {
@@ -288,5 +287,5 @@ def run(workdir: Path) -> dict[str, Any]:
         "recover_s": None if recover_s is None else round(recover_s, 3),
         "detail": f"{len(requests) - len(failures)}/{len(requests)} answered 4xx with a message in "
         f"{done - start:.1f} s; server alive: {alive}; valid answer unchanged after: {same}; the largest "
-        f"valid request ({MAX_ROWS:,} rows, k={MAX_K:,}) answered in {largest_s:.2f} s",
+        f"valid request ({MAX_ROWS:,} rows, k={MAX_K:,}) took {largest_s:.2f} s",
     }
