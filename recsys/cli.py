@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default=None, help="InferenceService name (default: recsys-<config name>)")
     p.add_argument("--namespace", default=None, help="namespace (default: job.namespace)")
-    p.add_argument("--image", default=None, help="serving image (default: the MLflow runtime's own)")
+    p.add_argument("--image", default=None, help="serving image with faiss-cpu (the runtime's own has none)")
     p.add_argument("--service-account", default=None, help="ServiceAccount with storage credentials")
     p.add_argument("-o", "--output", default="-", help="output file ('-' for stdout)")
 

@@ -48,6 +48,26 @@ def _post(url: str, payload: Any) -> tuple[int, Any]:
         return e.code, json.loads(e.read())
 
 
+def _check_model_from_code(model_uri: str, tracking_uri: str, dst: Path, build_log: str) -> None:
+    """The logged model is code (models-from-code), not a cloudpickle, and needs no recsys install."""
+    import mlflow
+    import yaml
+    from packaging.requirements import Requirement
+
+    from recsys.retrieval.serve import MODEL_PANDAS, SERVING_CODE
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+    assert "CloudPickle" not in build_log, build_log  # MLflow warns when python_model is an object
+    assert not list(local.rglob("*.pkl")), sorted(p.name for p in local.rglob("*"))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["model_code_path"].endswith("serve_model.py"), flavor
+    for rel in SERVING_CODE:
+        assert (local / "code" / "recsys" / rel).is_file(), rel
+    reqs = {r.name: r.specifier for r in map(Requirement, (local / "requirements.txt").read_text().split())}
+    assert reqs["pandas"] == Requirement(MODEL_PANDAS).specifier and "recsys" not in reqs, reqs
+
+
 @pytest.mark.slow
 def test_built_model_serves_over_http_like_recommend(
     trained: tuple[Config, str], mlflow_server: str, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -58,9 +78,11 @@ def test_built_model_serves_over_http_like_recommend(
     name = "recsys-test-serving"
     argv = ["serve", "build", "--run-id", run_id, "--tracking-uri", mlflow_server, "--register", name]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert f"registered as {name} version 1" in printed, printed
     assert "files at mlflow-artifacts:/" in printed, printed  # the storage location KServe copies from
+    _check_model_from_code(f"models:/{name}/1", mlflow_server, tmp_path / "model", captured.err)
 
     port, log = free_port(), tmp_path / "serve.log"
     # mlflow execs `uvicorn` by name: the venv's bin must be on PATH.
@@ -141,6 +163,14 @@ def test_parse_requests_accepts_rows_and_defaults_k() -> None:
         ({"user_id": ["a"], "k": ["ten"]}, "k must be an integer"),
         ({"user_id": ["a"], "k": [True]}, "k must be an integer"),
         ({"user_id": [None], "k": [3]}, "user_id is empty"),
+        ({"user_id": [42], "k": [3]}, "user_id must be a string; got [42]"),
+        ({"user_id": [["a"]], "k": [3]}, "user_id must be a string"),
+        ({"user_id": ["a"], "k": ["5"]}, "k must be an integer"),  # a string is not read as a number
+        ({"user_id": ["a"], "k": [{"n": 5}]}, "k must be an integer"),
+        ({"user_id": ["a"], "k": [10**400]}, "k must be between 1 and"),  # too large for a float
+        ({"user_id": ["a"], "k": [float("inf")]}, "k must be between 1 and"),
+        ({"user_id": ["a"], "k": [10**6]}, "k must be between 1 and 1000"),
+        ({"user_id": ["a"], "k": [3], "items": [1]}, "unknown column(s) ['items']"),
     ],
 )
 def test_bad_requests_are_invalid_parameter_value(frame: dict[str, list[Any]], expect: str) -> None:
@@ -152,6 +182,48 @@ def test_bad_requests_are_invalid_parameter_value(frame: dict[str, list[Any]], e
         parse_requests(pd.DataFrame(frame))
     assert expect in e.value.message
     assert e.value.get_http_status_code() == 400
+
+
+def test_rows_per_request_are_capped_with_a_short_message() -> None:
+    from mlflow.exceptions import MlflowException
+
+    from recsys.retrieval.serve import MAX_ROWS, parse_requests
+
+    users, _ = parse_requests(pd.DataFrame({"user_id": ["u"] * MAX_ROWS}))
+    assert len(users) == MAX_ROWS
+    with pytest.raises(MlflowException) as e:
+        parse_requests(pd.DataFrame({"user_id": ["u"] * 100_000}))
+    assert f"100,000 rows in one request; at most {MAX_ROWS:,}" in e.value.message
+    # Many bad values: the message names a few and the count, not all of them.
+    with pytest.raises(MlflowException) as e:
+        parse_requests(pd.DataFrame({"user_id": ["u"] * MAX_ROWS, "k": [0] * MAX_ROWS}))
+    assert f"({MAX_ROWS:,} in all)" in e.value.message and len(e.value.message) < 200
+
+
+def test_answer_is_object_columns_that_mlserver_can_encode() -> None:
+    """MLServer's V2 codec knows object and numpy dtypes only: pandas 3's `str` dtype was its KeyError 'O'."""
+    import numpy as np
+
+    from recsys.retrieval.index import build_index
+    from recsys.retrieval.recommend import _exact_of
+    from recsys.retrieval.serve import ServingState, answer
+
+    rng = np.random.default_rng(0)
+    index = build_index(rng.normal(size=(6, 4)).astype(np.float32), [f"i{j}" for j in range(6)])
+    state = ServingState(
+        index=index,
+        user_pos={"a": 0},
+        user_vectors=rng.normal(size=(1, 4)).astype(np.float32),
+        seen=(np.array([0, 1]), np.array([2])),  # user a saw index position 2
+        popular=np.arange(6),
+        popular_counts=np.arange(6, 0, -1),
+        exact=_exact_of(index),
+    )
+    out = answer(state, ["a", "new"], np.array([3, 2]))
+    assert out["user_id"].dtype == object and out["items"].dtype == object, out.dtypes
+    assert out["fallback"].tolist() == [False, True]
+    assert "i2" not in out["items"][0] and len(out["items"][0]) == 3
+    assert out["items"][1] == ["i0", "i1"] and out["scores"][1] == [6.0, 5.0]
 
 
 # ------------------------------------------------------------------------------------------- KServe

@@ -7,47 +7,108 @@ its prepared folder into model artifacts, so serving needs neither the run nor t
   seen.npz          per user (embedding position) the index positions of its train items (CSR)
   popularity.npy    train positives per index position: the list of users the run does not know
 
+The model is logged from code (MLflow models-from-code): `serve_model.py` is the model, and the
+`recsys` package's serving modules travel with it as code_paths, so loading it unpickles nothing
+and needs no installed recsys — only the pip requirements recorded in the model.
+
 `predict` answers one row per request row: user_id, items (best first), scores, fallback (True: the
 user is unknown and got the most popular items). It searches with `search_unseen`, the function
-`recsys recommend` uses, so a served list equals the batch one. Bad input raises MlflowException
-INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with HTTP 400 and the message.
-
-This module imports mlflow at import time (the model class must subclass PythonModel at module level
-so the logged model unpickles it by reference); only `recsys serve` imports it.
+`recsys recommend` uses, so a served list equals the batch one. Bad input (no user_id, a wrong type,
+k outside 1..MAX_K, more than MAX_ROWS rows) raises `BadRequest`, which `mlflow models serve` and
+MLServer both answer with HTTP 400 and the message (docs/serving.md).
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+try:  # present where KServe's MLflow runtime (MLServer) serves the model
+    from mlserver.errors import MLServerError as _ServerError
+except ImportError:
+    _ServerError = Exception
 
 #: Name of the logged model inside the run (its artifact folder).
 MODEL_NAME = "retrieval"
 INDEX_ART, USERS_ART, SEEN_ART, POPULAR_ART = "index", "users.parquet", "seen.npz", "popularity.npy"
 #: k used when a request row has none.
 DEFAULT_K = 10
-#: Largest k a request may ask for (bounds the work one request can cause).
+#: Largest k a request may ask for (bounds the work one request row can cause).
 MAX_K = 1000
+#: Most rows one request may hold: with MAX_K it bounds one request's search, memory and answer size
+#: (1000 × 1000 items); scoring many users at once is `recsys recommend`'s job.
+MAX_ROWS = 1000
+#: The columns a request row may have.
+REQUEST_COLUMNS = ("user_id", "k")
+#: The model's code file (models-from-code) and the package files it imports at serving time, shipped
+#: with the model as code_paths; tests check that the model loads where recsys is not installed.
+MODEL_CODE = Path(__file__).with_name("serve_model.py")
+SERVING_CODE = (
+    "__init__.py",
+    "errors.py",
+    "retrieval/__init__.py",
+    "retrieval/index.py",
+    "retrieval/recommend.py",
+    "retrieval/runs.py",
+    "retrieval/serve.py",
+    "retrieval/serve_model.py",
+)
 
 
-def _bad(message: str) -> MlflowException:
-    """An error `mlflow models serve` turns into HTTP 400 with `message`."""
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+class BadRequest(MlflowException, _ServerError):
+    """A request the model refuses, answered with HTTP 400 and the message by `mlflow models serve`
+    (INVALID_PARAMETER_VALUE) and by MLServer (an MLServerError with status 400; any other exception
+    from a model is a 500 there)."""
+
+    def __init__(self, message: str) -> None:
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+        self.status_code = 400
+
+
+def _bad(message: str) -> BadRequest:
+    """An error both model servers turn into HTTP 400 with `message`."""
+    return BadRequest(message)
+
+
+def _some(values: Any, n: int = 5) -> str:
+    """The first `n` of `values` for a message, and how many there are when more (messages stay short)."""
+    values = list(values)
+    shown = ", ".join(repr(v)[:40] for v in values[:n])
+    return f"[{shown}{f', … ({len(values):,} in all)' if len(values) > n else ''}]"
+
+
+def _k_value(v: Any) -> float:
+    """k as a float (NaN: not a number at all); bool and str are refused, not read as numbers."""
+    if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.integer | np.floating):
+        return math.nan
+    try:
+        return float(v)
+    except OverflowError:  # an int too large for a float is out of range, not malformed
+        return math.inf
 
 
 def parse_requests(df: Any) -> tuple[list[str], np.ndarray]:
     """(user ids, k per row) of a request frame with columns user_id and optional k; bad input → 400."""
     if not isinstance(df, pd.DataFrame):
         raise _bad(f"expected a table with columns user_id, k; got {type(df).__name__}")
+    if len(df) > MAX_ROWS:
+        raise _bad(
+            f"{len(df):,} rows in one request; at most {MAX_ROWS:,}: split the request "
+            "(or score many users with `recsys recommend`)"
+        )
+    unknown = [str(c) for c in df.columns if c not in REQUEST_COLUMNS]
+    if unknown:
+        raise _bad(f"unknown column(s) {_some(unknown)}: a request row has user_id and, optionally, k")
     if "user_id" not in df.columns:
         raise _bad(
             f"missing column 'user_id' (got columns: {', '.join(map(str, df.columns)) or 'none'}); "
@@ -55,20 +116,21 @@ def parse_requests(df: Any) -> tuple[list[str], np.ndarray]:
         )
     users = df["user_id"]
     if users.isna().any():
-        raise _bad(f"user_id is empty in row(s) {np.flatnonzero(users.isna().to_numpy()).tolist()}")
+        raise _bad(f"user_id is empty in row(s) {_some(np.flatnonzero(users.isna().to_numpy()).tolist())}")
+    not_str = users.map(lambda u: not isinstance(u, str)).to_numpy(dtype=bool)
+    if not_str.any():
+        raise _bad(f"user_id must be a string; got {_some(users[not_str].tolist())}")
     k = df["k"] if "k" in df.columns else pd.Series(DEFAULT_K, index=df.index)
     # A record without k (NaN once records become a frame) gets the default, like a frame without k.
     k = k.astype(object).where(k.notna(), DEFAULT_K)
-    values = pd.to_numeric(k, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    # bool is numeric to pandas; reject it like a string (true is not a list length).
-    bad = (
-        ~np.isfinite(values) | (values != np.round(values)) | k.map(lambda v: isinstance(v, bool)).to_numpy()
-    )
+    values = np.array([_k_value(v) for v in k], np.float64)
+    bad = np.isnan(values) | (np.isfinite(values) & (values != np.round(values)))
     if bad.any():
-        raise _bad(f"k must be an integer; got {k[bad].tolist()!r}")
-    if ((values < 1) | (values > MAX_K)).any():
-        raise _bad(f"k must be between 1 and {MAX_K}; got {k[(values < 1) | (values > MAX_K)].tolist()!r}")
-    return [str(u) for u in users], values.astype(np.int64)
+        raise _bad(f"k must be an integer; got {_some(k[bad].tolist())}")
+    out = (values < 1) | (values > MAX_K)
+    if out.any():
+        raise _bad(f"k must be between 1 and {MAX_K}; got {_some(k[out].tolist())}")
+    return users.tolist(), values.astype(np.int64)
 
 
 @dataclass
@@ -125,34 +187,38 @@ def answer(state: ServingState, users: list[str], ks: np.ndarray) -> pd.DataFram
         top = state.popular[: ks[row]]
         items[row] = state.index.item_ids[top].tolist()
         scores[row] = state.popular_counts[: ks[row]].astype(float).tolist()
-    return pd.DataFrame({"user_id": users, "items": items, "scores": scores, "fallback": pos < 0})
-
-
-class RetrievalModel(mlflow.pyfunc.PythonModel):
-    """Top-k unseen items of a Two-Tower run per request row; popularity for unknown users."""
-
-    def load_context(self, context: Any) -> None:
-        """Load index, embeddings, seen items and popularity from the model's artifacts."""
-        self._state = load_state(context.artifacts)
-
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
-        """Rows {user_id, k} → rows {user_id, items, scores, fallback}."""
-        users, ks = parse_requests(model_input)
-        return answer(self._state, users, ks)
+    # user_id as object, not pandas 3's `str` dtype: MLServer's V2 codec knows object and numpy
+    # strings only (a `str` column is a KeyError 'O' in its to_datatype, an HTTP 500).
+    user_ids = pd.Series(users, dtype=object)
+    return pd.DataFrame({"user_id": user_ids, "items": items, "scores": scores, "fallback": pos < 0})
 
 
 # --------------------------------------------------------------------------------------------- build
+#: The served model's pandas, chosen apart from the venv that builds it (docs/serving.md, "pandas"):
+#: both lines serve it, tested at each end (3.1.1 under `mlflow models serve`, 2.3.3 under MLServer,
+#: the line KServe's MLflow runtime ships: kserve pins pandas<3). A range, not the builder's pin, so
+#: a runtime image that brings its own pandas 2.x matches it.
+MODEL_PANDAS = "pandas>=2.2,<4"
+
+
 def pip_requirements() -> list[str]:
-    """Pinned requirements of the served model, from what is installed (serving needs no torch)."""
+    """Pinned requirements of the served model (no torch, no recsys: its serving code travels with it)."""
     reqs = []
-    for dist in ("mlflow", "faiss-cpu", "numpy", "pandas", "pyarrow", "recsys"):
+    for dist in ("mlflow", "faiss-cpu", "numpy", "pyarrow"):
         try:
             reqs.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             continue
-    return reqs
+    return [*reqs, MODEL_PANDAS]
+
+
+def code_paths(folder: Path) -> list[str]:
+    """Copy the package files serving imports (`SERVING_CODE`) to `folder`/recsys → MLflow code_paths."""
+    package = Path(__file__).resolve().parents[1]
+    for rel in SERVING_CODE:
+        (folder / "recsys" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(package / rel, folder / "recsys" / rel)
+    return [str(folder / "recsys")]
 
 
 def signature() -> Any:
@@ -183,6 +249,7 @@ def write_artifacts(run_id: str, uri: str | None, folder: Path) -> tuple[dict[st
     from recsys.retrieval.recommend import _check_vocab, _prepared, _run_index, popularity, seen_csr
     from recsys.retrieval.runs import EMBEDDINGS_DIR, open_run
 
+    folder.mkdir(parents=True, exist_ok=True)
     run = open_run(run_id, uri)
     meta, prepared = _prepared(run)
     u_emb, i_emb = run.embeddings("user"), run.embeddings("item")
@@ -226,16 +293,19 @@ class BuiltModel:
 def build_model(run_id: str, uri: str | None = None, register: str | None = None) -> BuiltModel:
     """Log the serving model of Two-Tower run `run_id` into that run and register it as `register`
     (default `recsys-<config name>`; '' = do not register)."""
+    import mlflow
+
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts, run = write_artifacts(run_id, uri, Path(tmp))
+        artifacts, run = write_artifacts(run_id, uri, Path(tmp) / "artifacts")
         name = f"recsys-{run.cfg.name}" if register is None else register or None
         mlflow.set_tracking_uri(run.tracking_uri)
         example = pd.DataFrame({"user_id": [_first_user(artifacts[USERS_ART])], "k": [DEFAULT_K]})
         with mlflow.start_run(run_id=run.run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
-                python_model=RetrievalModel(),
+                python_model=str(MODEL_CODE),  # models-from-code: MLflow runs the file, pickles nothing
                 artifacts=artifacts,
+                code_paths=code_paths(Path(tmp) / "code"),
                 signature=signature(),
                 input_example=example,
                 pip_requirements=pip_requirements(),
