@@ -10,7 +10,7 @@ def main(args: argparse.Namespace) -> int:
     if args.what == "data":
         from recsys.bench.data import bench_data
 
-        bench_data(rows=args.rows)
+        bench_data(rows=args.rows or 1_000_000)
     elif args.what == "checkpoint":
         from recsys.bench.checkpoint import bench_checkpoint
 
@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.what == "tables":
         from recsys.bench.tables import bench_tables
 
-        bench_tables(rows=args.rows, cardinality=args.cardinality, epochs=args.epochs)
+        bench_tables(rows=args.rows or 600_000, cardinality=args.cardinality, epochs=args.epochs)
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 

@@ -120,7 +120,7 @@ def _run(label: str, sets: list[str], base: list[str], root: Path, uri: str) -> 
     return line, rows
 
 
-def bench_tables(rows: int = 1_000_000, cardinality: int = 2000, epochs: int = 2) -> None:
+def bench_tables(rows: int = 600_000, cardinality: int = 1000, epochs: int = 2) -> None:
     """Train the DLRM with every table setting on one synthetic CTR data set; print the figures."""
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     root = BENCH_DIR.resolve()
