@@ -238,3 +238,13 @@ def test_two_gloo_ranks_train_and_their_remappers_agree(data: Path, tmp_path: Pa
     assert r0.keys() == r1.keys() and any("_mch_sorted_raw_ids" in k for k in r0)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
+
+
+def test_spark_prepare_refuses_non_exact_tables_instead_of_writing_exact_ones(tmp_path: Path) -> None:
+    pytest.importorskip("pyspark")
+    from recsys.data.spark_mds import prepare_dataframe
+
+    src = f"data.source={{kind: table, path: {tmp_path / 'x.csv'}, label: y, dense: [a], sparse: [b]}}"
+    cfg = load_config("dlrm_synth", [src, "model.tables.b.kind=capped", "model.tables.b.max_rows=9"])
+    with pytest.raises(UserError, match="model.tables: capped and managed_collision tables are prepared by"):
+        prepare_dataframe(None, cfg)  # type: ignore[arg-type]  # refused before the DataFrame is read
