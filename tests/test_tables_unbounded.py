@@ -220,6 +220,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_two_gloo_ranks_train_and_their_remappers_agree(data: Path, tmp_path: Path) -> None:
     cfg_sets = [*BASE, f"data.prepared_dir={data}", f"train.checkpoint.dir={tmp_path / 'ckpt'}"]
     (tmp_path / "dump.py").write_text(DUMP)
