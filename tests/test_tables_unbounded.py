@@ -181,10 +181,15 @@ def test_export_gives_embeddings_per_raw_id_and_labels_shared_rows(data: Path, t
     import pyarrow.parquet as pq
 
     from recsys.data.metadata import read_metadata, read_vocab
+    from recsys.evaluate import evaluate_run
     from recsys.train import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = train(_cfg(data, tmp_path, f"tracking.uri={uri}", "tracking.experiment=tables"), resume="never")
+    cfg = _cfg(data, tmp_path, f"tracking.uri={uri}", "tracking.experiment=tables")
+    res = train(cfg, resume="never")
+    # The logged model carries the remapper's state: evaluated on its own, it gives the run's test AUC.
+    again = evaluate_run(cfg, res.run_id or "")
+    assert again["test/auc"] == pytest.approx(res.metrics["auc"], abs=1e-5)
     client = mlflow.MlflowClient(uri)
     meta = read_metadata(data)
     tables = {}
