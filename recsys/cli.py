@@ -500,14 +500,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
-    p.add_argument("what", choices=["data", "train", "checkpoint", "recommend", "quality"])
+    p.add_argument("what", choices=["data", "train", "checkpoint", "recommend", "quality", "tables"])
     p.add_argument(
         "--record",
         action="store_true",
         help="also write the printed figures, with date, commit and machine load, to "
         "docs/benchmarks/results/NAME.txt (what the docs show; the make bench-* targets pass it)",
     )
-    p.add_argument("--rows", type=int, default=1_000_000, help="rows to convert and read (data)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="rows to convert and read (data: 1M), to generate (tables: 600k)",
+    )
+    p.add_argument("--cardinality", type=int, default=1000, help="values per sparse feature (tables)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs per table setting (tables)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (train)")
     p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")
     p.add_argument("--items", type=int, default=1_000_000, help="catalogue size (recommend)")

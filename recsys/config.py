@@ -298,6 +298,60 @@ class DLRMConfig(Strict):
     dcn_low_rank_dim: int = Field(512, ge=1, description="Low-rank dimension of each cross layer (dcn).")
 
 
+class TableConfig(Strict):
+    """How one sparse feature's raw ids become rows of its embedding table (see docs/tables.md)."""
+
+    kind: Literal["exact", "capped", "managed_collision"] = Field(
+        "exact",
+        description="exact: one row per train id (vocabulary); capped: the most frequent ids keep rows, "
+        "the rest are hashed into reserved rows; managed_collision: TorchRec's MCH remapper assigns rows "
+        "at run time with eviction.",
+    )
+    max_rows: int | None = Field(
+        None,
+        ge=3,
+        description="Rows of the table, row 0 (missing values) included (capped, managed_collision).",
+    )
+    hashed_rows: int | None = Field(
+        None,
+        ge=1,
+        description="capped: rows reserved for hashed ids (rare, beyond the cap, unseen); None: a tenth "
+        "of max_rows (at least 1).",
+    )
+    eviction_policy: Literal["lfu", "distance_lfu", "lru"] = Field(
+        "distance_lfu",
+        description="managed_collision: which held ids give up their rows to new ones (TorchRec MCH policies).",
+    )
+    eviction_interval: int = Field(
+        1,
+        ge=1,
+        description="managed_collision: train steps between evictions; resume is exact when checkpoints "
+        "fall on multiples of it (1 always).",
+    )
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> TableConfig:
+        if self.kind == "exact":
+            if self.max_rows is not None or self.hashed_rows is not None:
+                raise ValueError("max_rows/hashed_rows apply to capped and managed_collision tables only")
+            return self
+        if self.max_rows is None:
+            raise ValueError(f"max_rows: required for kind {self.kind}")
+        if self.kind == "capped" and self.resolved_hashed_rows() > self.max_rows - 1:
+            raise ValueError(
+                f"hashed_rows ({self.hashed_rows}) must leave row 0: at most max_rows - 1 = {self.max_rows - 1}"
+            )
+        if self.kind == "managed_collision" and self.hashed_rows is not None:
+            raise ValueError("hashed_rows applies to capped tables only")
+        return self
+
+    def resolved_hashed_rows(self) -> int:
+        """capped: rows holding hashed ids (hashed_rows, or a tenth of max_rows, at least 1)."""
+        if self.hashed_rows is not None:
+            return self.hashed_rows
+        return max(1, (self.max_rows or 0) // 10)
+
+
 class ModelConfig(Strict):
     """Which model and its shape."""
 
@@ -305,6 +359,17 @@ class ModelConfig(Strict):
     embedding_dim: int = Field(64, gt=0, description="Dimension of every embedding table.")
     two_tower: TwoTowerConfig = Field(default_factory=TwoTowerConfig, description="Two-Tower settings.")
     dlrm: DLRMConfig = Field(default_factory=DLRMConfig, description="DLRM settings.")
+    table_default: TableConfig = Field(
+        default_factory=TableConfig, description="Table of every sparse feature not named in `tables`."
+    )
+    tables: dict[str, TableConfig] = Field(
+        default_factory=dict,
+        description="Per sparse feature (by name): its table kind and size, overriding table_default.",
+    )
+
+    def table(self, feature: str) -> TableConfig:
+        """The table settings of one sparse feature."""
+        return self.tables.get(feature, self.table_default)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -542,6 +607,14 @@ class Config(Strict):
             raise ValueError(
                 f"train.early_stopping.metric: {metric!r} is not a validation metric of model.kind "
                 f"{self.model.kind!r}; choose one of {self.validation_metrics()}"
+            )
+        mc = [f for f, t in self.model.tables.items() if t.kind == "managed_collision"]
+        if self.model.table_default.kind == "managed_collision":
+            mc.insert(0, "table_default")
+        if mc and self.model.kind != "dlrm":
+            raise ValueError(
+                f"model.tables: managed_collision ({', '.join(mc)}) is for model.kind dlrm only; the "
+                "Two-Tower's retrieval maps rows through vocabularies (use exact or capped)"
             )
         if (self.data.split.mode == "presplit") != (self.data.source.kind == "presplit"):
             raise ValueError(

@@ -141,6 +141,20 @@ def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_ids(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D tensor (lengths may differ), concatenated in rank order; collective."""
+    world = dist.get_world_size()
+    n = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(x.item()) for x in sizes]
+    padded = torch.zeros(max(counts), dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:c] for o, c in zip(out, counts, strict=True)])
+
+
 # ---------------------------------------------------------------------------------- planner and DMP
 # data_parallel is left out of the default on purpose: TorchRec gives data-parallel tables to the
 # dense optimizer (the fused sparse optimizer never sees them), so train.sparse_optimizer would be
@@ -225,6 +239,12 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
     opt_cls, opt_kwargs = _sparse_optimizer_class(cfg.train.sparse_optimizer, env.device)
     apply_optimizer_in_backward(opt_cls, sparse_params, opt_kwargs)
 
+    if env.world_size > 1:
+        from recsys.models.tables import IdRemapper
+
+        for module in model.modules():
+            if isinstance(module, IdRemapper):  # replicas learn from every rank's ids, so they agree
+                module.gather = all_gather_ids
     sharders = get_default_sharders()
     plan = make_planner(cfg, env, tables).collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)

@@ -204,6 +204,19 @@ def format_results(val: dict[str, float], test: dict[str, float], baselines: dic
     return "\n".join(lines)
 
 
+def _log_table_embeddings(cfg: Config, meta: Metadata, plain: nn.Module, tracker: Tracker, tmp: Path) -> None:
+    """Rank 0: embeddings/<feature>.parquet of every capped or managed-collision table, keyed by raw id."""
+    import pyarrow.parquet as pq
+
+    from recsys.models.tables import table_embeddings
+
+    for f in meta.sparse_features:
+        if f.table != "exact":
+            out = tmp / f"{f.name}.parquet"
+            pq.write_table(table_embeddings(plain, meta, cfg.data.prepared_dir, f.name), out)
+            tracker.log_artifact(str(out), "embeddings")
+
+
 def _log_model(cfg: Config, trainer: Trainer, plain: nn.Module, tracker: Tracker) -> None:
     """Rank 0: the plain model, its state dict and (Two-Tower) user/item embeddings keyed by raw id."""
     if not (cfg.tracking.enabled and cfg.tracking.log_model):
@@ -220,4 +233,5 @@ def _log_model(cfg: Config, trainer: Trainer, plain: nn.Module, tracker: Tracker
                 vocab = read_vocab(cfg.data.prepared_dir, sf)
                 out = write_embeddings(emb[side], vocab, Path(tmp) / f"{side}_embeddings.parquet")
                 tracker.log_artifact(str(out), "embeddings")
+        _log_table_embeddings(cfg, meta, plain, tracker, Path(tmp))
     tracker.log_model(plain, "model")

@@ -1,4 +1,4 @@
-"""`recsys bench data|train|checkpoint|recommend|quality`: commands that print throughput figures (never timed assertions)."""
+"""`recsys bench data|train|checkpoint|recommend|quality|tables`: commands that print figures (never timed assertions)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def main(args: argparse.Namespace) -> int:
     if args.what == "data":
         from recsys.bench.data import bench_data
 
-        bench_data(rows=args.rows)
+        bench_data(rows=args.rows or 1_000_000)
     elif args.what == "checkpoint":
         from recsys.bench.checkpoint import bench_checkpoint
 
@@ -19,6 +19,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.quality import bench_quality
 
         bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
+    elif args.what == "tables":
+        from recsys.bench.tables import bench_tables
+
+        bench_tables(rows=args.rows or 600_000, cardinality=args.cardinality, epochs=args.epochs)
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 

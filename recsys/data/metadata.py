@@ -48,6 +48,16 @@ class SparseFeature(_Model):
     name: str = Field(description="Feature (and embedding table) name.")
     num_embeddings: int = Field(description="Rows of its table: vocabulary size + 1 (row 0 = OOV/missing).")
     vocab_file: str = Field(description="Vocabulary file, relative to the prepared folder.")
+    table: str = Field(
+        "exact",
+        description="exact (vocabulary rows), capped (frequent ids + hashed shared rows) or "
+        "managed_collision (the data holds id hashes; rows assigned while training).",
+    )
+    hashed_rows: int = Field(0, description="capped: the last rows of the table, shared by hashed ids.")
+    id_hash: str | None = Field(None, description="capped/managed_collision: the hash applied to raw ids.")
+    collisions: dict[str, int] | None = Field(
+        None, description="capped: train ids and values (row occurrences) sharing a row, with totals."
+    )
 
 
 class SplitInfo(_Model):
@@ -125,6 +135,14 @@ def data_settings(cfg: Config) -> dict[str, object]:
     out = cfg.data.model_dump(mode="json", exclude=_NOT_CONTENT)
     if not cfg.data.negatives.per_positive:  # folders prepared before the field existed still match
         out.pop("negatives")
+    m = cfg.model
+    if m.table_default.kind != "exact" or any(t.kind != "exact" for t in m.tables.values()):
+        # How ids become rows is decided at prepare time; eviction settings act only while training.
+        content = {"kind", "max_rows", "hashed_rows"}
+        out["tables"] = {
+            "default": m.table_default.model_dump(mode="json", include=content),
+            **{k: t.model_dump(mode="json", include=content) for k, t in sorted(m.tables.items())},
+        }
     return out
 
 

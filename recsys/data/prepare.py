@@ -220,27 +220,64 @@ def _write_splits(
 
 
 def map_vocabularies(
-    table: Table, train: np.ndarray, min_count: int, order: np.ndarray | None = None
+    table: Table,
+    train: np.ndarray,
+    min_count: int,
+    order: np.ndarray | None = None,
+    tables: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, list[V.Vocab]]:
     """Fit each sparse feature's vocabulary on train rows and map every row (int64 [n, S]).
 
     With `order`, row i of the result is source row order[i]. The result is a column-major view
-    (one contiguous column per feature), which is how the features are computed.
+    (one contiguous column per feature), which is how the features are computed. `tables` (feature →
+    TableConfig, see recsys.data.hashing) makes a feature capped or managed-collision; the fits are
+    kept in LAST_FITS for the metadata.
     """
+    from recsys.data.hashing import fit_table
+
     n, num = table.rows, len(table.sparse)
     sparse_t = np.empty((num, n), dtype=np.int64)
+    specs = tables or {}
 
-    def one(j: int) -> V.Vocab:
+    def one(j: int) -> Any:
         enc = V.encode_column(table.sparse[j])
-        vocab, lookup = V.fit_encoded(enc, train, min_count)
+        fit = fit_table(enc, train, min_count, specs.get(table.sparse_names[j]))
         codes = enc.codes if order is None else enc.codes[order]
-        np.take(lookup, codes, out=sparse_t[j])
-        return vocab
+        np.take(fit.lookup, codes, out=sparse_t[j])
+        return fit
 
     # Columns are independent; Arrow's hashing and numpy's gathers release the GIL.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        vocabs = list(pool.map(one, range(num)))
-    return sparse_t.T, vocabs
+        fits = list(pool.map(one, range(num)))
+    LAST_FITS[:] = fits
+    return sparse_t.T, [f.vocab for f in fits]
+
+
+# The TableFit of each feature from the last map_vocabularies() in this process (kinds, collisions).
+LAST_FITS: list[Any] = []
+
+
+def table_specs(cfg: Config, names: list[str]) -> dict[str, Any]:
+    """Feature → TableConfig of every non-exact table; an unknown name in model.tables is an error."""
+    unknown = sorted(set(cfg.model.tables) - set(names))
+    if unknown:
+        raise UserError(
+            f"model.tables.{unknown[0]}: no sparse feature {unknown[0]!r} in the data (features: {names})"
+        )
+    specs = {name: cfg.model.table(name) for name in names}
+    return {name: spec for name, spec in specs.items() if spec.kind != "exact"}
+
+
+def _sparse_feature(name: str, fit: Any) -> SparseFeature:
+    """The metadata entry of one fitted feature (see recsys.data.hashing.TableFit)."""
+    from recsys.data.hashing import HASH_NAME
+
+    extra: dict[str, Any] = {}
+    if fit.kind != "exact":
+        extra = {"table": fit.kind, "id_hash": HASH_NAME, "hashed_rows": fit.hashed_rows}
+        if fit.collisions is not None:
+            extra["collisions"] = fit.collisions
+    return SparseFeature(name=name, num_embeddings=fit.num_embeddings, vocab_file=vocab_file(name), **extra)
 
 
 def prepare(cfg: Config, overwrite: bool) -> Metadata:
@@ -271,7 +308,9 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
     labels, label_info = binarize(table.label, assign, cfg.data.label)
     table, assign, labels = add_negatives(table, assign, labels, cfg.data.negatives)
     order, bounds = split_order(assign, cfg.data.split.seed)
-    sparse, vocabs = map_vocabularies(table, assign == S.TRAIN, cfg.data.min_count, order)
+    specs = table_specs(cfg, table.sparse_names)
+    sparse, vocabs = map_vocabularies(table, assign == S.TRAIN, cfg.data.min_count, order, specs)
+    fits = list(LAST_FITS)
     t_vocab = time.perf_counter()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -281,10 +320,9 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
 
     def alongside() -> None:
         nonlocal synth_facts
-        for name, vocab in zip(table.sparse_names, vocabs, strict=True):
-            vf = vocab_file(name)
-            vocab.save(out / vf)
-            features.append(SparseFeature(name=name, num_embeddings=vocab.num_embeddings, vocab_file=vf))
+        for name, vocab, fit in zip(table.sparse_names, vocabs, fits, strict=True):
+            vocab.save(out / vocab_file(name))
+            features.append(_sparse_feature(name, fit))
         if synthetic:
             synth_facts = _synthetic_facts(raw_dir_of(cfg) / SYNTH_JSON, table, labels, assign)
 

@@ -229,6 +229,12 @@ def prepare_dataframe(
     m = source_columns(cfg)
     name = source_name or f"spark:{m.path}"
     out = Path(cfg.data.prepared_dir)
+    if cfg.model.table_default.kind != "exact" or any(t.kind != "exact" for t in cfg.model.tables.values()):
+        # Not silently exact: the trainer would then refuse the folder only after the whole conversion.
+        raise UserError(
+            "model.tables: capped and managed_collision tables are prepared by `recsys data prepare` "
+            "only, not yet on Spark; use exact tables here"
+        )
     sp, lab = cfg.data.split, cfg.data.label
 
     # ---- columns, in the file-based reader's order: user and item lead the sparse features

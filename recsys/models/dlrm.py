@@ -55,13 +55,16 @@ def build_dlrm(
 class DLRMTask(nn.Module):
     """Train-task wrapper: forward(batch) → (loss, (loss, logits, labels)) for TrainPipelineSparseDist."""
 
-    def __init__(self, model: DLRM) -> None:
+    def __init__(self, model: DLRM, remapper: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
+        # Managed-collision features: id hashes → rows before the lookup (recsys.models.tables).
+        self.remapper = remapper
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Mean BCE of the batch and (detached loss, [B] logits, [B] labels)."""
-        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        sparse = batch.sparse_features if self.remapper is None else self.remapper(batch.sparse_features)
+        logits = self.model(batch.dense_features, sparse).squeeze(-1)
         labels = batch.labels.float()
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         return loss, (loss.detach(), logits.detach(), labels.detach())

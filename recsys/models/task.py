@@ -80,6 +80,7 @@ def build_task(
 
     sparse = [(f.name, f.num_embeddings) for f in meta.sparse_features]
     m = cfg.model
+    check_tables(cfg, meta)
     if m.kind == "dlrm":
         d = m.dlrm
         if not meta.dense_features:
@@ -96,7 +97,8 @@ def build_task(
                 d.dcn_low_rank_dim,
                 ebc_device=ebc_device,
                 dense_device=dense_device,
-            )
+            ),
+            managed_collision_remapper(cfg, meta, dense_device or "cpu"),
         )
     tt = m.two_tower
     names = [n for n, _ in sparse]
@@ -137,6 +139,43 @@ def build_task(
         item_rows=rows,
         logq_correction=tt.logq_correction,
     )
+
+
+def check_tables(cfg: Config, meta: Metadata) -> None:
+    """model.tables must name the data's features and agree with how the data was prepared."""
+    names = [f.name for f in meta.sparse_features]
+    unknown = sorted(set(cfg.model.tables) - set(names))
+    if unknown:
+        raise UserError(
+            f"model.tables.{unknown[0]}: no sparse feature {unknown[0]!r} in the data (features: {names})"
+        )
+    for f in meta.sparse_features:
+        spec = cfg.model.table(f.name)
+        rows = spec.max_rows if spec.kind != "exact" else f.num_embeddings
+        if spec.kind != f.table or rows != f.num_embeddings:
+            raise UserError(
+                f"model.tables.{f.name}: {spec.kind} table of {rows} rows, but {cfg.data.prepared_dir} was "
+                f"prepared as {f.table} with {f.num_embeddings} rows; re-run `recsys data prepare --overwrite`"
+            )
+    if cfg.model.kind == "two_tower":
+        for key in (meta.user_feature, meta.item_feature):
+            if key is not None and cfg.model.table(key).kind != "exact":
+                raise UserError(
+                    f"model.tables.{key}: the Two-Tower's user and item ids need exact tables (retrieval "
+                    "and the embedding export map rows through their vocabularies)"
+                )
+
+
+def managed_collision_remapper(cfg: Config, meta: Metadata, device: str | torch.device) -> nn.Module | None:
+    """The IdRemapper of the data's managed-collision features (None when there are none)."""
+    from recsys.models.tables import build_remapper
+
+    specs = {}
+    for f in meta.sparse_features:
+        if f.table == "managed_collision":
+            t = cfg.model.table(f.name)
+            specs[f.name] = (f.num_embeddings, t.eviction_policy, t.eviction_interval)
+    return build_remapper(specs, device)
 
 
 def plain_model(cfg: Config, meta: Metadata, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -1,0 +1,111 @@
+"""Tables for unbounded id spaces: how a column of raw ids becomes table rows beyond exact vocabularies.
+
+Three kinds (model.tables / model.table_default, see docs/tables.md):
+
+- exact: recsys.data.vocab as before (row 0 = OOV; one row per train id seen min_count times).
+- capped (max_rows = M, hashed_rows = H): row 0 = missing value; rows 1..K (K = M - 1 - H) hold the K
+  most frequent train ids (count >= min_count), in the exact vocabulary's order; every other id (rarer,
+  beyond the cap, or never seen in train) goes to row K + 1 + id_hash(id) mod H. The vocabulary file
+  names the shared rows `<HASHED j>` so exported embeddings say which rows no single id owns.
+- managed_collision: the data carries id_hash(id) itself (int64; 0 = missing value) and TorchRec's
+  MCH module maps it to one of M rows while training (recsys.models.tables). The vocabulary file
+  lists the train ids (by count) so exported embeddings can be keyed by raw id.
+
+id_hash is BLAKE2b-64 of the id's UTF-8 bytes (person b"recsys-id"), little-endian, modulo 2^63 - 1:
+stable across processes, machines and languages (Python's hash() is salted per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from recsys.data import vocab as V
+
+if TYPE_CHECKING:
+    from recsys.config import TableConfig
+
+HASH_NAME = "blake2b-64(utf-8, person=recsys-id) mod 2^63-1"
+UNUSED_TOKEN = "<UNUSED>"
+_MOD = (1 << 63) - 1  # keeps int64 max free: TorchRec's MCH marks empty slots with it
+
+
+def id_hash(raw_id: str) -> int:
+    """The stable 63-bit hash of one raw id (what managed-collision data carries)."""
+    digest = hashlib.blake2b(raw_id.encode("utf-8"), digest_size=8, person=b"recsys-id").digest()
+    return int.from_bytes(digest, "little") % _MOD
+
+
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """id_hash of each id (int64 [len(ids)])."""
+    return np.fromiter((id_hash(v) for v in ids), dtype=np.int64, count=len(ids))
+
+
+def hashed_token(j: int) -> str:
+    """Vocabulary-file name of the j-th shared (hashed) row of a capped table."""
+    return f"<HASHED {j}>"
+
+
+@dataclass
+class TableFit:
+    """One feature's fitted table: its vocabulary file content, code → value lookup and facts."""
+
+    vocab: V.Vocab  # what vocab/<feature>.txt holds (line k = raw id or label of row k)
+    lookup: np.ndarray  # int64 [len(dictionary) + 1]: value written to the data per code (last = missing)
+    kind: str = "exact"
+    num_embeddings: int = 0
+    hashed_rows: int = 0
+    collisions: dict[str, int] | None = None  # capped: what shares rows, counted on train
+
+
+def fit_table(enc: V.Encoded, train: np.ndarray, min_count: int, spec: TableConfig | None) -> TableFit:
+    """Fit one encoded column's table per `spec` (None or exact: the exact vocabulary)."""
+    vocab, lookup = V.fit_encoded(enc, train, min_count)
+    if spec is None or spec.kind == "exact":
+        return TableFit(vocab, lookup, num_embeddings=vocab.num_embeddings)
+    if spec.kind == "capped":
+        return _capped(enc, train, vocab, lookup, spec.max_rows or 0, spec.resolved_hashed_rows())
+    # managed_collision: every train id listed (min_count applies only to what is listed), data = hashes.
+    all_vocab, _ = V.fit_encoded(enc, train, 1)
+    values = np.zeros(len(enc.dictionary) + 1, dtype=np.int64)
+    values[:-1] = id_hashes(enc.dictionary.to_pylist())
+    return TableFit(all_vocab, values, kind="managed_collision", num_embeddings=spec.max_rows or 0)
+
+
+def _capped(
+    enc: V.Encoded, train: np.ndarray, vocab: V.Vocab, lookup: np.ndarray, max_rows: int, hashed: int
+) -> TableFit:
+    """Keep the K most frequent ids of the exact vocabulary; hash every other id into H shared rows."""
+    keep = max_rows - 1 - hashed
+    k = len(enc.dictionary)
+    rows = lookup.copy()
+    tail = np.flatnonzero((rows[:k] == 0) | (rows[:k] > keep))  # rare/unseen ids and ids beyond the cap
+    if len(tail):
+        tail_ids = enc.dictionary.take(pa.array(tail)).to_pylist()
+        rows[tail] = keep + 1 + id_hashes(tail_ids) % hashed
+    rows[k] = 0  # missing value
+    # Fewer eligible ids than the cap leaves rows no id uses; they keep their place so line k = row k.
+    kept = vocab.ids[:keep]
+    ids = kept + [UNUSED_TOKEN] * (keep - len(kept)) + [hashed_token(j) for j in range(hashed)]
+    counts = np.bincount(enc.codes[train], minlength=k + 1)[:k]
+    seen = counts > 0
+    per_row = np.bincount(rows[:k][seen], minlength=max_rows)
+    shared = seen & (per_row[rows[:k]] > 1)
+    collisions = {
+        "train_ids": int(seen.sum()),
+        "train_ids_in_shared_rows": int(shared.sum()),
+        "train_values": int(counts.sum()),
+        "train_values_in_shared_rows": int(counts[shared].sum()),
+    }
+    return TableFit(
+        V.Vocab(ids=ids),
+        rows,
+        kind="capped",
+        num_embeddings=max_rows,
+        hashed_rows=hashed,
+        collisions=collisions,
+    )
