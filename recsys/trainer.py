@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import pickle
 import random
 import time
@@ -268,7 +269,12 @@ class Trainer:
             return False
         value = float(metrics[es.metric.removeprefix("val/")])
         sign = 1.0 if self.cfg.best_mode() == "max" else -1.0
-        if self.best is None or sign * (value - self.best["value"]) > es.min_delta:
+        # NaN compares False with everything: as the first best it would stay best forever (and an
+        # infinite value is no measurement either).
+        finite = math.isfinite(value)
+        if not finite and self.env.is_main:
+            print(f"recsys: {es.metric} = {value} at step {self.step}: counted as no improvement", flush=True)
+        if finite and (self.best is None or sign * (value - self.best["value"]) > es.min_delta):
             self.best = {"metric": es.metric, "value": value, "step": self.step, "epoch": self.epoch}
             self.bad_validations = 0
             return True
@@ -276,9 +282,14 @@ class Trainer:
         if es.patience is not None and self.bad_validations >= es.patience:
             self.stopped_early = True
             if self.env.is_main:
+                since = (
+                    "no finite value yet"
+                    if self.best is None
+                    else f"{self.best['value']:.5f} (step {self.best['step']})"
+                )
                 print(
                     f"recsys: early stop at step {self.step}: {es.metric} has not improved on "
-                    f"{self.best['value']:.5f} (step {self.best['step']}) for {es.patience} validations",
+                    f"{since} for {es.patience} validations",
                     flush=True,
                 )
         return False
