@@ -175,6 +175,9 @@ def _finish(trainer: Trainer, ckpt: Any, tracker: Tracker, seconds: float) -> Tr
     )
     if env.is_main:
         print(format_results(trainer.validations[-1] if trainer.validations else {}, metrics, baselines))
+    # 100 % only now: test evaluation and export are part of the job (a TrainJob at 100 % is done).
+    trainer.job_status.update(steps, trainer.total, mlflow_metrics("test", metrics))
+    trainer.job_status.finish(steps, trainer.total)
     return TrainResult(
         run_id=trainer.run_id,
         metrics=metrics,

@@ -393,7 +393,6 @@ class Trainer:
                 if self._save_due(at_end, improved):
                     self.save(ckpt)
         bar.close()
-        self.job_status.finish(self.step, self.total)
         if self.pipeline is not None:
             self.pipeline.detach()
         self.steps_this_run = self.step - start
