@@ -50,6 +50,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: int | None = None
     validations: list[dict[str, float]] = field(default_factory=list)
+    tested_validation: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -275,7 +276,15 @@ class Trainer:
         if not finite and self.env.is_main:
             print(f"recsys: {es.metric} = {value} at step {self.step}: counted as no improvement", flush=True)
         if finite and (self.best is None or sign * (value - self.best["value"]) > es.min_delta):
-            self.best = {"metric": es.metric, "value": value, "step": self.step, "epoch": self.epoch}
+            # The whole validation rides along (and through checkpoints): it is what the kept state scored.
+            validation = {k: float(v) for k, v in metrics.items()}
+            self.best = {
+                "metric": es.metric,
+                "value": value,
+                "step": self.step,
+                "epoch": self.epoch,
+                "validation": validation,
+            }
             self.bad_validations = 0
             return True
         self.bad_validations += 1
@@ -399,6 +408,17 @@ class Trainer:
         return time.perf_counter() - t0
 
     # --------------------------------------------------------------------------------------- test
+    def tested_validation(self, restored_step: int | None) -> dict[str, float]:
+        """Validation metrics of the state test() evaluates: the restored best's, else the last's.
+
+        This is the value `recsys tune` optimises and the results table (Katib's collector) shows.
+        """
+        if restored_step is not None and self.best is not None:
+            fallback = {str(self.best["metric"]).removeprefix("val/"): float(self.best["value"])}
+            return dict(self.best.get("validation") or fallback)  # older checkpoints: no "validation"
+        last = self.validations[-1] if self.validations else {}
+        return {k: v for k, v in last.items() if k != "step"}
+
     def restore_best(self, ckpt: Checkpointer) -> int | None:
         """Load the best checkpoint's model (train.early_stopping.restore_best); returns its step."""
         from recsys.distributed import broadcast_object

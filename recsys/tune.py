@@ -237,15 +237,16 @@ def _report_validations(trial: optuna.Trial, metric: str, reported: list[float])
 
 
 def objective_value(result: Any, cfg: Config, metric: str) -> float:
-    """A finished trial's value: the best validation when the trainer tested that state, else the last."""
-    es = cfg.train.early_stopping
-    if es.metric == metric and es.restore_best and result.best is not None:
-        return float(result.best["value"])
+    """A finished trial's value: `metric` at the validation of the state the run tested and exports.
+
+    That is the best validation when early stopping restores the best state (train.early_stopping
+    .restore_best on this metric), else the last one: the same number the results table prints,
+    which Katib's collector reads (metrics_filter).
+    """
     key = metric.removeprefix("val/")
-    values = [float(v[key]) for v in result.validations if key in v]
-    if not values:
+    if key not in result.tested_validation:
         raise UserError(f"the trial validated no {metric}; tuning needs at least one validation")
-    return values[-1]
+    return float(result.tested_validation[key])
 
 
 class _Parent:
@@ -436,7 +437,8 @@ def katib_metric(metric: str) -> str:
 
 def metrics_filter(metric: str) -> str:
     """StdOut collector regex (2 groups: name, value) for the row of `metric` in `format_results`'s
-    table, whose first number is the last validation's value (the next column is test)."""
+    table, whose first number is the validation of the tested state (the next column is test): the
+    value `recsys tune` optimises (objective_value)."""
     return rf"^({re.escape(katib_metric(metric))})\s+([-+]?[0-9]+\.[0-9]+)"
 
 
@@ -495,6 +497,8 @@ def katib_objects(
             "objective": {
                 "type": "maximize" if space.mode == "max" else "minimize",
                 "objectiveMetricName": katib_metric(space.metric),
+                # Katib's default takes the max (min) of every matching line; the one line printed is it.
+                "metricStrategies": [{"name": katib_metric(space.metric), "value": "latest"}],
             },
             "algorithm": {
                 "algorithmName": "tpe",

@@ -365,7 +365,7 @@ def test_train_prints_the_results_table_without_tracking(
 
     train(_cfg(data, "tt", tmp_path, None, "train.max_steps=5"), resume="never")
     out = capsys.readouterr().out
-    assert "metric" in out and "val (last)" in out
+    assert "metric" in out and "val (tested)" in out
     assert any(line.startswith("recall@10") for line in out.splitlines())
 
 

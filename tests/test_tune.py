@@ -30,6 +30,7 @@ TT = [
     "tracking.log_model=false",
     "eval.ks=[10]",
 ]
+LR = {"type": "float", "low": 0.01, "high": 0.3, "log": True}
 SPACE = {
     "metric": "val/loss",
     "params": {
@@ -105,7 +106,11 @@ def test_katib_experiment_validates_and_a_broken_field_fails(tmp_path: Path) -> 
     docs = list(yaml.safe_load_all(text))
     assert [d["kind"] for d in docs] == ["ConfigMap", "Experiment"]
     exp = docs[1]["spec"]
-    assert exp["objective"] == {"type": "maximize", "objectiveMetricName": "ndcg@10"}
+    assert exp["objective"] == {
+        "type": "maximize",
+        "objectiveMetricName": "ndcg@10",
+        "metricStrategies": [{"name": "ndcg@10", "value": "latest"}],
+    }
     assert exp["algorithm"]["algorithmName"] == "tpe" and exp["maxTrialCount"] == 6
     assert {p["name"] for p in exp["parameters"]} == {"train_sparse_optimizer_lr", "model_embedding_dim"}
     command = exp["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
@@ -227,3 +232,43 @@ def test_a_worse_trial_is_pruned_at_its_first_validation(
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the trial's process group was torn down
+
+
+@pytest.mark.slow
+def test_katib_collector_and_tune_read_the_same_value_of_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One real run: the value Katib's StdOut regex finds in its output is tune's objective value, and
+    with early stopping restoring the best it is the best validation, not the last one."""
+    import re
+
+    from conftest import tiny_dlrm_args
+
+    from recsys.data.prepare import prepare
+    from recsys.train import train
+    from recsys.tune import katib_objects, load_space, objective_value
+
+    args = tiny_dlrm_args(tmp_path)
+    sets = [*args[3::2], "tracking.enabled=false", "train.max_steps=12", "train.val_every_steps=2"]
+    sets += ["train.early_stopping.metric=val/auc", "train.dense_optimizer.lr=0.3"]
+    cfg = load_config("dlrm_synth", sets)
+    prepare(cfg, overwrite=False)
+    space = load_space(
+        _write_space(tmp_path, {"metric": "val/auc", "params": {"train.dense_optimizer.lr": LR}}), cfg
+    )
+    capsys.readouterr()
+    result = train(cfg, resume="never")
+    out = capsys.readouterr().out
+
+    aucs = [v["auc"] for v in result.validations]
+    assert result.best is not None and result.best["value"] == max(aucs)
+    assert aucs[-1] < max(aucs), aucs  # the run must end below its best, or this test shows nothing
+    spec = katib_objects(cfg, space, 4, 1)[1]["spec"]
+    (regex,) = spec["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"]
+    found = [m.groups() for line in out.splitlines() if (m := re.match(regex, line))]
+    assert len(found) == 1 and found[0][0] == spec["objective"]["objectiveMetricName"], out
+    value = objective_value(result, cfg, space.metric)
+    assert value == pytest.approx(result.best["value"])
+    assert float(found[0][1]) == pytest.approx(value, abs=1e-5)
+    # Katib keeps one value per metric and trial: the one printed, not the max/min of several lines.
+    assert spec["objective"]["metricStrategies"] == [{"name": "auc", "value": "latest"}]
