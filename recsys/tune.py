@@ -4,7 +4,9 @@ A search space YAML maps dotted config fields to distributions; every field is c
 config at load time by applying a sample value. In-process tuning runs each trial as one
 `recsys.train.train(...)` (world size 1) with its own checkpoint folder, as an MLflow child run of one
 parent run; the objective is read from the trial's validations only (never test), intermediate
-validation values go to Optuna's MedianPruner, and a pruned trial stops at that validation.
+validation values go to Optuna's MedianPruner, and a pruned trial stops at that validation. A trial
+that raises (an invalid sampled config, a training error) is recorded as failed (Optuna FAIL, its
+child run FAILED, the error as a tag of the parent) and the study goes on.
 
 optuna and kubeflow-katib are imported inside functions: `import recsys.tune` stays light.
 """
@@ -286,12 +288,16 @@ class _Parent:
         )
         return runs[0].info.run_id if runs else None
 
-    def trial_done(self, number: int, state: str, metric: str, value: float | None) -> None:
-        """Record a trial on the parent (trial/<n>/<metric>) and mark its child run's state."""
+    def trial_done(
+        self, number: int, state: str, metric: str, value: float | None, error: str | None = None
+    ) -> None:
+        """Record a trial on the parent (trial/<n>/<metric>, a failed one's error) and mark its child run."""
         from recsys.tracking import mlflow_metrics
 
         if not self.enabled:
             return
+        if error is not None:
+            self.client.set_tag(self.run_id, f"trial/{number}/error", error[:5000])
         child = self.child_run_id(number)
         if child is not None:
             self.client.set_tag(child, STATE_TAG, state)
@@ -378,7 +384,16 @@ def tune(
             parent.trial_done(trial.number, "pruned", space.metric, last)
             records.append({"number": trial.number, "state": "pruned", "value": last, "steps": len(reported)})
             raise
-        except BaseException:
+        except Exception as e:
+            # Optuna records it as FAIL (catch= below) and the study goes on with the next trial.
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            parent.trial_done(trial.number, "failed", space.metric, None, error)
+            records.append(
+                {"number": trial.number, "state": "failed", "error": error, "values": trial.params}
+            )
+            print(f"recsys tune: trial {trial.number} failed: {error}", file=sys.stderr, flush=True)
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit: the study stops
             parent.trial_done(trial.number, "failed", space.metric, None)
             raise
         parent.trial_done(trial.number, "complete", space.metric, value)
@@ -387,7 +402,7 @@ def tune(
 
     result: TuneResult | None = None
     try:
-        study.optimize(objective, n_trials=trials)
+        study.optimize(objective, n_trials=trials, catch=(Exception,))
         result = _result(cfg, space, study, parent, records)
         return result
     finally:
@@ -399,8 +414,16 @@ def _result(
 ) -> TuneResult:
     import optuna
 
+    by_number = {t.number: t.state.name for t in study.trials}
+    for record in records:
+        record["optuna_state"] = by_number.get(record["number"])
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        raise UserError(f"recsys tune: none of the {len(study.trials)} trials completed (all pruned)")
+        failed = [r for r in records if r["state"] == "failed"]
+        why = f"; first failure: trial {failed[0]['number']}: {failed[0]['error']}" if failed else ""
+        raise UserError(
+            f"recsys tune: none of the {len(study.trials)} trials completed "
+            f"({len(failed)} failed, the others pruned){why}"
+        )
     best = study.best_trial
     # The base config with the best values: its checkpoint folder and run name are the config's own,
     # not the trial's, so `recsys train --config best.yaml` starts a fresh run of its own.

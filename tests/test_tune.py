@@ -272,3 +272,41 @@ def test_katib_collector_and_tune_read_the_same_value_of_a_run(
     assert float(found[0][1]) == pytest.approx(value, abs=1e-5)
     # Katib keeps one value per metric and trial: the one printed, not the max/min of several lines.
     assert spec["objective"]["metricStrategies"] == [{"name": "auc", "value": "latest"}]
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(
+    prepared: Path, tmp_path: Path, mlflow_server: str
+) -> None:
+    """A trial whose sampled batch size exceeds the train split raises in the trainer: it is recorded
+    as failed (Optuna FAIL, MLflow FAILED + tag, the reason kept) and the next trial still runs."""
+    import mlflow
+
+    from recsys.tune import load_space, tune
+
+    cfg = _cfg(prepared, mlflow_server, "tracking.experiment=test-tune-fail")
+    batch = {"type": "categorical", "choices": [128, 65536]}
+    space = load_space(
+        _write_space(tmp_path, {"metric": "val/loss", "params": {"train.batch_size": batch}}), cfg
+    )
+    result = tune(
+        cfg,
+        space,
+        2,
+        tmp_path / "trials",
+        prune=False,
+        enqueue=[{"train.batch_size": 65536}, {"train.batch_size": 128}],
+    )
+    states = {t["number"]: t for t in result.trials}
+    assert states[0]["state"] == "failed" and "fewer rows than one global batch" in states[0]["error"]
+    assert states[1]["state"] == "complete" and result.best_trial == 1
+    assert result.best_values == {"train.batch_size": 128}
+    assert [t["optuna_state"] for t in result.trials] == ["FAIL", "COMPLETE"]
+
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("test-tune-fail").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (failed,) = [r for r in runs if r.data.tags.get("recsys.tune.trial") == "0"]
+    assert failed.info.status == "FAILED" and failed.data.tags["recsys.tune.state"] == "failed"
+    assert parent.info.status == "FINISHED" and parent.data.tags["trial/0/state"] == "failed"
+    assert "fewer rows than one global batch" in parent.data.tags["trial/0/error"]
