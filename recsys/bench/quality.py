@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,7 @@ def prepare_and_check(data: Path, work: Path, split: Split, config: str = SHIPPE
     """`recsys data prepare` `config` into `work`; stop unless its val/test pairs are ours."""
     from recsys.config import load_config
     from recsys.data.loader import read_split_arrays
-    from recsys.data.metadata import read_metadata, read_vocab
+    from recsys.data.metadata import OOV_TOKEN, read_metadata, read_vocab
     from recsys.data.prepare import prepare
 
     cfg = load_config(config, base_overrides(data, work, split, config))
@@ -305,13 +306,20 @@ def prepare_and_check(data: Path, work: Path, split: Split, config: str = SHIPPE
     uc, ic = names.index(meta.user_feature or ""), names.index(meta.item_feature or "")
     uv = read_vocab(cfg.data.prepared_dir, meta.sparse_features[uc])
     iv = read_vocab(cfg.data.prepared_dir, meta.sparse_features[ic])
+    # Ids without train rows are the OOV row in the product's folder: map ours the same way, then
+    # compare the two multisets of (user, item) rows exactly, both ways.
+    known_u, known_i = set(uv[1:]), set(iv[1:])
     for part in ("val", "test"):
         s = read_split_arrays(cfg.data.prepared_dir, part, meta)["sparse"]
-        theirs = {(uv[u], iv[i]) for u, i in zip(s[:, uc], s[:, ic], strict=True) if i != 0}
-        ours = {(split.user_ids[u], split.item_ids[i]) for u, i in getattr(split, part)}
-        if not theirs <= ours:
+        theirs = Counter((uv[u], iv[i]) for u, i in zip(s[:, uc], s[:, ic], strict=True))
+        ours = Counter(
+            (u if u in known_u else OOV_TOKEN, i if i in known_i else OOV_TOKEN)
+            for u, i in ((split.user_ids[a], split.item_ids[b]) for a, b in getattr(split, part))
+        )
+        if theirs != ours:
             raise RuntimeError(
-                f"the product's {part} split differs from the bench's ({len(theirs - ours)} pairs)"
+                f"the product's {part} split differs from the bench's ({(theirs - ours).total()} rows only "
+                f"in the product's, {(ours - theirs).total()} only in the bench's)"
             )
 
 
