@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recsys.errors import DataError, UserError
 
@@ -138,7 +138,26 @@ def read_metadata(prepared_dir: str | Path) -> Metadata:
     path = metadata_path(prepared_dir)
     if not path.is_file():
         raise UserError(f"{path}: not found; run `recsys data prepare --config …` first (data.prepared_dir)")
-    return Metadata.model_validate(json.loads(path.read_text()))
+    try:
+        return Metadata.model_validate(json.loads(path.read_bytes().decode("utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
+        raise DataError(
+            f"{path}: not a readable metadata.json ({_why(e)}); the prepared folder is damaged: "
+            "re-run `recsys data prepare --overwrite` with its config"
+        ) from None
+
+
+def _why(e: Exception) -> str:
+    """One line on what is wrong with a metadata.json."""
+    if isinstance(e, ValidationError):
+        errs = e.errors()
+        first = errs[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        more = f" and {len(errs) - 1} more" if len(errs) > 1 else ""
+        return f"{where}: {first['msg']}{more}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+    return f"not UTF-8: {e}"
 
 
 def write_metadata(prepared_dir: str | Path, meta: Metadata) -> None:

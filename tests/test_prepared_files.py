@@ -1,4 +1,4 @@
-"""Vocabulary files: what save() writes, Vocab.load and metadata.read_vocab read back row for row."""
+"""Files of a prepared folder: vocabularies (save, Vocab.load and read_vocab row for row) and metadata.json."""
 
 from __future__ import annotations
 
@@ -34,3 +34,20 @@ def test_vocab_save_refuses_line_breaks_and_read_names_a_file_of_the_wrong_size(
     feature = SparseFeature(name="item", num_embeddings=4, vocab_file="v.txt")
     with pytest.raises(DataError, match=r"v\.txt: 3 rows, metadata\.json says 4.*--overwrite"):
         read_vocab(tmp_path, feature)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{not json", '{"format_version": 1}', "[]", "\xff\xfe garbage"],
+    ids=["syntax", "fields", "type", "bytes"],
+)
+def test_a_corrupt_metadata_json_is_one_line_naming_the_file_and_the_fix(tmp_path: Path, text: str) -> None:
+    """Truncated, hand-edited or foreign metadata.json: a DataError naming it and `--overwrite`."""
+    from recsys.data.metadata import metadata_path, read_metadata
+
+    metadata_path(tmp_path).write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        read_metadata(tmp_path)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith(f"{tmp_path / 'metadata.json'}: ")
+    assert "recsys data prepare --overwrite" in msg
