@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -89,7 +90,7 @@ def _train_pairs(cfg: Config) -> set[tuple[str, str]]:
 
 
 def test_reranked_lists_come_from_the_candidates_in_ranker_order(runs: Runs, tmp_path: Path) -> None:
-    from recsys.retrieval.rank import open_ranker, retrieve_and_rank, score_pairs
+    from recsys.retrieval.rank import open_ranker, retrieve_and_rank
     from recsys.retrieval.recommend import recommend
 
     users = tmp_path / "users.txt"
@@ -116,10 +117,53 @@ def test_reranked_lists_come_from_the_candidates_in_ranker_order(runs: Runs, tmp
         assert [rank_of[i] for i in g["item"]] == g["retrieval_rank"].tolist()
         moved += g["retrieval_rank"].tolist() != list(range(1, 11))
     assert moved > 0  # the ranker changed some order
+    # The scores are the ranker's on each pair's real feature row: re-score the listed pairs that occur
+    # in the ranker's own prepared rows (held-out ratings and sampled negatives) from those stored
+    # rows, not from score_pairs' user/item feature tables.
     ranker = open_ranker(runs.ranker, runs.uri)
+    stored = _stored_rows(ranker)
     warm = t[~t.fallback]
-    again = score_pairs(ranker, warm["user"].to_numpy(), warm["item"].to_numpy())
-    np.testing.assert_allclose(again, warm["score"].to_numpy(), rtol=1e-5)
+    pairs = [
+        (u, i, s)
+        for u, i, s in zip(warm["user"], warm["item"], warm["score"], strict=True)
+        if (u, i) in stored
+    ]
+    assert len(pairs) >= 10, len(pairs)
+    rows = [stored[(u, i)] for u, i, _ in pairs]
+    want = _model_scores(ranker, np.stack([d for d, _ in rows]), np.stack([sp for _, sp in rows]))
+    np.testing.assert_allclose([s for _, _, s in pairs], want, rtol=1e-5, atol=1e-7)
+
+
+def _stored_rows(ranker: Any) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """(raw user, raw item) → its (dense, sparse) feature rows as stored in the ranker's prepared splits."""
+    from recsys.data.loader import read_split_arrays
+    from recsys.data.metadata import read_vocab
+
+    prepared, meta = ranker.cfg.data.prepared_dir, ranker.meta
+    u, i = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
+    vu, vi = (read_vocab(prepared, meta.sparse_features[c]) for c in (u, i))
+    out = {}
+    for split in ("train", "val", "test"):
+        a = read_split_arrays(prepared, split, meta)
+        for dense, row in zip(a["dense"], a["sparse"], strict=True):
+            out[(vu[row[u]], vi[row[i]])] = (dense, row)
+    return out
+
+
+def _model_scores(ranker: Any, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    """sigmoid(model(rows)) of stored rows (dense [n, D], sparse [n, S]) through a KeyedJaggedTensor."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    keys = [f.name for f in ranker.meta.sparse_features]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys,
+        torch.from_numpy(np.ascontiguousarray(sparse.T).reshape(-1)),
+        torch.ones(sparse.size, dtype=torch.int32),
+    )
+    x = torch.from_numpy(np.ascontiguousarray(dense[:, : len(ranker.meta.dense_features)]))
+    with torch.no_grad():
+        return torch.sigmoid(ranker.task.model(x, kjt).squeeze(-1)).numpy()
 
 
 def test_funnel_metrics_match_the_retrieval_protocol_and_are_logged(runs: Runs) -> None:
