@@ -18,9 +18,10 @@ the API we pin. Without the variables (PyTorchJob, local, Spark) nothing happens
 Reporting never slows or stops training: requests go out from a daemon thread (the newest status
 replaces one not yet sent), at most one every MIN_INTERVAL_S seconds (the Trainer docs ask for ≥ 5 s);
 the first failure is printed as one line, later ones are counted silently. The final 100 % is always
-sent. We do not use the Kubeflow SDK's `update_trainjob_status` (kubeflow 0.5.0): its throttle drops
-a call made within 5 s of the previous one with no way to force it (the final 100 % of a short run
-would be lost), it warns on every failure and it sends on the training thread.
+sent, by recsys.train after test evaluation and export (a TrainJob at 100 % is done), with the test
+metrics. We do not use the Kubeflow SDK's `update_trainjob_status` (kubeflow 0.5.0): its throttle
+drops a call made within 5 s of the previous one with no way to force it (the final 100 % of a short
+run would be lost), it warns on every failure and it sends on the training thread.
 """
 
 from __future__ import annotations

@@ -173,8 +173,12 @@ def _finish(trainer: Trainer, ckpt: Any, tracker: Tracker, seconds: float) -> Tr
         {"metrics": metrics, "baselines": baselines, "best": trainer.best, "tested_step": best_step or steps},
         "results.json",
     )
+    tested_val = trainer.tested_validation(best_step)
     if env.is_main:
-        print(format_results(trainer.validations[-1] if trainer.validations else {}, metrics, baselines))
+        print(format_results(tested_val, metrics, baselines))
+    # 100 % only now: test evaluation and export are part of the job (a TrainJob at 100 % is done).
+    trainer.job_status.update(steps, trainer.total, mlflow_metrics("test", metrics))
+    trainer.job_status.finish(steps, trainer.total)
     return TrainResult(
         run_id=trainer.run_id,
         metrics=metrics,
@@ -189,13 +193,18 @@ def _finish(trainer: Trainer, ckpt: Any, tracker: Tracker, seconds: float) -> Tr
         best=trainer.best,
         stopped_early=trainer.stopped_early,
         validations=trainer.validations,
+        tested_validation=tested_val,
     )
 
 
 def format_results(val: dict[str, float], test: dict[str, float], baselines: dict[str, float]) -> str:
-    """The final table printed by `recsys train`: last validation, test and baseline per metric."""
+    """The final table printed by `recsys train`: validation and test of the tested state, baseline.
+
+    The val column is the validation of the state that was tested (the restored best, else the last
+    state): `recsys tune` optimises that value, and Katib's collector reads it from this table.
+    """
     names = [k for k in test if k not in ("rows", "count")]
-    lines = [f"{'metric':<16} {'val (last)':>12} {'test':>12} {'baseline':>12}"]
+    lines = [f"{'metric':<16} {'val (tested)':>12} {'test':>12} {'baseline':>12}"]
     for k in names:
         cells = [val.get(k), test.get(k), baselines.get(k)]
         lines.append(f"{k:<16} " + " ".join(f"{c:>12.5f}" if c is not None else f"{'':>12}" for c in cells))

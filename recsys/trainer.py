@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import pickle
 import random
 import time
@@ -49,6 +50,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: int | None = None
     validations: list[dict[str, float]] = field(default_factory=list)
+    tested_validation: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -268,17 +270,35 @@ class Trainer:
             return False
         value = float(metrics[es.metric.removeprefix("val/")])
         sign = 1.0 if self.cfg.best_mode() == "max" else -1.0
-        if self.best is None or sign * (value - self.best["value"]) > es.min_delta:
-            self.best = {"metric": es.metric, "value": value, "step": self.step, "epoch": self.epoch}
+        # NaN compares False with everything: as the first best it would stay best forever (and an
+        # infinite value is no measurement either).
+        finite = math.isfinite(value)
+        if not finite and self.env.is_main:
+            print(f"recsys: {es.metric} = {value} at step {self.step}: counted as no improvement", flush=True)
+        if finite and (self.best is None or sign * (value - self.best["value"]) > es.min_delta):
+            # The whole validation rides along (and through checkpoints): it is what the kept state scored.
+            validation = {k: float(v) for k, v in metrics.items()}
+            self.best = {
+                "metric": es.metric,
+                "value": value,
+                "step": self.step,
+                "epoch": self.epoch,
+                "validation": validation,
+            }
             self.bad_validations = 0
             return True
         self.bad_validations += 1
         if es.patience is not None and self.bad_validations >= es.patience:
             self.stopped_early = True
             if self.env.is_main:
+                since = (
+                    "no finite value yet"
+                    if self.best is None
+                    else f"{self.best['value']:.5f} (step {self.best['step']})"
+                )
                 print(
                     f"recsys: early stop at step {self.step}: {es.metric} has not improved on "
-                    f"{self.best['value']:.5f} (step {self.best['step']}) for {es.patience} validations",
+                    f"{since} for {es.patience} validations",
                     flush=True,
                 )
         return False
@@ -382,13 +402,23 @@ class Trainer:
                 if self._save_due(at_end, improved):
                     self.save(ckpt)
         bar.close()
-        self.job_status.finish(self.step, self.total)
         if self.pipeline is not None:
             self.pipeline.detach()
         self.steps_this_run = self.step - start
         return time.perf_counter() - t0
 
     # --------------------------------------------------------------------------------------- test
+    def tested_validation(self, restored_step: int | None) -> dict[str, float]:
+        """Validation metrics of the state test() evaluates: the restored best's, else the last's.
+
+        This is the value `recsys tune` optimises and the results table (Katib's collector) shows.
+        """
+        if restored_step is not None and self.best is not None:
+            fallback = {str(self.best["metric"]).removeprefix("val/"): float(self.best["value"])}
+            return dict(self.best.get("validation") or fallback)  # older checkpoints: no "validation"
+        last = self.validations[-1] if self.validations else {}
+        return {k: v for k, v in last.items() if k != "step"}
+
     def restore_best(self, ckpt: Checkpointer) -> int | None:
         """Load the best checkpoint's model (train.early_stopping.restore_best); returns its step."""
         from recsys.distributed import broadcast_object

@@ -4,7 +4,9 @@ A search space YAML maps dotted config fields to distributions; every field is c
 config at load time by applying a sample value. In-process tuning runs each trial as one
 `recsys.train.train(...)` (world size 1) with its own checkpoint folder, as an MLflow child run of one
 parent run; the objective is read from the trial's validations only (never test), intermediate
-validation values go to Optuna's MedianPruner, and a pruned trial stops at that validation.
+validation values go to Optuna's MedianPruner, and a pruned trial stops at that validation. A trial
+that raises (an invalid sampled config, a training error) is recorded as failed (Optuna FAIL, its
+child run FAILED, the error as a tag of the parent) and the study goes on.
 
 optuna and kubeflow-katib are imported inside functions: `import recsys.tune` stays light.
 """
@@ -237,15 +239,16 @@ def _report_validations(trial: optuna.Trial, metric: str, reported: list[float])
 
 
 def objective_value(result: Any, cfg: Config, metric: str) -> float:
-    """A finished trial's value: the best validation when the trainer tested that state, else the last."""
-    es = cfg.train.early_stopping
-    if es.metric == metric and es.restore_best and result.best is not None:
-        return float(result.best["value"])
+    """A finished trial's value: `metric` at the validation of the state the run tested and exports.
+
+    That is the best validation when early stopping restores the best state (train.early_stopping
+    .restore_best on this metric), else the last one: the same number the results table prints,
+    which Katib's collector reads (metrics_filter).
+    """
     key = metric.removeprefix("val/")
-    values = [float(v[key]) for v in result.validations if key in v]
-    if not values:
+    if key not in result.tested_validation:
         raise UserError(f"the trial validated no {metric}; tuning needs at least one validation")
-    return values[-1]
+    return float(result.tested_validation[key])
 
 
 class _Parent:
@@ -285,12 +288,16 @@ class _Parent:
         )
         return runs[0].info.run_id if runs else None
 
-    def trial_done(self, number: int, state: str, metric: str, value: float | None) -> None:
-        """Record a trial on the parent (trial/<n>/<metric>) and mark its child run's state."""
+    def trial_done(
+        self, number: int, state: str, metric: str, value: float | None, error: str | None = None
+    ) -> None:
+        """Record a trial on the parent (trial/<n>/<metric>, a failed one's error) and mark its child run."""
         from recsys.tracking import mlflow_metrics
 
         if not self.enabled:
             return
+        if error is not None:
+            self.client.set_tag(self.run_id, f"trial/{number}/error", error[:5000])
         child = self.child_run_id(number)
         if child is not None:
             self.client.set_tag(child, STATE_TAG, state)
@@ -377,7 +384,16 @@ def tune(
             parent.trial_done(trial.number, "pruned", space.metric, last)
             records.append({"number": trial.number, "state": "pruned", "value": last, "steps": len(reported)})
             raise
-        except BaseException:
+        except Exception as e:
+            # Optuna records it as FAIL (catch= below) and the study goes on with the next trial.
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            parent.trial_done(trial.number, "failed", space.metric, None, error)
+            records.append(
+                {"number": trial.number, "state": "failed", "error": error, "values": trial.params}
+            )
+            print(f"recsys tune: trial {trial.number} failed: {error}", file=sys.stderr, flush=True)
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit: the study stops
             parent.trial_done(trial.number, "failed", space.metric, None)
             raise
         parent.trial_done(trial.number, "complete", space.metric, value)
@@ -386,7 +402,7 @@ def tune(
 
     result: TuneResult | None = None
     try:
-        study.optimize(objective, n_trials=trials)
+        study.optimize(objective, n_trials=trials, catch=(Exception,))
         result = _result(cfg, space, study, parent, records)
         return result
     finally:
@@ -398,8 +414,16 @@ def _result(
 ) -> TuneResult:
     import optuna
 
+    by_number = {t.number: t.state.name for t in study.trials}
+    for record in records:
+        record["optuna_state"] = by_number.get(record["number"])
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        raise UserError(f"recsys tune: none of the {len(study.trials)} trials completed (all pruned)")
+        failed = [r for r in records if r["state"] == "failed"]
+        why = f"; first failure: trial {failed[0]['number']}: {failed[0]['error']}" if failed else ""
+        raise UserError(
+            f"recsys tune: none of the {len(study.trials)} trials completed "
+            f"({len(failed)} failed, the others pruned){why}"
+        )
     best = study.best_trial
     # The base config with the best values: its checkpoint folder and run name are the config's own,
     # not the trial's, so `recsys train --config best.yaml` starts a fresh run of its own.
@@ -436,7 +460,8 @@ def katib_metric(metric: str) -> str:
 
 def metrics_filter(metric: str) -> str:
     """StdOut collector regex (2 groups: name, value) for the row of `metric` in `format_results`'s
-    table, whose first number is the last validation's value (the next column is test)."""
+    table, whose first number is the validation of the tested state (the next column is test): the
+    value `recsys tune` optimises (objective_value)."""
     return rf"^({re.escape(katib_metric(metric))})\s+([-+]?[0-9]+\.[0-9]+)"
 
 
@@ -495,6 +520,8 @@ def katib_objects(
             "objective": {
                 "type": "maximize" if space.mode == "max" else "minimize",
                 "objectiveMetricName": katib_metric(space.metric),
+                # Katib's default takes the max (min) of every matching line; the one line printed is it.
+                "metricStrategies": [{"name": katib_metric(space.metric), "value": "latest"}],
             },
             "algorithm": {
                 "algorithmName": "tpe",

@@ -372,3 +372,23 @@ def test_presplit_parts_share_the_side_files(tmp_path: Path) -> None:
     meta = prepare(cfg, overwrite=False)
     assert meta.item_side_features == [*GENRES, "year"] and meta.splits["test"].rows == 1
     assert len(meta.read_notes) == len(set(meta.read_notes)) == 2  # each file's notes once
+
+
+def test_prepare_and_check_refuses_a_split_that_differs_either_way(
+    ml100k_recbole: Path, tmp_path: Path
+) -> None:
+    """The bench's val holding one pair more than the product's (moved from train), or one pair less,
+    is refused: the check compares the splits for equality, not one way."""
+    import dataclasses
+
+    import numpy as np
+
+    from recsys.bench.quality import prepare_and_check, random_split_of
+
+    split = random_split_of(ml100k_recbole / "ml-100k.inter")
+    more = dataclasses.replace(split, train=split.train[1:], val=np.concatenate([split.val, split.train[:1]]))
+    with pytest.raises(RuntimeError, match="val split differs"):
+        prepare_and_check(ml100k_recbole, tmp_path / "more", more)
+    fewer = dataclasses.replace(split, train=np.concatenate([split.train, split.val[:1]]), val=split.val[1:])
+    with pytest.raises(RuntimeError, match="val split differs"):
+        prepare_and_check(ml100k_recbole, tmp_path / "fewer", fewer)

@@ -199,3 +199,41 @@ def test_read_source_movielens_side_files_and_recbole(tmp_path: Path) -> None:
     )
     t = R.read_source(src, skip_bad_rows=False)
     assert t.label is None and t.timestamp is None and ids(t.sparse[1]) == ["7"]
+
+
+def _u_data_with_a_bad_byte(tmp_path: Path) -> Path:
+    p = tmp_path / "u.data"
+    p.write_bytes(b"196\t242\t3\t881250949\n0\t302\t3\t891717742\n22\t37\xe97\t1\t878887116\n1\t2\t3\t4\n")
+    return p
+
+
+def test_non_utf8_bytes_are_a_bad_row_naming_file_line_and_byte(tmp_path: Path) -> None:
+    """A u.data with one byte that is not UTF-8: one DataError naming file:line and the byte, and what
+    to do; with skip_bad_rows that line is skipped and counted, the others kept."""
+    p = _u_data_with_a_bad_byte(tmp_path)
+    with pytest.raises(DataError, match=rf"^{p}:3: .*0xe9.* not valid utf-8.*re-encode.*skip-bad-rows"):
+        R.read_movielens(p, skip_bad_rows=False)
+    t = R.read_movielens(p, skip_bad_rows=True)
+    assert ids(t.sparse[0]) == ["196", "0", "1"] and t.sources[0].bad_rows.count == 1
+
+
+def test_recsys_data_prepare_on_a_non_utf8_u_data_prints_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`recsys data prepare` on that file: exit status 2 and one line, no traceback."""
+    from recsys.cli import main
+
+    p = _u_data_with_a_bad_byte(tmp_path)
+    argv = ["data", "prepare", "--config", "movielens_100k", "--set", f"data.source.path={p}"]
+    argv += ["--set", "data.source.users=null", "--set", "data.source.items=null"]
+    argv += [
+        "--set",
+        "model.two_tower.user_features=[user_id]",
+        "--set",
+        "model.two_tower.item_features=[item_id]",
+    ]
+    argv += ["--set", f"data.prepared_dir={tmp_path / 'prepared'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("recsys:")]  # not the progress line
+    assert len(errors) == 1 and errors[0].startswith(f"recsys: {p}:3: byte 0xe9") and "Traceback" not in err

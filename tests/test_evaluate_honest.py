@@ -77,8 +77,22 @@ def test_cold_users_and_unseen_items_are_counted(tmp_path: Path) -> None:
     )
     assert metrics["cold_users"] == cold_rows
     assert metrics["users"] == warm_users + cold_rows == base["users"]
-    expected = (warm_recall * warm_users + metrics["cold_recall@10"] * cold_rows) / (warm_users + cold_rows)
+    cold_recall = _brute_force_cold_recall(arrays, uc, ic)
+    assert metrics["cold_recall@10"] == pytest.approx(cold_recall, abs=1e-9)
+    expected = (warm_recall * warm_users + cold_recall * cold_rows) / (warm_users + cold_rows)
     assert metrics["recall@10"] == pytest.approx(expected, abs=1e-9)
+
+
+def _brute_force_cold_recall(arrays: dict, uc: int, ic: int) -> float:
+    """Recall@10 of the test rows of users unseen in training (one query each): a hit when the row's
+    item is among the 10 items with the most train positives (OOV excluded; unseen items are misses;
+    ties: lower item row first, as recsys.metrics.popularity_baseline documents)."""
+    train, test = arrays["train"], arrays["test"]
+    counts = np.bincount(train["sparse"][train["label"] > 0, ic]).astype(float)
+    counts[0] = -1.0  # the OOV row is never recommended
+    top10 = set(np.argsort(-counts, kind="stable")[:10].tolist())  # ties: lower item row first
+    cold = test["sparse"][(test["sparse"][:, uc] == 0) & (test["label"] > 0), ic]
+    return float(np.mean([1.0 if item > 0 and item in top10 else 0.0 for item in cold.tolist()]))
 
 
 def test_popularity_prior_is_folded_into_every_score(tmp_path: Path) -> None:

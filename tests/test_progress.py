@@ -90,6 +90,9 @@ class StatusServer:
     token_file: Path
     reports: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    # Called on each accepted report; what it returns is kept beside the report (in `seen`).
+    on_report: Any = None
+    seen: list[Any] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -115,6 +118,7 @@ def status_server(tmp_path: Path) -> Iterator[StatusServer]:
             if problem:
                 return self._answer(422, problem)
             srv.reports.append(json.loads(body)["trainerStatus"])
+            srv.seen.append(srv.on_report() if srv.on_report else None)
             self._answer(200, body.decode())
 
         def _answer(self, code: int, text: str) -> None:
@@ -217,3 +221,29 @@ def test_recsys_train_reports_to_the_trainjob_status(
     assert last["step"] == last["total_steps"] == 4
     assert {"train/loss", "val/auc", "val/logloss"} <= set(last), last
     assert reports[-1]["estimatedRemainingSeconds"] == 0
+
+
+def test_trainjob_reports_100_percent_only_after_test_evaluation_and_export(
+    status_server: StatusServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 100 % report carries the test metrics and arrives after the model and results.json are logged."""
+    from recsys.cli import main
+
+    monkeypatch.chdir(tmp_path)  # tracking.uri unset: the local store ./runs/mlflow.db and its artifacts
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = tiny_dlrm_args(tmp_path, "train.max_steps=4", "train.val_every_steps=2")
+    assert main(["data", "prepare", *args]) == 0
+    monkeypatch.setenv(ENV_URL, status_server.url)
+    monkeypatch.setenv(ENV_CA_CERT, str(status_server.ca_cert))
+    monkeypatch.setenv(ENV_TOKEN, str(status_server.token_file))
+    status_server.on_report = lambda: {
+        "results": any(tmp_path.rglob("results.json")),
+        "model": any(tmp_path.rglob("MLmodel")),
+    }
+    assert main(["train", *args]) == 0
+    assert status_server.rejected == []
+    done = [i for i, r in enumerate(status_server.reports) if r["progressPercentage"] == 100]
+    assert done == [len(status_server.reports) - 1], status_server.reports
+    assert status_server.seen[-1] == {"results": True, "model": True}
+    last = {m["name"]: float(m["value"]) for m in status_server.reports[-1]["metrics"]}
+    assert {"test/auc", "test/logloss"} <= set(last), last

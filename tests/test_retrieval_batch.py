@@ -149,6 +149,25 @@ def test_torchrun_two_ranks_parts_manifest_and_rerun(
         run_part(make_job(run_id, mlflow_server, str(users), K + 1), out, 0, 2)
 
 
+@pytest.mark.slow
+def test_parts_are_matched_by_the_users_file_content_not_its_path(
+    batch_run: tuple[Config, str, Path], mlflow_server: str, tmp_path: Path
+) -> None:
+    """A part written for a users file belongs to a job with the same ids at another path (a pod that
+    mounts it elsewhere) and not to one with other ids at the same path (the file was rewritten)."""
+    _, run_id, users = batch_run
+    out, mine = tmp_path / "recs", tmp_path / "users.txt"
+    mine.write_bytes(users.read_bytes())
+    assert run_part(make_job(run_id, mlflow_server, str(mine), K), out, 0, 2) is True
+    moved = tmp_path / "mounted-elsewhere" / "users.txt"
+    moved.parent.mkdir()
+    moved.write_bytes(users.read_bytes())
+    assert run_part(make_job(run_id, mlflow_server, str(moved), K), out, 0, 2) is False  # same job
+    mine.write_text("\n".join(users.read_text().split()[:5]) + "\n")  # other ids, same path
+    with pytest.raises(UserError, match="a part of another batch job"):
+        run_part(make_job(run_id, mlflow_server, str(mine), K), out, 0, 2)
+
+
 UNAVAILABLE = spark_unavailable_reason()
 
 

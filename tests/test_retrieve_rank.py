@@ -6,8 +6,10 @@ a ranker that is not a ranking model or does not know the retrieval data's ids i
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -89,7 +91,7 @@ def _train_pairs(cfg: Config) -> set[tuple[str, str]]:
 
 
 def test_reranked_lists_come_from_the_candidates_in_ranker_order(runs: Runs, tmp_path: Path) -> None:
-    from recsys.retrieval.rank import open_ranker, retrieve_and_rank, score_pairs
+    from recsys.retrieval.rank import open_ranker, retrieve_and_rank
     from recsys.retrieval.recommend import recommend
 
     users = tmp_path / "users.txt"
@@ -116,10 +118,53 @@ def test_reranked_lists_come_from_the_candidates_in_ranker_order(runs: Runs, tmp
         assert [rank_of[i] for i in g["item"]] == g["retrieval_rank"].tolist()
         moved += g["retrieval_rank"].tolist() != list(range(1, 11))
     assert moved > 0  # the ranker changed some order
+    # The scores are the ranker's on each pair's real feature row: re-score the listed pairs that occur
+    # in the ranker's own prepared rows (held-out ratings and sampled negatives) from those stored
+    # rows, not from score_pairs' user/item feature tables.
     ranker = open_ranker(runs.ranker, runs.uri)
+    stored = _stored_rows(ranker)
     warm = t[~t.fallback]
-    again = score_pairs(ranker, warm["user"].to_numpy(), warm["item"].to_numpy())
-    np.testing.assert_allclose(again, warm["score"].to_numpy(), rtol=1e-5)
+    pairs = [
+        (u, i, s)
+        for u, i, s in zip(warm["user"], warm["item"], warm["score"], strict=True)
+        if (u, i) in stored
+    ]
+    assert len(pairs) >= 10, len(pairs)
+    rows = [stored[(u, i)] for u, i, _ in pairs]
+    want = _model_scores(ranker, np.stack([d for d, _ in rows]), np.stack([sp for _, sp in rows]))
+    np.testing.assert_allclose([s for _, _, s in pairs], want, rtol=1e-5, atol=1e-7)
+
+
+def _stored_rows(ranker: Any) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """(raw user, raw item) → its (dense, sparse) feature rows as stored in the ranker's prepared splits."""
+    from recsys.data.loader import read_split_arrays
+    from recsys.data.metadata import read_vocab
+
+    prepared, meta = ranker.cfg.data.prepared_dir, ranker.meta
+    u, i = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
+    vu, vi = (read_vocab(prepared, meta.sparse_features[c]) for c in (u, i))
+    out = {}
+    for split in ("train", "val", "test"):
+        a = read_split_arrays(prepared, split, meta)
+        for dense, row in zip(a["dense"], a["sparse"], strict=True):
+            out[(vu[row[u]], vi[row[i]])] = (dense, row)
+    return out
+
+
+def _model_scores(ranker: Any, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    """sigmoid(model(rows)) of stored rows (dense [n, D], sparse [n, S]) through a KeyedJaggedTensor."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    keys = [f.name for f in ranker.meta.sparse_features]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys,
+        torch.from_numpy(np.ascontiguousarray(sparse.T).reshape(-1)),
+        torch.ones(sparse.size, dtype=torch.int32),
+    )
+    x = torch.from_numpy(np.ascontiguousarray(dense[:, : len(ranker.meta.dense_features)]))
+    with torch.no_grad():
+        return torch.sigmoid(ranker.task.model(x, kjt).squeeze(-1)).numpy()
 
 
 def test_funnel_metrics_match_the_retrieval_protocol_and_are_logged(runs: Runs) -> None:
@@ -132,6 +177,11 @@ def test_funnel_metrics_match_the_retrieval_protocol_and_are_logged(runs: Runs) 
         for m in ("recall@10", "ndcg@10", "hitrate@10"):
             assert 0.0 <= out[f"{stage}/{m}"] <= 1.0
         assert out[f"{stage}/users"] == USERS  # every user has one test rating
+    for n in (20, 50):  # the rank stages against lists re-ranked and scored here (one test item per user)
+        expect = _reranked_metrics(runs, n)
+        for m in ("recall@10", "ndcg@10", "hitrate@10"):
+            assert out[f"rank_n{n}/{m}"] == pytest.approx(expect[m], abs=1e-9), (n, m)
+    assert out["rank_n20/ndcg@10"] != out["rank_n50/ndcg@10"]  # the candidate count matters
     run = mlflow.MlflowClient(runs.uri).get_run(runs.tt)
     # Retrieval-only through FAISS lists equals what training measured with exact torch scores.
     assert out["retrieval/recall@10"] == pytest.approx(run.data.metrics["test/recall_at_10"], abs=1e-9)
@@ -139,6 +189,43 @@ def test_funnel_metrics_match_the_retrieval_protocol_and_are_logged(runs: Runs) 
     for key in ("retrieval/recall_at_10", "rank_n20/ndcg_at_10", "rank_n50/recall_at_10"):
         assert run.data.metrics[f"funnel/test/{key}"] == pytest.approx(out[key.replace("_at_", "@")])
     assert run.data.tags["funnel.ranker_run_id"] == runs.ranker
+
+
+def _reranked_metrics(runs: Runs, n: int) -> dict[str, float]:
+    """Recall/nDCG/HitRate@10 of each user's first n retrieved items (train and val removed) re-ordered
+    by the ranker's score, against the user's one test item, computed here with pandas."""
+    from recsys.data.loader import read_split_arrays
+    from recsys.data.metadata import read_metadata, read_vocab
+    from recsys.retrieval.rank import open_ranker, score_table
+    from recsys.retrieval.recommend import recommend
+
+    prepared = runs.tt_cfg.data.prepared_dir
+    meta = read_metadata(prepared)
+    u, i = meta.sparse_index("user_id"), meta.sparse_index("item_id")
+    vu, vi = (read_vocab(prepared, meta.sparse_features[c]) for c in (u, i))
+    test = read_split_arrays(prepared, "test", meta)["sparse"]
+    target = {vu[a]: vi[b] if b else None for a, b in test[:, [u, i]].tolist()}  # OOV item: a miss
+    assert len(target) == USERS
+    table = recommend(
+        runs.tt, runs.uri, "all", k=50, exclude=("train", "val")
+    ).table  # as the funnel: 50, then n
+    df = table.to_pandas().assign(ranker=score_table(table, open_ranker(runs.ranker, runs.uri)))
+    hits, gains = [], []
+    for user, item in target.items():
+        top = (
+            df[df.user == user]
+            .sort_values("rank")
+            .head(n)
+            .sort_values("ranker", ascending=False, kind="stable")
+        )
+        pos = [p for p, x in enumerate(top["item"].head(10), 1) if x == item]
+        hits.append(1.0 if pos else 0.0)
+        gains.append(1.0 / math.log2(pos[0] + 1) if pos else 0.0)
+    return {
+        "recall@10": float(np.mean(hits)),
+        "hitrate@10": float(np.mean(hits)),
+        "ndcg@10": float(np.mean(gains)),
+    }
 
 
 def test_cli_recommend_and_evaluate_with_a_ranker(

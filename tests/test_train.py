@@ -234,3 +234,42 @@ def test_two_ranks_under_torchrun_meet_the_bars(
     metrics, tags = _latest_run(mlflow_server, "test-train", "dlrm-2rank")
     assert tags["world_size"] == "2"
     _check_dlrm(_unprefix(metrics, "test/"), _unprefix(metrics, "baseline/"))
+
+
+def _bare_trainer(sets: list[str]):  # noqa: ANN202 (a Trainer with only what _track_best reads)
+    """A Trainer with the real Config and a 1-rank DistEnv, without building model or loader."""
+    import torch
+
+    from recsys.distributed import DistEnv
+    from recsys.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config("dlrm_synth", sets)
+    t.env = DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo")
+    t.best, t.bad_validations, t.stopped_early, t.step, t.epoch = None, 0, False, 0, 0
+    return t
+
+
+@pytest.mark.parametrize("metric", ["val/auc", "val/logloss"])
+def test_a_nan_validation_is_never_the_best(metric: str) -> None:
+    """A NaN first validation must not become the best forever: later finite values still win."""
+    t = _bare_trainer([f"train.early_stopping.metric={metric}", "train.early_stopping.patience=3"])
+    key = metric.removeprefix("val/")
+    t.step = 10
+    assert t._track_best({key: float("nan")}) is False
+    assert t.best is None and t.bad_validations == 1
+    t.step = 20
+    assert t._track_best({key: 0.7}) is True
+    assert t.best is not None and t.best["step"] == 20 and t.best["value"] == 0.7
+    t.step = 30
+    assert t._track_best({key: float("nan")}) is False
+    assert t.best["step"] == 20 and t.bad_validations == 1
+
+
+def test_nan_validations_until_patience_stop_early_without_a_best() -> None:
+    """Only NaN validations: early stopping triggers and reports that no finite value was seen."""
+    t = _bare_trainer(["train.early_stopping.metric=val/auc", "train.early_stopping.patience=2"])
+    for step in (10, 20):
+        t.step = step
+        assert t._track_best({"auc": float("nan")}) is False
+    assert t.stopped_early and t.best is None

@@ -30,6 +30,7 @@ TT = [
     "tracking.log_model=false",
     "eval.ks=[10]",
 ]
+LR = {"type": "float", "low": 0.01, "high": 0.3, "log": True}
 SPACE = {
     "metric": "val/loss",
     "params": {
@@ -105,7 +106,11 @@ def test_katib_experiment_validates_and_a_broken_field_fails(tmp_path: Path) -> 
     docs = list(yaml.safe_load_all(text))
     assert [d["kind"] for d in docs] == ["ConfigMap", "Experiment"]
     exp = docs[1]["spec"]
-    assert exp["objective"] == {"type": "maximize", "objectiveMetricName": "ndcg@10"}
+    assert exp["objective"] == {
+        "type": "maximize",
+        "objectiveMetricName": "ndcg@10",
+        "metricStrategies": [{"name": "ndcg@10", "value": "latest"}],
+    }
     assert exp["algorithm"]["algorithmName"] == "tpe" and exp["maxTrialCount"] == 6
     assert {p["name"] for p in exp["parameters"]} == {"train_sparse_optimizer_lr", "model_embedding_dim"}
     command = exp["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
@@ -227,3 +232,81 @@ def test_a_worse_trial_is_pruned_at_its_first_validation(
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the trial's process group was torn down
+
+
+@pytest.mark.slow
+def test_katib_collector_and_tune_read_the_same_value_of_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One real run: the value Katib's StdOut regex finds in its output is tune's objective value, and
+    with early stopping restoring the best it is the best validation, not the last one."""
+    import re
+
+    from conftest import tiny_dlrm_args
+
+    from recsys.data.prepare import prepare
+    from recsys.train import train
+    from recsys.tune import katib_objects, load_space, objective_value
+
+    args = tiny_dlrm_args(tmp_path)
+    sets = [*args[3::2], "tracking.enabled=false", "train.max_steps=12", "train.val_every_steps=2"]
+    sets += ["train.early_stopping.metric=val/auc", "train.dense_optimizer.lr=0.3"]
+    cfg = load_config("dlrm_synth", sets)
+    prepare(cfg, overwrite=False)
+    space = load_space(
+        _write_space(tmp_path, {"metric": "val/auc", "params": {"train.dense_optimizer.lr": LR}}), cfg
+    )
+    capsys.readouterr()
+    result = train(cfg, resume="never")
+    out = capsys.readouterr().out
+
+    aucs = [v["auc"] for v in result.validations]
+    assert result.best is not None and result.best["value"] == max(aucs)
+    assert aucs[-1] < max(aucs), aucs  # the run must end below its best, or this test shows nothing
+    spec = katib_objects(cfg, space, 4, 1)[1]["spec"]
+    (regex,) = spec["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"]
+    found = [m.groups() for line in out.splitlines() if (m := re.match(regex, line))]
+    assert len(found) == 1 and found[0][0] == spec["objective"]["objectiveMetricName"], out
+    value = objective_value(result, cfg, space.metric)
+    assert value == pytest.approx(result.best["value"])
+    assert float(found[0][1]) == pytest.approx(value, abs=1e-5)
+    # Katib keeps one value per metric and trial: the one printed, not the max/min of several lines.
+    assert spec["objective"]["metricStrategies"] == [{"name": "auc", "value": "latest"}]
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_recorded_and_the_study_goes_on(
+    prepared: Path, tmp_path: Path, mlflow_server: str
+) -> None:
+    """A trial whose sampled batch size exceeds the train split raises in the trainer: it is recorded
+    as failed (Optuna FAIL, MLflow FAILED + tag, the reason kept) and the next trial still runs."""
+    import mlflow
+
+    from recsys.tune import load_space, tune
+
+    cfg = _cfg(prepared, mlflow_server, "tracking.experiment=test-tune-fail")
+    batch = {"type": "categorical", "choices": [128, 65536]}
+    space = load_space(
+        _write_space(tmp_path, {"metric": "val/loss", "params": {"train.batch_size": batch}}), cfg
+    )
+    result = tune(
+        cfg,
+        space,
+        2,
+        tmp_path / "trials",
+        prune=False,
+        enqueue=[{"train.batch_size": 65536}, {"train.batch_size": 128}],
+    )
+    states = {t["number"]: t for t in result.trials}
+    assert states[0]["state"] == "failed" and "fewer rows than one global batch" in states[0]["error"]
+    assert states[1]["state"] == "complete" and result.best_trial == 1
+    assert result.best_values == {"train.batch_size": 128}
+    assert [t["optuna_state"] for t in result.trials] == ["FAIL", "COMPLETE"]
+
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("test-tune-fail").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (failed,) = [r for r in runs if r.data.tags.get("recsys.tune.trial") == "0"]
+    assert failed.info.status == "FAILED" and failed.data.tags["recsys.tune.state"] == "failed"
+    assert parent.info.status == "FINISHED" and parent.data.tags["trial/0/state"] == "failed"
+    assert "fewer rows than one global batch" in parent.data.tags["trial/0/error"]

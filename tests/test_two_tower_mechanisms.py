@@ -119,13 +119,19 @@ def test_task_draws_uniform_negatives_only_while_training() -> None:
 
 
 def test_shipped_ml100k_config_is_a_bench_quality_candidate() -> None:
-    """The shipped ML-100K configs' settings are each one of the bench's Two-Tower candidates (the one val
-    chose, per the README): a setting changed in one place only shows here."""
-    from recsys.bench.quality import CONFIGS, TT_GRID, shipped_differences
+    """Each shipped ML-100K config holds exactly one of the bench's Two-Tower candidates: the one val
+    chose (VAL_CHOICE), whose val nDCG@10 its header comment states. A setting changed in the config or
+    in the grid only shows here."""
+    from importlib import resources
+
+    from recsys.bench.quality import CONFIGS, TT_GRID, VAL_CHOICE, shipped_differences
 
     for config in CONFIGS:
-        diffs = [shipped_differences(c, config) for c in TT_GRID]
-        assert any(not d for d in diffs), (config, diffs)
+        index, val = VAL_CHOICE[config]
+        matches = [n for n, c in enumerate(TT_GRID) if not shipped_differences(c, config)]
+        assert matches == [index], (config, [shipped_differences(c, config) for c in TT_GRID])
+        header = resources.files("recsys.configs").joinpath(f"{config}.yaml").read_text()
+        assert f"val nDCG@10 {val:.4f}" in header or f"val {val:.4f}" in header, config
     shipped = load_config("movielens_100k_recbole").model.two_tower.temperature
     assert shipped_differences({"model.two_tower.temperature": 0.77}) == [
         f"model.two_tower.temperature: {shipped!r} → 0.77"
@@ -151,8 +157,46 @@ def test_bench_quality_quick_smoke(tmp_path: Path, ml100k_recbole: Path) -> None
     assert set(rows) == {"popularity", "bpr-mf", "two-tower-default", "two-tower"}, proc.stdout
     for values in rows.values():
         assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
+    # The popularity row against numpy: its test recall and precision@10 lie within what any order of
+    # tied counts gives (a narrow interval), so a wrong split, exclusion or metric shows.
+    (rec_lo, rec_hi), (prec_lo, prec_hi) = _popularity_bounds(ml100k_recbole / "ml-100k.inter")
+    assert rec_hi - rec_lo < 0.01 and prec_hi - prec_lo < 0.01, (rec_lo, rec_hi, prec_lo, prec_hi)
+    _, recall, precision, _ = rows["popularity"]
+    assert rec_lo - 5e-5 <= recall <= rec_hi + 5e-5, (recall, rec_lo, rec_hi)
+    assert prec_lo - 5e-5 <= precision <= prec_hi + 5e-5, (precision, prec_lo, prec_hi)
     ablation = re.findall(r"^  (.+?)\s+(\d\.\d{4}) +[+-]\d+\.\d%$", proc.stdout, flags=re.M)
     assert [name for name, _ in ablation] == ["chosen", *ABLATIONS], proc.stdout[-3000:]
+
+
+def _popularity_bounds(inter: Path) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(recall@10, precision@10) intervals of the popularity list on the bench's test split, over every
+    order of tied train counts: each user's train and val items removed, items without train rows
+    never listed, users with a test item averaged (numpy, from the split's pairs)."""
+    import numpy as np
+
+    from recsys.bench.quality import random_split_of
+
+    split = random_split_of(inter)
+    counts = np.bincount(split.train[:, 1], minlength=len(split.item_ids))
+    known: dict[int, set[int]] = {}
+    for u, i in np.concatenate([split.train, split.val]).tolist():
+        known.setdefault(u, set()).add(i)
+    tests: dict[int, list[int]] = {}
+    for u, i in split.test.tolist():
+        tests.setdefault(u, []).append(i)
+    rec, prec = [], []
+    for u, items in tests.items():
+        listed = counts > 0
+        listed[list(known.get(u, ()))] = False
+        c = counts[listed]
+        # A listed item of count n sits between 1 + #(count > n) and #(count >= n).
+        best = np.array([1 + int((c > counts[i]).sum()) if counts[i] > 0 else 10**9 for i in items])
+        worst = np.array([int((c >= counts[i]).sum()) if counts[i] > 0 else 10**9 for i in items])
+        lo, hi = int((worst <= 10).sum()), int((best <= 10).sum())
+        rec.append((lo / len(items), hi / len(items)))
+        prec.append((lo / 10, hi / 10))
+    r, p = np.array(rec), np.array(prec)
+    return (float(r[:, 0].mean()), float(r[:, 1].mean())), (float(p[:, 0].mean()), float(p[:, 1].mean()))
 
 
 def test_popularity_prior_reaches_the_exported_embeddings(tmp_path: Path) -> None:

@@ -25,9 +25,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from recsys.errors import UserError
+from recsys.errors import DataError, UserError
 
 if TYPE_CHECKING:
     from recsys.config import Config
@@ -156,7 +156,26 @@ def read_metadata(prepared_dir: str | Path) -> Metadata:
     path = metadata_path(prepared_dir)
     if not path.is_file():
         raise UserError(f"{path}: not found; run `recsys data prepare --config …` first (data.prepared_dir)")
-    return Metadata.model_validate(json.loads(path.read_text()))
+    try:
+        return Metadata.model_validate(json.loads(path.read_bytes().decode("utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
+        raise DataError(
+            f"{path}: not a readable metadata.json ({_why(e)}); the prepared folder is damaged: "
+            "re-run `recsys data prepare --overwrite` with its config"
+        ) from None
+
+
+def _why(e: Exception) -> str:
+    """One line on what is wrong with a metadata.json."""
+    if isinstance(e, ValidationError):
+        errs = e.errors()
+        first = errs[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        more = f" and {len(errs) - 1} more" if len(errs) > 1 else ""
+        return f"{where}: {first['msg']}{more}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+    return f"not UTF-8: {e}"
 
 
 def write_metadata(prepared_dir: str | Path, meta: Metadata) -> None:
@@ -164,6 +183,34 @@ def write_metadata(prepared_dir: str | Path, meta: Metadata) -> None:
     metadata_path(prepared_dir).write_text(meta.model_dump_json(indent=2) + "\n")
 
 
+def read_vocab_file(path: str | Path) -> list[str]:
+    """Raw ids by embedding row from a vocabulary file (index 0 is the OOV token).
+
+    Ids are exact strings: split only on "\n" (str.splitlines would also split on \x1c, \x85,
+    \u2028, … and shift every later row), and read without newline translation.
+    """
+    try:
+        lines = Path(path).read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not UTF-8 at byte {e.start}; re-run `recsys data prepare --overwrite`"
+        ) from None
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines or lines[0] != OOV_TOKEN:
+        raise DataError(
+            f"{path}:1: expected the OOV token {OOV_TOKEN!r}; re-run `recsys data prepare --overwrite`"
+        )
+    return lines
+
+
 def read_vocab(prepared_dir: str | Path, feature: SparseFeature) -> list[str]:
-    """Raw ids by embedding row (index 0 is the OOV token)."""
-    return Path(prepared_dir, feature.vocab_file).read_text().splitlines()
+    """Raw ids by embedding row (index 0 is the OOV token), checked against the feature's table size."""
+    path = Path(prepared_dir, feature.vocab_file)
+    ids = read_vocab_file(path)
+    if len(ids) != feature.num_embeddings:
+        raise DataError(
+            f"{path}: {len(ids)} rows, metadata.json says {feature.num_embeddings} for {feature.name!r}; "
+            "the folder is inconsistent: re-run `recsys data prepare --overwrite`"
+        )
+    return ids

@@ -30,11 +30,11 @@ import io
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -242,7 +242,6 @@ def read_delimited(
             return tbl, bad.info
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         log.info("%s: fast reader rejected the file (%s); locating bad rows line by line", path, e)
-    text = None if data is None else data.decode(encoding)
     tbl = _read_lines(
         path,
         delimiter,
@@ -254,7 +253,7 @@ def read_delimited(
         bad,
         row_check,
         encoding,
-        text,
+        data,
         separator_name,
     )
     bad.done()
@@ -272,23 +271,25 @@ def _read_lines(
     bad: _BadRowLog,
     row_check: Callable[[dict[str, Any]], str | None] | None,
     encoding: str = "utf-8",
-    text: str | None = None,
+    data: bytes | None = None,
     shown_separator: str | None = None,
 ) -> pa.Table:
-    """Line-by-line parse: the slow path that knows line numbers (of `text` when given, else the file)."""
+    """Line-by-line parse: the slow path that knows line numbers (of `data` when given, else the file)."""
     out: dict[str, list[Any]] = {c: [] for c in columns}
-    with open(path, newline="", encoding=encoding) if text is None else io.StringIO(text, newline="") as f:
+    with open(path, "rb") if data is None else io.BytesIO(data) as f:
+        at = [0]  # number of the line last decoded (one record is one line: no newlines in values)
+        lines = _decoded_lines(f, encoding, bad, at)
         if quoting:
-            reader: Any = csv.reader(f, delimiter=delimiter)
+            reader: Any = csv.reader(lines, delimiter=delimiter)
 
             def records() -> Any:
                 for rec in reader:
-                    yield reader.line_num, rec
+                    yield at[0], rec
         else:
 
             def records() -> Any:
-                for i, line in enumerate(f, 1):
-                    yield i, line.rstrip("\r\n").split(delimiter)
+                for line in lines:
+                    yield at[0], line.rstrip("\r\n").split(delimiter)
 
         it = records()
         if header:
@@ -326,6 +327,22 @@ def _read_lines(
         skipped = f" ({bad.info.count} bad rows skipped)" if bad.info.count else ""
         raise DataError(f"{path}: no data rows{skipped}")
     return pa.table({c: pa.array(out[c], type=types[c]) for c in columns})
+
+
+def _decoded_lines(f: BinaryIO, encoding: str, bad: _BadRowLog, at: list[int]) -> Iterator[str]:
+    """The lines of a binary file, each decoded alone (at[0] = its number); one that does not decode
+    is a bad row naming its byte, not a UnicodeDecodeError traceback."""
+    for lineno, raw in enumerate(f, 1):
+        at[0] = lineno
+        try:
+            yield raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            byte = raw[e.start : e.start + 1].hex()
+            bad.bad(
+                lineno,
+                f"byte 0x{byte} at column {e.start + 1} is not valid {encoding}; re-encode the file as "
+                f"{encoding} (e.g. `iconv -f latin1 -t {encoding}`)",
+            )
 
 
 def _header(path: Path, delimiter: str) -> list[str]:

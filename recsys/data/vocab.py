@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.data.metadata import OOV_TOKEN
+from recsys.data.metadata import OOV_TOKEN, read_vocab_file
 from recsys.errors import DataError
 
 
@@ -51,12 +51,7 @@ class Vocab:
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
         """Read a vocabulary file written by save()."""
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        if not lines or lines[0] != OOV_TOKEN:
-            raise DataError(f"{path}:1: expected the OOV token {OOV_TOKEN!r}")
-        return cls(ids=lines[1:])
+        return cls(ids=read_vocab_file(path)[1:])
 
 
 def encode(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:

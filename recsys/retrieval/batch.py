@@ -8,7 +8,8 @@ users; a user's rows do not depend on which other users share the call, so the e
   embedding order, or the --users file's order) and writes `OUT/part-0000r-of-0000W.parquet`, via a
   temporary name and a rename, so a part that exists is complete. Rank 0 writes `OUT/manifest.json`
   (parts, rows, users, sha256, run id, k, exclude, index kind) once every rank is done. A re-run (a
-  restarted pod) skips parts already written for the same job; parts of another job are refused.
+  restarted pod) skips parts already written for the same job (the users file matched by content, not
+  path); parts of another job are refused.
   The parts concatenated in order equal the single-process file.
 - Spark (`recommend_spark`): `mapInPandas` over a DataFrame of users, one Retriever per Python worker.
 - Ray Data (`recommend_ray`): `from_items(users).map_batches(...)` with one Retriever per actor.
@@ -59,8 +60,29 @@ class BatchJob:
     overrides: tuple[str, ...] = ()
 
     def facts(self) -> dict[str, Any]:
-        """The fields that make two runs the same job (stored in every part)."""
-        return {"run_id": self.run_id, "users": self.users, "k": self.k, "exclude": list(self.exclude)}
+        """What a part records about its job; parts match on MATCH_KEYS (the users file's content)."""
+        return {
+            "run_id": self.run_id,
+            "users": self.users,
+            "users_content": users_content(self.users),
+            "k": self.k,
+            "exclude": list(self.exclude),
+        }
+
+
+#: The facts that make two runs the same job: the users file by content (a pod may mount it at another
+#: path; a file rewritten in place is another job), not by path.
+MATCH_KEYS = ("run_id", "users_content", "k", "exclude", "world")
+
+
+def users_content(users: str) -> str:
+    """'all', or 'sha256:<hex>' of the users file's bytes."""
+    if users == "all":
+        return users
+    try:
+        return f"sha256:{_sha256(Path(users))}"
+    except OSError as e:
+        raise UserError(f"--users {users}: cannot read it ({e.strerror})") from None
 
 
 def make_job(
@@ -131,9 +153,10 @@ def part_done(path: Path, job: BatchJob, world: int) -> bool:
         return False
     facts = _part_facts(path)
     want = {**job.facts(), "world": world}
-    if {key: facts.get(key) for key in want} != want:
+    have = {key: facts.get(key) for key in MATCH_KEYS}
+    if have != {key: want[key] for key in MATCH_KEYS}:
         raise UserError(
-            f"{path}: a part of another batch job ({ {key: facts.get(key) for key in want} }); "
+            f"{path}: a part of another batch job ({have}, users file {facts.get('users')!r}); "
             "write to another -o folder or delete that one"
         )
     return True
