@@ -194,8 +194,12 @@ def test_a_resumed_job_whose_run_is_gone_continues_in_a_complete_new_run(tmp_pat
         )
     )
     assert first.steps == 20
+    (run_dir,) = (tmp_path / "ckpt").glob("run-*")
     uri = f"sqlite:///{tmp_path}/b.db"
-    resumed = train(load_config("two_tower_synth", [*base, f"tracking.uri={uri}"]))
+    # The first run finished, so resume its step-20 checkpoint by path (as a restarted pod resumes).
+    resumed = train(
+        load_config("two_tower_synth", [*base, f"tracking.uri={uri}"]), resume=str(run_dir / "step-00000020")
+    )
     assert resumed.resumed_from == 20 and resumed.run_id != first.run_id
     run = MlflowClient(uri).get_run(resumed.run_id)
     assert run.data.tags[CONTINUES_TAG] == first.run_id and run.data.tags["recsys.resumed_from_step"] == "20"
