@@ -208,3 +208,31 @@ def test_a_resumed_job_whose_run_is_gone_continues_in_a_complete_new_run(tmp_pat
     assert files == {"vocab/user_id.txt", "vocab/item_id.txt"}
     assert MlflowClient(uri).list_artifacts(resumed.run_id, "config")
     open_run(resumed.run_id, uri)  # what index/recommend/serve open: it must accept the run
+
+
+def test_recommend_against_an_absent_server_is_one_line(tmp_path: Path) -> None:
+    """index/recommend/serve open runs the same way: an absent server is named, not a "run not found"."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recsys",
+            "recommend",
+            "--run-id",
+            "abc",
+            "--tracking-uri",
+            uri,
+            "-o",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert out.returncode == 2, out.stderr
+    errors = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"recsys: tracking URI {uri}: no MLflow server answers"
+    ), out.stderr
