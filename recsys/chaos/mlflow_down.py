@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -130,7 +131,11 @@ def _wait_for_metrics(client: Any, min_points: int, proc: subprocess.Popen[bytes
 
 def _console_faults(text: str) -> tuple[list[str], bool]:
     """Warning lines (ours and libraries') and whether a traceback was printed."""
-    warnings = [ln for ln in text.splitlines() if "warning" in ln.lower()]
+    # tqdm redraws its bar with \r, so a line printed during training follows a bar on the same line.
+    lines = re.split(r"[\r\n]", text)
+    warnings = [
+        ln[ln.find("recsys:") :] if "recsys:" in ln else ln for ln in lines if "warning" in ln.lower()
+    ]
     return warnings, "Traceback (most recent call last)" in text
 
 
@@ -197,6 +202,7 @@ def _verdict(
     detail = (
         f"exit {rc}; run {run_id} {run.info.status}; train/loss at {len(steps)} of {total} steps "
         f"({during} logged during the outage; missing: {missing[:10]}{'…' if len(missing) > 10 else ''}); "
+        f"tracker saw {tags.get('recsys.mlflow_outages', '0')} outage(s), {tags.get('recsys.mlflow_outage_s', '0')} s; "
         f"{len(warnings)} warning line(s){': ' + warnings[0].strip() if warnings else ''}; "
         f"traceback: {'yes' if traceback else 'no'}"
     )
