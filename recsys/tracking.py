@@ -244,7 +244,8 @@ def wait_for_server(uri: str, timeout_s: float) -> None:
     if not _is_http(uri):
         return
     deadline = time.monotonic() + timeout_s
-    delay, said = 1.0, False
+    delay = 1.0
+    # Silent while waiting (a pod may start before the server): the console gets one line, at the end.
     while True:
         try:
             resp = _http_call(uri, "/health", "GET", timeout=10, raise_on_status=False)
@@ -260,11 +261,6 @@ def wait_for_server(uri: str, timeout_s: float) -> None:
                 "NetworkPolicy), wait longer with --set tracking.connect_timeout_s=N, or train without "
                 "MLflow with --set tracking.enabled=false"
             )
-        if not said:
-            print(
-                f"recsys: waiting up to {timeout_s:.0f} s for the MLflow server at {uri} ({last})", flush=True
-            )
-            said = True
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
 
@@ -274,9 +270,9 @@ class MetricSender:
 
     Points wait in a bounded buffer: beyond `capacity` the oldest are dropped and counted. A batch
     the server does not take for a transient reason (no connection, 429, 5xx) goes back to the front
-    of the buffer and is retried with backoff (1 s doubling to 5 s: a refused connection costs nothing); the first failure of each
-    outage prints one warning line. A batch refused for good (400, 404: the run is gone) is counted
-    as lost, not retried.
+    of the buffer and is retried with backoff (1 s doubling to 5 s: a refused connection costs
+    nothing); the first failure of each outage prints one warning line. A batch refused for good
+    (400, 404: the run is gone) is counted as lost, not retried.
     """
 
     batch_size = 1000  # MLflow's limit of metrics per log_batch call

@@ -134,6 +134,7 @@ def test_an_unreachable_server_at_start_is_one_line_and_exit_status_2(tmp_path: 
         f"recsys: tracking URI {uri}: no MLflow server answers"
     ), out.stderr
     assert "tracking.enabled=false" in errors[0]
+    assert not out.stdout.strip(), out.stdout  # nothing else on the console
 
 
 class _Unavailable(http.server.BaseHTTPRequestHandler):
