@@ -32,7 +32,7 @@ SCENARIO = "mlflow-down"
 #: Default outage (`make chaos`); tests pass a shorter one.
 OUTAGE_S = 60.0
 EXPERIMENT = "chaos-mlflow-down"
-# A small Two-Tower that logs every step (1187 steps an epoch; ~2-20 steps/s on 2 shared cores, by
+# A small Two-Tower that logs every step (1187 steps an epoch; ~1.5-20 steps/s on 2 shared cores, by
 # load), so steps are trained while the server is down. Sizes only; the model is two_tower_synth's.
 TRAIN_SETS = [
     "data.source.num_users=2000",
@@ -139,7 +139,7 @@ def _console_faults(text: str) -> tuple[list[str], bool]:
     return warnings, "Traceback (most recent call last)" in text
 
 
-def run(workdir: Path, outage_s: float = OUTAGE_S, max_steps: int = 2400) -> dict[str, Any]:
+def run(workdir: Path, outage_s: float = OUTAGE_S, max_steps: int = 1200) -> dict[str, Any]:
     """Kill MLflow for `outage_s` s during a training of `max_steps` steps; the scenario's result."""
     import mlflow
 
@@ -155,26 +155,46 @@ def run(workdir: Path, outage_s: float = OUTAGE_S, max_steps: int = 2400) -> dic
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     client = mlflow.MlflowClient(server.uri)
-    with open(console, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        run_id = _wait_for_metrics(client, 5, proc, timeout=600)
-        server.kill()
-        killed_at = time.time()
-        time.sleep(outage_s)
-        server.start()
-        restarted_at = time.time()
-        rc = proc.wait(timeout=1800)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    try:
+        with open(console, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            run_id = _wait_for_metrics(client, 5, proc, timeout=600)
+            server.kill()
+            killed_at = time.time()
+            time.sleep(outage_s)
+            server.start()
+            restarted_at = time.time()
+            rc = proc.wait(timeout=1800)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            return _failed(outage_s, f"{e}; console: {console}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         return _verdict(
             client, run_id, rc, console.read_text(errors="replace"), killed_at, restarted_at, outage_s
         )
     finally:
         server.kill()
+
+
+def _failed(outage_s: float, detail: str) -> dict[str, Any]:
+    """The result of a scenario that could not get as far as the verdict."""
+    return {
+        "scenario": SCENARIO,
+        "injected": _injected(outage_s),
+        "survived": False,
+        "lost": "unknown",
+        "recover_s": None,
+        "detail": detail,
+    }
+
+
+def _injected(outage_s: float) -> str:
+    return (
+        f"mlflow server SIGKILLed mid-training, down {outage_s:.0f} s, restarted on the same port and store"
+    )
 
 
 def _verdict(
@@ -208,7 +228,7 @@ def _verdict(
     )
     return {
         "scenario": SCENARIO,
-        "injected": f"mlflow server SIGKILLed mid-training, down {outage_s:.0f} s, restarted on the same port and store",
+        "injected": _injected(outage_s),
         "survived": survived,
         "lost": f"{lost} metric points reported lost; {len(missing)} train/loss steps missing",
         "recover_s": None if recovered is None else round(recovered - restarted_at, 2),
@@ -227,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", nargs="?", help="work folder (default: a new temporary one)")
     parser.add_argument("--outage-s", type=float, default=OUTAGE_S, help="seconds the server stays down")
-    parser.add_argument("--max-steps", type=int, default=2400, help="training steps (to outlast the outage)")
+    parser.add_argument("--max-steps", type=int, default=1200, help="training steps (to outlast the outage)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chaos-mlflow-"))
     result = run(workdir, args.outage_s, args.max_steps)
