@@ -11,6 +11,14 @@ file store unless MLFLOW_ALLOW_FILE_STORE=true; SQLite is its recommended server
 Open a local store with the command `local_ui_command(cfg)` prints:
 `mlflow ui --backend-store-uri sqlite:///…/runs/mlflow.db`.
 
+Outages: against an http(s) server, metric points go through a `MetricSender` thread with a bounded
+buffer, so training never waits on MLflow; while the server does not answer they are kept and retried
+with backoff (one warning line per outage), and sent when it is back. Everything else (params, tags,
+artifacts, the model, ending the run) first waits for the buffer to drain, then uses MLflow's client
+and its own retries; a server still down after that stops with one line (`TrackingUnavailable`).
+A resumed run that is gone from the store (RESOURCE_DOES_NOT_EXIST) is continued in a new run;
+any other error looking it up is not taken for "gone".
+
 mlflow is imported inside functions only: `import recsys.tracking` stays light.
 """
 
@@ -19,9 +27,12 @@ from __future__ import annotations
 import os
 import posixpath
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +50,8 @@ if TYPE_CHECKING:
 LOCAL_DIR = "runs"
 #: Tag that ties a run to the launcher's job (from $RECSYS_JOB_NAME), see `find_run_by_job`.
 JOB_TAG = "recsys.job_name"
+#: Tag of a run that continues a resumed checkpoint whose own run is gone from the store: the old id.
+CONTINUES_TAG = "recsys.continues_run"
 
 # MLflow's limits (mlflow.utils.validation in 3.x): params/tags per log_batch call, metrics per
 # call, characters per param value, characters per tag value, characters per key.
@@ -175,6 +188,228 @@ def _has_credentials() -> bool:
     return any(os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN"))
 
 
+# ------------------------------------------------------------------------------------------ outages
+class TrackingUnavailable(UserError):
+    """The tracking server did not answer within the time allowed; the message says what to do."""
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for errors that may pass by themselves: no connection, a timeout, HTTP 429 or 5xx."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, requests.RequestException | ConnectionError | TimeoutError):
+        return True
+    if isinstance(e, MlflowException):
+        code = e.get_http_status_code()
+        return code == 429 or code >= 500
+    return False
+
+
+def is_gone(e: BaseException) -> bool:
+    """True when MLflow says the thing asked for does not exist (RESOURCE_DOES_NOT_EXIST)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def short_error(e: BaseException) -> str:
+    """The last line of an error, cut to 160 characters (MLflow wraps whole urllib3 reprs)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    text = lines[-1]
+    for marker in ("Connection refused", "Name or service not known", "timed out", "Max retries exceeded"):
+        if marker in str(e):
+            text = marker
+            break
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _http_call(uri: str, endpoint: str, method: str, timeout: float, **kwargs: Any) -> Any:
+    """One request to an MLflow server without MLflow's own retries (they wait minutes)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(
+        get_default_host_creds(uri), endpoint, method, max_retries=0, timeout=timeout, **kwargs
+    )
+
+
+def wait_for_server(uri: str, timeout_s: float) -> None:
+    """Return once the http(s) server at `uri` answers /health (at once for other stores);
+    retry with backoff for up to `timeout_s`, then raise TrackingUnavailable (one line)."""
+    if not _is_http(uri):
+        return
+    deadline = time.monotonic() + timeout_s
+    delay = 1.0
+    # Silent while waiting (a pod may start before the server): the console gets one line, at the end.
+    while True:
+        try:
+            resp = _http_call(uri, "/health", "GET", timeout=10, raise_on_status=False)
+            if resp.status_code < 500:
+                return
+            last = f"HTTP {resp.status_code}"
+        except Exception as e:  # MLflow wraps every connection failure in an MlflowException
+            last = short_error(e)
+        if time.monotonic() + delay > deadline:
+            raise TrackingUnavailable(
+                f"tracking URI {uri}: no MLflow server answers ({last}) after {timeout_s:.0f} s; start it or fix "
+                "tracking.uri / $MLFLOW_TRACKING_URI (in a cluster: job.mlflow_tracking_uri and the mlflow "
+                "NetworkPolicy), wait longer with --set tracking.connect_timeout_s=N, or train without "
+                "MLflow with --set tracking.enabled=false"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+class MetricSender:
+    """Sends metric points from a background thread, so an MLflow outage never stalls training.
+
+    Points wait in a bounded buffer: beyond `capacity` the oldest are dropped and counted. A batch
+    the server does not take for a transient reason (no connection, 429, 5xx) goes back to the front
+    of the buffer and is retried with backoff (1 s doubling to 5 s: a refused connection costs
+    nothing); the first failure of each outage prints one warning line. A batch refused for good
+    (400, 404: the run is gone) is counted as lost, not retried.
+    """
+
+    batch_size = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(self, send: Callable[[list[Any]], None], capacity: int, where: str) -> None:
+        self._send = send
+        self.capacity = capacity
+        self.where = where
+        self._buf: deque[Any] = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._abort = False
+        self._thread: threading.Thread | None = None
+        self._in_flight = 0
+        self.put_count = 0
+        self.sent = 0
+        self.dropped = 0
+        self.refused = 0
+        self.refused_reason = ""
+        self.outages = 0
+        self.outage_s = 0.0
+        self.recovered_at: float | None = None  # wall-clock time of the last recovery
+
+    @property
+    def pending(self) -> int:
+        """Points buffered or being sent."""
+        with self._cv:
+            return len(self._buf) + self._in_flight
+
+    @property
+    def lost(self) -> int:
+        """Points that will not reach the server: dropped on overflow, refused, or left at close."""
+        return self.put_count - self.sent
+
+    def put(self, points: Sequence[Any]) -> None:
+        """Queue points (never blocks on the server)."""
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("MetricSender: put after close")
+            self._buf.extend(points)
+            self.put_count += len(points)
+            self._trim()
+            self._cv.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="recsys-mlflow-metrics", daemon=True)
+            self._thread.start()
+
+    def _trim(self) -> None:
+        over = len(self._buf) - self.capacity
+        for _ in range(max(over, 0)):
+            self._buf.popleft()
+        self.dropped += max(over, 0)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until every queued point was sent or refused; True if so."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            return self._cv.wait_for(
+                lambda: not self._buf and not self._in_flight, timeout=max(deadline - time.monotonic(), 0)
+            )
+
+    def close(self, timeout: float) -> int:
+        """Flush for up to `timeout` s, stop the thread; the number of points that were lost."""
+        self.flush(timeout)
+        with self._cv:
+            self._closing = True
+            self._abort = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # a send in progress ends by its own HTTP timeout
+        return self.lost
+
+    def _loop(self) -> None:
+        delay, down_since = 1.0, None
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._buf or self._abort)
+                if self._abort:
+                    return
+                batch = [self._buf.popleft() for _ in range(min(len(self._buf), self.batch_size))]
+                self._in_flight = len(batch)
+            try:
+                self._send(batch)
+            except Exception as e:
+                if not is_transient(e):
+                    with self._cv:
+                        self.refused += len(batch)
+                        self.refused_reason = self.refused_reason or short_error(e)
+                        self._in_flight = 0
+                        self._cv.notify_all()
+                    continue
+                with self._cv:
+                    self._buf.extendleft(reversed(batch))
+                    self._trim()
+                    self._in_flight = 0
+                    self._cv.notify_all()
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.outages += 1
+                    print(
+                        f"recsys: warning: MLflow at {self.where} does not answer ({short_error(e)}); training "
+                        f"goes on, metrics are kept in memory (up to {self.capacity} points) and sent when it is back",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                with self._cv:
+                    self._cv.wait_for(lambda: self._abort, timeout=delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            with self._cv:
+                self.sent += len(batch)
+                self._in_flight = 0
+                self._cv.notify_all()
+            if down_since is not None:
+                self.outage_s += time.monotonic() - down_since
+                self.recovered_at = time.time()
+                down_since, delay = None, 1.0
+
+
+def _rest_log_batch(uri: str) -> Callable[[str, list[Any]], None]:
+    """log_batch of metrics over REST without MLflow's client retries (MetricSender retries)."""
+    import json
+
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.utils.proto_json_utils import message_to_json
+    from mlflow.utils.rest_utils import verify_rest_response
+
+    endpoint = "/api/2.0/mlflow/runs/log-batch"
+
+    def send(run_id: str, metrics: list[Any]) -> None:
+        body = message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in metrics]))
+        resp = _http_call(uri, endpoint, "POST", timeout=30, json=json.loads(body))
+        verify_rest_response(resp, endpoint)
+
+    return send
+
+
 # ------------------------------------------------------------------------------------------ trackers
 class Tracker:
     """What the trainer logs through. This base is the null tracker: every method does nothing."""
@@ -255,16 +490,35 @@ class MlflowTracker(Tracker):
 
     enabled = True
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        *,
+        connect_timeout_s: float = 120.0,
+        buffer_points: int = 100_000,
+        flush_timeout_s: float = 300.0,
+    ) -> None:
         import mlflow
 
         _check_not_file_store(tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        self.connect_timeout_s = connect_timeout_s
+        self.flush_timeout_s = flush_timeout_s
         self._client = mlflow.MlflowClient(tracking_uri)
         self._run_id: str | None = None
         self._ended = False
         self._resumed = False
+        #: The checkpoint's run id when it was gone from the store and a new run replaced it.
+        self.replaced_run_id: str | None = None
+        # Only a server has outages; local stores are written in-process.
+        self._sender: MetricSender | None = None
+        if _is_http(tracking_uri):
+            send = _rest_log_batch(tracking_uri)
+            self._sender = MetricSender(
+                lambda batch: send(self._need_run(), batch), buffer_points, tracking_uri
+            )
 
     @property
     def run_id(self) -> str | None:
@@ -300,19 +554,25 @@ class MlflowTracker(Tracker):
         return self._resumed
 
     def _existing_run(self, run_id: str) -> str | None:
-        """`run_id` if this store has it (a resumed job continues it), else None with one line why."""
-        from mlflow.exceptions import MlflowException
-
+        """`run_id` if this store has it (a resumed job continues it); None with one line why when
+        the store says it does not exist or is deleted. Any other error is raised, not taken for gone."""
         try:
-            self._client.get_run(run_id)
+            run = self._client.get_run(run_id)
+            why = "is deleted in" if run.info.lifecycle_stage == "deleted" else ""
+        except Exception as e:
+            if not is_gone(e):
+                raise
+            why = "is not in"
+        if not why:
             return run_id
-        except MlflowException:
-            print(
-                f"recsys: MLflow run {run_id} of the checkpoint is not in {self.tracking_uri}; "
-                "logging the resumed training to a new run",
-                flush=True,
-            )
-            return None
+        print(
+            f"recsys: MLflow run {run_id} of the checkpoint {why} {self.tracking_uri}; the resumed training "
+            f"goes to a new run with the config, params and vocabularies again (tag {CONTINUES_TAG}={run_id}); "
+            "metrics of the steps before the checkpoint stay with the old run",
+            flush=True,
+        )
+        self.replaced_run_id = run_id
+        return None
 
     def start(
         self, run_name: str, tags: Mapping[str, str] | None = None, resume_run_id: str | None = None
@@ -335,15 +595,41 @@ class MlflowTracker(Tracker):
             raise RuntimeError(
                 f"an MLflow run ({mlflow.active_run().info.run_id}) is already active in this process"
             )
-        with _refused_as_user_error(self.tracking_uri):
+        wait_for_server(self.tracking_uri, self.connect_timeout_s)
+        with _refused_as_user_error(self.tracking_uri), self._unavailable_as_user_error("the run's start"):
             existing = self._existing_run(resume_run_id) if resume_run_id else None
             if existing:
                 run = mlflow.start_run(run_id=existing, tags=tags)
                 self._resumed = True
             else:
+                if self.replaced_run_id:
+                    tags[CONTINUES_TAG] = self.replaced_run_id
                 run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name, tags=tags)
         self._run_id = run.info.run_id
         return self
+
+    @contextmanager
+    def _unavailable_as_user_error(self, what: str) -> Iterator[None]:
+        """Wait for buffered metrics first (they go before what follows); a server that still does not
+        answer after that and MLflow's own retries stops with one line (TrackingUnavailable)."""
+        if self._sender is not None and not self._sender.flush(self.flush_timeout_s):
+            self._raise_unavailable(what, f"{self._sender.pending} metric points not sent")
+        try:
+            yield
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            self._raise_unavailable(what, short_error(e))
+
+    def _raise_unavailable(self, what: str, why: str) -> None:
+        resume = (
+            f"; the checkpoints are kept: run the same command again to resume into run {self._run_id}"
+            if self._run_id
+            else ""
+        )
+        raise TrackingUnavailable(
+            f"tracking URI {self.tracking_uri}: the MLflow server did not answer for {what} ({why}){resume}"
+        ) from None
 
     def _need_run(self) -> str:
         if self._run_id is None or self._ended:
@@ -362,14 +648,17 @@ class MlflowTracker(Tracker):
         for k, v in items:
             if len(v) > MAX_PARAM_VALUE:
                 artifact = f"params/{k}.txt"
-                self._client.log_text(run_id, v, artifact)
+                with self._unavailable_as_user_error(artifact):
+                    self._client.log_text(run_id, v, artifact)
                 v = f"[{len(v)} characters; full value in artifact {artifact}]"
             batch.append(Param(k, v))
-        for i in range(0, len(batch), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(run_id, params=batch[i : i + MAX_PARAMS_PER_BATCH])
+        with self._unavailable_as_user_error("params"):
+            for i in range(0, len(batch), MAX_PARAMS_PER_BATCH):
+                self._client.log_batch(run_id, params=batch[i : i + MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log metric values at `step` (batches of 1000)."""
+        """Log metric values at `step` (batches of 1000); to a server through the MetricSender,
+        which never blocks on it."""
         from mlflow.entities import Metric
 
         run_id = self._need_run()
@@ -379,16 +668,21 @@ class MlflowTracker(Tracker):
             _check_key("metric", str(k))
             # MLflow's stores keep NaN and map ±inf to ±float max themselves.
             entries.append(Metric(str(k), float(v), now, 0 if step is None else int(step)))
+        if self._sender is not None:
+            self._sender.put(entries)
+            return
         for i in range(0, len(entries), MAX_METRICS_PER_BATCH):
             self._client.log_batch(run_id, metrics=entries[i : i + MAX_METRICS_PER_BATCH])
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as the artifact `artifact_file`."""
-        self._client.log_text(self._need_run(), text, artifact_file)
+        with self._unavailable_as_user_error(artifact_file):
+            self._client.log_text(self._need_run(), text, artifact_file)
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Store `obj` as JSON (.json) or YAML (.yaml/.yml) artifact."""
-        self._client.log_dict(self._need_run(), obj, artifact_file)
+        with self._unavailable_as_user_error(artifact_file):
+            self._client.log_dict(self._need_run(), obj, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a local file, or every file of a directory, under `artifact_path`."""
@@ -396,10 +690,11 @@ class MlflowTracker(Tracker):
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"log_artifact: {p} does not exist")
-        if p.is_dir():
-            self._client.log_artifacts(run_id, str(p), artifact_path)
-        else:
-            self._client.log_artifact(run_id, str(p), artifact_path)
+        with self._unavailable_as_user_error(f"artifact {p.name}"):
+            if p.is_dir():
+                self._client.log_artifacts(run_id, str(p), artifact_path)
+            else:
+                self._client.log_artifact(run_id, str(p), artifact_path)
 
     def log_model(
         self,
@@ -418,20 +713,21 @@ class MlflowTracker(Tracker):
         import torch
 
         run_id = self._need_run()
-        info = mlflow.pytorch.log_model(
-            module,
-            name=name,
-            serialization_format=serialization_format,
-            pip_requirements=pip_requirements
-            if pip_requirements is not None
-            else _default_pip_requirements(),
-            **kwargs,
-        )
-        if save_state_dict:
-            with tempfile.TemporaryDirectory() as tmp:
-                f = Path(tmp) / f"{name}.pt"
-                torch.save(module.state_dict(), f)
-                self._client.log_artifact(run_id, str(f), "state_dict")
+        with self._unavailable_as_user_error(f"model {name}"):
+            info = mlflow.pytorch.log_model(
+                module,
+                name=name,
+                serialization_format=serialization_format,
+                pip_requirements=pip_requirements
+                if pip_requirements is not None
+                else _default_pip_requirements(),
+                **kwargs,
+            )
+            if save_state_dict:
+                with tempfile.TemporaryDirectory() as tmp:
+                    f = Path(tmp) / f"{name}.pt"
+                    torch.save(module.state_dict(), f)
+                    self._client.log_artifact(run_id, str(f), "state_dict")
         return info.model_uri
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -447,8 +743,9 @@ class MlflowTracker(Tracker):
                     f"tag {k!r}: value of {len(str(v))} characters exceeds MLflow's {MAX_TAG_VALUE}"
                 )
             entries.append(RunTag(str(k), str(v)))
-        for i in range(0, len(entries), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(run_id, tags=entries[i : i + MAX_PARAMS_PER_BATCH])
+        with self._unavailable_as_user_error("tags"):
+            for i in range(0, len(entries), MAX_PARAMS_PER_BATCH):
+                self._client.log_batch(run_id, tags=entries[i : i + MAX_PARAMS_PER_BATCH])
 
     def end(self, status: str = "FINISHED") -> None:
         """End the run with `status` (FINISHED, FAILED, KILLED); a second call does nothing."""
@@ -458,19 +755,91 @@ class MlflowTracker(Tracker):
             raise ValueError(f"end(status={status!r}): expected FINISHED, FAILED or KILLED")
         if self._run_id is None or self._ended:
             return
+        # A failing run waits less for an absent server: its error is what the user needs to see.
+        finished = status == "FINISHED"
+        try:
+            reachable = self._close_sender(
+                self.flush_timeout_s if finished else min(self.flush_timeout_s, 30.0), finished
+            )
+        except TrackingUnavailable:
+            self._abandon()
+            raise
+        if not reachable:
+            self._abandon()  # the run stays RUNNING there; the error that ended it is what matters
+            return
         active = mlflow.active_run()
-        if active is not None and active.info.run_id == self._run_id:
-            mlflow.end_run(status)
-        else:
-            self._client.set_terminated(self._run_id, status)
+        with self._unavailable_as_user_error("the run's end"):
+            if active is not None and active.info.run_id == self._run_id:
+                mlflow.end_run(status)
+            else:
+                self._client.set_terminated(self._run_id, status)
         self._ended = True
+
+    def _abandon(self) -> None:
+        """Give up the run without the server: this process may start another (tuning trials do)."""
+        import mlflow
+
+        self._ended = True
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self._run_id:
+            return
+        saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # end_run pops the run, then calls the server
+        try:
+            mlflow.end_run("FAILED")
+        except Exception:
+            pass  # the server is away: that is why we abandon the run
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+    def _close_sender(self, timeout: float, finished: bool) -> bool:
+        """Deliver what is buffered (up to `timeout` s) and record outages and losses on the run;
+        False when the server is still away (a finished run then raises TrackingUnavailable)."""
+        sender = self._sender
+        if sender is None:
+            return True
+        self._sender = None  # later calls go straight to the client
+        lost = sender.close(timeout)
+        unsent = lost - sender.dropped - sender.refused
+        if unsent and finished:
+            self._raise_unavailable("the run's end", f"{unsent} metric points not sent in {timeout:.0f} s")
+        if lost:
+            why = f"; refused: {sender.refused_reason}" if sender.refused else ""
+            print(
+                f"recsys: warning: {lost} metric points did not reach MLflow at {self.tracking_uri} "
+                f"({sender.dropped} dropped from a full buffer, {sender.refused} refused, {unsent} not sent{why})",
+                file=sys.stderr,
+                flush=True,
+            )
+        if unsent:
+            return False
+        if sender.outages or lost:
+            tags = {
+                "recsys.mlflow_outages": str(sender.outages),
+                "recsys.mlflow_outage_s": f"{sender.outage_s:.1f}",
+                "recsys.metric_points_lost": str(lost),
+            }
+            if sender.recovered_at is not None:
+                tags["recsys.mlflow_recovered_at"] = f"{sender.recovered_at:.3f}"
+            self.set_tags(tags)
+        return True
 
 
 def make_tracker(cfg: Config, rank: int) -> Tracker:
     """An MLflow tracker on rank 0 when cfg.tracking.enabled, else a NullTracker."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    return MlflowTracker(resolve_tracking_uri(cfg), cfg.tracking.experiment)
+    t = cfg.tracking
+    return MlflowTracker(
+        resolve_tracking_uri(cfg),
+        t.experiment,
+        connect_timeout_s=t.connect_timeout_s,
+        buffer_points=t.buffer_points,
+        flush_timeout_s=t.flush_timeout_s,
+    )
 
 
 def mlflow_metrics(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:

@@ -121,7 +121,9 @@ def _train(
                 )
         trainer.run_id = broadcast_object(tracker.run_id)
         ckpt.start_run(trainer.run_id)
-        _log_setup(trainer, tracker, resumed=info is not None)
+        # A checkpoint whose MLflow run is gone continues in a new run: that run needs the params,
+        # config and vocabularies (index/recommend/serve read them), so log them as for a fresh one.
+        _log_setup(trainer, tracker, resumed=info is not None and tracker.resumed)
         seconds = trainer.fit(ckpt)
         result = _finish(trainer, ckpt, tracker, seconds)
         result.resumed_from = info.step if info is not None else None
@@ -142,6 +144,9 @@ def _log_setup(trainer: Trainer, tracker: Tracker, resumed: bool) -> None:
         tracker.log_text(dump_config(cfg), f"config/resolved-resume-step-{trainer.step}.yaml")
         tracker.log_text(trainer.plan, f"sharding_plan-resume-step-{trainer.step}.txt")
         return
+    replaced = getattr(tracker, "replaced_run_id", None)
+    if replaced:
+        tracker.set_tags({"recsys.resumed_from_step": str(trainer.step)})
     tracker.log_params(flatten(cfg))
     tracker.log_text(dump_config(cfg), "config/resolved.yaml")
     tracker.log_text(trainer.plan, "sharding_plan.txt")

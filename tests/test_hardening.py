@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 AUTH_INI = MANIFESTS / "overlays/mlflow-auth/basic_auth.ini"
 ADMIN, PASSWORD = "admin", "test-password-8f3e"
+SERVER_SECRET = "mlflow-server"  # the MLflow server's own Secret (admin account, Flask key)
 # What the launcher's steps do in the job namespace (pipeline-rbac.yaml's header): nothing else.
 LAUNCHER_RESOURCES = {"pytorchjobs", "trainjobs", "configmaps", "pods", "pods/log"}
 
@@ -87,7 +88,7 @@ def test_pipeline_rbac_is_bound_to_the_dedicated_service_account() -> None:
 
 
 # ----------------------------------------------------------------------------------- MLflow's auth
-def test_mlflow_auth_overlay_uses_the_jobs_credentials_secret() -> None:
+def test_mlflow_auth_overlay_keeps_server_secrets_from_the_jobs() -> None:
     docs = _kustomize("overlays/hardened")
     for doc in docs:
         assert validation_errors(doc) == [], doc["metadata"]["name"]
@@ -95,16 +96,32 @@ def test_mlflow_auth_overlay_uses_the_jobs_credentials_secret() -> None:
     (c,) = deploy["spec"]["template"]["spec"]["containers"]
     assert "--app-name=basic-auth" in c["command"]
     env = {e["name"]: e for e in c["env"]}
-    job = JobConfig()
-    for server_key, secret_key in [
-        ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
-        ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
-    ]:
-        # The admin account is the one the rendered jobs read: same Secret, same key.
-        ref = env[server_key]["valueFrom"]["secretKeyRef"]
-        assert (ref["name"], ref["key"]) == (job.mlflow_secret, secret_key)
-        assert secret_key in job.mlflow_secret_keys
+    for key in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        # The admin account and the Flask key come from the server's own Secret, not the jobs'.
+        ref = env[key]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == (SERVER_SECRET, key)
         assert "optional" not in ref  # no Secret, no server: fail closed
+    # Only the server and the job-account setup read the server's Secret.
+    readers = {
+        d["metadata"]["name"]
+        for d in docs
+        for n in _walk(d)
+        if n.get("secretKeyRef", {}).get("name") == SERVER_SECRET
+        or n.get("secretRef", {}).get("name") == SERVER_SECRET
+    }
+    assert readers == {"mlflow", "mlflow-job-user"}
+    # The setup Job signs in as the admin and creates the account named in the jobs' Secret.
+    setup = _one(docs, "Job", "mlflow-job-user")["spec"]["template"]["spec"]
+    (sc,) = setup["containers"]
+    senv = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in sc["env"] if "valueFrom" in e}
+    job = JobConfig()
+    assert (senv["RECSYS_JOB_MLFLOW_USERNAME"]["name"], senv["RECSYS_JOB_MLFLOW_USERNAME"]["key"]) == (
+        job.mlflow_secret,
+        "MLFLOW_TRACKING_USERNAME",
+    )
+    assert senv["MLFLOW_TRACKING_USERNAME"]["name"] == SERVER_SECRET
+    assert sc["command"][:3] == ["python", "-m", "recsys.launch.mlflow_users"]
+    assert setup["automountServiceAccountToken"] is False
     # The settings file is mounted where MLFLOW_AUTH_CONFIG_PATH points, from the generated ConfigMap.
     ini_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
     (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(ini_path.parent)]
@@ -115,7 +132,7 @@ def test_mlflow_auth_overlay_uses_the_jobs_credentials_secret() -> None:
     assert "admin_password" not in ini["mlflow"]  # the password lives in the Secret only
     store = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "store")
     assert ini["mlflow"]["database_uri"].startswith(f"sqlite:///{store}/")  # survives restarts (PVC)
-    # The committed jobs take the credentials from that Secret (envFrom or per-key secretKeyRef).
+    # The committed jobs take the credentials from the jobs' Secret only (envFrom or per-key secretKeyRef).
     for path in ("dlrm-job.yaml", "two-tower-trainjob.yaml"):
         refs = {
             n.get("secretRef", {}).get("name") or n.get("secretKeyRef", {}).get("name")
@@ -123,6 +140,36 @@ def test_mlflow_auth_overlay_uses_the_jobs_credentials_secret() -> None:
             if "secretRef" in n or "secretKeyRef" in n
         }
         assert refs == {job.mlflow_secret}, path
+
+
+def test_trainjob_pods_get_no_service_account_token() -> None:
+    """PodSpecPatch has no automountServiceAccountToken, so TrainJob pods take it from their
+    ServiceAccount: every committed job must run as one that turns the token off."""
+    accounts = {
+        d["metadata"]["name"]: d
+        for p in (MANIFESTS / "base").glob("*.yaml")
+        for d in _docs(p)
+        if d.get("kind") == "ServiceAccount" and d["metadata"].get("namespace") == "recsys"
+    }
+    jobs = [
+        d
+        for p in MANIFESTS.rglob("*.yaml")
+        for d in _docs(p)
+        if isinstance(d, dict) and d.get("kind") in ("TrainJob", "PyTorchJob")
+    ]
+    assert any(d["kind"] == "TrainJob" for d in jobs)
+    for doc in jobs:
+        for pod in _walk(doc):
+            if "serviceAccountName" not in pod:
+                continue
+            account = accounts[pod["serviceAccountName"]]
+            assert (
+                account.get("automountServiceAccountToken") is False
+                or pod.get("automountServiceAccountToken") is False
+            ), doc["metadata"]["name"]
+            if doc["kind"] == "PyTorchJob":
+                assert pod["automountServiceAccountToken"] is False
+    assert accounts[JobConfig().service_account]["automountServiceAccountToken"] is False
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +232,46 @@ def test_train_logs_with_credentials_and_is_refused_without(
     (run,) = client.search_runs([client.get_experiment_by_name("test-auth").experiment_id])
     assert run.info.status == "FINISHED"
     assert {"train/loss", "val/auc", "test/auc"} <= set(run.data.metrics)
+
+
+@pytest.mark.slow  # shares the basic-auth server above
+def test_the_job_account_logs_but_cannot_administer(
+    auth_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from recsys.launch.mlflow_users import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    admin_client = mlflow.MlflowClient(auth_server)
+    admins = admin_client.create_experiment("made-by-admin")
+    monkeypatch.setenv("RECSYS_JOB_MLFLOW_USERNAME", "recsys-jobs")
+    monkeypatch.setenv("RECSYS_JOB_MLFLOW_PASSWORD", "job-password-1")
+    assert main(["--tracking-uri", auth_server]) == 0
+    monkeypatch.setenv("RECSYS_JOB_MLFLOW_PASSWORD", "job-password-2")
+    assert main(["--tracking-uri", auth_server]) == 0  # again: the password is rotated, grants kept
+    assert AuthServiceClient(auth_server).get_user("recsys-jobs").is_admin is False
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "recsys-jobs")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "job-password-2")
+    client = mlflow.MlflowClient(auth_server)
+    for exp in (admins, client.create_experiment("made-by-job")):
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "m", 1.0, step=1)
+        client.set_terminated(run.info.run_id)
+        assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}
+    auth = AuthServiceClient(auth_server)
+    with pytest.raises(MlflowException, match="403|PERMISSION_DENIED|Permission denied"):
+        auth.create_user("intruder", "pw-123456")
+    with pytest.raises(MlflowException, match="403|PERMISSION_DENIED|Permission denied"):
+        auth.update_user_admin("recsys-jobs", True)
+    with pytest.raises(MlflowException, match="403|PERMISSION_DENIED|Permission denied"):
+        auth.delete_user(ADMIN)
+    # The job account is not the admin: the setup refuses to hand the admin to the jobs.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    monkeypatch.setenv("RECSYS_JOB_MLFLOW_USERNAME", ADMIN)
+    assert main(["--tracking-uri", auth_server]) == 2

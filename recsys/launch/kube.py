@@ -172,7 +172,9 @@ def trainjob(spec: JobSpec) -> dict[str, Any]:
             }
         ],
     }
-    pod_patch.pop("automountServiceAccountToken")  # not a patchable field of PodSpecPatch
+    # Not a field of PodSpecPatch: TrainJob pods take the token setting from their ServiceAccount
+    # (recsys-trainer in manifests/base/rbac.yaml turns it off; tests/test_hardening.py checks).
+    pod_patch.pop("automountServiceAccountToken")
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",

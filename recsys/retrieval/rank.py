@@ -63,10 +63,16 @@ def _ranker_config(run_id: str, uri: str, overrides: list[str] | None) -> Config
 
     from recsys.config import load_config
     from recsys.retrieval.runs import CONFIG_ARTIFACT, download, has_artifact
+    from recsys.tracking import is_gone, short_error
 
     try:
         run = mlflow.MlflowClient(uri).get_run(run_id)
     except MlflowException as e:
+        if not is_gone(e) and e.get_http_status_code() >= 500:
+            raise UserError(
+                f"tracking URI {uri}: the MLflow server did not answer for --ranker-run-id {run_id} "
+                f"({short_error(e)}); try again when it is back"
+            ) from None
         raise UserError(
             f"--ranker-run-id {run_id!r}: not found in {uri} ({e.error_code}); pass a run trained with "
             "model.kind: dlrm (e.g. --config movielens_100k_ranker)"

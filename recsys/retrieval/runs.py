@@ -121,12 +121,18 @@ def _get_run(run_id: str, uri: str) -> Any:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from recsys.tracking import _check_not_file_store
+    from recsys.tracking import _check_not_file_store, is_gone, short_error, wait_for_server
 
     _check_not_file_store(uri)
+    wait_for_server(uri, 30)  # an absent server is one line naming it, not "run not found"
     try:
         return mlflow.MlflowClient(uri).get_run(run_id)
     except MlflowException as e:
+        if not is_gone(e) and e.get_http_status_code() >= 500:
+            raise UserError(
+                f"tracking URI {uri}: the MLflow server did not answer for run {run_id} ({short_error(e)}); "
+                "try again when it is back"
+            ) from None
         raise UserError(
             f"run {run_id!r}: not found in {uri} ({e.error_code}); pass the run id of a trained "
             "Two-Tower and --tracking-uri of its MLflow"
