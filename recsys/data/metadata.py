@@ -117,7 +117,7 @@ class Metadata(_Model):
 
 
 # Where the output goes and how it is read back do not change what is prepared.
-_NOT_CONTENT = {"prepared_dir", "raw_dir", "num_workers", "num_canonical_nodes", "shuffle_seed"}
+_NOT_CONTENT = {"prepared_dir", "raw_dir", "num_workers", "num_canonical_nodes", "shuffle_seed", "chunk_rows"}
 
 
 def data_settings(cfg: Config) -> dict[str, object]:
