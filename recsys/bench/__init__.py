@@ -1,4 +1,4 @@
-"""`recsys bench data|train|checkpoint|recommend|quality`: commands that print throughput figures (never timed assertions)."""
+"""`recsys bench data|train|checkpoint|recommend|quality|prepare-scale`: commands that print throughput figures (never timed assertions)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.quality import bench_quality
 
         bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
+    elif args.what == "prepare-scale":
+        from recsys.bench.prepare_scale import bench_prepare_scale, parse_sizes
+
+        bench_prepare_scale(parse_sizes(args.sizes))
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 
