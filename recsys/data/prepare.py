@@ -30,11 +30,12 @@ import numpy as np
 
 from recsys.data import splits as S
 from recsys.data import vocab as V
-from recsys.data.chunks import Chunk, ChunkReader, _inner_source
+from recsys.data.chunks import ChunkReader, _inner_source
 from recsys.data.mds import SplitWriter
 from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, data_settings, write_metadata
 from recsys.data.negatives import add_negatives
 from recsys.data.readers import Table, concat_tables, read_source
+from recsys.data.spill import ChunkSpill, SpilledChunk
 from recsys.errors import UserError
 
 if TYPE_CHECKING:
@@ -176,8 +177,9 @@ class _Counted:
     all_labels: _ExactSum
 
 
-def _count(reader: ChunkReader, cfg: Config, pool: ThreadPoolExecutor) -> _Counted:
-    """Pass 1: every chunk's split, its train ids counted per feature, label checks and statistics."""
+def _count(reader: ChunkReader, cfg: Config, pool: ThreadPoolExecutor, spill: ChunkSpill) -> _Counted:
+    """Pass 1: every chunk's split, its train ids counted per feature, label checks and statistics;
+    the chunk goes to `spill` encoded, for pass 2."""
     from tqdm import tqdm
 
     done: _Counted | None = None
@@ -188,7 +190,7 @@ def _count(reader: ChunkReader, cfg: Config, pool: ThreadPoolExecutor) -> _Count
             counters = [V.IdCounter() for _ in t.sparse]
             done = _Counted(t, counters, [], _ExactSum(), _ExactSum())
         train = chunk.assign == S.TRAIN
-        list(pool.map(V.IdCounter.add, done.counters, t.sparse, [train] * len(t.sparse)))
+        encoded = list(pool.map(V.IdCounter.add, done.counters, t.sparse, [train] * len(t.sparse)))
         done.notes.extend(n for n in t.notes if n not in done.notes)
         if chunk.labels is None and t.label is not None:
             if cfg.data.label.mode == "as_is":
@@ -196,6 +198,7 @@ def _count(reader: ChunkReader, cfg: Config, pool: ThreadPoolExecutor) -> _Count
             elif cfg.data.label.mode == "mean":
                 done.train_labels.add(t.label[train])
                 done.all_labels.add(t.label)
+        spill.write(SpilledChunk(chunk.start, chunk.assign, t.label, chunk.labels, t.dense, encoded))
         bar.update(t.rows)
     bar.close()
     if done is None:
@@ -242,7 +245,8 @@ class _TrainWindow:
 
 
 def _write(
-    reader: ChunkReader,
+    spill: ChunkSpill,
+    rows: int,
     counted: _Counted,
     rule: LabelConfig,
     out: Path,
@@ -250,28 +254,28 @@ def _write(
     pool: ThreadPoolExecutor,
     facts: _FactRows | None,
 ) -> dict[str, SplitInfo]:
-    """Pass 2: map every chunk's ids to rows and route its rows to the split writers."""
+    """Pass 2: map every spilled chunk's ids to rows and route its rows to the split writers."""
     from tqdm import tqdm
 
     d = cfg.data
-    bar = tqdm(total=reader.rows, unit="rows", desc="pass 2: write MDS", disable=None, mininterval=0.5)
+    bar = tqdm(total=rows, unit="rows", desc="pass 2: write MDS", disable=None, mininterval=0.5)
     writers = {
         name: SplitWriter(out / name, d.block_size, d.compression, d.shard_size_limit) for name in SPLITS
     }
     train = _TrainWindow(writers["train"], d.shuffle_window, d.split.seed)
-    for chunk in reader:
-        t = chunk.table
-        labels = chunk.labels if chunk.labels is not None else binarize(t.label, chunk.assign, rule)[0]
-        cols = list(pool.map(V.IdCounter.rows, counted.counters, t.sparse))
-        sparse = np.stack(cols, axis=1) if cols else np.zeros((t.rows, 0), np.int64)
+    for chunk in spill:
+        labels = chunk.given if chunk.given is not None else binarize(chunk.label, chunk.assign, rule)[0]
+        cols = list(pool.map(V.IdCounter.rows_encoded, counted.counters, chunk.encoded))
+        sparse = np.stack(cols, axis=1) if cols else np.zeros((chunk.rows, 0), np.int64)
         if facts is not None:
-            facts.add(chunk, labels)
+            facts.add(chunk.start, chunk.assign, labels)
         for name, code in (("val", S.VAL), ("test", S.TEST)):
             m = chunk.assign == code
-            writers[name].write(labels[m], t.dense[m], sparse[m])
+            writers[name].write(labels[m], chunk.dense[m], sparse[m])
         m = chunk.assign == S.TRAIN
-        train.add(chunk.positions[m], labels[m], t.dense[m], sparse[m])
-        bar.update(t.rows)
+        positions = np.arange(chunk.start, chunk.start + chunk.rows, dtype=np.int64)
+        train.add(positions[m], labels[m], chunk.dense[m], sparse[m])
+        bar.update(chunk.rows)
     train.flush()
     for w in writers.values():
         w.close()
@@ -280,6 +284,20 @@ def _write(
         name: SplitInfo(rows=w.rows, blocks=w.blocks, positives=int(w.positives))
         for name, w in writers.items()
     }
+
+
+def _save_vocabularies(
+    out: Path, names: list[str], counters: list[V.IdCounter], min_count: int
+) -> list[SparseFeature]:
+    """Fix each feature's vocabulary from its train counts and write vocab/<feature>.txt."""
+    (out / "vocab").mkdir(exist_ok=True)
+    features = []
+    for name, counter in zip(names, counters, strict=True):
+        ids = counter.finish(min_count)
+        vf = vocab_file(name)
+        V.save_ids(out / vf, ids)
+        features.append(SparseFeature(name=name, num_embeddings=len(ids) + 1, vocab_file=vf))
+    return features
 
 
 def _reader(cfg: Config) -> tuple[ChunkReader, dict | None]:
@@ -313,28 +331,28 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
     t0 = time.perf_counter()
     _say(f"prepare {cfg.name}: pass 1 over the {src.kind} source (split, count ids on train) …")
     reader, given_label_info = _reader(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    spill = ChunkSpill(out)
     # Features are independent; Arrow's hashing and numpy release the GIL.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        counted = _count(reader, cfg, pool)
-        t_read = time.perf_counter()
-        first = counted.first
-        _say(f"read {reader.rows:,} rows in {t_read - t0:.1f}s; fixing {len(first.sparse)} vocabularies …")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "vocab").mkdir(exist_ok=True)
-        features = []
-        for name, counter in zip(first.sparse_names, counted.counters, strict=True):
-            ids = counter.finish(cfg.data.min_count)
-            vf = vocab_file(name)
-            V.save_ids(out / vf, ids)
-            features.append(SparseFeature(name=name, num_embeddings=len(ids) + 1, vocab_file=vf))
-        rule, label_info = _label_rule(counted, cfg)
-        if given_label_info is not None:
-            label_info = given_label_info
-        elif not label_info:
-            label_info = binarize(first.label, np.zeros(0, np.int8), rule)[1]
-        t_vocab = time.perf_counter()
-        facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
-        infos = _write(reader, counted, rule, out, cfg, pool, facts)
+        try:
+            counted = _count(reader, cfg, pool, spill)
+            t_read = time.perf_counter()
+            first = counted.first
+            _say(
+                f"read {reader.rows:,} rows in {t_read - t0:.1f}s; fixing {len(first.sparse)} vocabularies …"
+            )
+            features = _save_vocabularies(out, first.sparse_names, counted.counters, cfg.data.min_count)
+            rule, label_info = _label_rule(counted, cfg)
+            if given_label_info is not None:
+                label_info = given_label_info
+            elif not label_info:
+                label_info = binarize(first.label, np.zeros(0, np.int8), rule)[1]
+            t_vocab = time.perf_counter()
+            facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
+            infos = _write(spill, reader.rows, counted, rule, out, cfg, pool, facts)
+        finally:
+            spill.close()
     t_write = time.perf_counter()
 
     LAST_TIMINGS.update(read=t_read - t0, vocab=t_vocab - t_read, write=t_write - t_vocab)
@@ -396,13 +414,13 @@ class _FactRows:
                 p = None
         return cls(facts, p)
 
-    def add(self, chunk: Chunk, labels: np.ndarray) -> None:
-        """Keep the true probability and label of each row of the chunk, by split."""
+    def add(self, start: int, assign: np.ndarray, labels: np.ndarray) -> None:
+        """Keep the true probability and label of rows start.. (split `assign`), by split."""
         if self.p is None:
             return
-        p = np.asarray(self.p[chunk.start : chunk.start + chunk.table.rows])
+        p = np.asarray(self.p[start : start + len(assign)])
         for code, rows in self.parts.items():
-            m = chunk.assign == code
+            m = assign == code
             rows.append((p[m], labels[m]))
 
     def result(self) -> dict:

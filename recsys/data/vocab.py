@@ -216,9 +216,14 @@ class IdCounter:
             self.keys = np.zeros(0, np.uint64)
         self.width = None
 
-    def add(self, column: pa.ChunkedArray | pa.Array, train: np.ndarray) -> None:
-        """Count the ids of the rows where `train` (bool mask) is set."""
+    def add(self, column: pa.ChunkedArray | pa.Array, train: np.ndarray) -> Encoded:
+        """Count the ids of the rows where `train` (bool mask) is set; returns the column's encoding."""
         enc = encode_column(column)
+        self.add_encoded(enc, train)
+        return enc
+
+    def add_encoded(self, enc: Encoded, train: np.ndarray) -> None:
+        """Count the ids of an encoded column at the rows where `train` (bool mask) is set."""
         k = len(enc.dictionary)
         counts = np.bincount(enc.codes[train], minlength=k + 1)[:k]
         seen = np.flatnonzero(counts)
@@ -278,7 +283,10 @@ class IdCounter:
 
     def rows(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         """Embedding rows (int64) of a column of raw ids: 0 for missing and out-of-vocabulary ids."""
-        enc = encode_column(column)
+        return self.rows_encoded(encode_column(column))
+
+    def rows_encoded(self, enc: Encoded) -> np.ndarray:
+        """Embedding rows (int64) of an encoded column: 0 for missing and out-of-vocabulary ids."""
         k = len(enc.dictionary)
         lookup = np.zeros(k + 1, np.int64)  # the last slot is the missing code → row 0
         if self.width is not None:
@@ -309,3 +317,13 @@ def save_ids(path: str | Path, ids: pa.Array) -> None:
             part = ids.slice(start, step)
             joined = pc.binary_join(pa.ListArray.from_arrays([0, len(part)], part), "\n")[0]
             f.write(joined.as_py().encode("utf-8") + b"\n")
+
+
+def encoded_from_dictionary(codes: np.ndarray, dictionary: pa.Array) -> Encoded:
+    """An Encoded rebuilt from its codes and dictionary (with the byte-ordered keys when fixed-width)."""
+    arr = _as_array(dictionary).combine_chunks() if not isinstance(dictionary, pa.Array) else dictionary
+    fixed = _fixed_width_keys(arr.cast(pa.string())) if len(arr) and arr.null_count == 0 else None
+    if fixed is None:
+        return Encoded(codes=codes, dictionary=arr)
+    keys, _, width = fixed
+    return Encoded(codes=codes, dictionary=arr, sort_keys=keys.byteswap(), width=width)
