@@ -113,7 +113,11 @@ class BlockReader:
 
 class SplitWriter:
     """One split's MDS blocks written as rows arrive in pieces: the same blocks write_split gives on
-    all rows at once (a block holds `block_size` consecutive rows; only the last is short)."""
+    all rows at once (a block holds `block_size` consecutive rows; only the last is short).
+
+    Blocks are encoded, compressed and written on a thread of their own (zstd and file writes release
+    the GIL), so the three splits' writers overlap the caller's work; at most two pieces wait.
+    """
 
     def __init__(
         self,
@@ -123,6 +127,8 @@ class SplitWriter:
         size_limit: int,
         on_block: Callable[[int], None] | None = None,
     ) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         from streaming import MDSWriter
 
         self._writer = MDSWriter(
@@ -133,15 +139,25 @@ class SplitWriter:
         self._held_rows = 0
         self.rows = self.blocks = 0
         self.positives = 0.0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mds")
+        self._queued: list[Future[None]] = []
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        while len(self._queued) >= 2:
+            self._queued.pop(0).result()  # bounded memory; re-raises the writer thread's errors
+        self._queued.append(self._thread.submit(fn, *args))
 
     def write(self, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
-        """Append rows (label [n], dense [n, D], sparse [n, S]); full blocks are written now."""
+        """Append rows (label [n], dense [n, D], sparse [n, S]); full blocks are written in the background."""
         if not len(label):
             return
         if dense.shape[1] == 0:  # see write_split: one zero per row stands for "no dense features"
             dense = np.zeros((len(label), 1), dtype=np.float32)
         self.rows += len(label)
         self.positives += float(np.sum(label, dtype=np.float64))
+        self._submit(self._append, label, dense, sparse)
+
+    def _append(self, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
         self._held.append((label, dense, sparse))
         self._held_rows += len(label)
         if self._held_rows >= self.block_size:
@@ -168,8 +184,17 @@ class SplitWriter:
         self._held = [(label[full:], dense[full:], sparse[full:])] if full < n else []
         self._held_rows = n - full
 
-    def close(self) -> None:
-        """Write the last (short) block and the index."""
+    def _finish(self) -> None:
         if self._held_rows:
             self._flush(final=True)
         self._writer.finish()
+
+    def close(self) -> None:
+        """Write the last (short) block and the index; waits for the writer thread."""
+        self._submit(self._finish)
+        try:
+            for fut in self._queued:
+                fut.result()
+        finally:
+            self._queued = []
+            self._thread.shutdown(wait=True)

@@ -239,9 +239,12 @@ class _TrainWindow:
         if not self.parts:
             return
         pos, label, dense, sparse = (np.concatenate(c) for c in zip(*self.parts, strict=True))
-        order = np.argsort(S.shuffle_keys(self.seed, pos), kind="stable")
-        self.writer.write(label[order], dense[order], sparse[order])
         self.parts = []
+        order = np.argsort(S.shuffle_keys(self.seed, pos), kind="stable")
+        step = 1 << 16  # gathered piece by piece: no second copy of the whole window
+        for at in range(0, len(order), step):
+            o = order[at : at + step]
+            self.writer.write(label[o], dense[o], sparse[o])
 
 
 def _write(
@@ -263,10 +266,13 @@ def _write(
         name: SplitWriter(out / name, d.block_size, d.compression, d.shard_size_limit) for name in SPLITS
     }
     train = _TrainWindow(writers["train"], d.shuffle_window, d.split.seed)
+    # Rows are int32 while buffered (half the train window's memory); the MDS blocks hold int64.
+    narrow = all(len(c.vocab) < 2**31 - 1 for c in counted.counters)
+    dtype = np.int32 if narrow else np.int64
     for chunk in spill:
         labels = chunk.given if chunk.given is not None else binarize(chunk.label, chunk.assign, rule)[0]
         cols = list(pool.map(V.IdCounter.rows_encoded, counted.counters, chunk.encoded))
-        sparse = np.stack(cols, axis=1) if cols else np.zeros((chunk.rows, 0), np.int64)
+        sparse = np.stack(cols, axis=1, dtype=dtype) if cols else np.zeros((chunk.rows, 0), dtype)
         if facts is not None:
             facts.add(chunk.start, chunk.assign, labels)
         for name, code in (("val", S.VAL), ("test", S.TEST)):
