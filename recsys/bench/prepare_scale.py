@@ -171,10 +171,14 @@ def plot(figures: list[dict], path: Path) -> None:
     a.plot(rows, [f["peak_rss_mb"] for f in figures], "o-", label="peak RSS")
     a.plot(rows, [f["rss_before_prepare_mb"] for f in figures], "s--", label="RSS after imports")
     a.set(xlabel="rows (millions)", ylabel="MB", title="recsys data prepare: peak RSS", xscale="log")
+    a.set_ylim(bottom=0)
     a.legend()
     b.plot(rows, [f["rows"] / f["wall_s"] / 1e3 for f in figures], "o-")
     b.set(xlabel="rows (millions)", ylabel="thousand rows/s", title="throughput (1 process)", xscale="log")
     b.set_ylim(bottom=0)
+    for ax in (a, b):
+        ax.set_xticks(rows, [f"{r:g}M" for r in rows])
+        ax.minorticks_off()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -189,9 +193,10 @@ def bench_prepare_scale(
         fig = run_one(rows, chunk_rows, shuffle_window)
         figures.append(fig)
         print(
-            f"{fig['rows']:>12,} rows ({fig['raw_mb']:,.0f} MB TSV): {fig['rows'] / fig['wall_s']:>9,.0f} rows/s, "
+            f"{fig['rows']:>12,} rows ({fig['raw_mb']:,.0f} MB TSV): {fig['rows'] / fig['wall_s']:>9,.0f} rows/s "
+            f"({fig['rows'] / fig['cpu_s']:,.0f} per CPU-second), "
             f"peak RSS {fig['peak_rss_mb']:,.0f} MB (after imports {fig['rss_before_prepare_mb']:,.0f} MB), "
-            f"vocabularies {fig['vocab_rows']:,} ids",
+            f"vocabularies {fig['vocab_rows']:,} ids; load average {os.getloadavg()[0]:.1f}",
             flush=True,
         )
     png = BENCH_DIR / "prepare_scale.png"
