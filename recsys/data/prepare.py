@@ -1,9 +1,15 @@
 """`recsys data prepare`: raw files → labels → split → vocabularies (fit on train) → MDS train/val/test.
 
 Output (see recsys.data.metadata): train/ val/ test/ MDS block datasets, vocab/<feature>.txt,
-metadata.json (written last, so a folder with metadata.json is complete). Train rows are shuffled
-with the split seed before blocking, so a block is a random sample of train rather than a run of
-one user or one hour; val and test keep source order.
+metadata.json (written last, so a folder with metadata.json is complete).
+
+Two passes over chunks of `data.chunk_rows` rows (recsys.data.chunks), so memory does not grow with
+the row count: pass 1 decides each row's split and counts ids on train (vocab.IdCounter), keeping
+each chunk encoded on disk (recsys.data.spill); pass 2 maps ids to embedding rows and writes the MDS
+splits. Val and test keep source order; train rows are shuffled within windows of
+`data.shuffle_window` source rows (splits.shuffle_keys of the split seed), so a block is a random
+sample of its window rather than a run of one user or one hour, and the output is the same whatever
+the chunk size (docs/data-at-scale.md).
 
 Side features joined by the readers (user age, item genre slots, …) are ordinary sparse features with
 vocabularies fit on train like any other; metadata.json names which describe the user
@@ -75,6 +81,9 @@ def check_output(out: Path, overwrite: bool) -> None:
     for name in existing:
         p = out / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if overwrite and out.is_dir():  # pass 1's spill of a run that was killed (see recsys.data.spill)
+        for stale in out.glob(".spill-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_with_split(cfg: Config) -> tuple[Table, np.ndarray]:
