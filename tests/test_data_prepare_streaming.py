@@ -158,7 +158,7 @@ def test_movielens_presplit_negatives_and_synthetic(tmp_path: Path) -> None:
         label={"mode": "all_positive"},
     )
     assert_same_output(
-        tmp_path / "neg", ml, label={"mode": "all_positive"}, negatives={"per_positive": 2}, shuffle_window=16
+        tmp_path / "neg", ml, label={"mode": "mean"}, negatives={"per_positive": 2}, shuffle_window=16
     )
     synth = {"kind": "synthetic_ctr", "rows": 3000, "days": 3, "num_sparse": 4, "num_dense": 2}
     out = assert_same_output(

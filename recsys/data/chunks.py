@@ -197,7 +197,14 @@ class ChunkReader:
             self._assign = self._leave_last_n()
         sources: list[SourceFile] | None = [] if first else None
         start = 0
+        schema: tuple[list[str], list[str]] | None = None
         for t, part, in_part in self._parts(sources):
+            if schema is None:
+                schema = (t.sparse_names, t.dense_names)
+            elif (t.sparse_names, t.dense_names) != schema:  # presplit parts of different layouts
+                raise UserError(
+                    f"sources disagree on columns: {schema[0] + schema[1]} vs {t.sparse_names + t.dense_names}"
+                )
             yield Chunk(table=t, start=start, assign=self._split(t, start, part, in_part))
             start += t.rows
         if sources is not None:

@@ -358,11 +358,11 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
                 f"read {reader.rows:,} rows in {t_read - t0:.1f}s; fixing {len(first.sparse)} vocabularies …"
             )
             features = _save_vocabularies(out, first.sparse_names, counted.counters, cfg.data.min_count)
-            rule, label_info = _label_rule(counted, cfg)
-            if given_label_info is not None:
-                label_info = given_label_info
-            elif not label_info:
-                label_info = binarize(first.label, np.zeros(0, np.int8), rule)[1]
+            if given_label_info is not None:  # labels decided with the negatives, in memory
+                rule, label_info = cfg.data.label, given_label_info
+            else:
+                rule, label_info = _label_rule(counted, cfg)
+                label_info = label_info or binarize(first.label, np.zeros(0, np.int8), rule)[1]
             t_vocab = time.perf_counter()
             facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
             infos = _write(spill, reader.rows, counted, rule, out, cfg, pool, facts)
