@@ -4,8 +4,8 @@
 on `data.chunk_rows` and the vocabularies, not on the row count. Every row's split is decided from
 the row alone — random from (split seed, position), by_day from its day file, presplit from its
 part — except leave_last_n, which needs each user's rows in time order: a first pass keeps
-(user code, timestamp) per row, 12 bytes a row, and the int8 assignment (1 byte a row) is kept for
-the later passes. Criteo/synthetic CTR TSVs and table CSV/Parquet files stream from disk; MovieLens,
+(user code, timestamp) per row, 16 bytes a row (~60 while the order is solved), and the int8
+assignment (1 byte a row) is kept for the later passes. Criteo/synthetic CTR TSVs and table CSV/Parquet files stream from disk; MovieLens,
 RecBole and Learning-from-Sets files (small, joined with side tables) are read whole once and cut
 into chunks. With data.negatives the whole table is in memory too (sampling looks at every
 interaction of a user).
