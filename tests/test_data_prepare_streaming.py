@@ -221,3 +221,29 @@ def test_peak_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
         before, peak = (int(x) for x in proc.stdout.split()[-2:])
         grown.append(peak - before)
     assert grown[1] < 1.15 * grown[0] + 20_000, f"prepare's peak RSS grew with rows: {grown} KiB"
+
+
+def test_id_counter_equals_fit_on_all_rows_whatever_the_chunks() -> None:
+    """Chunk-merged counts give fit_encoded's vocabulary and rows, through key mode (ids of one width),
+    the switch to strings (a chunk of other widths) and string mode, with missing ids and min_count."""
+    from recsys.data import vocab as V
+
+    rng = np.random.default_rng(5)
+    fixed = [f"{x:04x}" for x in rng.zipf(1.3, 600) % 5000]
+    mixed = [str(x) for x in rng.zipf(1.3, 600) % 5000]
+    values = [None if rng.random() < 0.05 else v for v in fixed + mixed + fixed]
+    col = pa.chunked_array([pa.array(values, pa.string())])
+    most = rng.random(len(values)) < 0.8
+    only_fixed = most.copy()
+    only_fixed[600:1200] = False  # the counter stays in key mode; mixed-width chunks are still mapped
+    for train, min_count in ((most, 1), (most, 3), (only_fixed, 1)):
+        vocab, lookup = V.fit_encoded(V.encode_column(col), train, min_count)
+        counter, bounds = V.IdCounter(), [0, 250, 600, 610, 1200, 1500, len(values)]
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            counter.add(col.slice(a, b - a), train[a:b])
+        assert counter.finish(min_count).to_pylist() == vocab.ids
+        expect = V.apply(V.encode_column(col).codes, lookup)
+        got = np.concatenate(
+            [counter.rows(col.slice(a, b - a)) for a, b in zip(bounds, bounds[1:], strict=False)]
+        )
+        assert got.tolist() == expect.tolist()
