@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench-data bench-train bench-checkpoint bench-recommend bench-quality manifests pipelines pipeline-local image clean
+.PHONY: help install test test-fast lint demo bench-data bench-train bench-checkpoint bench-recommend bench-scale bench-quality manifests pipelines pipeline-local image clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (
 
 bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall@100) on 1M trained-like items, beside sgemm's ceiling
 	$(PY) -m recsys bench recommend --record
+
+bench-scale: install ## recsys data prepare at 1M, 4M, 16M Criteo-layout rows: rows/s, peak RSS, PNG (.bench/scale; ~4.2 GB of TSV at 16M)
+	$(PY) -m recsys bench prepare-scale
 
 bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds, mechanism ablation (~20 min)
 	$(PY) -m recsys bench quality --record

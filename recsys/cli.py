@@ -500,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
-    p.add_argument("what", choices=["data", "train", "checkpoint", "recommend", "quality", "tables"])
+    p.add_argument(
+        "what", choices=["data", "train", "checkpoint", "recommend", "quality", "tables", "prepare-scale"]
+    )
     p.add_argument(
         "--record",
         action="store_true",
@@ -519,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")
     p.add_argument("--items", type=int, default=1_000_000, help="catalogue size (recommend)")
     p.add_argument("--queries", type=int, default=10_000, help="users searched per measurement (recommend)")
+    p.add_argument("--sizes", default="1e6,4e6,16e6", help="prepare-scale: row counts, comma-separated")
     p.add_argument(
         "--quick", action="store_true", help="quality: 1 seed, a one-point grid, few epochs (a smoke run)"
     )

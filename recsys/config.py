@@ -226,6 +226,16 @@ class DataConfig(Strict):
     )
     shard_size_limit: int = Field(1 << 26, gt=0, description="Bytes per MDS shard before a new one starts.")
     skip_bad_rows: bool = Field(False, description="Skip (and count) malformed rows instead of stopping.")
+    chunk_rows: int = Field(
+        262_144,
+        gt=0,
+        description="Rows `recsys data prepare` reads per chunk; peak memory grows with it, the output does not.",
+    )
+    shuffle_window: int = Field(
+        1_048_576,
+        gt=0,
+        description="Train rows are shuffled within windows of this many source rows (memory ∝ window).",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (0 = in-process).")
     num_canonical_nodes: int = Field(
         1, ge=1, description="Pinned StreamingDataset canonical nodes (shuffle determinism)."

@@ -325,7 +325,8 @@ def test_movielens_100k_config_reads_what_the_recbole_one_does(ml100k_recbole: P
         work = tmp_path / config
         prepare_and_check(ml100k_recbole, work, split, config)  # raises unless val/test are the bench's
         meta = read_metadata(work / "prepared")
-        assert meta.splits["train"].rows == len(split.train) == 80_000
+        # each rating decides its split alone: ~80 % of 100,000, binomial (4 sigma ≈ 506)
+        assert meta.splits["train"].rows == len(split.train) and abs(len(split.train) - 80_000) < 506
         vocab = {f.name: read_vocab(work / "prepared", f) for f in meta.sparse_features}
         names = [f.name for f in meta.sparse_features]
         rows = read_split_arrays(work / "prepared", "train", meta)["sparse"]

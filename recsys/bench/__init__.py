@@ -1,4 +1,5 @@
-"""`recsys bench data|train|checkpoint|recommend|quality|tables`: commands that print figures (never timed assertions)."""
+"""`recsys bench NAME`: commands that print figures (never timed assertions); `--record` also writes them to
+docs/benchmarks/results/NAME.txt."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.tables import bench_tables
 
         bench_tables(rows=args.rows or 600_000, cardinality=args.cardinality, epochs=args.epochs)
+    elif args.what == "prepare-scale":
+        from recsys.bench.prepare_scale import bench_prepare_scale, parse_sizes
+
+        bench_prepare_scale(parse_sizes(args.sizes))
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 

@@ -3,7 +3,8 @@
 Prints figures; asserts nothing. Synthetic raw TSV files are generated first (not timed). Then:
   conversion  = recsys.data.prepare.prepare() end to end: pyarrow TSV parse + log1p + by-day split
                 + vocabulary fit/map of 26 features + MDS write (data.compression) of train/val/test + vocab files
-                + metadata (including sha256 of the raw files); the MDS-write phase alone is also shown;
+                + metadata (including sha256 of the raw files); prepare's pass 2 alone (map the spilled
+                ids to rows + MDS write) is also shown;
   loading     = make_train_loader() over the train split, one process, one full epoch after a warm-up
                 epoch (shards already decompressed), batches of `batch_size` rows as TorchRec Batches;
   ceiling     = a plain numpy read (np.fromfile) of the same decompressed shard bytes, and the same
@@ -118,7 +119,7 @@ def bench_data(
     lines = [
         ("conversion: parse+split+vocab+MDS write (prepare())", "conversion_rows_per_s", "rows/s"),
         ("  same, per CPU-second of all its threads", "conversion_rows_per_cpu_s", "rows/cpu-s"),
-        ("  MDS write phase only (3 splits, data.compression)", "mds_write_rows_per_s", "rows/s"),
+        ("  pass 2 only: map ids + MDS write (3 splits)", "mds_write_rows_per_s", "rows/s"),
         (f"loader, 1 process (block {block_size}, batch {batch_size})", "loader_samples_per_s", "samples/s"),
         ("  same, per CPU-second", "loader_samples_per_cpu_s", "samples/cpu-s"),
         ("ceiling: numpy read of the decompressed shards", "numpy_read_samples_per_s", "samples/s"),

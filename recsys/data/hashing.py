@@ -109,3 +109,71 @@ def _capped(
         hashed_rows=hashed,
         collisions=collisions,
     )
+
+
+class TableMap:
+    """One feature's table in the streaming prepare (recsys.data.prepare): the ids of its vocabulary file
+    and the value each raw id is written as, fixed from the train counts of a vocab.IdCounter.
+
+    The same rules as fit_table (which fits one in-memory column): exact rows, capped rows with the
+    tail hashed into the shared rows, or the id hashes of a managed-collision table.
+    """
+
+    def __init__(self, counter: V.IdCounter, min_count: int, spec: TableConfig | None) -> None:
+        self.counter = counter
+        self.kind = "exact" if spec is None else spec.kind
+        self.hashed_rows, self.collisions = 0, None
+        if self.kind == "managed_collision":
+            self.ids = counter.finish(1)  # every train id listed, so exports are keyed by raw id
+            self.num_embeddings = spec.max_rows or 0  # type: ignore[union-attr]
+            self.max_value = _MOD
+            return
+        seen = counter.seen() if self.kind == "capped" else None
+        exact = counter.finish(min_count)
+        if self.kind == "exact":
+            self.ids, self.num_embeddings, self.max_value = exact, len(exact) + 1, len(exact)
+            return
+        max_rows, hashed = spec.max_rows or 0, spec.resolved_hashed_rows()  # type: ignore[union-attr]
+        self.keep, self.hashed_rows, self.num_embeddings, self.max_value = (
+            max_rows - 1 - hashed,
+            hashed,
+            max_rows,
+            max_rows - 1,
+        )
+        kept = exact.slice(0, self.keep).to_pylist()
+        fill = [UNUSED_TOKEN] * (self.keep - len(kept)) + [hashed_token(j) for j in range(hashed)]
+        self.ids = pa.array(kept + fill, pa.string())
+        assert seen is not None
+        self.collisions = self._collisions(*seen)
+
+    def rows_encoded(self, enc: V.Encoded) -> np.ndarray:
+        """The value written for each row of an encoded column (int64; 0 = missing value)."""
+        k = len(enc.dictionary)
+        if self.kind == "managed_collision":
+            values = np.zeros(k + 1, np.int64)
+            values[:k] = id_hashes(enc.dictionary.to_pylist())
+            return values[enc.codes]
+        rows = self.counter.rows_encoded(enc)
+        if self.kind == "exact":
+            return rows
+        tail = ((rows == 0) | (rows > self.keep)) & (enc.codes != k)
+        if tail.any():
+            codes, inverse = np.unique(enc.codes[tail], return_inverse=True)
+            hashes = id_hashes(enc.dictionary.take(pa.array(codes)).to_pylist())
+            rows = rows.copy()
+            rows[tail] = (self.keep + 1 + hashes % self.hashed_rows)[inverse]
+        return rows
+
+    def _collisions(self, ids: pa.Array, counts: np.ndarray) -> dict[str, int]:
+        """What shares rows among the train ids (as fit_table's capped collisions)."""
+        train = counts > 0
+        ids, counts = ids.filter(pa.array(train)), counts[train]
+        rows = self.rows_encoded(V.encode_column(ids))
+        per_row = np.bincount(rows, minlength=self.num_embeddings)
+        shared = per_row[rows] > 1
+        return {
+            "train_ids": int(len(rows)),
+            "train_ids_in_shared_rows": int(shared.sum()),
+            "train_values": int(counts.sum()),
+            "train_values_in_shared_rows": int(counts[shared].sum()),
+        }

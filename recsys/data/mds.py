@@ -109,3 +109,92 @@ class BlockReader:
         """Blocks start..stop-1 in order."""
         for i in range(start, self.num_blocks if stop is None else stop):
             yield self.block(i)
+
+
+class SplitWriter:
+    """One split's MDS blocks written as rows arrive in pieces: the same blocks write_split gives on
+    all rows at once (a block holds `block_size` consecutive rows; only the last is short).
+
+    Blocks are encoded, compressed and written on a thread of their own (zstd and file writes release
+    the GIL), so the three splits' writers overlap the caller's work; at most two pieces wait.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        block_size: int,
+        compression: str | None,
+        size_limit: int,
+        on_block: Callable[[int], None] | None = None,
+    ) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        from streaming import MDSWriter
+
+        self._writer = MDSWriter(
+            out=str(out_dir), columns=MDS_COLUMNS, compression=compression, size_limit=size_limit
+        )
+        self.block_size, self.on_block = block_size, on_block
+        self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._held_rows = 0
+        self.rows = self.blocks = 0
+        self.positives = 0.0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mds")
+        self._queued: list[Future[None]] = []
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        while len(self._queued) >= 2:
+            self._queued.pop(0).result()  # bounded memory; re-raises the writer thread's errors
+        self._queued.append(self._thread.submit(fn, *args))
+
+    def write(self, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
+        """Append rows (label [n], dense [n, D], sparse [n, S]); full blocks are written in the background."""
+        if not len(label):
+            return
+        if dense.shape[1] == 0:  # see write_split: one zero per row stands for "no dense features"
+            dense = np.zeros((len(label), 1), dtype=np.float32)
+        self.rows += len(label)
+        self.positives += float(np.sum(label, dtype=np.float64))
+        self._submit(self._append, label, dense, sparse)
+
+    def _append(self, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
+        self._held.append((label, dense, sparse))
+        self._held_rows += len(label)
+        if self._held_rows >= self.block_size:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        label = np.concatenate([h[0] for h in self._held]).astype(np.float32, copy=False)
+        dense = np.concatenate([h[1] for h in self._held]).astype(np.float32, copy=False)
+        sparse = np.concatenate([h[2] for h in self._held]).astype(np.int64, copy=False)
+        n = len(label)
+        full = n if final else n - n % self.block_size
+        for start in range(0, full, self.block_size):
+            stop = min(start + self.block_size, full)
+            self._writer.write(
+                {
+                    "label": np.ascontiguousarray(label[start:stop]),
+                    "dense": np.ascontiguousarray(dense[start:stop]),
+                    "sparse": np.ascontiguousarray(sparse[start:stop]),
+                }
+            )
+            self.blocks += 1
+            if self.on_block is not None:
+                self.on_block(stop - start)
+        self._held = [(label[full:], dense[full:], sparse[full:])] if full < n else []
+        self._held_rows = n - full
+
+    def _finish(self) -> None:
+        if self._held_rows:
+            self._flush(final=True)
+        self._writer.finish()
+
+    def close(self) -> None:
+        """Write the last (short) block and the index; waits for the writer thread."""
+        self._submit(self._finish)
+        try:
+            for fut in self._queued:
+                fut.result()
+        finally:
+            self._queued = []
+            self._thread.shutdown(wait=True)

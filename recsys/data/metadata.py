@@ -127,7 +127,7 @@ class Metadata(_Model):
 
 
 # Where the output goes and how it is read back do not change what is prepared.
-_NOT_CONTENT = {"prepared_dir", "raw_dir", "num_workers", "num_canonical_nodes", "shuffle_seed"}
+_NOT_CONTENT = {"prepared_dir", "raw_dir", "num_workers", "num_canonical_nodes", "shuffle_seed", "chunk_rows"}
 
 
 def data_settings(cfg: Config) -> dict[str, object]:
@@ -205,10 +205,13 @@ def read_vocab_file(path: str | Path) -> list[str]:
 
 
 def read_vocab(prepared_dir: str | Path, feature: SparseFeature) -> list[str]:
-    """Raw ids by embedding row (index 0 is the OOV token), checked against the feature's table size."""
+    """Raw ids by embedding row (index 0 is the OOV token), checked against the feature's table size.
+
+    A managed-collision table's file lists its train ids instead (rows are assigned while training,
+    recsys.data.hashing), so its length is not the table's."""
     path = Path(prepared_dir, feature.vocab_file)
     ids = read_vocab_file(path)
-    if len(ids) != feature.num_embeddings:
+    if len(ids) != feature.num_embeddings and feature.table != "managed_collision":
         raise DataError(
             f"{path}: {len(ids)} rows, metadata.json says {feature.num_embeddings} for {feature.name!r}; "
             "the folder is inconsistent: re-run `recsys data prepare --overwrite`"

@@ -1,9 +1,15 @@
 """`recsys data prepare`: raw files → labels → split → vocabularies (fit on train) → MDS train/val/test.
 
 Output (see recsys.data.metadata): train/ val/ test/ MDS block datasets, vocab/<feature>.txt,
-metadata.json (written last, so a folder with metadata.json is complete). Train rows are shuffled
-with the split seed before blocking, so a block is a random sample of train rather than a run of
-one user or one hour; val and test keep source order.
+metadata.json (written last, so a folder with metadata.json is complete).
+
+Two passes over chunks of `data.chunk_rows` rows (recsys.data.chunks), so memory does not grow with
+the row count: pass 1 decides each row's split and counts ids on train (vocab.IdCounter), keeping
+each chunk encoded on disk (recsys.data.spill); pass 2 maps ids to embedding rows and writes the MDS
+splits. Val and test keep source order; train rows are shuffled within windows of
+`data.shuffle_window` source rows (splits.shuffle_keys of the split seed), so a block is a random
+sample of its window rather than a run of one user or one hour, and the output is the same whatever
+the chunk size (docs/data-at-scale.md).
 
 Side features joined by the readers (user age, item genre slots, …) are ordinary sparse features with
 vocabularies fit on train like any other; metadata.json names which describe the user
@@ -20,8 +26,9 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +36,13 @@ import numpy as np
 
 from recsys.data import splits as S
 from recsys.data import vocab as V
+from recsys.data.chunks import ChunkReader, _inner_source
+from recsys.data.hashing import TableMap
+from recsys.data.mds import SplitWriter
 from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, data_settings, write_metadata
 from recsys.data.negatives import add_negatives
 from recsys.data.readers import Table, concat_tables, read_source
+from recsys.data.spill import ChunkSpill, SpilledChunk
 from recsys.errors import UserError
 
 if TYPE_CHECKING:
@@ -71,21 +82,9 @@ def check_output(out: Path, overwrite: bool) -> None:
     for name in existing:
         p = out / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def _inner_source(spec: dict[str, Any], where: str) -> Any:
-    from pydantic import TypeAdapter, ValidationError
-
-    from recsys.config import Source
-
-    if spec.get("kind") == "presplit":
-        raise UserError(f"{where}: a presplit part cannot itself be presplit")
-    try:
-        return TypeAdapter(Source).validate_python(spec)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"][1:])
-        raise UserError(f"{where}.{loc}: {first['msg']}") from None
+    if overwrite and out.is_dir():  # pass 1's spill of a run that was killed (see recsys.data.spill)
+        for stale in out.glob(".spill-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_with_split(cfg: Config) -> tuple[Table, np.ndarray]:
@@ -155,106 +154,168 @@ def vocab_file(name: str) -> str:
     return f"vocab/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.txt"
 
 
-def split_order(assign: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, slice]]:
-    """Row order of the output: train rows shuffled with the split seed, then val, then test rows in
-    source order; returns the order and each split's slice of it."""
-    rng = np.random.default_rng(seed + 1)
-    parts, bounds, start = [], {}, 0
-    for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)):
-        idx = np.flatnonzero(assign == code)
-        if name == "train":
-            idx = rng.permutation(idx)
-        parts.append(idx)
-        bounds[name] = slice(start, start + len(idx))
-        start += len(idx)
-    return np.concatenate(parts), bounds
+class _ExactSum:
+    """An exact running sum of float64 values (as a Fraction), so a mean does not depend on chunking."""
+
+    def __init__(self) -> None:
+        self.total, self.count = Fraction(0), 0
+
+    def add(self, values: np.ndarray) -> None:
+        """Add the values (finite float64)."""
+        mant, exp = np.frexp(np.asarray(values, dtype=np.float64))
+        ints = (mant * float(1 << 53)).astype(np.int64)  # exact: value = ints * 2**(exp - 53)
+        for e in np.unique(exp):
+            group = ints[exp == e]
+            # int64 sums of <= 512 values below 2**53 cannot overflow; Python ints take the rest.
+            partial = sum(int(x) for x in np.add.reduceat(group, np.arange(0, len(group), 512)))
+            self.total += Fraction(partial) * Fraction(2) ** (int(e) - 53)
+        self.count += len(values)
+
+    def mean(self) -> float:
+        """The correctly rounded mean of every value added."""
+        return float(self.total / self.count)
 
 
-def _write_splits(
-    out: Path,
-    label: np.ndarray,
-    dense: np.ndarray,
-    sparse: np.ndarray,
-    order: np.ndarray,
-    bounds: dict[str, slice],
-    cfg: Config,
-    alongside: Callable[[], None] | None = None,
-) -> dict[str, SplitInfo]:
-    """Write the three MDS splits; returns their counts.
+@dataclass
+class _Counted:
+    """What pass 1 learns: the schema (from the first chunk), id counts per feature, label statistics."""
 
-    `label` and `dense` are in source order, `sparse` already in output order (see split_order).
-    `alongside` runs in this thread while the splits are written (small work that overlaps).
-    """
+    first: Table
+    counters: list[V.IdCounter]
+    notes: list[str]
+    train_labels: _ExactSum
+    all_labels: _ExactSum
+
+
+def _count(reader: ChunkReader, cfg: Config, pool: ThreadPoolExecutor, spill: ChunkSpill) -> _Counted:
+    """Pass 1: every chunk's split, its train ids counted per feature, label checks and statistics;
+    the chunk goes to `spill` encoded, for pass 2."""
     from tqdm import tqdm
 
-    from recsys.data.mds import write_split
-
-    infos: dict[str, SplitInfo] = {}
-    bar = tqdm(total=len(label), unit="rows", desc="write MDS", disable=None, mininterval=0.5)
-
-    def one(name: str) -> SplitInfo:
-        sl = bounds[name]
-        idx = order[sl]
-        lab = np.take(label, idx)
-        blocks = write_split(
-            out / name,
-            lab,
-            np.take(dense, idx, axis=0),
-            sparse[sl],
-            cfg.data.block_size,
-            cfg.data.compression,
-            cfg.data.shard_size_limit,
-            on_block=bar.update,
-        )
-        return SplitInfo(rows=len(idx), blocks=blocks, positives=int(lab.sum()))
-
-    # Splits are written concurrently: zstd, numpy's copies and the file writes release the GIL.
-    with ThreadPoolExecutor(max_workers=min(3, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(one, name) for name in SPLITS}
-        if alongside is not None:
-            alongside()
-        for name, fut in futures.items():
-            infos[name] = fut.result()
+    done: _Counted | None = None
+    bar = tqdm(unit="rows", desc="pass 1: count ids", disable=None, mininterval=0.5)
+    for chunk in reader:
+        t = chunk.table
+        if done is None:
+            counters = [V.IdCounter() for _ in t.sparse]
+            done = _Counted(t, counters, [], _ExactSum(), _ExactSum())
+        train = chunk.assign == S.TRAIN
+        encoded = list(pool.map(V.IdCounter.add, done.counters, t.sparse, [train] * len(t.sparse)))
+        done.notes.extend(n for n in t.notes if n not in done.notes)
+        if chunk.labels is None and t.label is not None:
+            if cfg.data.label.mode == "as_is":
+                binarize(t.label, chunk.assign, cfg.data.label)  # raises on non-0/1 labels, here in pass 1
+            elif cfg.data.label.mode == "mean":
+                done.train_labels.add(t.label[train])
+                done.all_labels.add(t.label)
+        spill.write(SpilledChunk(chunk.start, chunk.assign, t.label, chunk.labels, t.dense, encoded))
+        bar.update(t.rows)
     bar.close()
-    return infos
+    if done is None:
+        raise UserError(f"data.source: no rows read ({cfg.data.source.kind})")
+    return done
 
 
-def map_vocabularies(
-    table: Table,
-    train: np.ndarray,
-    min_count: int,
-    order: np.ndarray | None = None,
-    tables: dict[str, Any] | None = None,
-) -> tuple[np.ndarray, list[V.Vocab]]:
-    """Fit each sparse feature's vocabulary on train rows and map every row (int64 [n, S]).
-
-    With `order`, row i of the result is source row order[i]. The result is a column-major view
-    (one contiguous column per feature), which is how the features are computed. `tables` (feature →
-    TableConfig, see recsys.data.hashing) makes a feature capped or managed-collision; the fits are
-    kept in LAST_FITS for the metadata.
-    """
-    from recsys.data.hashing import fit_table
-
-    n, num = table.rows, len(table.sparse)
-    sparse_t = np.empty((num, n), dtype=np.int64)
-    specs = tables or {}
-
-    def one(j: int) -> Any:
-        enc = V.encode_column(table.sparse[j])
-        fit = fit_table(enc, train, min_count, specs.get(table.sparse_names[j]))
-        codes = enc.codes if order is None else enc.codes[order]
-        np.take(fit.lookup, codes, out=sparse_t[j])
-        return fit
-
-    # Columns are independent; Arrow's hashing and numpy's gathers release the GIL.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        fits = list(pool.map(one, range(num)))
-    LAST_FITS[:] = fits
-    return sparse_t.T, [f.vocab for f in fits]
+def _label_rule(counted: _Counted, cfg: Config) -> tuple[LabelConfig, dict]:
+    """The label settings pass 2 applies to every chunk, and what metadata.json records of them."""
+    lab = cfg.data.label
+    if lab.mode != "mean" or counted.first.label is None:
+        return lab, {}
+    stats = counted.train_labels if counted.train_labels.count else counted.all_labels
+    thr = stats.mean()  # over train only, so val/test do not leak into the cut
+    return lab.model_copy(update={"mode": "threshold", "threshold": thr}), {"mode": "mean", "threshold": thr}
 
 
-# The TableFit of each feature from the last map_vocabularies() in this process (kinds, collisions).
-LAST_FITS: list[Any] = []
+class _TrainWindow:
+    """Train rows of one shuffle window (data.shuffle_window source rows), written shuffled when full."""
+
+    def __init__(self, writer: SplitWriter, window: int, seed: int) -> None:
+        self.writer, self.window, self.seed = writer, window, seed
+        self.current = -1
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, pos: np.ndarray, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
+        """Buffer train rows at source positions `pos` (ascending); earlier windows are written first."""
+        win = pos // self.window
+        for w in np.unique(win):
+            if w != self.current:
+                self.flush()
+                self.current = int(w)
+            m = win == w
+            self.parts.append((pos[m], label[m], dense[m], sparse[m]))
+
+    def flush(self) -> None:
+        """Write the buffered window ordered by shuffle key (splits.shuffle_keys of the positions)."""
+        if not self.parts:
+            return
+        pos, label, dense, sparse = (np.concatenate(c) for c in zip(*self.parts, strict=True))
+        self.parts = []
+        order = np.argsort(S.shuffle_keys(self.seed, pos), kind="stable")
+        step = 1 << 16  # gathered piece by piece: no second copy of the whole window
+        for at in range(0, len(order), step):
+            o = order[at : at + step]
+            self.writer.write(label[o], dense[o], sparse[o])
+
+
+def _write(
+    spill: ChunkSpill,
+    rows: int,
+    maps: list[TableMap],
+    rule: LabelConfig,
+    out: Path,
+    cfg: Config,
+    pool: ThreadPoolExecutor,
+    facts: _FactRows | None,
+) -> dict[str, SplitInfo]:
+    """Pass 2: map every spilled chunk's ids to rows and route its rows to the split writers."""
+    from tqdm import tqdm
+
+    d = cfg.data
+    bar = tqdm(total=rows, unit="rows", desc="pass 2: write MDS", disable=None, mininterval=0.5)
+    writers = {
+        name: SplitWriter(out / name, d.block_size, d.compression, d.shard_size_limit) for name in SPLITS
+    }
+    train = _TrainWindow(writers["train"], d.shuffle_window, d.split.seed)
+    # Rows are int32 while buffered (half the train window's memory); the MDS blocks hold int64.
+    narrow = all(m.max_value < 2**31 - 1 for m in maps)
+    dtype = np.int32 if narrow else np.int64
+    for chunk in spill:
+        labels = chunk.given if chunk.given is not None else binarize(chunk.label, chunk.assign, rule)[0]
+        cols = list(pool.map(TableMap.rows_encoded, maps, chunk.encoded))
+        sparse = np.stack(cols, axis=1, dtype=dtype) if cols else np.zeros((chunk.rows, 0), dtype)
+        if facts is not None:
+            facts.add(chunk.start, chunk.assign, labels)
+        for name, code in (("val", S.VAL), ("test", S.TEST)):
+            m = chunk.assign == code
+            writers[name].write(labels[m], chunk.dense[m], sparse[m])
+        m = chunk.assign == S.TRAIN
+        positions = np.arange(chunk.start, chunk.start + chunk.rows, dtype=np.int64)
+        train.add(positions[m], labels[m], chunk.dense[m], sparse[m])
+        bar.update(chunk.rows)
+    train.flush()
+    for w in writers.values():
+        w.close()
+    bar.close()
+    return {
+        name: SplitInfo(rows=w.rows, blocks=w.blocks, positives=int(w.positives))
+        for name, w in writers.items()
+    }
+
+
+def _save_vocabularies(
+    out: Path, names: list[str], counters: list[V.IdCounter], cfg: Config
+) -> tuple[list[SparseFeature], list[TableMap]]:
+    """Fix each feature's table from its train counts (exact, capped or managed-collision: model.tables)
+    and write vocab/<feature>.txt; returns the metadata entries and the id → value maps of pass 2."""
+    (out / "vocab").mkdir(exist_ok=True)
+    specs = table_specs(cfg, names)
+    features, maps = [], []
+    for name, counter in zip(names, counters, strict=True):
+        table = TableMap(counter, cfg.data.min_count, specs.get(name))
+        V.save_ids(out / vocab_file(name), table.ids)
+        features.append(_sparse_feature(name, table))
+        maps.append(table)
+    return features, maps
 
 
 def table_specs(cfg: Config, names: list[str]) -> dict[str, Any]:
@@ -268,20 +329,30 @@ def table_specs(cfg: Config, names: list[str]) -> dict[str, Any]:
     return {name: spec for name, spec in specs.items() if spec.kind != "exact"}
 
 
-def _sparse_feature(name: str, fit: Any) -> SparseFeature:
-    """The metadata entry of one fitted feature (see recsys.data.hashing.TableFit)."""
+def _sparse_feature(name: str, table: TableMap) -> SparseFeature:
+    """The metadata entry of one fitted feature (see recsys.data.hashing.TableMap)."""
     from recsys.data.hashing import HASH_NAME
 
     extra: dict[str, Any] = {}
-    if fit.kind != "exact":
-        extra = {"table": fit.kind, "id_hash": HASH_NAME, "hashed_rows": fit.hashed_rows}
-        if fit.collisions is not None:
-            extra["collisions"] = fit.collisions
-    return SparseFeature(name=name, num_embeddings=fit.num_embeddings, vocab_file=vocab_file(name), **extra)
+    if table.kind != "exact":
+        extra = {"table": table.kind, "id_hash": HASH_NAME, "hashed_rows": table.hashed_rows}
+        if table.collisions is not None:
+            extra["collisions"] = table.collisions
+    return SparseFeature(name=name, num_embeddings=table.num_embeddings, vocab_file=vocab_file(name), **extra)
+
+
+def _reader(cfg: Config) -> tuple[ChunkReader, dict | None]:
+    """The chunk reader of cfg's source; with data.negatives, of the table decided in memory."""
+    if not cfg.data.negatives.per_positive:
+        return ChunkReader(cfg), None
+    table, assign = read_with_split(cfg)
+    labels, label_info = binarize(table.label, assign, cfg.data.label)
+    table, assign, labels = add_negatives(table, assign, labels, cfg.data.negatives)
+    return ChunkReader(cfg, given=(table, assign, labels)), label_info
 
 
 def prepare(cfg: Config, overwrite: bool) -> Metadata:
-    """Prepare cfg.data.source into cfg.data.prepared_dir; returns the metadata written."""
+    """Prepare cfg.data.source into cfg.data.prepared_dir in two streaming passes; returns the metadata."""
     from recsys.data.synth import SYNTH_JSON, raw_dir_of, raw_files, synthesize
 
     out = Path(cfg.data.prepared_dir)
@@ -299,52 +370,48 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
             raise UserError(f"{missing}: raw file missing; run `recsys data synth --overwrite` to regenerate")
 
     t0 = time.perf_counter()
-    _say(f"prepare {cfg.name}: reading {src.kind} source …")
-    table, assign = read_with_split(cfg)
-    t_read = time.perf_counter()
-    _say(
-        f"read {table.rows:,} rows in {t_read - t0:.1f}s; fitting {len(table.sparse)} vocabularies on train …"
-    )
-    labels, label_info = binarize(table.label, assign, cfg.data.label)
-    table, assign, labels = add_negatives(table, assign, labels, cfg.data.negatives)
-    order, bounds = split_order(assign, cfg.data.split.seed)
-    specs = table_specs(cfg, table.sparse_names)
-    sparse, vocabs = map_vocabularies(table, assign == S.TRAIN, cfg.data.min_count, order, specs)
-    fits = list(LAST_FITS)
-    t_vocab = time.perf_counter()
-
+    _say(f"prepare {cfg.name}: pass 1 over the {src.kind} source (split, count ids on train) …")
+    reader, given_label_info = _reader(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab").mkdir(exist_ok=True)
-    features = []
-    synth_facts: dict | None = None
-
-    def alongside() -> None:
-        nonlocal synth_facts
-        for name, vocab, fit in zip(table.sparse_names, vocabs, fits, strict=True):
-            vocab.save(out / vocab_file(name))
-            features.append(_sparse_feature(name, fit))
-        if synthetic:
-            synth_facts = _synthetic_facts(raw_dir_of(cfg) / SYNTH_JSON, table, labels, assign)
-
-    infos = _write_splits(out, labels, table.dense, sparse, order, bounds, cfg, alongside)
+    spill = ChunkSpill(out)
+    # Features are independent; Arrow's hashing and numpy release the GIL.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        try:
+            counted = _count(reader, cfg, pool, spill)
+            t_read = time.perf_counter()
+            first = counted.first
+            _say(
+                f"read {reader.rows:,} rows in {t_read - t0:.1f}s; fixing {len(first.sparse)} vocabularies …"
+            )
+            features, maps = _save_vocabularies(out, first.sparse_names, counted.counters, cfg)
+            if given_label_info is not None:  # labels decided with the negatives, in memory
+                rule, label_info = cfg.data.label, given_label_info
+            else:
+                rule, label_info = _label_rule(counted, cfg)
+                label_info = label_info or binarize(first.label, np.zeros(0, np.int8), rule)[1]
+            t_vocab = time.perf_counter()
+            facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
+            infos = _write(spill, reader.rows, maps, rule, out, cfg, pool, facts)
+        finally:
+            spill.close()
     t_write = time.perf_counter()
 
     LAST_TIMINGS.update(read=t_read - t0, vocab=t_vocab - t_read, write=t_write - t_vocab)
     meta = Metadata(
         name=cfg.name,
-        kind=table.kind,
+        kind=first.kind,
         block_size=cfg.data.block_size,
-        dense_features=table.dense_names,
+        dense_features=first.dense_names,
         sparse_features=features,
-        user_feature=table.user_feature,
-        item_feature=table.item_feature,
-        user_side_features=table.user_side,
-        item_side_features=table.item_side,
-        read_notes=table.notes,
+        user_feature=first.user_feature,
+        item_feature=first.item_feature,
+        user_side_features=first.user_side,
+        item_side_features=first.item_side,
+        read_notes=counted.notes,
         splits=infos,
-        sources=table.sources,
+        sources=reader.sources,
         label=label_info,
-        synthetic=synth_facts,
+        synthetic=facts.result() if facts is not None else None,
         settings=data_settings(cfg),
     )
     write_metadata(out, meta)
@@ -352,30 +419,63 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
     print(
         f"prepared {out}: "
         + ", ".join(f"{k} {v.rows} rows/{v.blocks} blocks" for k, v in infos.items())
-        + f"; {len(features)} sparse, {len(table.dense_names)} dense features"
+        + f"; {len(features)} sparse, {len(first.dense_names)} dense features"
         + (f"; {bad} bad rows skipped" if bad else "")
         + (f"; {len(meta.read_notes)} read notes in metadata.json" if meta.read_notes else "")
-        + f" (read {t_read - t0:.1f}s, vocab {t_vocab - t_read:.1f}s, write {t_write - t_vocab:.1f}s)"
+        + f" (pass 1 {t_read - t0:.1f}s, vocab {t_vocab - t_read:.1f}s, pass 2 {t_write - t_vocab:.1f}s)"
     )
     return meta
 
 
-def _synthetic_facts(path: Path, table: Table, labels: np.ndarray, assign: np.ndarray) -> dict | None:
-    """synth.json facts, plus the Bayes-optimal AUC of exactly the rows in each split (CTR)."""
-    from recsys.data.synth import TRUE_CTR, auc
+class _FactRows:
+    """synth.json facts, plus the Bayes-optimal AUC of exactly the rows in each split (synthetic CTR).
 
-    if not path.is_file():
-        return None
-    facts = json.loads(path.read_text())
-    p_file = path.parent / TRUE_CTR
-    if facts.get("kind") == "synthetic_ctr" and p_file.is_file():
-        p = np.load(p_file)
-        facts["bayes_auc_all_rows"] = facts.pop("bayes_auc", None)
-        if len(p) == table.rows:  # skipped bad rows would misalign the true probabilities
-            by_split = {
-                name: auc(p[assign == code], labels[assign == code])
-                for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST))
-            }
-            facts["bayes_auc_by_split"] = by_split
-            facts["bayes_auc"] = by_split["test"]
-    return facts
+    Pass 2 gathers each split's true probabilities and labels (12 bytes a row: synthetic data only,
+    which is generated at a size that fits); true_ctr.npy is memory-mapped, not loaded.
+    """
+
+    def __init__(self, facts: dict, p: np.ndarray | None) -> None:
+        self.facts, self.p = facts, p
+        self.parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {S.TRAIN: [], S.VAL: [], S.TEST: []}
+
+    @classmethod
+    def open(cls, path: Path, rows: int) -> _FactRows | None:
+        """The facts of synth.json at `path` (None when there is none) for a source of `rows` rows."""
+        from recsys.data.synth import TRUE_CTR
+
+        if not path.is_file():
+            return None
+        facts = json.loads(path.read_text())
+        p_file = path.parent / TRUE_CTR
+        p = None
+        if facts.get("kind") == "synthetic_ctr" and p_file.is_file():
+            facts["bayes_auc_all_rows"] = facts.pop("bayes_auc", None)
+            p = np.load(p_file, mmap_mode="r")
+            if len(p) != rows:  # skipped bad rows would misalign the true probabilities
+                p = None
+        return cls(facts, p)
+
+    def add(self, start: int, assign: np.ndarray, labels: np.ndarray) -> None:
+        """Keep the true probability and label of rows start.. (split `assign`), by split."""
+        if self.p is None:
+            return
+        p = np.asarray(self.p[start : start + len(assign)])
+        for code, rows in self.parts.items():
+            m = assign == code
+            rows.append((p[m], labels[m]))
+
+    def result(self) -> dict:
+        """The facts, with bayes_auc_by_split and bayes_auc (test) when the probabilities lined up."""
+        from recsys.data.synth import auc
+
+        if self.p is None:
+            return self.facts
+        by_split = {}
+        for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)):
+            parts = self.parts[code]
+            p = np.concatenate([x[0] for x in parts]) if parts else np.zeros(0)
+            lab = np.concatenate([x[1] for x in parts]) if parts else np.zeros(0, np.float32)
+            by_split[name] = auc(p, lab)
+        self.facts["bayes_auc_by_split"] = by_split
+        self.facts["bayes_auc"] = by_split["test"]
+        return self.facts

@@ -275,7 +275,45 @@ def _read_lines(
     shown_separator: str | None = None,
 ) -> pa.Table:
     """Line-by-line parse: the slow path that knows line numbers (of `data` when given, else the file)."""
+    parts = list(
+        _iter_lines(
+            path,
+            delimiter,
+            columns,
+            types,
+            header,
+            required,
+            quoting,
+            bad,
+            row_check,
+            encoding,
+            data,
+            shown_separator,
+        )
+    )
+    return pa.concat_tables(parts)
+
+
+def _iter_lines(
+    path: Path,
+    delimiter: str,
+    columns: list[str],
+    types: dict[str, pa.DataType],
+    header: bool,
+    required: list[str],
+    quoting: bool,
+    bad: _BadRowLog,
+    row_check: Callable[[dict[str, Any]], str | None] | None,
+    encoding: str = "utf-8",
+    data: bytes | None = None,
+    shown_separator: str | None = None,
+    chunk_rows: int | None = None,
+    skip_rows: int = 0,
+) -> Iterator[pa.Table]:
+    """_read_lines in tables of at most `chunk_rows` rows, after `skip_rows` good rows already read
+    (by the fast reader, whose rows are good by construction: they are only counted, not parsed)."""
     out: dict[str, list[Any]] = {c: [] for c in columns}
+    rows = 0
     with open(path, "rb") if data is None else io.BytesIO(data) as f:
         at = [0]  # number of the line last decoded (one record is one line: no newlines in values)
         lines = _decoded_lines(f, encoding, bad, at)
@@ -301,6 +339,9 @@ def _read_lines(
         for lineno, rec in it:
             if rec == [] or rec == [""]:
                 continue
+            if rows < skip_rows:
+                rows += 1
+                continue
             if len(rec) != width:
                 sep = shown_separator or repr(delimiter)
                 bad.bad(lineno, f"expected {width} fields separated by {sep}, got {len(rec)}")
@@ -323,10 +364,98 @@ def _read_lines(
                 continue
             for c in columns:
                 out[c].append(row[c])
-    if not out[columns[0]]:
+            rows += 1
+            if chunk_rows is not None and len(out[columns[0]]) >= chunk_rows:
+                yield pa.table({c: pa.array(out[c], type=types[c]) for c in columns})
+                out = {c: [] for c in columns}
+    if rows == 0:
         skipped = f" ({bad.info.count} bad rows skipped)" if bad.info.count else ""
         raise DataError(f"{path}: no data rows{skipped}")
-    return pa.table({c: pa.array(out[c], type=types[c]) for c in columns})
+    if out[columns[0]] or chunk_rows is None:
+        yield pa.table({c: pa.array(out[c], type=types[c]) for c in columns})
+
+
+def iter_delimited(
+    path: Path,
+    *,
+    delimiter: str,
+    columns: list[str],
+    types: dict[str, pa.DataType],
+    header: bool,
+    required: list[str],
+    quoting: bool,
+    bad: _BadRowLog,
+    chunk_rows: int,
+    row_check: Callable[[dict[str, Any]], str | None] | None = None,
+    table_check: Callable[[pa.Table], bool] | None = None,
+) -> Iterator[pa.Table]:
+    """read_delimited in tables of `chunk_rows` rows (the last one shorter), in bounded memory.
+
+    pyarrow's streaming reader parses block by block; at the first block it rejects (or that fails a
+    check), the rest of the file goes to the line-by-line parser, which skips the rows already given
+    and names the bad rows. The rows are the same as read_delimited's, however the file is chunked.
+    """
+    import pyarrow.csv as pacsv
+
+    check_file(path)
+    given, pending = 0, []
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(
+                column_names=None if header else columns, block_size=_CSV_BLOCK, use_threads=True
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter,
+                quote_char='"' if quoting else False,
+                newlines_in_values=False,
+                ignore_empty_lines=True,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns,
+                column_types={c: types[c] for c in columns},
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=True,
+            ),
+        )
+        held = 0
+        for batch in reader:
+            ok = all(batch.column(c).null_count == 0 for c in required) and (
+                table_check is None or batch.num_rows == 0 or table_check(pa.Table.from_batches([batch]))
+            )
+            if not ok:
+                break
+            pending.append(batch)
+            held += batch.num_rows
+            while held >= chunk_rows:
+                tbl = pa.Table.from_batches(pending)
+                yield tbl.slice(0, chunk_rows)
+                given += chunk_rows
+                rest = tbl.slice(chunk_rows)
+                pending, held = rest.to_batches(), rest.num_rows
+        else:
+            if held:
+                yield pa.Table.from_batches(pending)
+            elif given == 0:
+                raise DataError(f"{path}: no data rows")
+            return
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        log.info("%s: fast reader rejected a block (%s); locating bad rows line by line", path, e)
+    yield from _iter_lines(
+        path,
+        delimiter,
+        columns,
+        types,
+        header,
+        required,
+        quoting,
+        bad,
+        row_check,
+        chunk_rows=chunk_rows,
+        skip_rows=given,
+    )
+    bad.done()
 
 
 def _decoded_lines(f: BinaryIO, encoding: str, bad: _BadRowLog, at: list[int]) -> Iterator[str]:
@@ -377,10 +506,8 @@ def _float(col: pa.ChunkedArray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- criteo
-def read_criteo(
-    paths: list[str | Path], skip_bad_rows: bool, num_dense: int = 13, num_sparse: int = 26
-) -> Table:
-    """Criteo TSV files (label, num_dense ints, num_sparse hex categoricals); file i is day i."""
+def _criteo_layout(num_dense: int, num_sparse: int) -> dict[str, Any]:
+    """Columns, types and checks of a Criteo TSV (label, num_dense ints, num_sparse hex categoricals)."""
     dense_names = [f"int_{i}" for i in range(num_dense)]
     sparse_names = [f"cat_{i}" for i in range(num_sparse)]
     columns = ["label", *dense_names, *sparse_names]
@@ -393,37 +520,54 @@ def read_criteo(
     def row_check(row: dict[str, Any]) -> str | None:
         return None if row["label"] in (0, 1) else f"label must be 0 or 1, got {row['label']}"
 
+    return dict(
+        delimiter="\t",
+        columns=columns,
+        types=types,
+        header=False,
+        required=["label"],
+        quoting=False,
+        row_check=row_check,
+        table_check=label_ok,
+    )
+
+
+def _criteo_table(
+    tbl: pa.Table, day: int, num_dense: int, num_sparse: int, sources: list[SourceFile]
+) -> Table:
+    """Rows of one Criteo day file (or a chunk of it) as a Table."""
+    dense_names = [f"int_{i}" for i in range(num_dense)]
+    sparse_names = [f"cat_{i}" for i in range(num_sparse)]
+    n = tbl.num_rows
+    dense = np.empty((n, num_dense), dtype=np.float32)
+    for i, c in enumerate(dense_names):  # missing → 0, straight into float32
+        dense[:, i] = pc.fill_null(tbl.column(c), 0).to_numpy()
+    # Negative counts (a few -1/-2 in Criteo's I2) are clamped to 0 before log1p, as in log1p_dense.
+    np.log1p(np.maximum(dense, 0, out=dense), out=dense)
+    return Table(
+        kind="ctr",
+        label=_float(tbl.column("label")),
+        dense=dense,
+        dense_names=dense_names,
+        sparse=[_strings(tbl.column(c)) for c in sparse_names],
+        sparse_names=sparse_names,
+        day=np.full(n, day, dtype=np.int32),
+        sources=sources,
+    )
+
+
+def read_criteo(
+    paths: list[str | Path], skip_bad_rows: bool, num_dense: int = 13, num_sparse: int = 26
+) -> Table:
+    """Criteo TSV files (label, num_dense ints, num_sparse hex categoricals); file i is day i."""
+    layout = _criteo_layout(num_dense, num_sparse)
+
     def one(day: int, p: str | Path) -> Table:
         path = Path(p)
         digest = _hash_in_background(path)
-        tbl, bad = read_delimited(
-            path,
-            delimiter="\t",
-            columns=columns,
-            types=types,
-            header=False,
-            required=["label"],
-            quoting=False,
-            skip_bad_rows=skip_bad_rows,
-            row_check=row_check,
-            table_check=label_ok,
-        )
-        n = tbl.num_rows
-        dense = np.empty((n, num_dense), dtype=np.float32)
-        for i, c in enumerate(dense_names):  # missing → 0, straight into float32
-            dense[:, i] = pc.fill_null(tbl.column(c), 0).to_numpy()
-        # Negative counts (a few -1/-2 in Criteo's I2) are clamped to 0 before log1p, as in log1p_dense.
-        np.log1p(np.maximum(dense, 0, out=dense), out=dense)
-        return Table(
-            kind="ctr",
-            label=_float(tbl.column("label")),
-            dense=dense,
-            dense_names=dense_names,
-            sparse=[_strings(tbl.column(c)) for c in sparse_names],
-            sparse_names=sparse_names,
-            day=np.full(n, day, dtype=np.int32),
-            sources=[SourceFile(path=str(path), sha256=digest.result(), rows=n, bad_rows=bad)],
-        )
+        tbl, bad = read_delimited(path, skip_bad_rows=skip_bad_rows, **layout)
+        source = SourceFile(path=str(path), sha256=digest.result(), rows=tbl.num_rows, bad_rows=bad)
+        return _criteo_table(tbl, day, num_dense, num_sparse, [source])
 
     # Two files in flight: one file's numpy work (dense, log1p) overlaps the next one's parse.
     # Results come back in file order, so the first bad file (in order) is the error raised.
@@ -433,6 +577,32 @@ def read_criteo(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return concat_tables(tables)
+
+
+def iter_criteo(
+    paths: list[str | Path],
+    skip_bad_rows: bool,
+    chunk_rows: int,
+    sources: list[SourceFile] | None,
+    num_dense: int = 13,
+    num_sparse: int = 26,
+) -> Iterator[Table]:
+    """read_criteo in Tables of at most `chunk_rows` rows (a chunk never spans two day files).
+
+    Each file's SourceFile (sha256, rows, bad rows) is appended to `sources` once the file is read
+    (None: a later pass over the same files, which need not hash them again).
+    """
+    layout = _criteo_layout(num_dense, num_sparse)
+    for day, p in enumerate(paths):
+        path = Path(p)
+        digest = _hash_in_background(path) if sources is not None else None
+        bad = _BadRowLog(path, skip_bad_rows)
+        rows = 0
+        for tbl in iter_delimited(path, bad=bad, chunk_rows=chunk_rows, **layout):
+            rows += tbl.num_rows
+            yield _criteo_table(tbl, day, num_dense, num_sparse, [])
+        if sources is not None and digest is not None:
+            sources.append(SourceFile(path=str(path), sha256=digest.result(), rows=rows, bad_rows=bad.info))
 
 
 # ------------------------------------------------------------------------------------------ ratings
@@ -987,18 +1157,53 @@ def read_learning_from_sets(path: str | Path, skip_bad_rows: bool) -> Table:
 
 
 # -------------------------------------------------------------------------------------------- table
-def read_table(
+@dataclass
+class _TablePlan:
+    """What read_table reads from a generic CSV/Parquet file and how its columns map."""
+
+    path: Path
+    parquet: bool
+    columns: list[str]
+    types: dict[str, pa.DataType]
+    required: list[str]
+    sparse: list[str]
+    dense: list[str]
+    label: str | None
+    timestamp: str | None
+    user: str | None
+    item: str | None
+
+    def table(self, tbl: pa.Table, sources: list[SourceFile]) -> Table:
+        """Rows read from the file (all or a chunk) as a Table."""
+        n = tbl.num_rows
+        dense = self.dense
+        dense_arr = np.stack([_float(tbl.column(c)) for c in dense], axis=1) if dense else np.zeros((n, 0))
+        return Table(
+            kind="interactions" if (self.user and self.item) else "ctr",
+            label=_float(tbl.column(self.label)) if self.label else None,
+            dense=log1p_dense(dense_arr),
+            dense_names=list(dense),
+            sparse=[_strings(tbl.column(c)) for c in self.sparse],
+            sparse_names=self.sparse,
+            timestamp=_timestamps(self.path, tbl.column(self.timestamp), self.timestamp)
+            if self.timestamp
+            else None,
+            user_feature=self.user,
+            item_feature=self.item,
+            sources=sources,
+        )
+
+
+def _plan_table(
     path: str | Path,
-    *,
     label: str | None,
     dense: list[str],
     sparse: list[str],
     timestamp: str | None,
     user: str | None,
     item: str | None,
-    skip_bad_rows: bool,
-) -> Table:
-    """Generic Parquet or CSV with a column mapping; user/item (when given) lead the sparse features."""
+) -> _TablePlan:
+    """Check the mapped columns exist in the file (one line naming the first missing) and type them."""
     p = check_file(path)
     parquet = p.suffix.lower() in (".parquet", ".pq")
     if parquet:
@@ -1018,41 +1223,96 @@ def read_table(
             f"{p}: column {missing[0]!r} (data.source mapping) not found; columns present: {present}"
         )
     sparse_cols = list(dict.fromkeys([c for c in (user, item) if c] + list(sparse)))
-    cols = list(dict.fromkeys(wanted))
     types = {c: STR for c in sparse_cols}
     types.update({c: FLOAT for c in dense})
     if label:
         types[label] = FLOAT
     if timestamp:
         types[timestamp] = STR
-    required = [c for c in (label, timestamp, user, item) if c]
-    if parquet:
-        tbl, bad = _read_parquet(p, cols, types, required, skip_bad_rows)
+    return _TablePlan(
+        path=p,
+        parquet=parquet,
+        columns=list(dict.fromkeys(wanted)),
+        types=types,
+        required=[c for c in (label, timestamp, user, item) if c],
+        sparse=sparse_cols,
+        dense=list(dense),
+        label=label,
+        timestamp=timestamp,
+        user=user,
+        item=item,
+    )
+
+
+def read_table(
+    path: str | Path,
+    *,
+    label: str | None,
+    dense: list[str],
+    sparse: list[str],
+    timestamp: str | None,
+    user: str | None,
+    item: str | None,
+    skip_bad_rows: bool,
+) -> Table:
+    """Generic Parquet or CSV with a column mapping; user/item (when given) lead the sparse features."""
+    plan = _plan_table(path, label, dense, sparse, timestamp, user, item)
+    p = plan.path
+    if plan.parquet:
+        tbl, bad = _read_parquet(p, plan.columns, plan.types, plan.required, skip_bad_rows)
     else:
         tbl, bad = read_delimited(
             p,
             delimiter=",",
-            columns=cols,
-            types=types,
+            columns=plan.columns,
+            types=plan.types,
             header=True,
-            required=required,
+            required=plan.required,
             quoting=True,
             skip_bad_rows=skip_bad_rows,
         )
-    n = tbl.num_rows
-    dense_arr = np.stack([_float(tbl.column(c)) for c in dense], axis=1) if dense else np.zeros((n, 0))
-    return Table(
-        kind="interactions" if (user and item) else "ctr",
-        label=_float(tbl.column(label)) if label else None,
-        dense=log1p_dense(dense_arr),
-        dense_names=list(dense),
-        sparse=[_strings(tbl.column(c)) for c in sparse_cols],
-        sparse_names=sparse_cols,
-        timestamp=_timestamps(p, tbl.column(timestamp), timestamp) if timestamp else None,
-        user_feature=user,
-        item_feature=item,
-        sources=[_source_file(p, n, bad)],
-    )
+    return plan.table(tbl, [_source_file(p, tbl.num_rows, bad)])
+
+
+def iter_table(
+    path: str | Path,
+    *,
+    label: str | None,
+    dense: list[str],
+    sparse: list[str],
+    timestamp: str | None,
+    user: str | None,
+    item: str | None,
+    skip_bad_rows: bool,
+    chunk_rows: int,
+    sources: list[SourceFile] | None,
+) -> Iterator[Table]:
+    """read_table in Tables of at most `chunk_rows` rows; the file's SourceFile goes to `sources` at the
+    end (None: not hashed, a later pass)."""
+    plan = _plan_table(path, label, dense, sparse, timestamp, user, item)
+    p = plan.path
+    digest = _hash_in_background(p) if sources is not None else None
+    bad = _BadRowLog(p, skip_bad_rows)
+    if plan.parquet:
+        parts = _iter_parquet(p, plan.columns, plan.types, plan.required, bad, chunk_rows)
+    else:
+        parts = iter_delimited(
+            p,
+            delimiter=",",
+            columns=plan.columns,
+            types=plan.types,
+            header=True,
+            required=plan.required,
+            quoting=True,
+            bad=bad,
+            chunk_rows=chunk_rows,
+        )
+    rows = 0
+    for tbl in parts:
+        rows += tbl.num_rows
+        yield plan.table(tbl, [])
+    if sources is not None and digest is not None:
+        sources.append(SourceFile(path=str(p), sha256=digest.result(), rows=rows, bad_rows=bad.info))
 
 
 def _read_parquet(
@@ -1061,7 +1321,22 @@ def _read_parquet(
     """Parquet columns cast to `types`; a null in a required column is a bad row (`file:row N`)."""
     import pyarrow.parquet as pq
 
-    tbl = pq.read_table(p, columns=cols)
+    bad = _BadRowLog(p, skip)
+    tbl = _parquet_part(p, pq.read_table(p, columns=cols), cols, types, required, bad, 0)
+    bad.done()
+    return tbl, bad.info
+
+
+def _parquet_part(
+    p: Path,
+    tbl: pa.Table,
+    cols: list[str],
+    types: dict[str, pa.DataType],
+    required: list[str],
+    bad: _BadRowLog,
+    start: int,
+) -> pa.Table:
+    """Rows start.. of a Parquet file cast to `types`, without the rows missing a required column."""
     out = {}
     for c in cols:
         try:
@@ -1069,21 +1344,38 @@ def _read_parquet(
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise DataError(f"{p}: column {c!r} cannot be read as {types[c]}: {e}") from None
     tbl = pa.table(out)
-    bad = _BadRowLog(p, skip)
     if required:
         null = np.zeros(tbl.num_rows, dtype=bool)
         for c in required:
             null |= tbl.column(c).is_null().to_numpy(zero_copy_only=False)
         for i in np.flatnonzero(null):
             empty = next(c for c in required if tbl.column(c)[int(i)].as_py() is None)
-            bad.bad(f"row {int(i) + 1}", f"column {empty!r} is empty")
+            bad.bad(f"row {start + int(i) + 1}", f"column {empty!r} is empty")
         if null.any():
             tbl = tbl.filter(pa.array(~null))
+    return tbl
+
+
+def _iter_parquet(
+    p: Path,
+    cols: list[str],
+    types: dict[str, pa.DataType],
+    required: list[str],
+    bad: _BadRowLog,
+    chunk_rows: int,
+) -> Iterator[pa.Table]:
+    """_read_parquet in tables of at most `chunk_rows` rows, one row group's batch at a time."""
+    import pyarrow.parquet as pq
+
+    start = 0
+    for batch in pq.ParquetFile(p).iter_batches(batch_size=chunk_rows, columns=cols):
+        tbl = _parquet_part(p, pa.Table.from_batches([batch]), cols, types, required, bad, start)
+        start += batch.num_rows
+        if tbl.num_rows:
+            yield tbl
     bad.done()
-    return tbl, bad.info
 
 
-# ------------------------------------------------------------------------------------------ sources
 def read_source(src: Any, skip_bad_rows: bool, raw_dir: str | Path | None = None) -> Table:
     """Read any non-presplit source config (see recsys.config) into a Table."""
     kind = src.kind
@@ -1124,3 +1416,71 @@ def read_source(src: Any, skip_bad_rows: bool, raw_dir: str | Path | None = None
         )
         return t
     raise UserError(f"data.source.kind {kind!r} cannot be read here (presplit is read by prepare)")
+
+
+def slice_table(t: Table, start: int, stop: int) -> Table:
+    """Rows start..stop-1 of a Table (views; the sources and notes stay with the whole table)."""
+    from dataclasses import replace
+
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[start:stop]
+
+    return replace(
+        t,
+        label=cut(t.label),
+        dense=t.dense[start:stop],
+        sparse=[c.slice(start, stop - start) for c in t.sparse],
+        timestamp=cut(t.timestamp),
+        day=cut(t.day),
+        sources=[],
+    )
+
+
+#: Source kinds streamed from disk chunk by chunk; the others are small files joined with side tables,
+#: read whole once and then cut into chunks.
+STREAMED_KINDS = ("criteo", "synthetic_ctr", "table", "synthetic_interactions")
+
+
+def iter_source(
+    src: Any,
+    skip_bad_rows: bool,
+    chunk_rows: int,
+    sources: list[SourceFile] | None,
+    raw_dir: str | Path | None = None,
+) -> Iterator[Table]:
+    """A streamed source kind (STREAMED_KINDS) in Tables of at most `chunk_rows` rows, in file order."""
+    kind = src.kind
+    if kind == "criteo":
+        return iter_criteo(src.paths, skip_bad_rows, chunk_rows, sources)
+    if kind == "table":
+        return iter_table(
+            src.path,
+            label=src.label,
+            dense=src.dense,
+            sparse=src.sparse,
+            timestamp=src.timestamp,
+            user=src.user,
+            item=src.item,
+            skip_bad_rows=skip_bad_rows,
+            chunk_rows=chunk_rows,
+            sources=sources,
+        )
+    from recsys.data.synth import raw_files
+
+    files = raw_files(src, raw_dir)
+    if kind == "synthetic_ctr":
+        return iter_criteo(files, skip_bad_rows, chunk_rows, sources, src.num_dense, src.num_sparse)
+    if kind == "synthetic_interactions":
+        return iter_table(
+            files[0],
+            label="rating",
+            dense=[],
+            sparse=[],
+            timestamp="timestamp",
+            user="user_id",
+            item="item_id",
+            skip_bad_rows=skip_bad_rows,
+            chunk_rows=chunk_rows,
+            sources=sources,
+        )
+    raise UserError(f"data.source.kind {kind!r} is read whole, not streamed")

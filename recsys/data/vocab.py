@@ -69,6 +69,7 @@ class Encoded:
     codes: np.ndarray  # int32 [n]: index into dictionary; len(dictionary) = missing
     dictionary: pa.Array  # distinct ids (strings), in order of first appearance
     sort_keys: np.ndarray | None = None  # uint64 per dictionary entry, ordered as the ids' bytes
+    width: int = 0  # byte length of every id when sort_keys is set
 
     @property
     def missing(self) -> int:
@@ -145,7 +146,7 @@ def encode_column(column: pa.ChunkedArray | pa.Array) -> Encoded:
     offsets = np.arange(k + 1, dtype=np.int32) * np.int32(width)
     dictionary = pa.StringArray.from_buffers(k, pa.py_buffer(offsets), pa.py_buffer(data))
     # Byte-swapped keys order like the ids' bytes, i.e. like Arrow's sort of the strings.
-    return Encoded(codes=codes, dictionary=dictionary, sort_keys=dict_keys.byteswap())
+    return Encoded(codes=codes, dictionary=dictionary, sort_keys=dict_keys.byteswap(), width=width)
 
 
 def fit_encoded(enc: Encoded, train: np.ndarray, min_count: int) -> tuple[Vocab, np.ndarray]:
@@ -178,3 +179,152 @@ def fit(
 def apply(codes: np.ndarray, lookup: np.ndarray) -> np.ndarray:
     """Rows of every code (missing → 0): lookup[-1] is the missing slot."""
     return lookup[codes]
+
+
+def _keys_to_strings(sort_keys: np.ndarray, width: int) -> pa.StringArray:
+    """The ids behind byte-ordered uint64 keys of `width`-byte ids (see _fixed_width_keys)."""
+    k = len(sort_keys)
+    data = np.ascontiguousarray(sort_keys.byteswap().view(np.uint8).reshape(k, 8)[:, :width])
+    offsets = np.arange(k + 1, dtype=np.int32) * np.int32(width)
+    return pa.StringArray.from_buffers(k, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+class IdCounter:
+    """Train counts of one sparse feature's raw ids, merged chunk by chunk; memory ∝ distinct ids.
+
+    While every chunk's ids share one byte width <= 8 (Criteo's hex ids), ids are kept as sorted uint64
+    keys (merges are a searchsorted and an insert, no string hashing); otherwise as an Arrow string
+    dictionary merged by Arrow's hashing. After `finish`, `rows` maps a chunk's ids to embedding rows
+    with the same vocabulary `fit_encoded` gives on all rows at once: descending train count, then bytes.
+    """
+
+    def __init__(self) -> None:
+        self.width: int | None = None  # key mode while set; 0 = not decided yet
+        self.keys = np.zeros(0, np.uint64)  # key mode: sorted byte-ordered keys
+        self.ids: pa.Array = pa.array([], pa.string())  # string mode: distinct ids, first-seen order
+        self.counts = np.zeros(0, np.int64)
+        self._started = False
+
+    def _to_strings(self) -> None:
+        if self.width is not None and self._started:
+            self.ids = _keys_to_strings(self.keys, self.width)
+            self.keys = np.zeros(0, np.uint64)
+        self.width = None
+
+    def add(self, column: pa.ChunkedArray | pa.Array, train: np.ndarray) -> Encoded:
+        """Count the ids of the rows where `train` (bool mask) is set; returns the column's encoding."""
+        enc = encode_column(column)
+        self.add_encoded(enc, train)
+        return enc
+
+    def add_encoded(self, enc: Encoded, train: np.ndarray) -> None:
+        """Count the ids of an encoded column at the rows where `train` (bool mask) is set."""
+        k = len(enc.dictionary)
+        counts = np.bincount(enc.codes[train], minlength=k + 1)[:k]
+        seen = np.flatnonzero(counts)
+        if not len(seen):
+            return
+        if not self._started:
+            self._started, self.width = True, enc.width if enc.sort_keys is not None else None
+        elif self.width is not None and (enc.sort_keys is None or enc.width != self.width):
+            self._to_strings()
+        if self.width is not None:
+            assert enc.sort_keys is not None
+            self._add_keys(enc.sort_keys[seen], counts[seen])
+        else:
+            self._add_strings(enc.dictionary.take(pa.array(seen)), counts[seen])
+
+    def _add_keys(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        at = np.searchsorted(self.keys, keys)
+        hit = at < len(self.keys)
+        hit[hit] = self.keys[at[hit]] == keys[hit]
+        self.counts[at[hit]] += counts[hit]
+        new = np.argsort(keys[~hit])
+        new_keys, new_counts = keys[~hit][new], counts[~hit][new]
+        where = np.searchsorted(self.keys, new_keys)
+        self.keys = np.insert(self.keys, where, new_keys)
+        self.counts = np.insert(self.counts, where, new_counts)
+
+    def _add_strings(self, ids: pa.Array, counts: np.ndarray) -> None:
+        old = len(self.ids)
+        both = pc.dictionary_encode(pa.concat_arrays([self.ids, ids.cast(pa.string())]))
+        at = both.indices.to_numpy()[old:]
+        self.ids = both.dictionary  # first-seen order keeps the old ids where they were
+        grown = np.zeros(len(self.ids), np.int64)
+        grown[:old] = self.counts
+        grown[at] += counts  # `ids` are distinct, so no index repeats
+        self.counts = grown
+
+    def seen(self) -> tuple[pa.Array, np.ndarray]:
+        """Every id counted so far (strings) and its train count; call before `finish`."""
+        if self.width is not None and self._started:
+            return _keys_to_strings(self.keys, self.width), self.counts.copy()
+        return self.ids, self.counts.copy()
+
+    def finish(self, min_count: int) -> pa.Array:
+        """Fix the vocabulary (ids with train count >= min_count); returns its ids in row order (rows 1..)."""
+        keep = np.flatnonzero(self.counts >= min_count)
+        if self.width is not None:
+            order = np.lexsort((self.keys[keep], -self.counts[keep]))
+            self._sorted_keys = self.keys[keep]
+            self._sorted_rows = np.empty(len(keep), np.int64)
+            self._sorted_rows[order] = np.arange(1, len(keep) + 1)
+            vocab = _keys_to_strings(self._sorted_keys[order], self.width)
+        else:
+            kept = pa.table({"neg": pa.array(-self.counts[keep]), "id": self.ids.take(pa.array(keep))})
+            order = pc.sort_indices(kept, sort_keys=[("neg", "ascending"), ("id", "ascending")])
+            vocab = kept.column("id").take(order).combine_chunks()
+        self.vocab = vocab
+        self.keys, self.ids, self.counts = (
+            np.zeros(0, np.uint64),
+            pa.array([], pa.string()),
+            np.zeros(0, np.int64),
+        )
+        return vocab
+
+    def rows(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        """Embedding rows (int64) of a column of raw ids: 0 for missing and out-of-vocabulary ids."""
+        return self.rows_encoded(encode_column(column))
+
+    def rows_encoded(self, enc: Encoded) -> np.ndarray:
+        """Embedding rows (int64) of an encoded column: 0 for missing and out-of-vocabulary ids."""
+        k = len(enc.dictionary)
+        lookup = np.zeros(k + 1, np.int64)  # the last slot is the missing code → row 0
+        if self.width is not None:
+            if enc.sort_keys is not None and enc.width == self.width and len(self._sorted_keys):
+                at = np.minimum(np.searchsorted(self._sorted_keys, enc.sort_keys), len(self._sorted_keys) - 1)
+                hit = self._sorted_keys[at] == enc.sort_keys
+                lookup[:k] = np.where(hit, self._sorted_rows[at], 0)
+            elif enc.sort_keys is None and k:  # mixed widths: only ids of the vocabulary's width can hit
+                found = pc.index_in(enc.dictionary, value_set=self.vocab)
+                lookup[:k] = found.fill_null(-1).to_numpy() + 1
+        elif k:
+            found = pc.index_in(enc.dictionary, value_set=self.vocab)
+            lookup[:k] = found.fill_null(-1).to_numpy() + 1
+        return lookup[enc.codes]
+
+
+def save_ids(path: str | Path, ids: pa.Array) -> None:
+    """Write a vocabulary file from Arrow ids in row order; the same bytes as Vocab(ids).save(path)."""
+    ids = ids.cast(pa.string())
+    breaks = pc.match_substring_regex(ids, "[\r\n]")
+    if pc.any(breaks).as_py():
+        bad = ids.filter(breaks)[0].as_py()
+        raise DataError(f"{path}: raw id {bad!r} contains a line break; it cannot be saved")
+    with open(path, "wb") as f:
+        f.write(OOV_TOKEN.encode("utf-8") + b"\n")
+        step = 1 << 20  # bounded copies for large vocabularies
+        for start in range(0, len(ids), step):
+            part = ids.slice(start, step)
+            joined = pc.binary_join(pa.ListArray.from_arrays([0, len(part)], part), "\n")[0]
+            f.write(joined.as_py().encode("utf-8") + b"\n")
+
+
+def encoded_from_dictionary(codes: np.ndarray, dictionary: pa.Array) -> Encoded:
+    """An Encoded rebuilt from its codes and dictionary (with the byte-ordered keys when fixed-width)."""
+    arr = _as_array(dictionary).combine_chunks() if not isinstance(dictionary, pa.Array) else dictionary
+    fixed = _fixed_width_keys(arr.cast(pa.string())) if len(arr) and arr.null_count == 0 else None
+    if fixed is None:
+        return Encoded(codes=codes, dictionary=arr)
+    keys, _, width = fixed
+    return Encoded(codes=codes, dictionary=arr, sort_keys=keys.byteswap(), width=width)

@@ -1,0 +1,98 @@
+"""Pass 1's chunks kept on disk between the passes of `recsys data prepare` (Arrow IPC, lz4).
+
+Pass 1 has parsed every chunk and dictionary-encoded its sparse columns to count ids; pass 2 reads
+those encodings back (one file per chunk, deleted once read) instead of parsing and hashing the raw
+files again, so only the chunk's distinct ids are looked up in the vocabularies. Disk use is about
+4 bytes a row per sparse feature + 4 per dense feature (before lz4), in a hidden folder of the output.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from recsys.data.vocab import Encoded, encoded_from_dictionary
+
+
+@dataclass
+class SpilledChunk:
+    """One chunk as pass 2 needs it: rows start.., their split, labels, dense values, encoded ids."""
+
+    start: int
+    assign: np.ndarray  # int8 [n]
+    label: np.ndarray | None  # raw float64 labels (None: the source has none)
+    given: np.ndarray | None  # binary float32 labels the source decided (negatives)
+    dense: np.ndarray  # float32 [n, D]
+    encoded: list[Encoded]
+
+    @property
+    def rows(self) -> int:
+        """Number of rows."""
+        return len(self.assign)
+
+
+class ChunkSpill:
+    """Write chunks during pass 1, iterate them (each read once, then deleted) in pass 2."""
+
+    def __init__(self, parent: Path) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix=".spill-", dir=parent))
+        self.count = 0
+
+    def write(self, chunk: SpilledChunk) -> None:
+        """Keep one chunk on disk."""
+        cols: dict[str, pa.Array] = {"assign": pa.array(chunk.assign)}
+        if chunk.label is not None:
+            cols["label"] = pa.array(chunk.label)
+        if chunk.given is not None:
+            cols["given"] = pa.array(chunk.given)
+        for i in range(chunk.dense.shape[1]):
+            cols[f"dense_{i}"] = pa.array(np.ascontiguousarray(chunk.dense[:, i]))
+        for j, enc in enumerate(chunk.encoded):
+            missing = enc.codes == enc.missing
+            idx = pa.array(enc.codes.astype(np.int32, copy=False), mask=missing if missing.any() else None)
+            cols[f"sparse_{j}"] = pa.DictionaryArray.from_arrays(idx, enc.dictionary)
+        table = pa.table(cols).replace_schema_metadata(
+            {"start": str(chunk.start), "dense": str(chunk.dense.shape[1]), "sparse": str(len(chunk.encoded))}
+        )
+        path = self.folder / f"{self.count:08d}.arrow"
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as w:
+            w.write_table(table)
+        self.count += 1
+
+    def __iter__(self) -> Iterator[SpilledChunk]:
+        for i in range(self.count):
+            path = self.folder / f"{i:08d}.arrow"
+            with pa.OSFile(str(path), "rb") as src:
+                table = pa.ipc.open_file(src).read_all()
+            path.unlink()
+            meta = {k.decode(): int(v) for k, v in (table.schema.metadata or {}).items()}
+            n, dense_n = table.num_rows, meta["dense"]
+            dense = np.empty((n, dense_n), np.float32)
+            for d in range(dense_n):
+                dense[:, d] = table.column(f"dense_{d}").to_numpy()
+            encoded = []
+            for j in range(meta["sparse"]):
+                arr = table.column(f"sparse_{j}").combine_chunks()
+                k = len(arr.dictionary)
+                codes = arr.indices.fill_null(k).to_numpy().astype(np.int32, copy=False)
+                encoded.append(encoded_from_dictionary(codes, arr.dictionary))
+            names = table.column_names
+            yield SpilledChunk(
+                start=meta["start"],
+                assign=table.column("assign").to_numpy(),
+                label=table.column("label").to_numpy() if "label" in names else None,
+                given=table.column("given").to_numpy() if "given" in names else None,
+                dense=dense,
+                encoded=encoded,
+            )
+
+    def close(self) -> None:
+        """Remove the folder and whatever is left in it."""
+        shutil.rmtree(self.folder, ignore_errors=True)
