@@ -120,7 +120,7 @@ def _train(
                     f"recsys: resumed from {info.path} (step {info.step}, epoch {trainer.epoch})", flush=True
                 )
         trainer.run_id = broadcast_object(tracker.run_id)
-        ckpt.start_run(trainer.run_id)
+        ckpt.start_run(trainer.run_id, info.step if info is not None else None)
         _log_setup(trainer, tracker, resumed=info is not None)
         seconds = trainer.fit(ckpt)
         result = _finish(trainer, ckpt, tracker, seconds)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import pickle
 import random
 import time
 from collections.abc import Iterator
@@ -56,6 +55,31 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """Python, NumPy and torch RNG states as tensors (a checkpoint then holds no pickled object)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    assert version == 3 and kind == "MT19937", (version, kind)
+    return {
+        "python": torch.tensor(words, dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what rng_state() returned."""
+    has, value = state["python_gauss"].tolist()
+    random.setstate((3, tuple(state["python"].tolist()), value if has else None))
+    pos, has_gauss = state["numpy_pos"].tolist()
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"][0])))
+    torch.set_rng_state(state["torch"])
 
 
 class _Progress:
@@ -171,7 +195,7 @@ class Trainer:
             "optim": self.optimizer.state_dict(),
             "trainer": json.dumps(self.counters()),
             "loader": json.dumps(self.loader_state()),
-            "rng": pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state())),
+            "rng": rng_state(),
         }
 
     def restore(self, ckpt: Checkpointer, info: Any) -> None:
@@ -196,10 +220,7 @@ class Trainer:
         self.best, self.bad_validations = c["best"], c["bad_validations"]
         self.stopped_early, self.run_id = c["stopped_early"], c["run_id"]
         self.loader.load_state_dict(json.loads(state["loader"]))
-        py, np_state, torch_state = pickle.loads(state["rng"])
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
+        set_rng_state(state["rng"])
         # Same world size: the same total as an uninterrupted run; resharded: recounted for the new size.
         self.total = self._planned_total()
         self.schedule.total = max(self.total, 1)
