@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from recsys.errors import UserError
+from recsys.preemption import PreemptionGuard
 
 if TYPE_CHECKING:
     from recsys.checkpoint import Checkpointer
@@ -103,7 +104,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, meta: Metadata, env: DistEnv, tracker: Tracker) -> None:
         from recsys.data.loader import make_train_loader
-        from recsys.distributed import make_optimizer, shard_model
+        from recsys.distributed import control_group, make_optimizer, shard_model
         from recsys.models.task import build_task, log_q_from_train
         from recsys.progress import make_reporter
 
@@ -137,6 +138,10 @@ class Trainer:
         self._arrays: dict[str, Any] | None = None
         self._window = (0.0, 0, time.perf_counter())
         self.steps_this_run = 0
+        # Preemption: SIGTERM on any rank stops every rank at the same step (agreed over a gloo group).
+        self.preempted = False
+        self._guard: PreemptionGuard | None = None
+        self._control = control_group()
         # Kubeflow TrainJob status (rank 0, only where the Trainer injects its status server).
         self.job_status = make_reporter(env.is_main)
 
@@ -332,8 +337,18 @@ class Trainer:
         self.history.append({"step": float(self.step), **rec})
         self._window = (0.0, 0, now)
 
+    def _segment_batches(self, it: Iterator[Any], n: int) -> Iterator[Any]:
+        """Up to `n` batches of `it`; fewer when a rank got SIGTERM (every rank stops at the same one)."""
+        from recsys.distributed import any_rank
+
+        for batch in itertools.islice(it, n):
+            if any_rank(self._guard is not None and self._guard.requested, self._control):
+                self.preempted = True
+                return
+            yield batch
+
     def _run_segment(self, it: Iterator[Any], stop: int, bar: _Progress, t0: float, start: int) -> None:
-        seg = itertools.islice(it, stop - self.step)
+        seg = self._segment_batches(it, stop - self.step)
         while True:
             self.schedule.set(self.step)
             try:
@@ -346,7 +361,7 @@ class Trainer:
             self._window = (total_loss + loss, n + 1, since)
             bar.update(loss, (self.step - start) * self.global_batch / max(time.perf_counter() - t0, 1e-9))
             self._log_window(force=self.step == self.total)
-        if self.step != stop:
+        if self.step != stop and not self.preempted:
             raise RuntimeError(f"the train loader ended early at step {self.step} (expected {stop})")
 
     def _save_due(self, epoch_done: bool, improved: bool) -> bool:
@@ -382,18 +397,39 @@ class Trainer:
             )
 
     def fit(self, ckpt: Checkpointer) -> float:
-        """Train until the planned total, max_steps or early stopping; returns the training seconds."""
+        """Train until the planned total, max_steps, early stopping or SIGTERM (then `preempted`, with a
+        checkpoint of the step reached); returns the training seconds."""
+        with PreemptionGuard(self.cfg.train.checkpoint.preempt_grace_s) as self._guard:
+            try:
+                return self._fit(ckpt)
+            finally:
+                self._guard = None
+
+    def _stop_for_preemption(self, ckpt: Checkpointer) -> None:
+        """Checkpoint the drained step reached after SIGTERM and wait until it is committed."""
+        self.save(ckpt)
+        ckpt.wait()
+        if self.env.is_main:
+            since = self._guard.seconds_since() if self._guard is not None else None
+            after = f", {since:.1f} s after SIGTERM" if since is not None else ""
+            print(f"recsys: preempted at step {self.step}: checkpoint written{after}", flush=True)
+
+    def _fit(self, ckpt: Checkpointer) -> float:
         self._report_left_out()
         self.model.train()
         start, t0 = self.step, time.perf_counter()
         self._window = (0.0, 0, t0)
         bar = _Progress(self.total, self.step, self.env.is_main)
         val_every = self.cfg.train.val_every_steps
-        while self.step < self.total and not self.stopped_early:
+        while self.step < self.total and not self.stopped_early and not self.preempted:
             it = self.epoch_batches()
             epoch_end = min(self.step + self.steps_left_in_epoch(), self.total)
             while self.step < epoch_end and not self.stopped_early:
-                self._run_segment(it, self._next_stop(epoch_end), bar, t0, start)
+                stop = self._next_stop(epoch_end)
+                self._run_segment(it, stop, bar, t0, start)
+                if self.preempted and self.step < stop:  # stopped mid-segment: no boundary work is due
+                    self._stop_for_preemption(ckpt)
+                    break
                 at_end = self.step == epoch_end  # the epoch's end, or max_steps within it
                 if self.steps_left_in_epoch() == 0:
                     self.epoch, self.epoch_blocks = self.epoch + 1, 0
@@ -402,6 +438,9 @@ class Trainer:
                     improved = self._track_best(self.validate())
                 if self._save_due(at_end, improved):
                     self.save(ckpt)
+                if self.preempted:  # the signal came with the segment's last batch
+                    self._stop_for_preemption(ckpt)
+                    break
         bar.close()
         self.job_status.finish(self.step, self.total)
         if self.pipeline is not None:
