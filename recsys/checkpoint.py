@@ -47,6 +47,7 @@ META_FILE = "recsys.json"
 RETIRED_DIR = "retired"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 _DELETING = ".deleting"
+_FULL_BYTES = 1 << 20  # a volume with less free space than this after a failed write is "full"
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,9 @@ class Checkpointer:
         self._pending: Any = None
         self._lock = threading.Lock()
         self.blocked_seconds = 0.0
-        self.saves = 0
+        self.saves = 0  # saves started (a failed one is counted in failed_saves too)
+        self.failed_saves = 0
+        self._failure: str | None = None  # rank 0: a commit that failed, announced at the next save
         # A group of its own: a background save's collectives must not interleave with training's.
         self._group = control_group() if self.cfg.async_save else None
 
@@ -243,6 +246,7 @@ class Checkpointer:
         state is staged (copied); the folder becomes visible when the write completes.
         """
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         t0 = time.perf_counter()
         self.wait()
@@ -251,15 +255,15 @@ class Checkpointer:
         tmp = final.with_name(final.name + ".tmp")
         from recsys.distributed import barrier, broadcast_object
 
-        # Re-saving a step (e.g. best and epoch end coincide) keeps the first. Rank 0 decides and every
-        # rank follows: a rank that returned alone would leave the others waiting in a collective.
-        if broadcast_object(final.exists() if self.env.is_main else None):
+        # Rank 0 decides and every rank follows (a rank that returned alone would leave the others
+        # waiting in a collective): "skip" a step saved already (best and epoch end coincide: keep
+        # the first), "failed" when the folder cannot be written or an earlier commit failed.
+        decision = broadcast_object(self._prepare(final, tmp, meta) if self.env.is_main else None)
+        if decision[0] == "failed":
+            self._save_failed(step, decision[1])
+        if decision[0] != "go":
             self.blocked_seconds += time.perf_counter() - t0
             return
-        if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            _write_json(tmp / META_FILE, meta)
         barrier()  # the folder exists before any rank writes into it
         if self.cfg.async_save:
             fut = dcp.async_save(
@@ -270,18 +274,63 @@ class Checkpointer:
             # last), so the folder is published as soon as the data is safe, not at the next save.
             fut.add_done_callback(lambda f, tmp=tmp: f.exception() is None and self._commit(tmp))
             self._pending = (fut, tmp)
+            self.saves += 1
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
-            self._commit(tmp)
-        self.saves += 1
+            try:
+                dcp.save(state, checkpoint_id=str(tmp))
+            except (OSError, CheckpointException) as e:  # DCP raises every rank's failure on every rank
+                self._write_failed(tmp, e)
+            else:
+                self._commit(tmp)
+                self.saves += 1
         self.blocked_seconds += time.perf_counter() - t0
+
+    def _prepare(self, final: Path, tmp: Path, meta: dict[str, Any]) -> tuple[str, str]:
+        """Rank 0: ("go"|"skip"|"failed", why) for saving into `final` through `tmp`."""
+        if self._failure is not None:
+            why, self._failure = self._failure, None
+            return "failed", why
+        if final.exists():
+            return "skip", ""
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _write_json(tmp / META_FILE, meta)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return "failed", f"{tmp.name}: {_describe(e, self.run_dir)}"
+        return "go", ""
+
+    def _write_failed(self, tmp: Path, error: BaseException) -> None:
+        """Every rank, after DCP failed to write `tmp`: remove it (rank 0), then continue or stop."""
+        why = _describe(error, self.run_dir)  # before the removal frees the space again
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._save_failed(int(tmp.name.removesuffix(".tmp").removeprefix("step-")), why)
+
+    def _save_failed(self, step: int, why: str) -> None:
+        """One line saying what failed and what is still there; raise when on_save_error is stop."""
+        done = complete_checkpoints(self.run_dir) if self.env.is_main else []
+        intact = f"newest intact checkpoint: step {done[-1].step}" if done else "no earlier checkpoint"
+        msg = f"checkpoint of step {step} in {self.run_dir} failed: {why}; {intact}"
+        self.failed_saves += 1
+        if self.cfg.on_save_error == "stop":
+            raise UserError(f"{msg}; stopping (train.checkpoint.on_save_error=stop): free space, then resume")
+        if self.env.is_main:
+            print(f"recsys: {msg}; training continues, the next save tries again", flush=True)
 
     def wait(self) -> None:
         """Finish a background save and commit it (every rank waits for its own part)."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         if self._pending is None:
             return
         (fut, tmp), self._pending = self._pending, None
-        fut.result()  # raises what the background write raised
+        try:
+            fut.result()  # raises what the background write raised
+        except (OSError, CheckpointException) as e:
+            self._write_failed(tmp, e)
+            return
         self._commit(tmp)  # the callback may still be running: _commit is idempotent under a lock
 
     def _commit(self, tmp: Path) -> None:
@@ -290,11 +339,18 @@ class Checkpointer:
         with self._lock:
             if not tmp.exists():
                 return
-            meta = json.loads((tmp / META_FILE).read_text())
-            meta["files"] = {
-                p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META_FILE
-            }
-            _write_json(tmp / META_FILE, meta)
+            try:
+                meta = json.loads((tmp / META_FILE).read_text())
+                meta["files"] = {
+                    p.name: p.stat().st_size
+                    for p in sorted(tmp.iterdir())
+                    if p.is_file() and p.name != META_FILE
+                }
+                _write_json(tmp / META_FILE, meta)
+            except OSError as e:  # rank 0 alone: reported at the next save, which every rank joins
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._failure = f"{tmp.name}: {_describe(e, self.run_dir)}"
+                return
             os.replace(tmp, tmp.with_name(tmp.name.removesuffix(".tmp")))
             _fsync_dir(self.run_dir)
             self.prune()
@@ -419,6 +475,32 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _describe(error: BaseException, volume: Path | None = None) -> str:
+    """One line for a failed write: the OSError inside DCP's CheckpointException when there is one.
+
+    torch.save's writer reports a full disk as a RuntimeError ("unexpected pos …"), so the free
+    space of `volume` is checked too and named when it is (nearly) none.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, CheckpointException):
+        inner = [exc for exc, _ in error.failures.values()]
+        oserrors = [e for e in inner if isinstance(e, OSError)]
+        error = (oserrors or inner or [error])[0]
+    if isinstance(error, OSError) and error.errno is not None:
+        import errno as errno_names
+
+        return f"{error.strerror} ({errno_names.errorcode.get(error.errno, error.errno)})"
+    text = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
+    try:
+        usage = shutil.disk_usage(volume) if volume is not None else None
+    except OSError:
+        usage = None
+    if usage is not None and usage.free < _FULL_BYTES:
+        return f"No space left on device (ENOSPC): {usage.free} of {usage.total} bytes free ({text})"
+    return text
 
 
 def _fsync_dir(path: Path) -> None:

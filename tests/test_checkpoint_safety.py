@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -221,3 +222,59 @@ def test_a_truncated_shard_makes_resume_fall_back_and_say_so(
     run_dir, info = resolve_resume(tmp_path / "root", "auto")
     assert info is not None and info.step == 1
     assert "step-00000002 is damaged" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ full volume
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MB tmpfs (root only)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs: needs root")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(vol)], check=True)
+    try:
+        yield vol
+    finally:
+        subprocess.run(["umount", "-l", str(vol)], check=True)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_volume_is_one_line_and_earlier_checkpoints_stay(
+    small_volume: Path, async_save: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = _checkpointer(
+        small_volume / "run",
+        0,
+        1,
+        f"train.checkpoint.async_save={async_save}",
+        "train.checkpoint.keep_last=3",
+    )
+    ck.start_run(None)
+    small, big = torch.ones(1000), torch.ones(400_000)  # 4 KB; 1.6 MB does not fit beside the filler
+    ck.save({"w": small}, {"step": 1})
+    ck.wait()
+    (small_volume / "filler").write_bytes(b"\0" * 900_000)
+    ck.save({"w": big}, {"step": 2})
+    ck.wait()
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if "failed" in ln]
+    assert "checkpoint of step 2" in line and "No space left on device (ENOSPC)" in line
+    assert "newest intact checkpoint: step 1" in line and "training continues" in line
+    assert [c.step for c in complete_checkpoints(small_volume / "run")] == [1]
+    assert not list((small_volume / "run").glob("*.tmp"))  # the torn write is gone
+    ck.save({"w": small}, {"step": 3})  # space is there again for a small one
+    ck.wait()
+    assert [c.step for c in complete_checkpoints(small_volume / "run")] == [1, 3]
+    stop = _checkpointer(
+        small_volume / "run",
+        0,
+        1,
+        f"train.checkpoint.async_save={async_save}",
+        "train.checkpoint.on_save_error=stop",
+    )
+    with pytest.raises(UserError, match=r"step 4 .* No space left on device \(ENOSPC\).*stopping"):
+        stop.save({"w": big}, {"step": 4})
+        stop.wait()
