@@ -69,6 +69,10 @@ manifests: install ## regenerate the generated Kubernetes manifests (manifests/*
 image: ## build the trainer images (CUDA + CPU) with docker; says so when no Docker engine answers (IMAGE=…, PUSH=1, ONLY=cpu; OFFLINE=1: CPU image without registries)
 	bash images/build.sh
 
+.PHONY: chaos
+chaos: install ## fault injection on real runs: SIGTERM, full checkpoint volume, damaged checkpoint, frozen peer, simultaneous jobs (one row each; ~5 min; docs/reliability.md)
+	$(PY) -m recsys chaos
+
 .PHONY: lock
 lock: install ## regenerate requirements/lock-cpu.txt and lock-cuda.txt (hash-checked, what the images install) after a requirements change
 	$(PY) images/lock.py
