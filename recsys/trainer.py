@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -355,6 +356,17 @@ class Trainer:
                 loss = self.train_step(seg)
             except StopIteration:
                 break
+            except Exception as e:
+                # Say where (a timed-out collective's traceback does not): the work since the last
+                # checkpoint is what a restart trains again.
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                print(
+                    f"recsys: rank {self.env.rank}: step {self.step + 1} failed ({type(e).__name__}: {first}); "
+                    f"{self.step} steps were complete",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise
             self.step += 1
             self.epoch_blocks += self.blocks_per_step
             total_loss, n, since = self._window

@@ -56,8 +56,14 @@ def run(workdir: Path) -> dict[str, Any]:
     timed_out = "Timed out" in log or "timeout" in log.lower()
     survived = rc == 0 and detect_s <= TIMEOUT_S + 15 and timed_out
     step = int(resumed.group(1))
+    failed = re.search(r"rank 0: step (\d+) failed \(([^)]*)", log)
+    done = int(failed.group(1)) - 1 if failed else None
+    lost = f"steps {step + 1}..{done} (retrained)" if done and done > step else "nothing"
+    if done is None:
+        lost = f"the steps after {step} (retrained; rank 0 did not say where it failed)"
     detail = (
-        f"rank 1 frozen; rank 0 failed after {detect_s:.1f} s (collective timeout {TIMEOUT_S} s); torchrun "
+        f"rank 1 frozen; rank 0 failed after {detect_s:.1f} s (collective timeout {TIMEOUT_S} s: "
+        f"{failed.group(2) if failed else '?'}) with {done} steps complete; torchrun "
         f"restarted both, resumed from step {step}, exited {rc}"
     )
     if not survived:
@@ -66,7 +72,7 @@ def run(workdir: Path) -> dict[str, Any]:
         "scenario": SCENARIO,
         "injected": "SIGSTOP to rank 1 (2 ranks, timeout 10 s)",
         "survived": survived,
-        "lost": f"steps after {step} (retrained)",
+        "lost": lost,
         "recover_s": recover_s,
         "detail": detail,
     }
