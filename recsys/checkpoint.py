@@ -189,7 +189,7 @@ class Checkpointer:
         self.blocked_seconds = 0.0
         self.saves = 0  # saves started (a failed one is counted in failed_saves too)
         self.failed_saves = 0
-        self._failure: str | None = None  # rank 0: a commit that failed, announced at the next save
+        self._failure: tuple[int, str] | None = None  # rank 0: a failed commit, told at the next save
         # A group of its own: a background save's collectives must not interleave with training's.
         self._group = control_group() if self.cfg.async_save else None
 
@@ -233,6 +233,9 @@ class Checkpointer:
     def mark_finished(self) -> None:
         """Rank 0: the run ended normally; `--resume auto` will start a new run next time."""
         self.wait()
+        if self.env.is_main and self._failure is not None:  # the last commit failed: no next save
+            earlier, self._failure = self._failure, None
+            self._save_failed(*earlier)
         if self.env.is_main:
             info = _read_run(self.run_dir)
             info["finished"] = True
@@ -258,10 +261,12 @@ class Checkpointer:
         # Rank 0 decides and every rank follows (a rank that returned alone would leave the others
         # waiting in a collective): "skip" a step saved already (best and epoch end coincide: keep
         # the first), "failed" when the folder cannot be written or an earlier commit failed.
-        decision = broadcast_object(self._prepare(final, tmp, meta) if self.env.is_main else None)
-        if decision[0] == "failed":
-            self._save_failed(step, decision[1])
-        if decision[0] != "go":
+        action, why, earlier = broadcast_object(self._prepare(final, tmp, meta) if self.env.is_main else None)
+        if earlier is not None:  # rank 0 alone saw an earlier commit fail: every rank hears it now
+            self._save_failed(*earlier)
+        if action == "failed":
+            self._save_failed(step, why)
+        if action != "go":
             self.blocked_seconds += time.perf_counter() - t0
             return
         barrier()  # the folder exists before any rank writes into it
@@ -285,21 +290,22 @@ class Checkpointer:
                 self.saves += 1
         self.blocked_seconds += time.perf_counter() - t0
 
-    def _prepare(self, final: Path, tmp: Path, meta: dict[str, Any]) -> tuple[str, str]:
-        """Rank 0: ("go"|"skip"|"failed", why) for saving into `final` through `tmp`."""
-        if self._failure is not None:
-            why, self._failure = self._failure, None
-            return "failed", why
+    def _prepare(
+        self, final: Path, tmp: Path, meta: dict[str, Any]
+    ) -> tuple[str, str, tuple[int, str] | None]:
+        """Rank 0: ("go"|"skip"|"failed", why, an earlier commit's (step, failure) or None)."""
+        earlier, self._failure = self._failure, None
         if final.exists():
-            return "skip", ""
+            return "skip", "", earlier
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             _write_json(tmp / META_FILE, meta)
         except OSError as e:
+            why = _describe(e, self.run_dir)
             shutil.rmtree(tmp, ignore_errors=True)
-            return "failed", f"{tmp.name}: {_describe(e, self.run_dir)}"
-        return "go", ""
+            return "failed", why, earlier
+        return "go", "", earlier
 
     def _write_failed(self, tmp: Path, error: BaseException) -> None:
         """Every rank, after DCP failed to write `tmp`: remove it (rank 0), then continue or stop."""
@@ -348,8 +354,9 @@ class Checkpointer:
                 }
                 _write_json(tmp / META_FILE, meta)
             except OSError as e:  # rank 0 alone: reported at the next save, which every rank joins
+                why = _describe(e, self.run_dir)
                 shutil.rmtree(tmp, ignore_errors=True)
-                self._failure = f"{tmp.name}: {_describe(e, self.run_dir)}"
+                self._failure = (int(tmp.name.removesuffix(".tmp").removeprefix("step-")), why)
                 return
             os.replace(tmp, tmp.with_name(tmp.name.removesuffix(".tmp")))
             _fsync_dir(self.run_dir)
