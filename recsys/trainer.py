@@ -356,17 +356,6 @@ class Trainer:
                 loss = self.train_step(seg)
             except StopIteration:
                 break
-            except Exception as e:
-                # Say where (a timed-out collective's traceback does not): the work since the last
-                # checkpoint is what a restart trains again.
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                print(
-                    f"recsys: rank {self.env.rank}: step {self.step + 1} failed ({type(e).__name__}: {first}); "
-                    f"{self.step} steps were complete",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                raise
             self.step += 1
             self.epoch_blocks += self.blocks_per_step
             total_loss, n, since = self._window
@@ -414,6 +403,17 @@ class Trainer:
         with PreemptionGuard(self.cfg.train.checkpoint.preempt_grace_s) as self._guard:
             try:
                 return self._fit(ckpt)
+            except Exception as e:
+                # Say where (a timed-out collective's traceback does not): the work since the last
+                # checkpoint is what a restart trains again.
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                print(
+                    f"recsys: rank {self.env.rank}: training failed after {self.step} complete steps "
+                    f"({type(e).__name__}: {first})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise
             finally:
                 self._guard = None
 

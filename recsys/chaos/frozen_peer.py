@@ -56,8 +56,8 @@ def run(workdir: Path) -> dict[str, Any]:
     timed_out = "Timed out" in log or "timeout" in log.lower()
     survived = rc == 0 and detect_s <= TIMEOUT_S + 15 and timed_out
     step = int(resumed.group(1))
-    failed = re.search(r"rank 0: step (\d+) failed \(([^)]*)", log)
-    done = int(failed.group(1)) - 1 if failed else None
+    failed = re.search(r"rank 0: training failed after (\d+) complete steps \((.*)\)", log)
+    done = int(failed.group(1)) if failed else None
     lost = f"steps {step + 1}..{done} (retrained)" if done and done > step else "nothing"
     if done is None:
         lost = f"the steps after {step} (retrained; rank 0 did not say where it failed)"
