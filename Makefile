@@ -84,6 +84,10 @@ docs-reference: install ## regenerate docs/reference/{config,cli,manifests}.md f
 docs-serve: install ## serve the documentation site on http://127.0.0.1:8000 while you edit it
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
+.PHONY: chaos
+chaos: install ## fault injection on real runs: SIGTERM, full checkpoint volume, damaged checkpoint, frozen peer, simultaneous jobs (one row each; ~5 min; docs/reliability.md)
+	$(PY) -m recsys chaos
+
 .PHONY: lock
 lock: install ## regenerate requirements/lock-cpu.txt and lock-cuda.txt (hash-checked, what the images install) after a requirements change
 	$(PY) images/lock.py

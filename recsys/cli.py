@@ -263,6 +263,12 @@ def _bench(args: argparse.Namespace) -> int:
         return bench.main(args)
 
 
+def _chaos(args: argparse.Namespace) -> int:
+    from recsys import chaos
+
+    return chaos.main(args.only or None, keep=args.keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `recsys` command."""
     parser = argparse.ArgumentParser(
@@ -538,6 +544,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="movielens_100k_recbole",
         help="quality: the shipped config to train (RecBole's files, or the original u.data layout written from them)",
     )
+
+    p = add(
+        sub,
+        "chaos",
+        _chaos,
+        "inject faults into real runs here (preemption, full disk, damaged checkpoint, frozen peer, ...); "
+        "one row each",
+        config=False,
+    )
+    p.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help="run only this scenario (repeatable)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep each scenario's temporary folder (logs)")
     return parser
 
 

@@ -426,6 +426,19 @@ class CheckpointConfig(Strict):
         description="Write in the background (dcp.async_save on a gloo group of its own); the loop "
         "waits only for the copy of the state.",
     )
+    on_save_error: Literal["continue", "stop"] = Field(
+        "continue",
+        description="A save that fails (volume full, I/O error): continue training and try again at the "
+        "next save (one line each time; earlier checkpoints stay intact), or stop with that line.",
+    )
+    preempt_grace_s: float = Field(
+        25.0,
+        gt=0,
+        le=3600,
+        description="On SIGTERM (pod preemption, eviction, torchrun shutdown) checkpoint at the next step "
+        "boundary and exit 143 within this many seconds; rendered jobs get terminationGracePeriodSeconds "
+        "= this + 5 and torchrun's shutdown timeout to match.",
+    )
 
 
 class EarlyStoppingConfig(Strict):
@@ -473,6 +486,12 @@ class TrainConfig(Strict):
     pipeline: bool = Field(True, description="Use TorchRec's TrainPipelineSparseDist.")
     sharding: ShardingConfig = Field(default_factory=ShardingConfig, description="Planner constraints.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A collective that waits longer than this for a peer (frozen, unreachable) fails "
+        "the rank instead of hanging; torchrun then restarts the group, which resumes.",
+    )
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Distributed checkpoints and their retention."
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -52,10 +53,15 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+# The collective timeout of the default group, for the groups made later (new_group would use torch's).
+_TIMEOUT: timedelta | None = None
+
+
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
     """Join (or create) the default process group; returns this process's DistEnv.
 
-    `device` is cfg.train.device: auto picks CUDA when present.
+    `device` is cfg.train.device: auto picks CUDA when present. `timeout_s` (train.collective_timeout_s)
+    bounds how long a collective waits for a peer; None keeps torch's default (10 min for gloo/nccl).
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -72,7 +78,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
         backend = "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
+    global _TIMEOUT
     if not dist.is_initialized():
+        _TIMEOUT = timedelta(seconds=timeout_s) if timeout_s else None
         if "MASTER_ADDR" in os.environ:
             store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
         elif world_size > 1:
@@ -93,6 +101,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
             rank=rank,
             world_size=world_size,
             device_id=dev if use_cuda else None,
+            **({"timeout": _TIMEOUT} if _TIMEOUT else {}),
         )
     return DistEnv(rank, local_rank, world_size, local_world_size, dev, backend)
 
@@ -132,6 +141,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def control_group() -> Any:
+    """A gloo group of its own for small control decisions (e.g. "stop now?"): its collectives never
+    interleave with the model's (nccl on GPU, or a pipeline's) and run on CPU tensors. None alone."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.new_group(backend="gloo", timeout=_TIMEOUT)
+    return None
+
+
+def any_rank(flag: bool, group: Any) -> bool:
+    """True on every rank when `flag` is true on at least one (over `group` from control_group())."""
+    if group is None:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from recsys.errors import UserError
+from recsys.errors import Preempted, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -474,7 +474,7 @@ class Tracker:
     ) -> None:
         if exc_type is None:
             self.end("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, KeyboardInterrupt | Preempted):
             self.end("KILLED")
         else:
             self.end("FAILED")

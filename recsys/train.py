@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recsys.errors import UserError
+from recsys.errors import PREEMPTED_EXIT, Preempted, UserError
 from recsys.trainer import Trainer, TrainResult, seed_everything
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def train(
 
     quiet_libraries()  # also when called in-process (Spark workers, notebooks, pipeline steps)
     owns_group = not (dist.is_available() and dist.is_initialized())
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
     try:
         return _train(cfg, env, resume, allow_data_mismatch, extra_tags or {})
     finally:
@@ -120,11 +120,16 @@ def _train(
                     f"recsys: resumed from {info.path} (step {info.step}, epoch {trainer.epoch})", flush=True
                 )
         trainer.run_id = broadcast_object(tracker.run_id)
-        ckpt.start_run(trainer.run_id)
+        ckpt.start_run(trainer.run_id, info.step if info is not None else None)
         # A checkpoint whose MLflow run is gone continues in a new run: that run needs the params,
         # config and vocabularies (index/recommend/serve read them), so log them as for a fresh one.
         _log_setup(trainer, tracker, resumed=info is not None and tracker.resumed)
         seconds = trainer.fit(ckpt)
+        if trainer.preempted:
+            raise Preempted(
+                f"preempted (SIGTERM) at step {trainer.step}: checkpoint saved in {ckpt.run_dir}; exiting "
+                f"{PREEMPTED_EXIT} (a restart with --resume auto continues from it)"
+            )
         result = _finish(trainer, ckpt, tracker, seconds)
         result.resumed_from = info.step if info is not None else None
         ckpt.mark_finished()

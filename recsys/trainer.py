@@ -12,8 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import pickle
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from recsys.errors import UserError
+from recsys.preemption import PreemptionGuard
 
 if TYPE_CHECKING:
     from recsys.checkpoint import Checkpointer
@@ -60,6 +61,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """Python, NumPy and torch RNG states as tensors (a checkpoint then holds no pickled object)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    assert version == 3 and kind == "MT19937", (version, kind)
+    return {
+        "python": torch.tensor(words, dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what rng_state() returned."""
+    has, value = state["python_gauss"].tolist()
+    random.setstate((3, tuple(state["python"].tolist()), value if has else None))
+    pos, has_gauss = state["numpy_pos"].tolist()
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"][0])))
+    torch.set_rng_state(state["torch"])
+
+
 class _Progress:
     """Rank-0 tqdm bar with loss and samples/s; silent elsewhere."""
 
@@ -81,7 +107,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, meta: Metadata, env: DistEnv, tracker: Tracker) -> None:
         from recsys.data.loader import make_train_loader
-        from recsys.distributed import make_optimizer, shard_model
+        from recsys.distributed import control_group, make_optimizer, shard_model
         from recsys.models.task import build_task, log_q_from_train
         from recsys.progress import make_reporter
 
@@ -115,6 +141,10 @@ class Trainer:
         self._arrays: dict[str, Any] | None = None
         self._window = (0.0, 0, time.perf_counter())
         self.steps_this_run = 0
+        # Preemption: SIGTERM on any rank stops every rank at the same step (agreed over a gloo group).
+        self.preempted = False
+        self._guard: PreemptionGuard | None = None
+        self._control = control_group()
         # Kubeflow TrainJob status (rank 0, only where the Trainer injects its status server).
         self.job_status = make_reporter(env.is_main)
 
@@ -173,7 +203,7 @@ class Trainer:
             "optim": self.optimizer.state_dict(),
             "trainer": json.dumps(self.counters()),
             "loader": json.dumps(self.loader_state()),
-            "rng": pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state())),
+            "rng": rng_state(),
         }
 
     def restore(self, ckpt: Checkpointer, info: Any) -> None:
@@ -198,10 +228,7 @@ class Trainer:
         self.best, self.bad_validations = c["best"], c["bad_validations"]
         self.stopped_early, self.run_id = c["stopped_early"], c["run_id"]
         self.loader.load_state_dict(json.loads(state["loader"]))
-        py, np_state, torch_state = pickle.loads(state["rng"])
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
+        set_rng_state(state["rng"])
         # Same world size: the same total as an uninterrupted run; resharded: recounted for the new size.
         self.total = self._planned_total()
         self.schedule.total = max(self.total, 1)
@@ -331,8 +358,18 @@ class Trainer:
         self.history.append({"step": float(self.step), **rec})
         self._window = (0.0, 0, now)
 
+    def _segment_batches(self, it: Iterator[Any], n: int) -> Iterator[Any]:
+        """Up to `n` batches of `it`; fewer when a rank got SIGTERM (every rank stops at the same one)."""
+        from recsys.distributed import any_rank
+
+        for batch in itertools.islice(it, n):
+            if any_rank(self._guard is not None and self._guard.requested, self._control):
+                self.preempted = True
+                return
+            yield batch
+
     def _run_segment(self, it: Iterator[Any], stop: int, bar: _Progress, t0: float, start: int) -> None:
-        seg = itertools.islice(it, stop - self.step)
+        seg = self._segment_batches(it, stop - self.step)
         while True:
             self.schedule.set(self.step)
             try:
@@ -345,7 +382,7 @@ class Trainer:
             self._window = (total_loss + loss, n + 1, since)
             bar.update(loss, (self.step - start) * self.global_batch / max(time.perf_counter() - t0, 1e-9))
             self._log_window(force=self.step == self.total)
-        if self.step != stop:
+        if self.step != stop and not self.preempted:
             raise RuntimeError(f"the train loader ended early at step {self.step} (expected {stop})")
 
     def _save_due(self, epoch_done: bool, improved: bool) -> bool:
@@ -381,18 +418,50 @@ class Trainer:
             )
 
     def fit(self, ckpt: Checkpointer) -> float:
-        """Train until the planned total, max_steps or early stopping; returns the training seconds."""
+        """Train until the planned total, max_steps, early stopping or SIGTERM (then `preempted`, with a
+        checkpoint of the step reached); returns the training seconds."""
+        with PreemptionGuard(self.cfg.train.checkpoint.preempt_grace_s) as self._guard:
+            try:
+                return self._fit(ckpt)
+            except Exception as e:
+                # Say where (a timed-out collective's traceback does not): the work since the last
+                # checkpoint is what a restart trains again.
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                print(
+                    f"recsys: rank {self.env.rank}: training failed after {self.step} complete steps "
+                    f"({type(e).__name__}: {first})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise
+            finally:
+                self._guard = None
+
+    def _stop_for_preemption(self, ckpt: Checkpointer) -> None:
+        """Checkpoint the drained step reached after SIGTERM and wait until it is committed."""
+        self.save(ckpt)
+        ckpt.wait()
+        if self.env.is_main:
+            since = self._guard.seconds_since() if self._guard is not None else None
+            after = f", {since:.1f} s after SIGTERM" if since is not None else ""
+            print(f"recsys: preempted at step {self.step}: checkpoint written{after}", flush=True)
+
+    def _fit(self, ckpt: Checkpointer) -> float:
         self._report_left_out()
         self.model.train()
         start, t0 = self.step, time.perf_counter()
         self._window = (0.0, 0, t0)
         bar = _Progress(self.total, self.step, self.env.is_main)
         val_every = self.cfg.train.val_every_steps
-        while self.step < self.total and not self.stopped_early:
+        while self.step < self.total and not self.stopped_early and not self.preempted:
             it = self.epoch_batches()
             epoch_end = min(self.step + self.steps_left_in_epoch(), self.total)
             while self.step < epoch_end and not self.stopped_early:
-                self._run_segment(it, self._next_stop(epoch_end), bar, t0, start)
+                stop = self._next_stop(epoch_end)
+                self._run_segment(it, stop, bar, t0, start)
+                if self.preempted and self.step < stop:  # stopped mid-segment: no boundary work is due
+                    self._stop_for_preemption(ckpt)
+                    break
                 at_end = self.step == epoch_end  # the epoch's end, or max_steps within it
                 if self.steps_left_in_epoch() == 0:
                     self.epoch, self.epoch_blocks = self.epoch + 1, 0
@@ -401,6 +470,9 @@ class Trainer:
                     improved = self._track_best(self.validate())
                 if self._save_due(at_end, improved):
                     self.save(ckpt)
+                if self.preempted:  # the signal came with the segment's last batch
+                    self._stop_for_preemption(ckpt)
+                    break
         bar.close()
         if self.pipeline is not None:
             self.pipeline.detach()

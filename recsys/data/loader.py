@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
     from recsys.config import Config
 
-_SHM_CLEANED = False
-
 
 def _split_dir(prepared_dir: str | Path, split: str) -> Path:
     if split not in SPLITS:
@@ -107,17 +105,6 @@ class BatchLoader(StreamingDataLoader):
         return int(self.batch_size)
 
 
-def clean_stale_shared_memory_once() -> None:
-    """Remove shared memory left by dead streaming processes; once per process, so a live dataset
-    created earlier in this process keeps its segments."""
-    global _SHM_CLEANED
-    if not _SHM_CLEANED:
-        from streaming.base.util import clean_stale_shared_memory
-
-        clean_stale_shared_memory()
-        _SHM_CLEANED = True
-
-
 def _require_process_group(world_size: int) -> None:
     """Under torchrun the process group must exist first: streaming would otherwise create and
     destroy its own twice on the same MASTER_PORT, which hangs the second rendezvous."""
@@ -129,6 +116,12 @@ def _require_process_group(world_size: int) -> None:
                 "WORLD_SIZE > 1 but no process group: call recsys.distributed.init_distributed() "
                 "before make_train_loader()"
             )
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def make_train_loader(
@@ -148,14 +141,17 @@ def make_train_loader(
         )
     blocks_per_batch = cfg.train.batch_size // meta.block_size
     _require_process_group(world_size)
-    clean_stale_shared_memory_once()
-    dataset = BlockDataset(
-        local=str(_split_dir(cfg.data.prepared_dir, split)),
-        shuffle=True,
-        shuffle_seed=cfg.data.shuffle_seed,
-        num_canonical_nodes=cfg.data.num_canonical_nodes,
-        batch_size=blocks_per_batch,
-    )
+    from recsys.data.shm import streaming_setup
+
+    # Jobs on one host take turns registering streaming's shared memory (see recsys.data.shm).
+    with streaming_setup(_barrier if world_size > 1 else None):
+        dataset = BlockDataset(
+            local=str(_split_dir(cfg.data.prepared_dir, split)),
+            shuffle=True,
+            shuffle_seed=cfg.data.shuffle_seed,
+            num_canonical_nodes=cfg.data.num_canonical_nodes,
+            batch_size=blocks_per_batch,
+        )
     import torch
 
     collate = functools.partial(

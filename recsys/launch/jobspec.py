@@ -7,6 +7,7 @@ The config the pods read is the resolved config with cluster paths (`cluster_con
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -83,6 +84,7 @@ class JobSpec:
     model_kind: str = ""
     config_name: str = ""
     extra_secrets: dict[str, list[str]] = field(default_factory=dict)  # name → keys, after `secret`
+    termination_grace_s: int = 30  # pod terminationGracePeriodSeconds (preemption checkpoint + exit)
 
     def secrets(self) -> list[tuple[str, list[str]]]:
         """Every Secret whose keys become optional env of the trainer: (name, keys), credentials first."""
@@ -161,7 +163,7 @@ def job_spec(cfg: Config) -> JobSpec:
         raise UserError(
             f"job.env: {', '.join(clash)} are set by the training operator for torchrun; remove them"
         )
-    for key in ("RECSYS_JOB_NAME", "RECSYS_IMAGE", "MLFLOW_TRACKING_URI"):
+    for key in ("RECSYS_JOB_NAME", "RECSYS_IMAGE", "MLFLOW_TRACKING_URI", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
         if key in job.env:
             raise UserError(f"job.env: {key} is set by recsys from the job section; remove it")
     size = job_size(job)  # the one reading of nodes × processes × GPUs, shared with every backend
@@ -170,10 +172,13 @@ def job_spec(cfg: Config) -> JobSpec:
     if size.gpus_per_node:
         requests["nvidia.com/gpu"] = str(size.gpus_per_node)
         limits["nvidia.com/gpu"] = str(size.gpus_per_node)
+    grace = preemption_grace(cfg)
     env = [
         ("MLFLOW_TRACKING_URI", job.mlflow_tracking_uri),
         ("RECSYS_JOB_NAME", job.name),
         ("RECSYS_IMAGE", job.image),
+        # torchrun waits this long for its workers after forwarding SIGTERM, then SIGKILLs them.
+        ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace["torchrun_shutdown_s"])),
         *sorted(job.env.items()),
     ]
     config_map = f"{job.name}-config"
@@ -220,4 +225,20 @@ def job_spec(cfg: Config) -> JobSpec:
         model_kind=cfg.model.kind,
         config_name=cfg.name,
         extra_secrets={k: list(v) for k, v in job.extra_secrets.items()},
+        termination_grace_s=grace["pod_s"],
     )
+
+
+#: Seconds between the trainer's own deadline and torchrun's SIGKILL, and between that and the pod's.
+GRACE_MARGIN_S = 5
+
+
+def preemption_grace(cfg: Config) -> dict[str, int]:
+    """The shutdown chain after SIGTERM: the trainer checkpoints and exits within preempt_grace_s,
+    torchrun SIGKILLs its workers 5 s later, the kubelet SIGKILLs the pod 5 s after that."""
+    trainer = math.ceil(cfg.train.checkpoint.preempt_grace_s)
+    return {
+        "trainer_s": trainer,
+        "torchrun_shutdown_s": trainer + GRACE_MARGIN_S,
+        "pod_s": trainer + 2 * GRACE_MARGIN_S,
+    }

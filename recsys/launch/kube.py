@@ -107,6 +107,9 @@ def _pod_spec_common(spec: JobSpec) -> dict[str, Any]:
         # The trainer never talks to the API server.
         "automountServiceAccountToken": False,
         "securityContext": _pod_security(),
+        # SIGTERM → checkpoint → exit 143 within train.checkpoint.preempt_grace_s; then torchrun's and
+        # the kubelet's SIGKILL, each 5 s later (jobspec.preemption_grace).
+        "terminationGracePeriodSeconds": spec.termination_grace_s,
     }
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)

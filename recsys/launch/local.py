@@ -146,6 +146,10 @@ def submit_local(cfg: Config, size: JobSize) -> LocalHandle:
     config_file.write_text(dump_config(cfg))
     cmd = torchrun_command(config_file, size.procs_per_node, cfg.job.backoff_limit, workdir / "results")
     env = dict(os.environ, RECSYS_JOB_NAME=cfg.job.name)
+    from recsys.launch.jobspec import preemption_grace
+
+    # As in the rendered pods: after SIGTERM torchrun gives its workers the trainer's grace + 5 s.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(preemption_grace(cfg)["torchrun_shutdown_s"]))
     if not size.gpus_per_proc:
         # job.gpus_per_node=0 is a CPU job, as a pod without a GPU request is: hide the GPUs.
         env["CUDA_VISIBLE_DEVICES"] = ""
