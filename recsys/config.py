@@ -233,6 +233,11 @@ class DataConfig(Strict):
     shuffle_seed: int = Field(
         17, description="Seed of the StreamingDataset shuffle and within-block shuffle."
     )
+    shuffle_window: int = Field(
+        1_048_576,
+        gt=0,
+        description="Train rows are shuffled within windows of this many source rows (bounded memory; the same on every prepare path).",
+    )
 
 
 # -------------------------------------------------------------------------------------------- model
