@@ -587,3 +587,35 @@ def prepare_on_spark(
 
     session = get_spark(spark)
     return prepare_dataframe(read_source_dataframe(session, cfg), cfg, overwrite=overwrite, remote=remote)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m recsys.data.spark_mds --config C`: the prepare as a Spark program (spark-submit, the
+    Spark Operator's SparkApplication): the master and resources come from the submit configuration."""
+    import argparse
+
+    from recsys.config import load_config
+    from recsys.errors import exit_status
+
+    p = argparse.ArgumentParser(prog="python -m recsys.data.spark_mds", description=main.__doc__)
+    p.add_argument("--config", required=True, help="a shipped config name or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="dotted.key=value override")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
+    p.add_argument("--remote", default=None, help="also upload to this object-store URI (s3://, dbfs:/ …)")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        cfg = load_config(args.config, args.overrides)
+        prepare_on_spark(cfg, overwrite=args.overwrite, remote=args.remote)
+        return 0
+
+    return exit_status(run)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # Run the imported module's main, so the UDFs Spark ships name recsys.data.spark_mds, not __main__.
+    from recsys.data.spark_mds import main as _main
+
+    sys.exit(_main())
