@@ -1,4 +1,4 @@
-"""`recsys bench data|train|checkpoint|recommend|quality`: commands that print throughput figures (never timed assertions)."""
+"""`recsys bench data|train|checkpoint|recommend|quality|spark-scale`: commands that print throughput figures (never timed assertions)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.quality import bench_quality
 
         bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
+    elif args.what == "spark-scale":
+        from recsys.bench.spark_scale import bench_spark_scale
+
+        bench_spark_scale(rows=args.rows)
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 

@@ -4,7 +4,8 @@ Generates Criteo-layout rows (label, I1..I13, C1..C26 as 8-hex-character ids) as
 row groups of --chunk rows (never more than one chunk in memory), then runs `prepare_on_spark` in a child
 process whose JVM starts with --driver-memory (local mode: the driver JVM also runs the tasks). Prints
 rows/s of the prepare, the driver JVM's peak RSS (VmHWM from /proc), the Python driver's peak RSS, and
-the prepared sizes. The data lives under .bench/ (git-ignored); pass --keep to reuse the generated file.
+the prepared sizes. The data lives under .bench/ (git-ignored) and is reused by the next run (--fresh
+regenerates it).
 """
 
 from __future__ import annotations
@@ -129,7 +130,14 @@ def run_prepare(config_path: Path) -> dict[str, Any]:
     }
 
 
-def bench_spark_scale(rows: int, chunk: int, driver_memory: str, out: Path, keep: bool) -> dict[str, Any]:
+def bench_spark_scale(
+    rows: int,
+    chunk: int = 1_000_000,
+    driver_memory: str = "1g",
+    out: Path = Path(".bench/spark-scale"),
+    keep: bool = True,
+    shuffle_partitions: int = 16,
+) -> dict[str, Any]:
     """Generate (or reuse, with keep) the rows, prepare them in a child process, print the figures."""
     from recsys.config import config_from_dict, dump_config
 
@@ -144,7 +152,11 @@ def bench_spark_scale(rows: int, chunk: int, driver_memory: str, out: Path, keep
     cfg_path.write_text(dump_config(config_from_dict(bench_config(parquet, out / "prepared"))))
     env = dict(os.environ)
     # The driver's heap is fixed when its JVM starts: spark-submit arguments, not a session setting.
-    env["PYSPARK_SUBMIT_ARGS"] = f"--driver-memory {driver_memory} pyspark-shell"
+    # Shuffle partitions: Spark's default 200 turns each of the prepare's ~20 shuffles into 200 tasks,
+    # seconds of scheduling for nothing on 2 cores.
+    env["PYSPARK_SUBMIT_ARGS"] = (
+        f"--driver-memory {driver_memory} --conf spark.sql.shuffle.partitions={shuffle_partitions} pyspark-shell"
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "recsys.bench.spark_scale", "--child", str(cfg_path)],
         env=env, capture_output=True, text=True, check=False,
@@ -163,7 +175,7 @@ def bench_spark_scale(rows: int, chunk: int, driver_memory: str, out: Path, keep
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m recsys.bench.spark_scale [--rows N] [--driver-memory 1g] [--keep]`."""
+    """`python -m recsys.bench.spark_scale [--rows N] [--driver-memory 1g] [--fresh]`."""
     p = argparse.ArgumentParser(prog="recsys bench spark-scale", description=__doc__)
     p.add_argument("--rows", type=int, default=10_000_000, help="rows to generate and prepare")
     p.add_argument("--chunk", type=int, default=1_000_000, help="rows generated at a time (one row group)")
@@ -171,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         "--driver-memory", default="1g", help="the driver JVM's heap (spark-submit --driver-memory)"
     )
     p.add_argument("--out", type=Path, default=Path(".bench/spark-scale"), help="where data and output go")
-    p.add_argument("--keep", action="store_true", help="reuse a generated Parquet file of the same size")
+    p.add_argument("--fresh", action="store_true", help="regenerate the Parquet file even if it exists")
+    p.add_argument("--shuffle-partitions", type=int, default=16, help="spark.sql.shuffle.partitions")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run_prepare(args.child)))
         return 0
-    bench_spark_scale(args.rows, args.chunk, args.driver_memory, args.out, args.keep)
+    bench_spark_scale(
+        args.rows, args.chunk, args.driver_memory, args.out, not args.fresh, args.shuffle_partitions
+    )
     return 0
 
 
