@@ -48,7 +48,7 @@ def test_sparkapplication_runs_the_spark_prepare_with_the_config_from_its_config
     )
     cfg = yaml.safe_load(cm["data"]["config.yaml"])
     assert cfg["data"]["source"]["path"] == "/data/raw/criteo/train.parquet"
-    assert cfg["data"]["prepared_dir"] == "/data/criteo-kaggle"
+    assert cfg["data"]["prepared_dir"] == "/data/criteo-kaggle-spark"
     assert {"name": "config", "configMap": {"name": cm["metadata"]["name"]}} in spec["volumes"]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "recsys-data"}} in spec["volumes"]
     job = load_config(TARGET.config, list(TARGET.overrides)).job.spark
