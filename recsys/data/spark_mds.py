@@ -65,6 +65,9 @@ _POS, _SPLIT, _LABEL, _DENSE, _SPARSE = "_pos", "_split", "_label", "_dense", "_
 _LOW33 = (1 << 33) - 1  # monotonically_increasing_id: partition index << 33 | record number
 MAX_BAD_EXAMPLES = 5
 BROADCAST_VOCAB = 200_000  # vocabularies up to this many ids are broadcast to the id → row joins
+# Vocabulary ids the driver holds at a time while writing vocab files (one fetched partition): a fixed
+# partition count, which adaptive execution does not coalesce into bigger fetches.
+VOCAB_IDS_PER_FETCH = 50_000
 BLOCKS_PER_TASK = 64  # blocks one dataframe_to_mds task writes (bounds the number of partition folders)
 
 
@@ -295,18 +298,23 @@ def _vocabularies(
     return vocab_df, sizes
 
 
-def write_vocab_files(vocab_df: DataFrame, paths: list[Path]) -> None:
-    """Stream the vocabularies to vocab files (line 0 the OOV token, line k the id of row k), one
-    partition at a time through the driver: never the whole vocabulary at once."""
+def write_vocab_files(vocab_df: DataFrame, paths: list[Path], total: int) -> None:
+    """Stream the vocabularies (`total` ids) to vocab files (line 0 the OOV token, line k the id of
+    row k), one partition of at most ~VOCAB_IDS_PER_FETCH ids at a time through the driver."""
     from recsys.data.metadata import OOV_TOKEN
 
-    ordered = vocab_df.select("j", "id", "row").orderBy("j", "row")
+    parts = max(1, math.ceil(total / VOCAB_IDS_PER_FETCH))
+    ordered = (
+        vocab_df.select("j", "id", "row")
+        .repartitionByRange(parts, "j", "row")
+        .sortWithinPartitions("j", "row")
+    )
     files = [open(p, "w", encoding="utf-8", newline="\n") for p in paths]  # noqa: SIM115 - closed below
     try:
         for f in files:
             f.write(OOV_TOKEN + "\n")
         expected = [1] * len(paths)
-        for r in ordered.toLocalIterator(prefetchPartitions=True):
+        for r in ordered.toLocalIterator():
             j, raw = int(r["j"]), r["id"]
             if "\n" in raw or "\r" in raw:
                 raise DataError(f"{paths[j]}: raw id {raw!r} contains a line break; it cannot be saved")
@@ -485,7 +493,7 @@ def prepare_dataframe(
         SparseFeature(name=c, num_embeddings=sizes.get(j, 0) + 1, vocab_file=vocab_file(c))
         for j, c in enumerate(sparse_cols)
     ]
-    write_vocab_files(vocab_df, [out / f.vocab_file for f in features])
+    write_vocab_files(vocab_df, [out / f.vocab_file for f in features], sum(sizes.values()))
     from streaming.base.converters import dataframe_to_mds
 
     shuffle_partitions = int(df.sparkSession.conf.get("spark.sql.shuffle.partitions") or 200)
