@@ -321,9 +321,12 @@ def _ctr_config(parquet: Path, prepared: Path, sparse: list[str], **data: Any) -
 
 
 def _ctr_parquet(path: Path, n: int, seed: int) -> Path:
-    """n rows: label, dense d, `pid` = the row's position as a unique id, `c` with 50 ids."""
+    """n rows: label, dense d, `pid` a unique id per row (16 hex digits of a hash of the position: as
+    incompressible as real ids, so a collect of them cannot hide under compression), `c` with 50 ids."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from recsys.data.splits import mix64
 
     rng = np.random.default_rng(seed)
     pq.write_table(
@@ -331,7 +334,7 @@ def _ctr_parquet(path: Path, n: int, seed: int) -> Path:
             {
                 "label": pa.array((rng.random(n) < 0.3).astype(np.int32)),
                 "d": pa.array(rng.integers(0, 100, n)),
-                "pid": pa.array([f"p{i}" for i in range(n)]),
+                "pid": pa.array([f"{h:016x}" for h in mix64(99, np.arange(n)).tolist()]),
                 "c": pa.array([f"c{v}" for v in rng.integers(0, 50, n)]),
             }
         ),
@@ -364,7 +367,8 @@ def test_split_and_train_order_follow_the_shared_row_rule(spark: Any, tmp_path: 
     # pid only counts on train: val/test ids are out of vocabulary, so trace them by their split rank.
     vocab = Vocab.load(out / meta.sparse_features[0].vocab_file)
     train = read_split_arrays(out, "train")
-    got = np.array([int(vocab.raw(int(r))[1:]) for r in train["sparse"][:, 0]])
+    pos_of = {f"{h:016x}": i for i, h in enumerate(S.mix64(99, pos).tolist())}
+    got = np.array([pos_of[vocab.raw(int(r))] for r in train["sparse"][:, 0]])
     mine = pos[want_split == S.TRAIN]
     order = np.lexsort((S.shuffle_keys(5, mine), mine // window))
     np.testing.assert_array_equal(got, mine[order])
@@ -385,7 +389,7 @@ def test_split_and_train_order_follow_the_shared_row_rule(spark: Any, tmp_path: 
 @pytest.mark.slow
 def test_driver_collects_nothing_that_grows_with_rows(tmp_path: Path) -> None:
     """The prepare as a Spark program under a capped driver: 512m heap and spark.driver.maxResultSize
-    3m, so any collect of per-row data (300k rows) or of a whole vocabulary (~240k ids of `pid`) fails
+    1m (Spark's least), so any collect of per-row data (300k rows) or of a whole vocabulary (~240k ids of `pid`) fails
     the job. Broadcasts also pass through the driver: they stay below autoBroadcastJoinThreshold (a
     setting, here 1m) and spark_mds.BROADCAST_VOCAB. It must finish and write what the file-based
     prepare writes for the same rows."""
@@ -398,7 +402,7 @@ def test_driver_collects_nothing_that_grows_with_rows(tmp_path: Path) -> None:
     (tmp_path / "cfg.yaml").write_text(dump_config(cfg))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env["PYSPARK_SUBMIT_ARGS"] = (
-        "--master local[2] --driver-memory 512m --conf spark.driver.maxResultSize=3m "
+        "--master local[2] --driver-memory 512m --conf spark.driver.maxResultSize=1m "
         "--conf spark.sql.autoBroadcastJoinThreshold=1m --conf spark.sql.shuffle.partitions=8 "
         "--conf spark.ui.enabled=false pyspark-shell"
     )

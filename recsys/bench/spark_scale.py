@@ -1,7 +1,7 @@
 """`recsys bench spark-scale`: the Spark prepare on local[2] with a capped driver, at ≥ 10M rows.
 
 Generates Criteo-layout rows (label, I1..I13, C1..C26 as 8-hex-character ids) as one Parquet file in
-row groups of --chunk rows (never more than one chunk in memory), then runs `prepare_on_spark` in a child
+row groups of 100,000 rows (never more than --chunk rows in memory), then runs `prepare_on_spark` in a child
 process whose JVM starts with --driver-memory (local mode: the driver JVM also runs the tasks). Prints
 rows/s of the prepare, the driver JVM's peak RSS (VmHWM from /proc), the Python driver's peak RSS, and
 the prepared sizes. The data lives under .bench/ (git-ignored) and is reused by the next run (--fresh
@@ -30,6 +30,9 @@ CARDINALITY = [1_000, 500, 2_000_000, 300_000, 300, 20, 12_000, 600, 3, 90_000, 
                25, 14_000, 1_000_000, 10, 5_000, 2_000, 4, 1_200_000, 15, 15, 200_000, 80, 40_000]  # fmt: skip
 
 
+ROW_GROUP = 100_000
+
+
 def _hex_ids(card: int, seed: int) -> Any:
     """`card` distinct 8-hex-character ids (as Criteo's), in a fixed random order."""
     import pyarrow as pa
@@ -39,7 +42,7 @@ def _hex_ids(card: int, seed: int) -> Any:
 
 
 def generate(path: Path, rows: int, chunk: int, seed: int = 0) -> None:
-    """Write `rows` Criteo-layout rows to one Parquet file, `chunk` rows per row group."""
+    """Write `rows` Criteo-layout rows to one Parquet file, generated `chunk` rows at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -60,7 +63,9 @@ def generate(path: Path, rows: int, chunk: int, seed: int = 0) -> None:
                 # Skewed popularity: low codes are frequent; 5% missing.
                 idx = np.minimum((card * rng.random(n) ** 3).astype(np.int64), card - 1)
                 cols.append(vocab[j].take(pa.array(idx, mask=rng.random(n) < 0.05)))
-            writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=n)
+            # Row groups of ROW_GROUP rows: Spark splits a Parquet file at row-group boundaries only, and
+            # with local[2] every task runs inside the capped driver JVM.
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=ROW_GROUP)
     tmp.rename(path)
 
 
@@ -142,7 +147,7 @@ def bench_spark_scale(
     from recsys.config import config_from_dict, dump_config
 
     out.mkdir(parents=True, exist_ok=True)
-    parquet = out / f"criteo-{rows}.parquet"
+    parquet = out / f"criteo-{rows}-rg{ROW_GROUP}.parquet"
     if not (keep and parquet.exists()):
         start = time.perf_counter()
         generate(parquet, rows, chunk)
@@ -155,7 +160,8 @@ def bench_spark_scale(
     # Shuffle partitions: Spark's default 200 turns each of the prepare's ~20 shuffles into 200 tasks,
     # seconds of scheduling for nothing on 2 cores.
     env["PYSPARK_SUBMIT_ARGS"] = (
-        f"--driver-memory {driver_memory} --conf spark.sql.shuffle.partitions={shuffle_partitions} pyspark-shell"
+        f"--driver-memory {driver_memory} --conf spark.sql.shuffle.partitions={shuffle_partitions} "
+        "--conf spark.sql.files.maxPartitionBytes=8m pyspark-shell"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "recsys.bench.spark_scale", "--child", str(cfg_path)],

@@ -67,7 +67,7 @@ MAX_BAD_EXAMPLES = 5
 BROADCAST_VOCAB = 200_000  # vocabularies up to this many ids are broadcast to the id → row joins
 # Vocabulary ids the driver holds at a time while writing vocab files (one fetched partition): a fixed
 # partition count, which adaptive execution does not coalesce into bigger fetches.
-VOCAB_IDS_PER_FETCH = 50_000
+VOCAB_IDS_PER_FETCH = 20_000
 BLOCKS_PER_TASK = 64  # blocks one dataframe_to_mds task writes (bounds the number of partition folders)
 
 
