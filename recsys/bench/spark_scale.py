@@ -168,7 +168,8 @@ def bench_spark_scale(
         env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
-        raise RuntimeError(f"the Spark prepare failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "Exception" in ln][:10]
+        raise RuntimeError(f"the Spark prepare failed (exit {proc.returncode}):\n" + "\n".join(errors))
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     mib = 2**20
     print(

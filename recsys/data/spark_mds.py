@@ -64,7 +64,11 @@ if TYPE_CHECKING:
 _POS, _SPLIT, _LABEL, _DENSE, _SPARSE = "_pos", "_split", "_label", "_dense", "_sparse"
 _LOW33 = (1 << 33) - 1  # monotonically_increasing_id: partition index << 33 | record number
 MAX_BAD_EXAMPLES = 5
-BROADCAST_VOCAB = 200_000  # vocabularies up to this many ids are broadcast to the id → row joins
+BROADCAST_VOCAB = 100_000  # vocabularies up to this many ids are broadcast to the id → row joins
+# Frames with a row per input row are kept on disk: in memory they would crowd out what is not under
+# Spark's memory manager (broadcast vocabularies are built on the driver; in local mode the tasks share the
+# driver's heap too), and a 1g local[2] driver ran out of memory building broadcasts beside them.
+ROWS_STORAGE = "DISK_ONLY"  # a pyspark.StorageLevel name (pyspark is imported lazily)
 # Vocabulary ids the driver holds at a time while writing vocab files (one fetched partition): a fixed
 # partition count, which adaptive execution does not coalesce into bigger fetches.
 VOCAB_IDS_PER_FETCH = 20_000
@@ -104,7 +108,9 @@ def _with_positions(df: DataFrame, cached: list[DataFrame]) -> DataFrame:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    tagged = df.withColumn("_mid", F.monotonically_increasing_id()).persist(StorageLevel.MEMORY_AND_DISK)
+    tagged = df.withColumn("_mid", F.monotonically_increasing_id()).persist(
+        getattr(StorageLevel, ROWS_STORAGE)
+    )
     cached.append(tagged)
     counts = tagged.groupBy(F.shiftright("_mid", 33).alias("p")).count().orderBy("p").collect()
     offsets, total = [], 0
@@ -425,7 +431,7 @@ def prepare_dataframe(
         )
     from pyspark import StorageLevel
 
-    split_df = staged.withColumn(_SPLIT, split_col).persist(StorageLevel.MEMORY_AND_DISK)
+    split_df = staged.withColumn(_SPLIT, split_col).persist(getattr(StorageLevel, ROWS_STORAGE))
     is_train = F.col(_SPLIT) == S.TRAIN
 
     # ---- labels (data.label), the same rules as prepare.binarize
@@ -478,7 +484,7 @@ def prepare_dataframe(
         F.array(*[F.coalesce(F.col(f"_r{j}"), F.lit(0)).cast("long") for j in range(len(ids))]).alias(
             _SPARSE
         ),
-    ).persist(StorageLevel.MEMORY_AND_DISK)
+    ).persist(getattr(StorageLevel, ROWS_STORAGE))
     stats = {
         int(r[_SPLIT]): (int(r["rows"]), int(r["pos"]))
         for r in rows.groupBy(_SPLIT)
@@ -507,7 +513,7 @@ def prepare_dataframe(
         cfg.data.shuffle_window,
         cached,
     )
-    all_blocks = all_blocks.persist(StorageLevel.MEMORY_AND_DISK)
+    all_blocks = all_blocks.persist(getattr(StorageLevel, ROWS_STORAGE))
     for split_name, code in zip(SPLITS, (S.TRAIN, S.VAL, S.TEST), strict=True):
         count, positives = stats.get(code, (0, 0))
         num_blocks = math.ceil(count / cfg.data.block_size)
