@@ -68,6 +68,9 @@ bench-scale: install ## recsys data prepare at 1M, 4M, 16M Criteo-layout rows: r
 bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds, mechanism ablation (~20 min)
 	$(PY) -m recsys bench quality --record
 
+bench-spark-scale: install ## Spark prepare of 10M Criteo-layout rows on local[2] with a 1g driver: rows/s, driver JVM and Python peak RSS
+	$(PY) -m recsys bench spark-scale --rows 10000000
+
 manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml, manifests/synth/) from the shipped configs
 	$(PY) -m recsys.launch.manifests
 

@@ -229,7 +229,15 @@ def _serve_render(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- render / launch
 def _render(args: argparse.Namespace) -> int:
     from recsys.launch.kube import render_command, render_to_file
+    from recsys.launch.spark_app import check_backend_choice
 
+    check_backend_choice(args.backend, args.data_prep)
+    if args.data_prep:
+        from recsys.launch import spark_app
+
+        cmd = spark_app.render_command(args.config, args.overrides, args.output)
+        spark_app.render_to_file(_resolve(args), out=args.output, generated_by=cmd)
+        return 0
     # The file's first line names the command that reproduces it.
     cmd = render_command(args.config, args.backend, args.overrides, args.output)
     render_to_file(_resolve(args), backend=args.backend, out=args.output, generated_by=cmd)
@@ -478,8 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--parallel", type=int, default=2, help="Katib parallelTrialCount")
 
-    p = add(sub, "render", _render, "render Kubernetes manifests (ConfigMap + PyTorchJob or TrainJob)")
-    p.add_argument("--backend", choices=["pytorchjob", "trainjob"], required=True)
+    p = add(
+        sub,
+        "render",
+        _render,
+        "render Kubernetes manifests (ConfigMap + PyTorchJob or TrainJob; or the Spark prepare's SparkApplication)",
+    )
+    p.add_argument("--backend", choices=["pytorchjob", "trainjob"], default=None)
+    p.add_argument(
+        "--data-prep",
+        choices=["spark"],
+        default=None,
+        help="render the data prepare instead: a Kubeflow Spark Operator SparkApplication",
+    )
     p.add_argument("-o", "--output", default="-", help="output file ('-' for stdout)")
 
     p = add(
@@ -507,7 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
     p.add_argument(
-        "what", choices=["data", "train", "checkpoint", "recommend", "quality", "tables", "prepare-scale"]
+        "what",
+        choices=[
+            "data",
+            "train",
+            "checkpoint",
+            "recommend",
+            "quality",
+            "tables",
+            "prepare-scale",
+            "spark-scale",
+        ],
     )
     p.add_argument(
         "--record",
@@ -519,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows",
         type=int,
         default=None,
-        help="rows to convert and read (data: 1M), to generate (tables: 600k)",
+        help="rows to convert and read (data: 1M), to generate (tables: 600k), to prepare (spark-scale: 10M)",
     )
     p.add_argument("--cardinality", type=int, default=1000, help="values per sparse feature (tables)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs per table setting (tables)")

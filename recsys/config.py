@@ -243,6 +243,11 @@ class DataConfig(Strict):
     shuffle_seed: int = Field(
         17, description="Seed of the StreamingDataset shuffle and within-block shuffle."
     )
+    shuffle_window: int = Field(
+        1_048_576,
+        gt=0,
+        description="Train rows are shuffled within windows of this many source rows (bounded memory; the same on every prepare path).",
+    )
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -557,6 +562,33 @@ class Toleration(Strict):
     effect: str | None = Field(None, description="Taint effect (NoSchedule, …).")
 
 
+class SparkAppConfig(Strict):
+    """The Spark prepare as a Kubeflow Spark Operator SparkApplication (`recsys render --data-prep spark`)."""
+
+    image: str = Field(
+        "ghcr.io/recsys/trainer:0.1.0-spark",
+        description="Driver and executor image: recsys and its locked packages plus Java 17 and Spark's "
+        "Kubernetes entrypoint (/opt/entrypoint.sh), as Spark's own images have.",
+    )
+    spark_version: str = Field("4.3.0", description="Spark version of the image (the pinned pyspark).")
+    driver_cores: int = Field(1, ge=1, description="CPU cores of the driver pod.")
+    driver_memory: str = Field(
+        "2g", description="Driver JVM heap: it holds no per-row data (bench spark-scale ran local[2] in 1g)."
+    )
+    executor_instances: int = Field(2, ge=1, description="Executor pods.")
+    executor_cores: int = Field(4, ge=1, description="CPU cores (concurrent tasks) per executor.")
+    executor_memory: str = Field("8g", description="JVM heap per executor (sorts and joins spill beyond it).")
+    service_account: str = Field(
+        "spark-operator-spark",
+        description="ServiceAccount of the driver, allowed to create executor pods (the Spark Operator "
+        "Helm chart's default for job namespaces).",
+    )
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra Spark properties (sparkConf), e.g. spark.sql.shuffle.partitions.",
+    )
+
+
 class JobConfig(Strict):
     """How big the job is and where it runs; the trainer reads rank/world from the environment."""
 
@@ -607,6 +639,9 @@ class JobConfig(Strict):
     )
     ttl_seconds_after_finished: int = Field(86400, ge=0, description="Seconds a finished job is kept.")
     service_account: str = Field("recsys-trainer", description="ServiceAccount of the pods.")
+    spark: SparkAppConfig = Field(
+        default_factory=SparkAppConfig, description="The Spark prepare's SparkApplication (Spark Operator)."
+    )
 
 
 # --------------------------------------------------------------------------------------------- root

@@ -39,9 +39,9 @@ def test_first_line_command_reproduces_the_file(target, tmp_path: Path) -> None:
 
 
 def test_a_stale_file_is_detected(tmp_path: Path) -> None:
-    from recsys.launch.manifests import stale
+    from recsys.launch.manifests import GENERATED, stale
 
-    for t in TARGETS:
+    for t in GENERATED:
         (tmp_path / t.path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / t.path).write_text(render_target(t))
     assert stale(tmp_path) == []

@@ -295,3 +295,126 @@ def test_cli_prepare_with_spark_equals_file_prepare(
     assert_same_prepared(spark_prepared, out)
     # A second run refuses to overwrite, in one line, exit status 2.
     assert main(["data", "prepare", "--config", str(cfg_path), "--spark"]) == 2
+
+
+def _ctr_config(parquet: Path, prepared: Path, sparse: list[str], **data: Any) -> Config:
+    """A CTR `table` source (label, one dense, the given sparse columns), random split."""
+    return config_from_dict(
+        {
+            "name": "spark-rule",
+            "data": {
+                "source": {
+                    "kind": "table",
+                    "path": str(parquet),
+                    "label": "label",
+                    "dense": ["d"],
+                    "sparse": sparse,
+                },
+                "prepared_dir": str(prepared),
+                "label": {"mode": "as_is"},
+                "split": {"mode": "random", "val_fraction": 0.1, "test_fraction": 0.1, "seed": 5},
+                **data,
+            },
+            "model": {"kind": "dlrm", "embedding_dim": 64},
+        }
+    )
+
+
+def _ctr_parquet(path: Path, n: int, seed: int) -> Path:
+    """n rows: label, dense d, `pid` a unique id per row (16 hex digits of a hash of the position: as
+    incompressible as real ids, so a collect of them cannot hide under compression), `c` with 50 ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys.data.splits import mix64
+
+    rng = np.random.default_rng(seed)
+    pq.write_table(
+        pa.table(
+            {
+                "label": pa.array((rng.random(n) < 0.3).astype(np.int32)),
+                "d": pa.array(rng.integers(0, 100, n)),
+                "pid": pa.array([f"{h:016x}" for h in mix64(99, np.arange(n)).tolist()]),
+                "c": pa.array([f"c{v}" for v in rng.integers(0, 50, n)]),
+            }
+        ),
+        path,
+        row_group_size=max(1, n // 7),
+    )
+    return path
+
+
+@needs_spark
+def test_split_and_train_order_follow_the_shared_row_rule(spark: Any, tmp_path: Path) -> None:
+    """Each row's split is splits.random_split_at(position); val/test keep source order; train is
+    ordered by (position // data.shuffle_window, splits.shuffle_keys(seed, position)) — the rule every
+    prepare path shares. A unique id per row (its position) lets the output be traced back to the input."""
+    import pyarrow.parquet as pq
+
+    from recsys.data import splits as S
+    from recsys.data.loader import read_split_arrays
+    from recsys.data.readers import log1p_dense
+    from recsys.data.spark_mds import prepare_dataframe
+    from recsys.data.vocab import Vocab
+
+    n, window = 1500, 100
+    parquet = _ctr_parquet(tmp_path / "rows.parquet", n, seed=2)
+    out = tmp_path / "out"
+    cfg = _ctr_config(parquet, out, ["pid", "c"], block_size=32, shuffle_window=window)
+    meta = prepare_dataframe(spark.read.parquet(str(parquet)), cfg)
+    pos = np.arange(n)
+    want_split = S.random_split_at(pos, 0.1, 0.1, 5)
+    # pid only counts on train: val/test ids are out of vocabulary, so trace them by their split rank.
+    vocab = Vocab.load(out / meta.sparse_features[0].vocab_file)
+    train = read_split_arrays(out, "train")
+    pos_of = {f"{h:016x}": i for i, h in enumerate(S.mix64(99, pos).tolist())}
+    got = np.array([pos_of[vocab.raw(int(r))] for r in train["sparse"][:, 0]])
+    mine = pos[want_split == S.TRAIN]
+    order = np.lexsort((S.shuffle_keys(5, mine), mine // window))
+    np.testing.assert_array_equal(got, mine[order])
+    # val/test: the rows where the rule says, in source order (label and dense value row by row).
+    source = pq.read_table(parquet)
+    for name, code in (("val", S.VAL), ("test", S.TEST)):
+        keep = pos[want_split == code]
+        assert meta.splits[name].rows == len(keep) > 0
+        rows = read_split_arrays(out, name)
+        np.testing.assert_array_equal(
+            rows["label"], source.column("label").to_numpy()[keep].astype(np.float32)
+        )
+        dense = log1p_dense(source.column("d").to_numpy()[keep].astype(np.float64)[:, None])
+        np.testing.assert_array_equal(rows["dense"], dense, err_msg=name)
+
+
+@needs_spark
+@pytest.mark.slow
+def test_driver_collects_nothing_that_grows_with_rows(tmp_path: Path) -> None:
+    """The prepare as a Spark program under a capped driver: 512m heap and spark.driver.maxResultSize
+    1m (Spark's least), so any collect of per-row data (300k rows) or of a whole vocabulary (~240k ids of `pid`) fails
+    the job. Broadcasts also pass through the driver: they stay below autoBroadcastJoinThreshold (a
+    setting, here 1m) and spark_mds.BROADCAST_VOCAB. It must finish and write what the file-based
+    prepare writes for the same rows."""
+    from recsys.config import dump_config
+    from recsys.data.prepare import prepare
+
+    n = 300_000
+    parquet = _ctr_parquet(tmp_path / "rows.parquet", n, seed=3)
+    cfg = _ctr_config(parquet, tmp_path / "spark", ["pid", "c"], block_size=256)
+    (tmp_path / "cfg.yaml").write_text(dump_config(cfg))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env["PYSPARK_SUBMIT_ARGS"] = (
+        "--master local[2] --driver-memory 512m --conf spark.driver.maxResultSize=1m "
+        "--conf spark.sql.autoBroadcastJoinThreshold=1m --conf spark.sql.shuffle.partitions=8 "
+        "--conf spark.ui.enabled=false pyspark-shell"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys.data.spark_mds", "--config", str(tmp_path / "cfg.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    errors = [ln for ln in proc.stderr.splitlines() if "Exception" in ln or "Error" in ln]
+    assert proc.returncode == 0, "\n".join(errors[:10]) or proc.stderr[-3000:]
+    prepare(_ctr_config(parquet, tmp_path / "file", ["pid", "c"], block_size=256), overwrite=False)
+    assert_same_prepared(tmp_path / "file", tmp_path / "spark")

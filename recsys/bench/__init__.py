@@ -28,6 +28,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.prepare_scale import bench_prepare_scale, parse_sizes
 
         bench_prepare_scale(parse_sizes(args.sizes))
+    elif args.what == "spark-scale":
+        from recsys.bench.spark_scale import bench_spark_scale
+
+        bench_spark_scale(rows=args.rows or 10_000_000)
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 

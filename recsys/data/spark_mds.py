@@ -2,23 +2,26 @@
 
 Same layout (recsys.data.metadata): vocab/<feature>.txt, train/ val/ test/ MDS block datasets,
 metadata.json last. Same rules, shared with the file-based path where they are functions:
-labels (data.label), splits (data.split: random via `splits.random_split`, leave_last_n by the same
-rule as `splits.leave_last_n`), vocabularies fit on train (`vocab.Vocab`; count ≥ min_count, rows
-ordered by descending count then id bytes), dense log1p (`readers.log1p_dense`), MDS columns and
-blocks (`metadata.MDS_COLUMNS`; all blocks full but the last of a split).
+labels (data.label), splits (data.split: random decided per row by `splits.random_split_at` from
+(seed, position), leave_last_n by the same rule as `splits.leave_last_n`), vocabularies fit on train
+(count ≥ min_count, rows ordered by descending count then id bytes, as `vocab.fit_encoded`), dense
+log1p (`readers.log1p_dense`), MDS columns and blocks (`metadata.MDS_COLUMNS`; all blocks full but the
+last of a split).
 
-What Spark does (distributed): reading, row positions, bad-row checks, leave-last-n windows, label
-statistics, vocabulary counting (one groupBy over all features) and row numbering, id → row mapping
-(joins), ordering and blocking rows (a block = one DataFrame row built by groupBy(block id) +
-collect_list), and writing: `streaming.base.converters.dataframe_to_mds` runs an MDSWriter per
-partition (out/<task attempt id>/) and merges their index.json into out/index.json, in block order.
-What the driver does: the seeded random split (`random_split` permutes all n positions; the int8
-assignment is broadcast: 1 byte per row), writing vocab files and metadata.json.
+Everything that grows with the rows runs on the executors: reading, row positions, bad-row checks,
+the split (a pandas UDF of the position), leave-last-n windows, label statistics, vocabulary counting
+(one groupBy over all features) and numbering (one global sort, then a position in that order),
+id → row mapping (joins), ordering and blocking rows (a block = one DataFrame row built by
+groupBy(block id) + collect_list), and writing: `streaming.base.converters.dataframe_to_mds` runs an
+MDSWriter per partition (out/<task attempt id>/) and merges their index.json into out/index.json, in
+block order. The driver only collects what grows with partitions or features (rows per partition,
+ids per feature, rows per split), streams the vocab files partition by partition
+(`toLocalIterator`), and writes metadata.json: its memory does not depend on the row count.
 
 Row order: "source order" is the DataFrame's order (one Parquet file read by Spark keeps its row
-order). val/test keep it, so their blocks equal the file-based ones row for row. train is shuffled by
-a hash of (split.seed + 1, position) rather than the file-based numpy permutation, so train holds the
-same rows in another order (a global numpy permutation does not scale to Spark-sized data).
+order). val/test keep it. train is ordered by (position // data.shuffle_window,
+`splits.shuffle_keys`(split.seed, position)): shuffled within windows of source rows, the rule every
+prepare path shares.
 
 Where it writes: `data.prepared_dir` is a local path as seen by the driver *and* the executors. On
 Databricks, Unity Catalog Volumes (/Volumes/<catalog>/<schema>/<volume>/…) are FUSE-mounted on every
@@ -26,6 +29,9 @@ node, so they are written as local paths (streaming logs that it treats them as 
 intended). For object stores (s3://, gs://, dbfs:/Volumes/… through the Databricks SDK) pass
 `remote=`: each executor stages its shards under prepared_dir and streaming uploads them, then the
 merged index, vocab files and metadata.json are uploaded too. The trainer reads local/FUSE paths.
+
+Run as a program (the entry of the Spark Operator's SparkApplication, or `spark-submit`):
+`python -m recsys.data.spark_mds --config CONFIG [--overwrite] [--remote URI]`.
 """
 
 from __future__ import annotations
@@ -58,7 +64,14 @@ if TYPE_CHECKING:
 _POS, _SPLIT, _LABEL, _DENSE, _SPARSE = "_pos", "_split", "_label", "_dense", "_sparse"
 _LOW33 = (1 << 33) - 1  # monotonically_increasing_id: partition index << 33 | record number
 MAX_BAD_EXAMPLES = 5
-BROADCAST_VOCAB = 200_000  # vocabularies up to this many ids are broadcast to the id → row joins
+BROADCAST_VOCAB = 100_000  # vocabularies up to this many ids are broadcast to the id → row joins
+# Frames with a row per input row are kept on disk: in memory they would crowd out what is not under
+# Spark's memory manager (broadcast vocabularies are built on the driver; in local mode the tasks share the
+# driver's heap too), and a 1g local[2] driver ran out of memory building broadcasts beside them.
+ROWS_STORAGE = "DISK_ONLY"  # a pyspark.StorageLevel name (pyspark is imported lazily)
+# Vocabulary ids the driver holds at a time while writing vocab files (one fetched partition): a fixed
+# partition count, which adaptive execution does not coalesce into bigger fetches.
+VOCAB_IDS_PER_FETCH = 20_000
 BLOCKS_PER_TASK = 64  # blocks one dataframe_to_mds task writes (bounds the number of partition folders)
 
 
@@ -89,12 +102,16 @@ def read_source_dataframe(spark: SparkSession, cfg: Config) -> DataFrame:
 
 
 # -------------------------------------------------------------------------------------- helpers
-def _with_positions(df: DataFrame) -> DataFrame:
-    """df plus _pos: 0..n-1 in the DataFrame's order (partition order, then row order within)."""
+def _with_positions(df: DataFrame, cached: list[DataFrame]) -> DataFrame:
+    """df plus _pos: 0..n-1 in the DataFrame's order (partition order, then row order within); the
+    persisted frame it numbers is added to `cached` for the caller to release."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    tagged = df.withColumn("_mid", F.monotonically_increasing_id()).persist(StorageLevel.MEMORY_AND_DISK)
+    tagged = df.withColumn("_mid", F.monotonically_increasing_id()).persist(
+        getattr(StorageLevel, ROWS_STORAGE)
+    )
+    cached.append(tagged)
     counts = tagged.groupBy(F.shiftright("_mid", 33).alias("p")).count().orderBy("p").collect()
     offsets, total = [], 0
     for row in counts:
@@ -181,22 +198,69 @@ def block_records(pdf: Any, dense_dim: int, sparse_dim: int) -> list[dict[str, n
     return out
 
 
-def _blocks(rows: DataFrame, counts: dict[int, int], block_size: int, seed: int) -> DataFrame:
+def _random_split_column(pos: Column, val_fraction: float, test_fraction: float, seed: int) -> Column:
+    """The seeded random split of every row (int8), decided on the executors from its position alone
+    by `splits.random_split_at`: the same rule as the file-based prepare, nothing sent per row."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    S.random_split_at(np.zeros(0, np.int64), val_fraction, test_fraction, seed)  # bad fractions: say so here
+
+    def split_of(p: pd.Series) -> pd.Series:
+        return pd.Series(S.random_split_at(p.to_numpy(), val_fraction, test_fraction, seed), dtype="int8")
+
+    # Real classes, not the postponed strings of this module: pandas_udf reads the hints.
+    split_of.__annotations__ = {"p": pd.Series, "return": pd.Series}
+    return F.pandas_udf(split_of, "byte")(pos)
+
+
+def signed_order(keys: np.ndarray) -> np.ndarray:
+    """uint64 keys as int64 that sort the same way (Spark has no unsigned long): flip the top bit."""
+    return (np.asarray(keys, dtype=np.uint64) ^ np.uint64(1 << 63)).view(np.int64)
+
+
+def _shuffle_key_column(pos: Column, seed: int) -> Column:
+    """`splits.shuffle_keys`(seed, position) as a Spark long that sorts like the uint64 key."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    def key_of(p: pd.Series) -> pd.Series:
+        return pd.Series(signed_order(S.shuffle_keys(seed, p.to_numpy())))
+
+    key_of.__annotations__ = {"p": pd.Series, "return": pd.Series}
+    return F.pandas_udf(key_of, "long")(pos)
+
+
+def _offsets(sizes: dict[int, int], keys: list[int], col: Column) -> Column:
+    """The first global index of `col`'s group, from the group sizes in `keys` order (a literal map)."""
+    from pyspark.sql import functions as F
+
+    pairs, total = [], 0
+    for k in keys:
+        pairs += [F.lit(k), F.lit(total)]
+        total += sizes.get(k, 0)
+    return F.element_at(F.create_map(*pairs), col) if pairs else F.lit(0)
+
+
+def _blocks(
+    rows: DataFrame, counts: dict[int, int], block_size: int, seed: int, window: int, cached: list[DataFrame]
+) -> DataFrame:
     """Rows of all splits → one DataFrame row per (split, block): columns _split, _block, and the
-    block's rows as flattened arrays. One global sort orders train by a hash of (seed, position) —
-    a random sample per block, reproducible without a global permutation — and val/test by
-    position; a row's index in its split is its position in that order minus the split's offset."""
+    block's rows as flattened arrays. One global sort orders train by (position // window,
+    shuffle key) and val/test by position; a row's index in its split is its position in that
+    order minus the split's offset."""
     from pyspark.sql import functions as F
 
     src = F.col("_src")
-    key = F.when(F.col(_SPLIT) == S.TRAIN, F.xxhash64(F.lit(seed), src)).otherwise(src)
-    by_order = rows.withColumnRenamed(_POS, "_src").withColumn("_key", key)
-    ranked = _with_positions(by_order.orderBy(_SPLIT, "_key", "_src"))  # _pos: index in that order
-    offsets, total = [], 0
-    for code in (S.TRAIN, S.VAL, S.TEST):
-        offsets += [F.lit(code), F.lit(total)]
-        total += counts.get(code, 0)
-    idx = F.col(_POS) - F.element_at(F.create_map(*offsets), F.col(_SPLIT))
+    train = F.col(_SPLIT) == S.TRAIN
+    by_order = (
+        rows.withColumnRenamed(_POS, "_src")
+        .withColumn("_win", F.when(train, F.expr(f"_src div {int(window)}")).otherwise(F.lit(0)).cast("long"))
+        .withColumn("_key", F.when(train, _shuffle_key_column(src, seed)).otherwise(src))
+    )
+    # _pos: index in that order
+    ranked = _with_positions(by_order.orderBy(_SPLIT, "_win", "_key", "_src"), cached)
+    idx = F.col(_POS) - _offsets(counts, [S.TRAIN, S.VAL, S.TEST], F.col(_SPLIT))
     packed = ranked.groupBy(_SPLIT, F.floor(idx / block_size).cast("long").alias("_block")).agg(
         F.sort_array(F.collect_list(F.struct(idx.alias("_idx"), _LABEL, _DENSE, _SPARSE))).alias("r")
     )
@@ -207,6 +271,66 @@ def _blocks(rows: DataFrame, counts: dict[int, int], block_size: int, seed: int)
         F.flatten(F.col(f"r.{_DENSE}")).alias(_DENSE),
         F.flatten(F.col(f"r.{_SPARSE}")).alias(_SPARSE),
     )
+
+
+def _vocabularies(
+    split_df: DataFrame, features: int, min_count: int, cached: list[DataFrame]
+) -> tuple[DataFrame, dict[int, int]]:
+    """Vocabularies fit on train, numbered on the executors: (j, id, count, row) with row 1.. in the
+    order of `vocab.fit_encoded` (count desc, then id bytes), and the kept ids per feature.
+
+    One groupBy counts (feature, id) pairs; one global sort by (feature, count desc, id) and a
+    position in that order (`_with_positions`: a count per partition reaches the driver) number them."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    pairs = (
+        split_df.filter(F.col(_SPLIT) == S.TRAIN)
+        .select(
+            F.explode(
+                F.array(
+                    *[F.struct(F.lit(j).alias("j"), F.col(f"_s{j}").alias("id")) for j in range(features)]
+                )
+            ).alias("p")
+        )
+        .select("p.j", "p.id")
+    )
+    counts = pairs.filter(F.col("id").isNotNull()).groupBy("j", "id").count()
+    kept = counts.filter(F.col("count") >= min_count)
+    numbered = _with_positions(kept.orderBy("j", F.col("count").desc(), F.col("id").asc()), cached)
+    sizes = {int(r["j"]): int(r["count"]) for r in numbered.groupBy("j").count().collect()}
+    row = F.col(_POS) - _offsets(sizes, list(range(features)), F.col("j")) + 1
+    vocab_df = numbered.select("j", "id", row.cast("long").alias("row")).persist(StorageLevel.MEMORY_AND_DISK)
+    return vocab_df, sizes
+
+
+def write_vocab_files(vocab_df: DataFrame, paths: list[Path], total: int) -> None:
+    """Stream the vocabularies (`total` ids) to vocab files (line 0 the OOV token, line k the id of
+    row k), one partition of at most ~VOCAB_IDS_PER_FETCH ids at a time through the driver."""
+    from recsys.data.metadata import OOV_TOKEN
+
+    parts = max(1, math.ceil(total / VOCAB_IDS_PER_FETCH))
+    ordered = (
+        vocab_df.select("j", "id", "row")
+        .repartitionByRange(parts, "j", "row")
+        .sortWithinPartitions("j", "row")
+    )
+    files = [open(p, "w", encoding="utf-8", newline="\n") for p in paths]  # noqa: SIM115 - closed below
+    try:
+        for f in files:
+            f.write(OOV_TOKEN + "\n")
+        expected = [1] * len(paths)
+        for r in ordered.toLocalIterator():
+            j, raw = int(r["j"]), r["id"]
+            if "\n" in raw or "\r" in raw:
+                raise DataError(f"{paths[j]}: raw id {raw!r} contains a line break; it cannot be saved")
+            if r["row"] != expected[j]:  # rows are 1..n per feature by construction: check, don't trust
+                raise RuntimeError(f"{paths[j]}: vocabulary row {r['row']} where {expected[j]} was due")
+            expected[j] += 1
+            files[j].write(raw + "\n")
+    finally:
+        for f in files:
+            f.close()
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -224,7 +348,6 @@ def prepare_dataframe(
 
     from recsys.data.mds import write_split
     from recsys.data.prepare import check_output, vocab_file
-    from recsys.data.vocab import Vocab
 
     m = source_columns(cfg)
     name = source_name or f"spark:{m.path}"
@@ -279,8 +402,8 @@ def prepare_dataframe(
         *[v.alias(f"_s{j}") for j, v in enumerate(ids)],
         reason.alias("_bad"),
     )
-    staged = _with_positions(staged)
     cached: list[DataFrame] = []  # persisted frames to release at the end
+    staged = _with_positions(staged, cached)
     totals = staged.agg(F.count(F.lit(1)).alias("n"), F.count("_bad").alias("bad")).first()
     n, n_bad = int(totals["n"]), int(totals["bad"])
     bad_rows = BadRows()
@@ -292,26 +415,15 @@ def prepare_dataframe(
                 f"{first} ({n_bad} bad rows; pass --skip-bad-rows / data.skip_bad_rows to skip them)"
             )
         bad_rows = BadRows(count=n_bad, examples=[f"{name}:row {r[_POS] + 1}: {r['_bad']}" for r in bad])
-        cached.append(staged)
         good = staged.filter(F.col("_bad").isNull()).drop(_POS)
-        staged = _with_positions(good)  # positions of the kept rows, as the file reader renumbers
+        staged = _with_positions(good, cached)  # positions of the kept rows, as the file reader renumbers
         n -= n_bad
     if n == 0:
         raise DataError(f"{name}: no rows to prepare")
 
     # ---- split assignment
     if sp.mode == "random":
-        assign = S.random_split(n, sp.val_fraction, sp.test_fraction, sp.seed)
-        bc = staged.sparkSession.sparkContext.broadcast(assign)
-
-        import pandas as pd
-
-        def lookup(pos: Any) -> Any:
-            return pd.Series(bc.value[pos.to_numpy()], dtype="int8")
-
-        # Real classes, not the postponed strings of this module: pandas_udf reads the hints.
-        lookup.__annotations__ = {"pos": pd.Series, "return": pd.Series}
-        split_col = F.pandas_udf(lookup, "byte")(F.col(_POS))
+        split_col = _random_split_column(F.col(_POS), sp.val_fraction, sp.test_fraction, sp.seed)
     else:  # leave_last_n: per user, by time then position, the last n rows test, the n before val
         key = [F.col("_ts").desc(), F.col(_POS).desc()] if m.timestamp else [F.col(_POS).desc()]
         by_user = Window.partitionBy("_s0")
@@ -325,7 +437,7 @@ def prepare_dataframe(
         )
     from pyspark import StorageLevel
 
-    split_df = staged.withColumn(_SPLIT, split_col).persist(StorageLevel.MEMORY_AND_DISK)
+    split_df = staged.withColumn(_SPLIT, split_col).persist(getattr(StorageLevel, ROWS_STORAGE))
     is_train = F.col(_SPLIT) == S.TRAIN
 
     # ---- labels (data.label), the same rules as prepare.binarize
@@ -353,31 +465,8 @@ def prepare_dataframe(
         label_info = {"mode": lab.mode, "threshold": thr}
         label_col = (F.col(_LABEL) >= F.lit(thr)).cast("double")
 
-    # ---- vocabularies: one groupBy over (feature, id) on train rows; rows by count desc, id bytes asc
-    pairs = (
-        split_df.filter(is_train)
-        .select(
-            F.explode(
-                F.array(
-                    *[F.struct(F.lit(j).alias("j"), F.col(f"_s{j}").alias("id")) for j in range(len(ids))]
-                )
-            ).alias("p")
-        )
-        .select("p.j", "p.id")
-    )
-    counts = (
-        pairs.filter(F.col("id").isNotNull())
-        .groupBy("j", "id")
-        .count()
-        .filter(F.col("count") >= cfg.data.min_count)
-    )
-    vocab_df = counts.withColumn(
-        "row", F.row_number().over(Window.partitionBy("j").orderBy(F.col("count").desc(), F.col("id").asc()))
-    ).persist(StorageLevel.MEMORY_AND_DISK)
-    by_feature: dict[int, list[str]] = {j: [] for j in range(len(ids))}
-    for r in vocab_df.select("j", "id").orderBy("j", "row").collect():
-        by_feature[int(r["j"])].append(r["id"])
-    vocabs = [Vocab(ids=by_feature[j]) for j in range(len(ids))]
+    # ---- vocabularies: counted, sorted and numbered on the executors; the driver gets sizes only
+    vocab_df, sizes = _vocabularies(split_df, len(ids), cfg.data.min_count, cached)
 
     # ---- map ids → rows (missing and out-of-vocabulary → 0)
     mapped = split_df.select(
@@ -390,7 +479,7 @@ def prepare_dataframe(
     )
     for j in range(len(ids)):
         v = vocab_df.filter(F.col("j") == j).select(F.col("id").alias(f"_s{j}"), F.col("row").alias(f"_r{j}"))
-        if len(vocabs[j].ids) <= BROADCAST_VOCAB:
+        if sizes.get(j, 0) <= BROADCAST_VOCAB:
             v = F.broadcast(v)  # no shuffle of the rows for a vocabulary that fits every executor
         mapped = mapped.join(v, on=f"_s{j}", how="left")
     rows = mapped.select(
@@ -401,7 +490,7 @@ def prepare_dataframe(
         F.array(*[F.coalesce(F.col(f"_r{j}"), F.lit(0)).cast("long") for j in range(len(ids))]).alias(
             _SPARSE
         ),
-    ).persist(StorageLevel.MEMORY_AND_DISK)
+    ).persist(getattr(StorageLevel, ROWS_STORAGE))
     stats = {
         int(r[_SPLIT]): (int(r["rows"]), int(r["pos"]))
         for r in rows.groupBy(_SPLIT)
@@ -412,18 +501,25 @@ def prepare_dataframe(
     # ---- write: vocab files, MDS splits, metadata.json last (a folder with metadata.json is complete)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab").mkdir(exist_ok=True)
-    features = []
-    for col_name, vocab in zip(sparse_cols, vocabs, strict=True):
-        vf = vocab_file(col_name)
-        vocab.save(out / vf)
-        features.append(SparseFeature(name=col_name, num_embeddings=vocab.num_embeddings, vocab_file=vf))
+    features = [
+        SparseFeature(name=c, num_embeddings=sizes.get(j, 0) + 1, vocab_file=vocab_file(c))
+        for j, c in enumerate(sparse_cols)
+    ]
+    write_vocab_files(vocab_df, [out / f.vocab_file for f in features], sum(sizes.values()))
     from streaming.base.converters import dataframe_to_mds
 
     shuffle_partitions = int(df.sparkSession.conf.get("spark.sql.shuffle.partitions") or 200)
 
     infos: dict[str, SplitInfo] = {}
-    all_blocks = _blocks(rows, {c: v[0] for c, v in stats.items()}, cfg.data.block_size, sp.seed + 1)
-    all_blocks = all_blocks.persist(StorageLevel.MEMORY_AND_DISK)
+    all_blocks = _blocks(
+        rows,
+        {c: v[0] for c, v in stats.items()},
+        cfg.data.block_size,
+        sp.seed,
+        cfg.data.shuffle_window,
+        cached,
+    )
+    all_blocks = all_blocks.persist(getattr(StorageLevel, ROWS_STORAGE))
     for split_name, code in zip(SPLITS, (S.TRAIN, S.VAL, S.TEST), strict=True):
         count, positives = stats.get(code, (0, 0))
         num_blocks = math.ceil(count / cfg.data.block_size)
@@ -480,7 +576,7 @@ def prepare_dataframe(
     write_metadata(out, meta)
     if remote is not None:
         _upload_extras(out, remote, [f.vocab_file for f in features])
-    for d in (all_blocks, rows, vocab_df, split_df, staged, *cached):
+    for d in (all_blocks, rows, vocab_df, split_df, *cached):
         d.unpersist()
     print(
         f"prepared {out} with Spark: "
@@ -511,3 +607,35 @@ def prepare_on_spark(
 
     session = get_spark(spark)
     return prepare_dataframe(read_source_dataframe(session, cfg), cfg, overwrite=overwrite, remote=remote)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m recsys.data.spark_mds --config C`: the prepare as a Spark program (spark-submit, the
+    Spark Operator's SparkApplication): the master and resources come from the submit configuration."""
+    import argparse
+
+    from recsys.config import load_config
+    from recsys.errors import exit_status
+
+    p = argparse.ArgumentParser(prog="python -m recsys.data.spark_mds", description=main.__doc__)
+    p.add_argument("--config", required=True, help="a shipped config name or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="dotted.key=value override")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
+    p.add_argument("--remote", default=None, help="also upload to this object-store URI (s3://, dbfs:/ …)")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        cfg = load_config(args.config, args.overrides)
+        prepare_on_spark(cfg, overwrite=args.overwrite, remote=args.remote)
+        return 0
+
+    return exit_status(run)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # Run the imported module's main, so the UDFs Spark ships name recsys.data.spark_mds, not __main__.
+    from recsys.data.spark_mds import main as _main
+
+    sys.exit(_main())

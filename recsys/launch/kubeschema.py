@@ -6,6 +6,8 @@
 - TrainJob: kubeflow-trainer-api's TrainerV1alpha1TrainJob (pydantic models);
 - Katib Experiment: kubeflow-katib's V1beta1Experiment (same generator); its trialTemplate.trialSpec is
   an untyped object there, so it is validated as the manifest it is (a PyTorchJob);
+- SparkApplication: kubeflow-spark-api's SparkV1beta2SparkApplication (pydantic models, as TrainJob),
+  plus the operator's enums (type, mode, restartPolicy.type) that the models leave as plain strings;
 - InferenceService: kserve's V1beta1InferenceService (same generator); kserve is installed --no-deps,
   so its package __init__ (the model server's imports) is bypassed, see `_kserve_models`.
 
@@ -43,6 +45,13 @@ _KIND_MODELS = {
 #: Kinds whose models come from kserve (a CRD: kubernetes-validate has no schema for it).
 _KSERVE_MODELS = {"V1beta1InferenceService"}
 TRAINJOB = ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+SPARK_APPLICATION = ("sparkoperator.k8s.io/v1beta2", "SparkApplication")
+# The Spark Operator CRD's enums (api/v1beta2/sparkapplication_types.go), plain strings in the models.
+_SPARK_ENUMS = {
+    ("spec", "type"): {"Java", "Scala", "Python", "R"},
+    ("spec", "mode"): {"cluster", "client", "in-cluster-client"},
+    ("spec", "restartPolicy", "type"): {"Never", "Always", "OnFailure"},
+}
 _PRIMS: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "int": (int,),
@@ -229,6 +238,23 @@ def _check_trainjob(doc: dict[str, Any], errors: list[str]) -> None:
         errors.append(f"TrainJob: {e}")
 
 
+def _check_sparkapplication(doc: dict[str, Any], errors: list[str]) -> None:
+    from kubeflow_spark_api.models import SparkV1beta2SparkApplication
+    from pydantic import ValidationError
+
+    _walk_pydantic(doc, SparkV1beta2SparkApplication, "SparkApplication", errors)
+    try:
+        SparkV1beta2SparkApplication.from_dict(doc)
+    except (ValidationError, ValueError) as e:
+        errors.append(f"SparkApplication: {e}")
+    for path, allowed in _SPARK_ENUMS.items():
+        value: Any = doc
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and value not in allowed:
+            errors.append(f"SparkApplication.{'.'.join(path)}: {value!r} is not one of {sorted(allowed)}")
+
+
 def _check_kubernetes_validate(doc: dict[str, Any], errors: list[str]) -> None:
     import kubernetes_validate
 
@@ -248,6 +274,8 @@ def validation_errors(doc: dict[str, Any]) -> list[str]:
     errors: list[str] = []
     if key == TRAINJOB:
         _check_trainjob(doc, errors)
+    elif key == SPARK_APPLICATION:
+        _check_sparkapplication(doc, errors)
     elif key in _KIND_MODELS:
         model = _KIND_MODELS[key]  # type: ignore[index]
         _walk_openapi(doc, model, key[1], errors)

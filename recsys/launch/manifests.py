@@ -44,7 +44,22 @@ SYNTH = [
     Target("manifests/synth/dlrm-trainjob.yaml", "dlrm_synth", "trainjob", SYNTH_GPU_SIZE),
     Target("manifests/synth/two-tower-trainjob.yaml", "two_tower_synth", "trainjob", SYNTH_GPU_SIZE),
 ]
-TARGETS = FLAGSHIP + SYNTH
+# The Spark prepare of the flagship Criteo data as a Spark Operator SparkApplication (`--data-prep spark`): the
+# same config with a `table` source over a Parquet copy of train.txt (docs/spark-data-prep.md makes it).
+CRITEO_PARQUET = (
+    "data.source={kind: table, path: data/raw/criteo/train.parquet, label: label, "
+    f"dense: [{', '.join(f'I{i}' for i in range(1, 14))}], sparse: [{', '.join(f'C{i}' for i in range(1, 27))}]}}"
+)
+DATA_PREP = [
+    Target(
+        "manifests/data-prep-spark.yaml",
+        "criteo_kaggle",
+        "data-prep-spark",
+        (CRITEO_PARQUET, "data.prepared_dir=data/criteo-kaggle-spark"),
+    )
+]
+TARGETS = FLAGSHIP + SYNTH  # the training jobs
+GENERATED = TARGETS + DATA_PREP
 
 
 def render_target(target: Target) -> str:
@@ -53,6 +68,11 @@ def render_target(target: Target) -> str:
     from recsys.launch.kube import render_command, render_text
 
     cfg = load_config(target.config, list(target.overrides))
+    if target.backend == "data-prep-spark":
+        from recsys.launch import spark_app
+
+        cmd = spark_app.render_command(target.config, list(target.overrides), target.path)
+        return spark_app.render_text(cfg, cmd, target.path)
     cmd = render_command(target.config, target.backend, list(target.overrides), target.path)
     return render_text(cfg, target.backend, cmd, target.path)  # type: ignore[arg-type]
 
@@ -60,7 +80,7 @@ def render_target(target: Target) -> str:
 def stale(root: Path = REPO) -> list[str]:
     """Paths of committed generated files that are missing or differ from a fresh render."""
     out = []
-    for t in TARGETS:
+    for t in GENERATED:
         f = root / t.path
         if not f.is_file() or f.read_text() != render_target(t):
             out.append(t.path)
@@ -77,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in bad:
             print(f"stale: {path} (run `make manifests`)", file=sys.stderr)
         return 1 if bad else 0
-    for t in TARGETS:
+    for t in GENERATED:
         text = render_target(t)
         out = REPO / t.path
         out.parent.mkdir(parents=True, exist_ok=True)
