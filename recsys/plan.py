@@ -131,11 +131,11 @@ class Plan:
         per = self.cluster.procs_per_node
         return [sum(self.rank_ddr_bytes[n * per : (n + 1) * per]) for n in range(self.cluster.nodes)]
 
-    def pod_memory_gib(self, overhead_gib: float = HOST_OVERHEAD_GIB) -> int:
+    def pod_memory_gib(self, shm_gib: float = 0.0, overhead_gib: float = HOST_OVERHEAD_GIB) -> int:
         """Memory request/limit per pod: the busiest node's table host memory × margin + a per-process
-        overhead, rounded up to whole GiB."""
+        overhead + the /dev/shm emptyDir (memory-backed, so it counts against the limit), in whole GiB."""
         tables = max(self.node_ddr_bytes(), default=0) / GIB
-        return math.ceil(tables * HOST_MARGIN + overhead_gib * self.cluster.procs_per_node)
+        return math.ceil(tables * HOST_MARGIN + overhead_gib * self.cluster.procs_per_node + shm_gib)
 
     def to_json(self) -> str:
         """The plan as JSON (read back by `from_json`)."""
@@ -357,7 +357,7 @@ def does_not_fit(cfg: Config, meta: Metadata, cluster: Cluster, err: Exception) 
     fixes += ["lower model.embedding_dim", "cap rows (--max-rows, hashing the tail)"]
     if cluster.device == "cuda" and not cfg.train.sharding.uvm_caching:
         fixes.append("allow UVM caching (--uvm-caching: train.sharding.uvm_caching=true)")
-    if kind == "constraints" or cfg.train.sharding.types:
+    if kind == "constraints":
         fixes.append(f"allow more sharding types (train.sharding.types: {cfg.train.sharding.types})")
     return (
         f"does not fit: {len(meta.sparse_features)} tables × dim {dim} need ~{need:,.1f} GiB with "
@@ -407,7 +407,7 @@ def format_plan(plan: Plan) -> str:
         f"step estimate (planner, embeddings only): {plan.step_ms:.2f} ms = comms {plan.comms_ms:.2f} + "
         f"compute {plan.compute_ms:.2f} (critical path over ranks)",
         f"pod memory (recsys render --size-from-plan): {plan.pod_memory_gib()}Gi per node = tables' host memory "
-        f"× {HOST_MARGIN} + {HOST_OVERHEAD_GIB:g} GiB × {c.procs_per_node} processes",
+        f"× {HOST_MARGIN} + {HOST_OVERHEAD_GIB:g} GiB × {c.procs_per_node} processes, + job.shm_size at render",
     ]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines) + "\n"
@@ -511,4 +511,23 @@ def pod_memory_override(cfg: Config, plan_file: str) -> str:
             f"--size-from-plan {plan_file}: planned for {c.nodes} node(s) × {c.procs_per_node}, but the job is "
             f"{job.nodes} × {procs} (job.nodes, job.gpus_per_node); re-plan with --nodes/--gpus-per-node"
         )
-    return f"job.memory={plan.pod_memory_gib()}Gi"
+    return f"job.memory={plan.pod_memory_gib(shm_gib=quantity_gib(job.shm_size, 'job.shm_size'))}Gi"
+
+
+def quantity_gib(value: str, where: str) -> float:
+    """A Kubernetes memory quantity (e.g. 8Gi, 512Mi, 2G) in GiB."""
+    units = {
+        "": 1 / GIB,
+        "Ki": 1 / 1024**2,
+        "Mi": 1 / 1024,
+        "Gi": 1,
+        "Ti": 1024,
+        "K": 1e3 / GIB,
+        "M": 1e6 / GIB,
+        "G": 1e9 / GIB,
+        "T": 1e12 / GIB,
+    }
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", value.strip())
+    if not m:
+        raise UserError(f"{where}: {value!r} is not a memory quantity like 8Gi or 512Mi")
+    return float(m.group(1)) * units[m.group(2) or ""]

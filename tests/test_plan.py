@@ -23,6 +23,14 @@ def _plan(cluster: Cluster, tables: str, *sets: str) -> Plan:
     return make_plan(cfg, meta, cluster, origin)
 
 
+def test_quantities() -> None:
+    from recsys.plan import quantity_gib
+
+    assert quantity_gib("8Gi", "x") == 8 and quantity_gib("512Mi", "x") == 0.5
+    with pytest.raises(UserError, match="job.shm_size: 'lots'"):
+        quantity_gib("lots", "job.shm_size")
+
+
 def test_declared_tables_parse() -> None:
     assert parse_tables("3x1000") == [("t0", 1000), ("t1", 1000), ("t2", 1000)]
     assert parse_tables("a=10,b=2_000") == [("a", 10), ("b", 2000)]
@@ -87,8 +95,8 @@ def test_cli_plan_writes_json_and_render_sizes_pods_from_it(
     printed = capsys.readouterr().out
     assert "fused_uvm_caching" in printed and "step estimate" in printed and "not logged to MLflow" in printed
     plan = Plan.from_json(out.read_text(), str(out))
-    gib = plan.pod_memory_gib()
-    assert gib * GIB > max(plan.rank_ddr_bytes), "the pod holds the UVM tables"
+    gib = plan.pod_memory_gib(shm_gib=8)  # dlrm_synth's job.shm_size: 8Gi, memory-backed
+    assert gib * GIB > max(plan.rank_ddr_bytes) + 8 * GIB, "the pod holds the UVM tables and /dev/shm"
 
     manifest = tmp_path / "job.yaml"
     rc = cli_main(
