@@ -531,7 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add(sub, "bench", _bench, "print throughput figures", config=False)
-    p.add_argument("what", choices=["data", "train", "checkpoint", "recommend", "quality"])
+    p.add_argument("what", choices=["data", "train", "train-scale", "checkpoint", "recommend", "quality"])
+    p.add_argument(
+        "--table-rows", type=int, default=1_000_000, help="rows of each of the 26 tables (train-scale)"
+    )
     p.add_argument("--rows", type=int, default=1_000_000, help="rows to convert and read (data)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (train)")
     p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")

@@ -1,4 +1,4 @@
-"""`recsys bench data|train|checkpoint|recommend|quality`: commands that print throughput figures (never timed assertions)."""
+"""`recsys bench data|train|train-scale|checkpoint|recommend|quality`: commands that print throughput figures (never timed assertions)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.quality import bench_quality
 
         bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
+    elif args.what == "train-scale":
+        from recsys.bench.train_scale import bench_train_scale
+
+        bench_train_scale(table_rows=args.table_rows, steps=args.steps, reps=args.reps)
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 
