@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench-data bench-train bench-checkpoint bench-recommend bench-quality manifests pipelines pipeline-local image clean
+.PHONY: help install test test-fast lint demo bench-data bench-train bench-train-scale bench-checkpoint bench-recommend bench-quality manifests pipelines pipeline-local image clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-data: install ## convert 1M synthetic Criteo rows to MDS and read them bac
 
 bench-train: install ## samples/s of DLRM and Two-Tower, 1 and 2 ranks, beside a bare TorchRec loop
 	$(PY) -m recsys bench train
+
+bench-train-scale: install ## DLRM 26 tables × 1M × dim 64 (~6.6 GB): recsys train vs the bare loop, 1/2 ranks, table-/column-wise; async checkpoint and resume at that size (~15 GB peak)
+	$(PY) -m recsys bench train-scale --steps 10 --reps 1
 
 bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (sync/async), load time, resume vs cold start, 1 and 2 ranks
 	$(PY) -m recsys bench checkpoint
