@@ -244,7 +244,8 @@ def bench_train_scale(
                 f"full {_mib(s['full']['peak_mib'])}; {time.perf_counter() - t:.0f} s",
                 flush=True,
             )
-    print("\n" + throughput_table(rows))
+    if rows:
+        print("\n" + throughput_table(rows))
     ckpts = []
     if checkpoint:
         for nproc in ranks:
