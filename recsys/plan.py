@@ -132,13 +132,13 @@ class Plan:
         return [sum(self.rank_ddr_bytes[n * per : (n + 1) * per]) for n in range(self.cluster.nodes)]
 
     def pod_memory_gib(
-        self, shm_gib: float = 0.0, async_save: bool = False, overhead_gib: float = HOST_OVERHEAD_GIB
+        self, shm_gib: float = 0.0, checkpoints: bool = False, overhead_gib: float = HOST_OVERHEAD_GIB
     ) -> int:
-        """Memory request/limit per pod: the busiest node's table host memory × margin (+ 1× more with
-        async checkpoints, which copy the state before writing it) + a per-process overhead + the
-        /dev/shm emptyDir (memory-backed, so it counts against the limit), in whole GiB."""
+        """Memory request/limit per pod: the busiest node's table host memory × margin (+ 1× more when
+        the job checkpoints: saving and loading held the tables twice, see docs/planning.md) + a
+        per-process overhead + the /dev/shm emptyDir (memory-backed, it counts against the limit), GiB."""
         tables = max(self.node_ddr_bytes(), default=0) / GIB
-        factor = HOST_MARGIN + (1.0 if async_save else 0.0)
+        factor = HOST_MARGIN + (1.0 if checkpoints else 0.0)
         return math.ceil(tables * factor + overhead_gib * self.cluster.procs_per_node + shm_gib)
 
     def to_json(self) -> str:
@@ -412,7 +412,7 @@ def format_plan(plan: Plan) -> str:
         f"compute {plan.compute_ms:.2f} (critical path over ranks)",
         f"pod memory (recsys render --size-from-plan): {plan.pod_memory_gib()}Gi per node = tables' host memory "
         f"× {HOST_MARGIN} + {HOST_OVERHEAD_GIB:g} GiB × {c.procs_per_node} processes; render adds job.shm_size "
-        "and, with async checkpoints, 1× the tables' host memory",
+        "and, when the job checkpoints, 1× more of the tables' host memory",
     ]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines) + "\n"
@@ -517,7 +517,8 @@ def pod_memory_override(cfg: Config, plan_file: str) -> str:
             f"{job.nodes} × {procs} (job.nodes, job.gpus_per_node); re-plan with --nodes/--gpus-per-node"
         )
     shm = quantity_gib(job.shm_size, "job.shm_size")
-    return f"job.memory={plan.pod_memory_gib(shm, cfg.train.checkpoint.async_save)}Gi"
+    ck = cfg.train.checkpoint
+    return f"job.memory={plan.pod_memory_gib(shm, bool(ck.every_steps or ck.every_epoch))}Gi"
 
 
 def quantity_gib(value: str, where: str) -> float:

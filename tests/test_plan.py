@@ -95,8 +95,8 @@ def test_cli_plan_writes_json_and_render_sizes_pods_from_it(
     printed = capsys.readouterr().out
     assert "fused_uvm_caching" in printed and "step estimate" in printed and "not logged to MLflow" in printed
     plan = Plan.from_json(out.read_text(), str(out))
-    # dlrm_synth: job.shm_size 8Gi (memory-backed), async checkpoints (a second copy while staging)
-    gib = plan.pod_memory_gib(shm_gib=8, async_save=True)
+    # dlrm_synth: job.shm_size 8Gi (memory-backed), checkpoints every epoch (saves hold tables twice)
+    gib = plan.pod_memory_gib(shm_gib=8, checkpoints=True)
     assert gib * GIB > 2 * max(plan.rank_ddr_bytes) + 8 * GIB, "UVM tables (twice while saving) + /dev/shm"
 
     manifest = tmp_path / "job.yaml"
