@@ -125,6 +125,8 @@ class Plan:
     compute_ms: float
     planning_seconds: float
     notes: list[str] = field(default_factory=list)
+    shm_gib: float = 0.0  # the config's job.shm_size, for the printed pod memory
+    checkpoints: bool = False  # whether the config's job checkpoints
 
     def node_ddr_bytes(self) -> list[int]:
         """Host memory the tables take on each node (the sum over its ranks)."""
@@ -272,7 +274,10 @@ def make_plan(cfg: Config, meta: Metadata, cluster: Cluster, tables_from: str) -
     except PlannerError as e:
         raise UserError(does_not_fit(cfg, meta, cluster, e)) from None
     seconds = time.perf_counter() - t
-    return _summarize(cfg, meta, cluster, planner.get_selected_options(), tables_from, seconds)
+    plan = _summarize(cfg, meta, cluster, planner.get_selected_options(), tables_from, seconds)
+    plan.shm_gib = quantity_gib(cfg.job.shm_size, "job.shm_size")
+    plan.checkpoints = bool(cfg.train.checkpoint.every_steps or cfg.train.checkpoint.every_epoch)
+    return plan
 
 
 def _summarize(
@@ -410,9 +415,10 @@ def format_plan(plan: Plan) -> str:
         f"host {_gib(max(plan.rank_ddr_bytes))} GiB of {c.ddr_gib:g}",
         f"step estimate (planner, embeddings only): {plan.step_ms:.2f} ms = comms {plan.comms_ms:.2f} + "
         f"compute {plan.compute_ms:.2f} (critical path over ranks)",
-        f"pod memory (recsys render --size-from-plan): {plan.pod_memory_gib()}Gi per node = tables' host memory "
-        f"× {HOST_MARGIN} + {HOST_OVERHEAD_GIB:g} GiB × {c.procs_per_node} processes; render adds job.shm_size "
-        "and, when the job checkpoints, 1× more of the tables' host memory",
+        f"pod memory (recsys render --size-from-plan): {plan.pod_memory_gib(plan.shm_gib, plan.checkpoints)}Gi "
+        f"= the busiest node's table host memory × {HOST_MARGIN + plan.checkpoints:g}"
+        f"{' (checkpoints hold it twice)' if plan.checkpoints else ''} + {HOST_OVERHEAD_GIB:g} GiB × "
+        f"{c.procs_per_node} processes + job.shm_size {plan.shm_gib:g} GiB",
     ]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines) + "\n"
