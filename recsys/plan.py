@@ -461,17 +461,11 @@ def cluster_from_args(args: Any, cfg: Config) -> Cluster:
     gpus = args.gpus_per_node if args.gpus_per_node is not None else cfg.job.gpus_per_node
     hw = HARDWARE[args.hardware]
     if gpus == 0:
+        # A CPU job: each process gets its share of the pod's memory (job.memory) unless told otherwise;
+        # gloo moves data over TCP, taken as 10 GB/s within and between nodes.
         procs = cfg.job.procs_per_node
-        return Cluster(
-            nodes,
-            procs,
-            "cpu",
-            0,
-            args.ddr_gb or 16,
-            args.intra_bw or 10,
-            args.inter_bw or 10,
-            hardware="cpu",
-        )
+        ddr = args.ddr_gb or quantity_gib(cfg.job.memory, "job.memory") / procs
+        return Cluster(nodes, procs, "cpu", 0, ddr, args.intra_bw or 10, args.inter_bw or 10, hardware="cpu")
     return Cluster(
         nodes=nodes,
         procs_per_node=gpus,
