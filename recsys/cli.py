@@ -494,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hbm-gb", type=float, default=None, help="HBM per GPU, GiB (overrides the preset)")
     p.add_argument("--ddr-gb", type=float, default=None, help="host memory per GPU/process, GiB")
     p.add_argument("--intra-bw", type=float, default=None, help="GPU-GPU bandwidth within a node, GB/s")
-    p.add_argument("--inter-bw", type=float, default=None, help="network bandwidth per GPU between nodes, GB/s")
+    p.add_argument(
+        "--inter-bw", type=float, default=None, help="network bandwidth per GPU between nodes, GB/s"
+    )
     p.add_argument(
         "--tables",
         default=None,
@@ -505,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--uvm-caching", action="store_true", help="allow UVM caching kernels (train.sharding.uvm_caching)"
     )
-    p.add_argument("-o", "--output", default=None, help="also write the plan as JSON (for render --size-from-plan)")
+    p.add_argument(
+        "-o", "--output", default=None, help="also write the plan as JSON (for render --size-from-plan)"
+    )
 
     p = add(
         sub, "launch", _launch, "launch training: local torchrun, Kubernetes (PyTorchJob/TrainJob) or Spark"
