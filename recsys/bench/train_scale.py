@@ -241,7 +241,7 @@ def bench_train_scale(
             rows.append({"sharding": sharding, "ranks": nproc, **s, "load": os.getloadavg()[0]})
             print(
                 f"{sharding} ranks={nproc}: bare {s['bare']['rate']:,.0f} full {s['full']['rate']:,.0f} samples/s "
-                f"(full/bare {s['full']['ratio']:.2f}); peak RSS/rank MiB bare {_mib(s['bare']['peak_mib'])} "
+                f"(full/bare {s['full']['ratio']:.2f}, per repetition {'/'.join(f'{x:.2f}' for x in s['full']['paired'])}); peak RSS/rank MiB bare {_mib(s['bare']['peak_mib'])} "
                 f"full {_mib(s['full']['peak_mib'])}; {time.perf_counter() - t:.0f} s",
                 flush=True,
             )
