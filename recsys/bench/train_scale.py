@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.bench.train import BATCH, BENCH_DIR, WARMUP, _configs, run_workers, summarize
+from recsys.bench.train import BATCH, BENCH_DIR, WARMUP, _configs, _parts_table, run_workers, summarize
 
 ROOT = BENCH_DIR.parent / "train_scale"
 NUM_DENSE = 13
@@ -238,7 +238,8 @@ def bench_train_scale(
             s = summarize(
                 run_workers("recsys.bench.train", nproc, ["dlrm", str(steps), str(reps), *sets]), steps
             )
-            rows.append({"sharding": sharding, "ranks": nproc, **s, "load": os.getloadavg()[0]})
+            row = {"sharding": sharding, "model": f"dlrm {sharding}", "ranks": nproc, **s}
+            rows.append({**row, "load": os.getloadavg()[0]})
             print(
                 f"{sharding} ranks={nproc}: bare {s['bare']['rate']:,.0f} full {s['full']['rate']:,.0f} samples/s "
                 f"(full/bare {s['full']['ratio']:.2f}, per repetition {'/'.join(f'{x:.2f}' for x in s['full']['paired'])}); peak RSS/rank MiB bare {_mib(s['bare']['peak_mib'])} "
@@ -246,7 +247,8 @@ def bench_train_scale(
                 flush=True,
             )
     if rows:
-        print("\n" + throughput_table(rows))
+        # rank 0's ms per step in what the full path adds (loader, progress, all-reduce, MLflow, GC)
+        print("\n" + throughput_table(rows) + "\n\n" + _parts_table(rows))
     ckpts = []
     if checkpoint:
         for nproc in ranks:
