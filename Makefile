@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench-data bench-train bench-checkpoint bench-recommend bench-scale bench-quality manifests pipelines pipeline-local image clean
+.PHONY: help install test test-fast lint demo bench-data bench-train bench-train-scale bench-checkpoint bench-recommend bench-scale bench-prepare-scale bench-spark-scale bench-quality manifests pipelines pipeline-local image clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
@@ -56,20 +56,25 @@ bench-data: install ## convert 1M synthetic Criteo rows to MDS and read them bac
 bench-train: install ## samples/s of DLRM and Two-Tower, 1 and 2 ranks, beside a bare TorchRec loop
 	$(PY) -m recsys bench train --record
 
+bench-train-scale: install ## DLRM 26 tables × 1M × dim 64 (~6.6 GB): recsys train vs the bare loop, 1/2 ranks, table-/column-wise; async checkpoint and resume at that size (~15 GB peak)
+	$(PY) -m recsys bench train-scale --steps 10 --reps 1 --record
+
 bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (sync/async), load time, resume vs cold start, 1 and 2 ranks
 	$(PY) -m recsys bench checkpoint --record
 
 bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall@100) on 1M trained-like items, beside sgemm's ceiling
 	$(PY) -m recsys bench recommend --record
 
-bench-scale: install ## recsys data prepare at 1M, 4M, 16M Criteo-layout rows: rows/s, peak RSS, PNG (.bench/scale; ~4.2 GB of TSV at 16M)
-	$(PY) -m recsys bench prepare-scale
+bench-scale: bench-prepare-scale bench-spark-scale bench-train-scale ## all three scale benchmarks below, one after the other (hours on 2 cores)
+
+bench-prepare-scale: install ## recsys data prepare at 1M, 4M, 16M Criteo-layout rows: rows/s, peak RSS, PNG (.bench/scale; ~4.2 GB of TSV at 16M)
+	$(PY) -m recsys bench prepare-scale --record
 
 bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds, mechanism ablation (~20 min)
 	$(PY) -m recsys bench quality --record
 
 bench-spark-scale: install ## Spark prepare of 10M Criteo-layout rows on local[2] with a 1g driver: rows/s, driver JVM and Python peak RSS
-	$(PY) -m recsys bench spark-scale --rows 10000000
+	$(PY) -m recsys bench spark-scale --rows 10000000 --record
 
 manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml, manifests/synth/) from the shipped configs
 	$(PY) -m recsys.launch.manifests

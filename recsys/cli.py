@@ -238,10 +238,20 @@ def _render(args: argparse.Namespace) -> int:
         cmd = spark_app.render_command(args.config, args.overrides, args.output)
         spark_app.render_to_file(_resolve(args), out=args.output, generated_by=cmd)
         return 0
+    if args.size_from_plan:
+        from recsys.plan import pod_memory_override
+
+        args.overrides = [*args.overrides, pod_memory_override(_resolve(args), args.size_from_plan)]
     # The file's first line names the command that reproduces it.
     cmd = render_command(args.config, args.backend, args.overrides, args.output)
     render_to_file(_resolve(args), backend=args.backend, out=args.output, generated_by=cmd)
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from recsys import plan
+
+    return plan.main(args, _resolve(args))
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -500,6 +510,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="render the data prepare instead: a Kubeflow Spark Operator SparkApplication",
     )
     p.add_argument("-o", "--output", default="-", help="output file ('-' for stdout)")
+    p.add_argument(
+        "--size-from-plan",
+        default=None,
+        metavar="PLAN.json",
+        help="set job.memory from a `recsys plan --output` file (the busiest node's table host memory + margin)",
+    )
+
+    p = add(
+        sub,
+        "plan",
+        _plan,
+        "run TorchRec's sharding planner for a target cluster (no GPU needed): per table sharding and "
+        "kernel, per rank memory, step estimate, or why it does not fit",
+    )
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: job.nodes)")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=None, help="GPUs per node (default: job.gpus_per_node; 0: CPU)"
+    )
+    p.add_argument("--hardware", choices=["h100", "h200"], default="h100", help="GPU node preset")
+    p.add_argument("--hbm-gb", type=float, default=None, help="HBM per GPU, GiB (overrides the preset)")
+    p.add_argument("--ddr-gb", type=float, default=None, help="host memory per GPU/process, GiB")
+    p.add_argument("--intra-bw", type=float, default=None, help="GPU-GPU bandwidth within a node, GB/s")
+    p.add_argument(
+        "--inter-bw", type=float, default=None, help="network bandwidth per GPU between nodes, GB/s"
+    )
+    p.add_argument(
+        "--tables",
+        default=None,
+        help="declared tables instead of the prepared metadata: criteo-1tb, N×ROWS (26x1000000) or name=rows,…",
+    )
+    p.add_argument("--max-rows", type=int, default=None, help="cap every table at this many rows")
+    p.add_argument("--num-dense", type=int, default=13, help="dense features of declared DLRM tables")
+    p.add_argument(
+        "--uvm-caching", action="store_true", help="allow UVM caching kernels (train.sharding.uvm_caching)"
+    )
+    p.add_argument(
+        "-o", "--output", default=None, help="also write the plan as JSON (for render --size-from-plan)"
+    )
 
     p = add(
         sub, "launch", _launch, "launch training: local torchrun, Kubernetes (PyTorchJob/TrainJob) or Spark"
@@ -530,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[
             "data",
             "train",
+            "train-scale",
             "checkpoint",
             "recommend",
             "quality",
@@ -552,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cardinality", type=int, default=1000, help="values per sparse feature (tables)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs per table setting (tables)")
+    p.add_argument(
+        "--table-rows", type=int, default=1_000_000, help="rows of each of the 26 tables (train-scale)"
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (train)")
     p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")
     p.add_argument("--items", type=int, default=1_000_000, help="catalogue size (recommend)")

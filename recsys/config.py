@@ -409,6 +409,17 @@ class ShardingConfig(Strict):
     per_table: dict[str, list[str]] = Field(
         default_factory=dict, description="Table name → allowed sharding types."
     )
+    min_partition: int | None = Field(
+        None,
+        gt=0,
+        description="Narrowest column-wise shard (a divisor of model.embedding_dim); None: TorchRec's 128, "
+        "so tables of dim ≤ 128 stay one column-wise shard.",
+    )
+    uvm_caching: bool = Field(
+        False,
+        description="GPU: let the planner keep a table in host memory (UVM) with an HBM cache of its hot "
+        "rows (fbgemm's fused_uvm_caching kernel) when HBM is short; off: every table in HBM.",
+    )
 
 
 class CheckpointConfig(Strict):

@@ -189,10 +189,24 @@ _CPU_DEFAULT_TYPES = ["table_wise", "column_wise"]
 
 
 def _constraints(cfg: Config, table_names: list[str], env: DistEnv) -> dict[str, Any]:
+    return planner_constraints(cfg, table_names, env.device.type)
+
+
+def compute_kernels(cfg: Config) -> list[str]:
+    """Embedding kernels the planner may choose: fused tables in device memory (dense for
+    data-parallel ones), plus UVM caching when train.sharding.uvm_caching allows it."""
+    kernels = ["fused", "dense"]
+    if cfg.train.sharding.uvm_caching:
+        kernels.append("fused_uvm_caching")
+    return kernels
+
+
+def planner_constraints(cfg: Config, table_names: list[str], device_type: str) -> dict[str, Any]:
+    """ParameterConstraints per table from cfg.train.sharding, for a job on `device_type` (cpu/cuda)."""
     from torchrec.distributed.planner.types import ParameterConstraints
 
     allowed = cfg.train.sharding.types
-    if allowed is None and env.device.type == "cpu":
+    if allowed is None and device_type == "cpu":
         # gloo has no reduce-scatter, which row-wise sharding needs.
         allowed = _CPU_DEFAULT_TYPES
     unknown = sorted(set(cfg.train.sharding.per_table) - set(table_names))
@@ -201,14 +215,18 @@ def _constraints(cfg: Config, table_names: list[str], env: DistEnv) -> dict[str,
     out = {}
     for name in table_names:
         types = cfg.train.sharding.per_table.get(name, allowed)
-        if types is None:
-            continue
-        if env.device.type == "cpu" and any(t in ("row_wise", "table_row_wise") for t in types):
+        if device_type == "cpu" and types and any(t in ("row_wise", "table_row_wise") for t in types):
             raise UserError(
                 f"train.sharding: {name} allows {types}; row-wise sharding needs reduce-scatter, which "
                 "gloo (CPU) lacks — use table_wise, column_wise or data_parallel on CPU"
             )
-        out[name] = ParameterConstraints(sharding_types=list(types))
+        # Without an explicit kernel list the planner may pick kernels the trainer does not set up
+        # (plain UVM, key-value, SSD tables) whenever HBM is short.
+        out[name] = ParameterConstraints(
+            sharding_types=list(types) if types is not None else None,
+            compute_kernels=compute_kernels(cfg),
+            min_partition=cfg.train.sharding.min_partition,
+        )
     return out
 
 
@@ -253,18 +271,8 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
     (`collective_plan` computes it on rank 0 and broadcasts it).
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    tables: list[str] = []
-    sparse_params: list[nn.Parameter] = []
-    for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            tables += [c.name for c in module.embedding_bag_configs()]
-            sparse_params += list(module.parameters())
-    opt_cls, opt_kwargs = _sparse_optimizer_class(cfg.train.sparse_optimizer, env.device)
-    apply_optimizer_in_backward(opt_cls, sparse_params, opt_kwargs)
-
+    tables = fuse_sparse_optimizer(model, cfg, env.device)
     if env.world_size > 1:
         from recsys.models.tables import IdRemapper
 
@@ -277,15 +285,36 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
     return dmp, format_plan(plan)
 
 
-def make_planner(cfg: Config, env: DistEnv, tables: list[str]) -> Any:
-    """The EmbeddingShardingPlanner of a job: its topology (world, local world, device) and cfg's constraints."""
+def fuse_sparse_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> list[str]:
+    """Attach train.sparse_optimizer to every table (applied in backward, as fbgemm fuses it); returns
+    the table names. The planner reads the optimizer from the parameters to size its state."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    tables: list[str] = []
+    sparse_params: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            tables += [c.name for c in module.embedding_bag_configs()]
+            sparse_params += list(module.parameters())
+    opt_cls, opt_kwargs = _sparse_optimizer_class(cfg.train.sparse_optimizer, device)
+    apply_optimizer_in_backward(opt_cls, sparse_params, opt_kwargs)
+    return tables
+
+
+def make_planner(cfg: Config, env: DistEnv | None, tables: list[str], topology: Any = None) -> Any:
+    """The EmbeddingShardingPlanner of a job: its topology (world, local world, device; or `topology`,
+    e.g. a target cluster's with its memory and bandwidths) and cfg's constraints."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 
+    if topology is None:
+        assert env is not None, "make_planner needs the DistEnv or a topology"
+        topology = _topology(env)
     return EmbeddingShardingPlanner(
-        topology=_topology(env),
+        topology=topology,
         batch_size=cfg.train.batch_size,
-        constraints=_constraints(cfg, tables, env),
+        constraints=planner_constraints(cfg, tables, topology.compute_device),
         # Chosen explicitly: the default heuristic over-estimates dense tensors built on `meta` and
         # warns about it; 15% of each device's memory is kept free for activations and buffers.
         storage_reservation=FixedPercentageStorageReservation(percentage=0.15),

@@ -32,6 +32,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.spark_scale import bench_spark_scale
 
         bench_spark_scale(rows=args.rows or 10_000_000)
+    elif args.what == "train-scale":
+        from recsys.bench.train_scale import bench_train_scale
+
+        bench_train_scale(table_rows=args.table_rows, steps=args.steps, reps=args.reps)
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 
