@@ -6,8 +6,8 @@ it looks for a free number, then creates it, so two jobs starting at once can pi
 name, including a live job's. Here, on each host:
 
 - one job at a time finds and registers its numbers: the local leader (LOCAL_RANK 0) holds an
-  exclusive lock on `<tmp>/recsys-streaming-registry.lock` while the dataset is built;
-- every recsys process holds a shared lock on `<tmp>/recsys-streaming-alive.lock` while it lives, and
+  exclusive lock on `/dev/shm/recsys-streaming-registry.lock` while the dataset is built;
+- every recsys process holds a shared lock on `/dev/shm/recsys-streaming-alive.lock` while it lives, and
   stale memory is removed only when the exclusive lock on it can be had (no other recsys job runs),
   and then only the names no process maps (/proc/*/maps), so other programs' live memory stays.
 """
@@ -33,8 +33,18 @@ REGISTRY_TIMEOUT_S = 600.0
 _alive_fd: int | None = None  # held (shared) until the process exits; inherited by loader workers
 
 
+def _lock_dir() -> Path:
+    """Where the locks live: beside what they guard, /dev/shm, so exactly the processes that share one
+    /dev/shm share the locks. Pods (and the operator-contract test's pods) each have their own, so the
+    leaders of two nodes of one job never wait on each other's lock while meeting in a barrier."""
+    if os.environ.get("RECSYS_LOCK_DIR"):
+        return Path(os.environ["RECSYS_LOCK_DIR"])
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
 def _lock_path(name: str) -> Path:
-    return Path(os.environ.get("RECSYS_LOCK_DIR") or tempfile.gettempdir()) / name
+    return _lock_dir() / name
 
 
 def _open(name: str) -> int:
