@@ -250,7 +250,7 @@ def test_katib_collector_and_tune_read_the_same_value_of_a_run(
 
     args = tiny_dlrm_args(tmp_path)
     sets = [*args[3::2], "tracking.enabled=false", "train.max_steps=12", "train.val_every_steps=2"]
-    sets += ["train.early_stopping.metric=val/auc", "train.dense_optimizer.lr=0.3"]
+    sets += ["train.early_stopping.metric=val/auc", "train.dense_optimizer.lr=1.0"]  # ends below its best
     cfg = load_config("dlrm_synth", sets)
     prepare(cfg, overwrite=False)
     space = load_space(
