@@ -66,21 +66,28 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ capped
+def _capped_table(ids: list[str | None], train: np.ndarray, spec: object) -> tuple[object, np.ndarray]:
+    """The capped table prepare fixes from these ids' train counts, and each row's value."""
+    from recsys.data.hashing import TableMap
+
+    counter = V.IdCounter()
+    enc = counter.add(pa.array(ids, pa.string()), train)
+    table = TableMap(counter, 1, spec)  # type: ignore[arg-type]
+    return table, table.rows_encoded(enc)
+
+
 def test_capped_keeps_the_most_frequent_ids_and_hashes_the_rest_into_the_reserved_rows() -> None:
     from recsys.config import TableConfig
-    from recsys.data.hashing import fit_table
 
     ids = ["a"] * 5 + ["b"] * 3 + ["c", "d", None, "e"]
     train = np.array([True] * 11 + [False])  # "e" only outside train
-    enc = V.encode_column(pa.array(ids, pa.string()))
     spec = TableConfig(kind="capped", max_rows=5, hashed_rows=2)
-    fit = fit_table(enc, train, 1, spec)
-    rows = fit.lookup[enc.codes]
+    fit, rows = _capped_table(ids, train, spec)
     expect = {"a": 1, "b": 2, **{x: 3 + _hash(x) % 2 for x in "cde"}}
     assert rows.tolist() == [expect[x] if x else 0 for x in ids]
-    assert fit.vocab.ids == ["a", "b", "<HASHED 0>", "<HASHED 1>"] and fit.num_embeddings == 5
-    again = fit_table(V.encode_column(pa.array(ids, pa.string())), train, 1, spec)
-    assert again.lookup[enc.codes].tolist() == rows.tolist()  # deterministic
+    assert fit.ids.to_pylist() == ["a", "b", "<HASHED 0>", "<HASHED 1>"] and fit.num_embeddings == 5
+    _, again = _capped_table(ids, train, spec)
+    assert again.tolist() == rows.tolist()  # deterministic
     c = fit.collisions
     assert c is not None and c["train_ids"] == 4 and c["train_values"] == 10
     shared = [x for x in "cd" if sum(expect[y] == expect[x] for y in "cd") > 1]

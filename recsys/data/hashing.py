@@ -18,7 +18,6 @@ stable across processes, machines and languages (Python's hash() is salted per p
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,73 +49,10 @@ def hashed_token(j: int) -> str:
     return f"<HASHED {j}>"
 
 
-@dataclass
-class TableFit:
-    """One feature's fitted table: its vocabulary file content, code → value lookup and facts."""
-
-    vocab: V.Vocab  # what vocab/<feature>.txt holds (line k = raw id or label of row k)
-    lookup: np.ndarray  # int64 [len(dictionary) + 1]: value written to the data per code (last = missing)
-    kind: str = "exact"
-    num_embeddings: int = 0
-    hashed_rows: int = 0
-    collisions: dict[str, int] | None = None  # capped: what shares rows, counted on train
-
-
-def fit_table(enc: V.Encoded, train: np.ndarray, min_count: int, spec: TableConfig | None) -> TableFit:
-    """Fit one encoded column's table per `spec` (None or exact: the exact vocabulary)."""
-    vocab, lookup = V.fit_encoded(enc, train, min_count)
-    if spec is None or spec.kind == "exact":
-        return TableFit(vocab, lookup, num_embeddings=vocab.num_embeddings)
-    if spec.kind == "capped":
-        return _capped(enc, train, vocab, lookup, spec.max_rows or 0, spec.resolved_hashed_rows())
-    # managed_collision: every train id listed (min_count applies only to what is listed), data = hashes.
-    all_vocab, _ = V.fit_encoded(enc, train, 1)
-    values = np.zeros(len(enc.dictionary) + 1, dtype=np.int64)
-    values[:-1] = id_hashes(enc.dictionary.to_pylist())
-    return TableFit(all_vocab, values, kind="managed_collision", num_embeddings=spec.max_rows or 0)
-
-
-def _capped(
-    enc: V.Encoded, train: np.ndarray, vocab: V.Vocab, lookup: np.ndarray, max_rows: int, hashed: int
-) -> TableFit:
-    """Keep the K most frequent ids of the exact vocabulary; hash every other id into H shared rows."""
-    keep = max_rows - 1 - hashed
-    k = len(enc.dictionary)
-    rows = lookup.copy()
-    tail = np.flatnonzero((rows[:k] == 0) | (rows[:k] > keep))  # rare/unseen ids and ids beyond the cap
-    if len(tail):
-        tail_ids = enc.dictionary.take(pa.array(tail)).to_pylist()
-        rows[tail] = keep + 1 + id_hashes(tail_ids) % hashed
-    rows[k] = 0  # missing value
-    # Fewer eligible ids than the cap leaves rows no id uses; they keep their place so line k = row k.
-    kept = vocab.ids[:keep]
-    ids = kept + [UNUSED_TOKEN] * (keep - len(kept)) + [hashed_token(j) for j in range(hashed)]
-    counts = np.bincount(enc.codes[train], minlength=k + 1)[:k]
-    seen = counts > 0
-    per_row = np.bincount(rows[:k][seen], minlength=max_rows)
-    shared = seen & (per_row[rows[:k]] > 1)
-    collisions = {
-        "train_ids": int(seen.sum()),
-        "train_ids_in_shared_rows": int(shared.sum()),
-        "train_values": int(counts.sum()),
-        "train_values_in_shared_rows": int(counts[shared].sum()),
-    }
-    return TableFit(
-        V.Vocab(ids=ids),
-        rows,
-        kind="capped",
-        num_embeddings=max_rows,
-        hashed_rows=hashed,
-        collisions=collisions,
-    )
-
-
 class TableMap:
-    """One feature's table in the streaming prepare (recsys.data.prepare): the ids of its vocabulary file
-    and the value each raw id is written as, fixed from the train counts of a vocab.IdCounter.
-
-    The same rules as fit_table (which fits one in-memory column): exact rows, capped rows with the
-    tail hashed into the shared rows, or the id hashes of a managed-collision table.
+    """One feature's table in prepare (recsys.data.prepare): the ids of its vocabulary file and the
+    value each raw id is written as, fixed from the train counts of a vocab.IdCounter: exact rows,
+    capped rows with the tail hashed into the shared rows, or the id hashes of a managed-collision table.
     """
 
     def __init__(self, counter: V.IdCounter, min_count: int, spec: TableConfig | None) -> None:
@@ -165,7 +101,7 @@ class TableMap:
         return rows
 
     def _collisions(self, ids: pa.Array, counts: np.ndarray) -> dict[str, int]:
-        """What shares rows among the train ids (as fit_table's capped collisions)."""
+        """What shares rows among the train ids, counted on train."""
         train = counts > 0
         ids, counts = ids.filter(pa.array(train)), counts[train]
         rows = self.rows_encoded(V.encode_column(ids))
