@@ -242,40 +242,8 @@ def read_delimited(
             return tbl, bad.info
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         log.info("%s: fast reader rejected the file (%s); locating bad rows line by line", path, e)
-    tbl = _read_lines(
-        path,
-        delimiter,
-        columns,
-        types,
-        header,
-        required,
-        quoting,
-        bad,
-        row_check,
-        encoding,
-        data,
-        separator_name,
-    )
-    bad.done()
-    return tbl, bad.info
-
-
-def _read_lines(
-    path: Path,
-    delimiter: str,
-    columns: list[str],
-    types: dict[str, pa.DataType],
-    header: bool,
-    required: list[str],
-    quoting: bool,
-    bad: _BadRowLog,
-    row_check: Callable[[dict[str, Any]], str | None] | None,
-    encoding: str = "utf-8",
-    data: bytes | None = None,
-    shown_separator: str | None = None,
-) -> pa.Table:
-    """Line-by-line parse: the slow path that knows line numbers (of `data` when given, else the file)."""
-    parts = list(
+    # The slow path that knows line numbers (of `data` when given, else the file), in one table.
+    tbl = pa.concat_tables(
         _iter_lines(
             path,
             delimiter,
@@ -288,10 +256,11 @@ def _read_lines(
             row_check,
             encoding,
             data,
-            shown_separator,
+            separator_name,
         )
     )
-    return pa.concat_tables(parts)
+    bad.done()
+    return tbl, bad.info
 
 
 def _iter_lines(
@@ -310,7 +279,7 @@ def _iter_lines(
     chunk_rows: int | None = None,
     skip_rows: int = 0,
 ) -> Iterator[pa.Table]:
-    """_read_lines in tables of at most `chunk_rows` rows, after `skip_rows` good rows already read
+    """Line-by-line parse in tables of at most `chunk_rows` rows, after `skip_rows` good rows already read
     (by the fast reader, whose rows are good by construction: they are only counted, not parsed)."""
     out: dict[str, list[Any]] = {c: [] for c in columns}
     rows = 0

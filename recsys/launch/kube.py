@@ -326,7 +326,12 @@ def render_text(cfg: Config, backend: Backend, generated_by: str, path: str) -> 
 
 def render_command(config: str, backend: str, overrides: list[str], out: str) -> str:
     """The `recsys render` command line that reproduces a file (written into its first line)."""
-    argv = ["recsys", "render", "--backend", backend, "--config", config]
+    return command_line(["--backend", backend], config, overrides, out)
+
+
+def command_line(target: list[str], config: str, overrides: list[str], out: str) -> str:
+    """`recsys render TARGET --config C [--set …] [-o OUT]`: the line a generated file starts with."""
+    argv = ["recsys", "render", *target, "--config", config]
     for o in overrides:
         argv += ["--set", o]
     if out != "-":
@@ -334,14 +339,19 @@ def render_command(config: str, backend: str, overrides: list[str], out: str) ->
     return shlex.join(argv)
 
 
-def render_to_file(cfg: Config, backend: Backend, out: str, generated_by: str | None = None) -> None:
-    """Render `cfg` for `backend` to `out` ('-' for stdout), validated, with its header."""
-    path = out if out != "-" else "<file>"
-    text = render_text(cfg, backend, generated_by or f"recsys render --backend {backend}", path)
+def write_rendered(text: str, out: str, what: str) -> None:
+    """Write a rendered file to `out` ('-': stdout) and say on stderr what was written."""
     if out == "-":
         sys.stdout.write(text)
         return
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
-    print(f"wrote {out}: ConfigMap + {backend} {cfg.job.name} ({cfg.job.nodes} node(s))", file=sys.stderr)
+    print(f"wrote {out}: {what}", file=sys.stderr)
+
+
+def render_to_file(cfg: Config, backend: Backend, out: str, generated_by: str | None = None) -> None:
+    """Render `cfg` for `backend` to `out` ('-' for stdout), validated, with its header."""
+    path = out if out != "-" else "<file>"
+    text = render_text(cfg, backend, generated_by or f"recsys render --backend {backend}", path)
+    write_rendered(text, out, f"ConfigMap + {backend} {cfg.job.name} ({cfg.job.nodes} node(s))")

@@ -9,8 +9,6 @@ Rendering is pure; the documents are validated against kubeflow-spark-api's mode
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +130,9 @@ def render_objects(cfg: Config) -> list[dict[str, Any]]:
 
 def render_command(config: str, overrides: list[str], out: str) -> str:
     """The `recsys render --data-prep spark` command line that reproduces a file."""
-    argv = ["recsys", "render", "--data-prep", "spark", "--config", config]
-    for o in overrides:
-        argv += ["--set", o]
-    if out != "-":
-        argv += ["-o", out]
-    return shlex.join(argv)
+    from recsys.launch.kube import command_line
+
+    return command_line(["--data-prep", "spark"], config, overrides, out)
 
 
 def render_text(cfg: Config, generated_by: str, path: str) -> str:
@@ -169,14 +164,10 @@ def render_text(cfg: Config, generated_by: str, path: str) -> str:
 
 def render_to_file(cfg: Config, out: str, generated_by: str) -> None:
     """Render the SparkApplication of `cfg` to `out` ('-' for stdout), validated, with its header."""
+    from recsys.launch.kube import write_rendered
+
     text = render_text(cfg, generated_by, out if out != "-" else "<file>")
-    if out == "-":
-        sys.stdout.write(text)
-        return
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    print(f"wrote {out}: ConfigMap + SparkApplication {app_name(cfg)}", file=sys.stderr)
+    write_rendered(text, out, f"ConfigMap + SparkApplication {app_name(cfg)}")
 
 
 def check_backend_choice(backend: str | None, data_prep: str | None) -> None:
