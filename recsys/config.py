@@ -234,7 +234,7 @@ class DataConfig(Strict):
     shuffle_window: int = Field(
         1_048_576,
         gt=0,
-        description="Train rows are shuffled within windows of this many source rows (memory ∝ window).",
+        description="Train rows are shuffled within windows of this many source rows (bounded memory; the same on every prepare path).",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (0 = in-process).")
     num_canonical_nodes: int = Field(
@@ -242,11 +242,6 @@ class DataConfig(Strict):
     )
     shuffle_seed: int = Field(
         17, description="Seed of the StreamingDataset shuffle and within-block shuffle."
-    )
-    shuffle_window: int = Field(
-        1_048_576,
-        gt=0,
-        description="Train rows are shuffled within windows of this many source rows (bounded memory; the same on every prepare path).",
     )
 
 
