@@ -29,6 +29,7 @@ _WARNINGS = [
 _LOGGERS = {
     "torch.fx._symbolic_trace": logging.ERROR,  # "is_fx_tracing will return true for both …"
     "mlflow.pytorch": logging.ERROR,  # the pickle-format notice above, logged rather than warned
+    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..." of a new sqlite store
 }
 
 

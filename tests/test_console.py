@@ -39,3 +39,19 @@ def test_train_console_is_free_of_library_warnings(tmp_path: Path) -> None:
     assert not NOISE.findall(out), [line for line in out.splitlines() if NOISE.search(line)]
     loud = _recsys(tmp_path, "--verbose", "train", "--config", "two_tower_synth", *sets, "--resume", "never")
     assert loud.returncode == 0 and NOISE.search(loud.stdout + loud.stderr)
+
+
+def test_new_sqlite_tracking_store_is_created_quietly(tmp_path: Path) -> None:
+    """A first run against a fresh sqlite store prints no MLflow INFO lines about creating its tables."""
+    code = (
+        "import recsys.console as c; c.quiet_libraries(); import mlflow; "
+        "mlflow.set_tracking_uri('sqlite:///mlruns.db'); mlflow.MlflowClient().search_experiments()"
+    )
+    env = {**os.environ}
+    env.pop("RECSYS_VERBOSE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "mlruns.db").exists()
+    assert "INFO mlflow" not in done.stdout + done.stderr, done.stderr
