@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.config import config_from_dict
-from recsys.data import readers
 from recsys.data import splits as S
 from recsys.data.loader import read_split_arrays
 from recsys.data.metadata import read_metadata
 from recsys.data.prepare import prepare
+from recsys.data.readers import delimited
 
 ALL = 10**9  # every row in one chunk: the in-memory mode
 
@@ -92,7 +92,7 @@ def test_criteo_by_day_and_random_with_bad_rows_mid_file(
 ) -> None:
     # Small parse blocks, so the fast reader hands rows over before it meets the bad row and the
     # line-by-line parser takes over mid-file.
-    monkeypatch.setattr(readers, "_CSV_BLOCK", 1 << 14)
+    monkeypatch.setattr(delimited, "_CSV_BLOCK", 1 << 14)
     paths = [tmp_path / f"day_{d}.tsv" for d in range(3)]
     for d, p in enumerate(paths):
         write_criteo(p, 900, seed=d, bad_at=700 if d == 1 else None)
