@@ -8,13 +8,14 @@ name the dotted path.
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -200,6 +201,43 @@ class NegativesConfig(Strict):
     seed: int = Field(0, description="Seed of the negative sampling.")
 
 
+class WindowConfig(Strict):
+    """A time window of the source and the earlier prepared folder whose vocabularies it extends."""
+
+    since: str | int | float | None = Field(
+        None,
+        description="First timestamp kept (inclusive): ISO date/date-time (naive = UTC) or epoch seconds; "
+        "null: from the start.",
+    )
+    until: str | int | float | None = Field(
+        None,
+        description="Timestamps kept are before this (exclusive): ISO date/date-time (naive = UTC) or "
+        "epoch seconds; null: to the end.",
+    )
+    previous: str | None = Field(
+        None,
+        description="An earlier prepared folder: its ids keep their rows, new ids get rows after them.",
+    )
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _iso_text(cls, value: Any) -> Any:
+        # YAML reads 1998-03-01 as a date; keep the text form so the resolved config round-trips.
+        if isinstance(value, (_dt.date, _dt.datetime)):
+            return value.isoformat()
+        return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> WindowConfig:
+        from recsys.data.window import epoch_seconds
+
+        since = epoch_seconds(self.since, "data.window.since")
+        until = epoch_seconds(self.until, "data.window.until")
+        if since is not None and until is not None and since >= until:
+            raise ValueError(f"data.window: since ({self.since}) must be before until ({self.until})")
+        return self
+
+
 class DataConfig(Strict):
     """Where raw data comes from and how it becomes MDS shards."""
 
@@ -242,6 +280,15 @@ class DataConfig(Strict):
     )
     shuffle_seed: int = Field(
         17, description="Seed of the StreamingDataset shuffle and within-block shuffle."
+    )
+    window: WindowConfig = Field(
+        default_factory=WindowConfig,
+        description="Prepare one time window; grow an earlier folder's vocabularies.",
+    )
+    train_dirs: list[str] = Field(
+        default_factory=list,
+        description="Earlier prepared folders (ancestors of prepared_dir) whose train splits are trained on "
+        "with prepared_dir's; prepared_dir's vocabularies and val/test govern.",
     )
 
 
