@@ -32,7 +32,6 @@ from recsys.errors import UserError
 
 if TYPE_CHECKING:
     from recsys.config import Config
-    from recsys.data.readers import Table
 
 
 def metadata_sha256(folder: str | Path) -> str:
@@ -79,26 +78,26 @@ class Previous:
         meta = read_metadata(prev)
         return cls(Path(prev), meta, entry(prev, meta))
 
-    def check_schema(self, first: Table, cfg: Config) -> None:
+    def check_schema(self, sparse_names: list[str], dense_names: list[str], cfg: Config) -> None:
         """The new window must have the previous folder's features and table kinds (else one clear error)."""
         from recsys.data.prepare import table_specs
 
         m, where = self.meta, f"data.window.previous ({self.path})"
-        if first.sparse_names != [f.name for f in m.sparse_features]:
+        if sparse_names != [f.name for f in m.sparse_features]:
             raise UserError(
                 f"{where}: sparse features {[f.name for f in m.sparse_features]} differ from this source's "
-                f"{first.sparse_names}; a window must keep its predecessor's features"
+                f"{sparse_names}; a window must keep its predecessor's features"
             )
-        if first.dense_names != m.dense_features:
+        if dense_names != m.dense_features:
             raise UserError(
-                f"{where}: dense features {m.dense_features} differ from this source's {first.dense_names}"
+                f"{where}: dense features {m.dense_features} differ from this source's {dense_names}"
             )
         if cfg.data.block_size != m.block_size:
             raise UserError(
                 f"data.block_size: {cfg.data.block_size}, the previous folder has {m.block_size}; "
                 "windows trained together need one block size"
             )
-        specs = table_specs(cfg, first.sparse_names)
+        specs = table_specs(cfg, sparse_names)
         for f in m.sparse_features:
             spec = specs.get(f.name)
             kind = "exact" if spec is None else spec.kind
@@ -147,11 +146,11 @@ def window_info(record: dict, previous: Previous | None, grown: dict[str, tuple[
 
 # ------------------------------------------------------------------------------ training on windows
 def train_folders(cfg: Config, meta: Metadata) -> list[tuple[Path, Metadata]]:
-    """The folders whose train splits a run reads: data.train_dirs (ancestors of data.prepared_dir in
-    its lineage, checked here) then data.prepared_dir, each with its Metadata."""
+    """The folders whose train splits a run reads, oldest first: data.train_dirs (ancestors of
+    data.prepared_dir in its lineage, checked here) then data.prepared_dir, each with its Metadata."""
     newest = Path(cfg.data.prepared_dir)
-    known = {e.metadata_sha256: e for e in meta.lineage}
-    out: list[tuple[Path, Metadata]] = []
+    known = {e.metadata_sha256: at for at, e in enumerate(meta.lineage)}
+    out: list[tuple[int, Path, Metadata]] = []
     for d in cfg.data.train_dirs:
         if _same_folder(d, newest):
             continue  # listed or not, prepared_dir is read once
@@ -166,10 +165,11 @@ def train_folders(cfg: Config, meta: Metadata) -> list[tuple[Path, Metadata]]:
             raise UserError(
                 f"data.train_dirs: {d} has block size {older.block_size}, {newest} has {meta.block_size}"
             )
-        out.append((Path(d), older))
-    if len({p.resolve() for p, _ in out}) != len(out):
+        out.append((known[metadata_sha256(d)], Path(d), older))
+    if len({at for at, _, _ in out}) != len(out):
         raise UserError(f"data.train_dirs: a folder is listed twice ({cfg.data.train_dirs})")
-    return [*out, (newest, meta)]
+    # Oldest first, whatever the listed order: "the last train row" of an id is then the newest one.
+    return [(p, m) for _, p, m in sorted(out, key=lambda x: x[0])] + [(newest, meta)]
 
 
 def train_split(cfg: Config, meta: Metadata) -> SplitInfo:
