@@ -95,11 +95,7 @@ class WindowFilter:
             self.counts.kept += t.rows
             return t
         if t.timestamp is None:
-            raise UserError(
-                f"data.window: the {self.kind} source has no timestamp column to select a window on "
-                "(MovieLens and RecBole have one; a table source names it in data.source.timestamp); "
-                "unset data.window.since/until"
-            )
+            raise self.no_timestamp()
         ts = t.timestamp
         c = self.counts
         known = ~np.isnan(ts)
@@ -119,6 +115,14 @@ class WindowFilter:
             keep &= ~late
         c.kept += int(keep.sum())
         return t if keep.all() else take_rows(t, keep)
+
+    def no_timestamp(self) -> UserError:
+        """The error for a window on a source without a timestamp column."""
+        return UserError(
+            f"data.window: the {self.kind} source has no timestamp column to select a window on "
+            "(MovieLens and RecBole have one; a table source names it in data.source.timestamp); "
+            "unset data.window.since/until"
+        )
 
     def check_not_empty(self) -> None:
         """After a pass: a window that kept no row is an error that says what the source spans."""
