@@ -67,8 +67,13 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
+    import json
+
     from recsys.errors import UserError
 
+    for flag in ("since", "until", "previous"):  # shorthands of data.window.*, as text (JSON is YAML)
+        if getattr(args, flag) is not None:
+            args.overrides = [*args.overrides, f"data.window.{flag}={json.dumps(getattr(args, flag))}"]
     cfg = _resolve(args)
     if args.skip_bad_rows:
         cfg.data.skip_bad_rows = True
@@ -332,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--remote", default=None, help="with --spark: also upload to this object-store URI (s3://, dbfs:/ …)"
+    )
+    p.add_argument(
+        "--since",
+        default=None,
+        help="data.window.since: first timestamp kept (ISO date/date-time or epoch s)",
+    )
+    p.add_argument("--until", default=None, help="data.window.until: keep timestamps before this (exclusive)")
+    p.add_argument(
+        "--previous",
+        default=None,
+        help="data.window.previous: earlier prepared folder whose vocabularies grow",
     )
 
     p = add(sub, "train", _train, "train the configured model (run under torchrun for several processes)")

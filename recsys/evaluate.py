@@ -166,9 +166,10 @@ def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def read_all_splits(cfg: Config, meta: Metadata) -> dict[str, dict[str, np.ndarray]]:
     """Every split's arrays, read once and handed to evaluate_retrieval (which runs many times)."""
-    from recsys.data.loader import read_split_arrays
+    from recsys.data.loader import read_split_arrays, read_train_arrays
 
-    return {s: read_split_arrays(cfg.data.prepared_dir, s, meta) for s in ("train", "val", "test")}
+    held_out = {s: read_split_arrays(cfg.data.prepared_dir, s, meta) for s in ("val", "test")}
+    return {"train": read_train_arrays(cfg, meta), **held_out}
 
 
 @dataclass

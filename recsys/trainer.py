@@ -106,20 +106,22 @@ class Trainer:
     """One training run's state and steps: build → train_step → validate → test."""
 
     def __init__(self, cfg: Config, meta: Metadata, env: DistEnv, tracker: Tracker) -> None:
+        from recsys.data.lineage import train_split
         from recsys.data.loader import make_train_loader
         from recsys.distributed import control_group, make_optimizer, shard_model
         from recsys.models.task import build_task, log_q_from_train
         from recsys.progress import make_reporter
 
         self.cfg, self.meta, self.env, self.tracker = cfg, meta, env, tracker
-        train = meta.splits["train"]
+        train = train_split(cfg, meta)  # every train folder's (data.train_dirs)
+        self.train_blocks = train.blocks
         self.train_ctr = train.positives / max(train.rows, 1)
         task = build_task(cfg, meta, "meta", log_q_from_train(cfg, meta), dense_device=env.device)
         self.model, self.plan = shard_model(task, cfg, env)
         self.loader = make_train_loader(cfg, meta, env.world_size)
         self.blocks_per_step = cfg.train.batch_size // meta.block_size * env.world_size
         self.steps_per_epoch = self._steps_per_epoch()
-        self.blocks_left_out = meta.splits["train"].blocks - self.steps_per_epoch * self.blocks_per_step
+        self.blocks_left_out = self.train_blocks - self.steps_per_epoch * self.blocks_per_step
         # Counters: everything below is in state_dict().
         self.step, self.epoch, self.epoch_blocks = 0, 0, 0
         self.best: dict[str, Any] | None = None
@@ -167,7 +169,7 @@ class Trainer:
             return self.steps_per_epoch - done
         # Resharded resume: streaming partitions the remaining blocks over the new ranks; count only
         # whole global batches, so no rank runs out before the others (the epoch's tail is dropped).
-        return max((self.meta.splits["train"].blocks - self.epoch_blocks) // self.blocks_per_step, 0)
+        return max((self.train_blocks - self.epoch_blocks) // self.blocks_per_step, 0)
 
     def _planned_total(self) -> int:
         total = self.step + self.steps_left_in_epoch()

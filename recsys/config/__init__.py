@@ -7,7 +7,7 @@ name the dotted path. One module per section: `sources` (data.source), `data`, `
 """
 
 from recsys.config.base import ConfigError, Strict
-from recsys.config.data import DataConfig, LabelConfig, NegativesConfig, SplitConfig
+from recsys.config.data import DataConfig, LabelConfig, NegativesConfig, SplitConfig, WindowConfig
 from recsys.config.evaluation import EvalConfig
 from recsys.config.job import JobConfig, SparkAppConfig, Toleration
 from recsys.config.model import DLRMConfig, ModelConfig, TableConfig, TwoTowerConfig
@@ -63,6 +63,7 @@ __all__ = [
     "Source",
     "SparkAppConfig",
     "SplitConfig",
+    "WindowConfig",
     "Strict",
     "SyntheticCTRSource",
     "SyntheticInteractionsSource",

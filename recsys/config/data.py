@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import datetime as _dt
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from recsys.config.base import Strict
 from recsys.config.sources import Source
@@ -42,6 +43,43 @@ class NegativesConfig(Strict):
         0, ge=0, description="Items drawn per positive among those its user has no row with (0: none)."
     )
     seed: int = Field(0, description="Seed of the negative sampling.")
+
+
+class WindowConfig(Strict):
+    """A time window of the source and the earlier prepared folder whose vocabularies it extends."""
+
+    since: str | int | float | None = Field(
+        None,
+        description="First timestamp kept (inclusive): ISO date/date-time (naive = UTC) or epoch seconds; "
+        "null: from the start.",
+    )
+    until: str | int | float | None = Field(
+        None,
+        description="Timestamps kept are before this (exclusive): ISO date/date-time (naive = UTC) or "
+        "epoch seconds; null: to the end.",
+    )
+    previous: str | None = Field(
+        None,
+        description="An earlier prepared folder: its ids keep their rows, new ids get rows after them.",
+    )
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _iso_text(cls, value: Any) -> Any:
+        # YAML reads 1998-03-01 as a date; keep the text form so the resolved config round-trips.
+        if isinstance(value, (_dt.date, _dt.datetime)):
+            return value.isoformat()
+        return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> WindowConfig:
+        from recsys.data.window import epoch_seconds
+
+        since = epoch_seconds(self.since, "data.window.since")
+        until = epoch_seconds(self.until, "data.window.until")
+        if since is not None and until is not None and since >= until:
+            raise ValueError(f"data.window: since ({self.since}) must be before until ({self.until})")
+        return self
 
 
 class DataConfig(Strict):
@@ -86,4 +124,13 @@ class DataConfig(Strict):
     )
     shuffle_seed: int = Field(
         17, description="Seed of the StreamingDataset shuffle and within-block shuffle."
+    )
+    window: WindowConfig = Field(
+        default_factory=WindowConfig,
+        description="Prepare one time window; grow an earlier folder's vocabularies.",
+    )
+    train_dirs: list[str] = Field(
+        default_factory=list,
+        description="Earlier prepared folders (ancestors of prepared_dir) whose train splits are trained on "
+        "with prepared_dir's; prepared_dir's vocabularies and val/test govern.",
     )

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from recsys.data import splits as S
 from recsys.data.metadata import SourceFile
 from recsys.data.readers import STREAMED_KINDS, Table, iter_source, read_source, slice_table
+from recsys.data.window import WindowFilter
 from recsys.errors import UserError
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class ChunkReader:
         self._whole: dict[str, Table] = {}  # small sources read whole, by part
         self._given = given  # (table, assign, labels) decided in memory (negatives)
         self._assign: np.ndarray | None = None  # leave_last_n's assignment, by position
+        self.window = WindowFilter(cfg)  # data.window: rows outside [since, until) are not read on
         src, mode = cfg.data.source, cfg.data.split.mode
         self._days = 0
         if given is None and src.kind != "presplit":
@@ -109,11 +111,14 @@ class ChunkReader:
     def _tables_of(self, src: Any, part: str, sources: list[SourceFile] | None) -> Iterator[Table]:
         skip = self.cfg.data.skip_bad_rows
         if src.kind in STREAMED_KINDS:
-            yield from iter_source(src, skip, self.chunk_rows, sources, self.raw_dir)
+            for t in iter_source(src, skip, self.chunk_rows, sources, self.raw_dir):
+                t = self.window.apply(t)
+                if t.rows:
+                    yield t
             return
         if part not in self._whole:
             self._whole[part] = read_source(src, skip, self.raw_dir)
-        whole = self._whole[part]
+        whole = self.window.apply(self._whole[part])
         if sources is not None:
             sources.extend(whole.sources)
         for start in range(0, whole.rows, self.chunk_rows):
@@ -195,6 +200,7 @@ class ChunkReader:
             and self.cfg.data.split.mode == "leave_last_n"
         ):
             self._assign = self._leave_last_n()
+        self.window.reset()
         sources: list[SourceFile] | None = [] if first else None
         start = 0
         schema: tuple[list[str], list[str]] | None = None
@@ -207,6 +213,7 @@ class ChunkReader:
                 )
             yield Chunk(table=t, start=start, assign=self._split(t, start, part, in_part))
             start += t.rows
+        self.window.check_not_empty()
         if sources is not None:
             self.sources, self.rows = sources, start
 

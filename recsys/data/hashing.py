@@ -55,17 +55,20 @@ class TableMap:
     capped rows with the tail hashed into the shared rows, or the id hashes of a managed-collision table.
     """
 
-    def __init__(self, counter: V.IdCounter, min_count: int, spec: TableConfig | None) -> None:
+    def __init__(
+        self, counter: V.IdCounter, min_count: int, spec: TableConfig | None, previous: pa.Array | None = None
+    ) -> None:
+        """Fix the table; `previous` (an earlier window's owned ids, in row order) keep their rows."""
         self.counter = counter
         self.kind = "exact" if spec is None else spec.kind
         self.hashed_rows, self.collisions = 0, None
         if self.kind == "managed_collision":
-            self.ids = counter.finish(1)  # every train id listed, so exports are keyed by raw id
+            self.ids = counter.finish(1, previous)  # every train id listed, so exports are keyed by raw id
             self.num_embeddings = spec.max_rows or 0  # type: ignore[union-attr]
             self.max_value = _MOD
             return
         seen = counter.seen() if self.kind == "capped" else None
-        exact = counter.finish(min_count)
+        exact = counter.finish(min_count, previous)
         if self.kind == "exact":
             self.ids, self.num_embeddings, self.max_value = exact, len(exact) + 1, len(exact)
             return

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 # Module-level (not lazy) so the dataset and loader classes pickle into DataLoader workers.
-from streaming import StreamingDataLoader, StreamingDataset
+from streaming import Stream, StreamingDataLoader, StreamingDataset
 
+from recsys.data.lineage import train_folders
 from recsys.data.mds import BlockReader
 from recsys.data.metadata import SPLITS, Metadata, read_metadata
 from recsys.errors import UserError
@@ -140,13 +141,18 @@ def make_train_loader(
             f"({meta.block_size}, {cfg.data.prepared_dir}/metadata.json); re-prepare or change it"
         )
     blocks_per_batch = cfg.train.batch_size // meta.block_size
+    folders = train_folders(cfg, meta) if split == "train" else [(Path(cfg.data.prepared_dir), meta)]
     _require_process_group(world_size)
     from recsys.data.shm import streaming_setup
 
     # Jobs on one host take turns registering streaming's shared memory (see recsys.data.shm).
     with streaming_setup(_barrier if world_size > 1 else None):
+        # Several window folders (data.train_dirs) are one dataset of several streams, every block once.
+        where: dict[str, Any] = {"local": str(_split_dir(cfg.data.prepared_dir, split))}
+        if len(folders) > 1:
+            where = {"streams": [Stream(local=str(_split_dir(p, split))) for p, _ in folders]}
         dataset = BlockDataset(
-            local=str(_split_dir(cfg.data.prepared_dir, split)),
+            **where,
             shuffle=True,
             shuffle_seed=cfg.data.shuffle_seed,
             num_canonical_nodes=cfg.data.num_canonical_nodes,
@@ -246,3 +252,9 @@ def read_split_arrays(
     out = {k: np.concatenate([b[k] for b in blocks]) for k in ("label", "dense", "sparse")}
     out["dense"] = out["dense"][:, : len(meta.dense_features)]
     return out
+
+
+def read_train_arrays(cfg: Config, meta: Metadata) -> dict[str, np.ndarray]:
+    """The train splits a run trains on (data.train_dirs, then data.prepared_dir) as one, oldest first."""
+    parts = [read_split_arrays(p, "train", m) for p, m in train_folders(cfg, meta)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("label", "dense", "sparse")}

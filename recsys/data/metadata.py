@@ -84,6 +84,43 @@ class SourceFile(_Model):
     bad_rows: BadRows = Field(default_factory=BadRows, description="Skipped malformed rows.")
 
 
+class LineageEntry(_Model):
+    """An earlier prepared folder in a chain of windows (see recsys.data.lineage)."""
+
+    path: str = Field(description="The folder, as data.window.previous named it.")
+    metadata_sha256: str = Field(description="Checksum of its metadata.json: the folder's identity.")
+    name: str = Field(description="Config name that prepared it.")
+    since: float | None = Field(
+        None, description="Its window's first timestamp (epoch s, inclusive); null: unbounded."
+    )
+    until: float | None = Field(None, description="Its window's end (epoch s, exclusive); null: unbounded.")
+
+
+class WindowInfo(_Model):
+    """The time window a folder holds and how its vocabularies grew from the previous folder."""
+
+    since: float | None = Field(
+        None, description="First timestamp kept (epoch s, inclusive); null: unbounded."
+    )
+    until: float | None = Field(
+        None, description="Timestamps kept are before this (epoch s); null: unbounded."
+    )
+    rows_in_window: int = Field(0, description="Source rows inside [since, until) (all rows without bounds).")
+    rows_before: int = Field(0, description="Source rows before since (left out).")
+    rows_after: int = Field(0, description="Source rows at or after until (left out).")
+    rows_without_timestamp: int = Field(
+        0, description="Source rows with no timestamp (left out of a window)."
+    )
+    previous: LineageEntry | None = Field(None, description="The folder whose vocabularies this one extends.")
+    rows_inherited: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per feature, rows kept from the previous folder (capped: owned rows; managed_collision: listed ids).",
+    )
+    rows_added: dict[str, int] = Field(
+        default_factory=dict, description="Per feature, rows appended for ids new in this window."
+    )
+
+
 class Metadata(_Model):
     """metadata.json of a prepared folder."""
 
@@ -115,6 +152,13 @@ class Metadata(_Model):
         None,
         description="The data settings the content was prepared from (see data_settings); None in older folders.",
     )
+    window: WindowInfo | None = Field(
+        None, description="The time window and vocabulary growth (data.window); null when neither was set."
+    )
+    lineage: list[LineageEntry] = Field(
+        default_factory=list,
+        description="Earlier folders this one extends, oldest first (empty for a first window).",
+    )
 
     def sparse_index(self, name: str) -> int:
         """Column of a sparse feature in the `sparse` array."""
@@ -128,6 +172,9 @@ class Metadata(_Model):
 
 # Where the output goes and how it is read back do not change what is prepared.
 _NOT_CONTENT = {"prepared_dir", "raw_dir", "num_workers", "num_canonical_nodes", "shuffle_seed", "chunk_rows"}
+# A window's bounds and previous folder are recorded in metadata.json `window`/`lineage`, and a run trains
+# on the window folders it is given (train_dirs): neither is a setting the trainer's config must repeat.
+_NOT_CONTENT |= {"window", "train_dirs"}
 
 
 def data_settings(cfg: Config) -> dict[str, object]:

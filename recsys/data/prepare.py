@@ -38,11 +38,13 @@ from recsys.data import splits as S
 from recsys.data import vocab as V
 from recsys.data.chunks import ChunkReader, _inner_source
 from recsys.data.hashing import TableMap
+from recsys.data.lineage import Previous, owned_rows, window_info
 from recsys.data.mds import SplitWriter
 from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, data_settings, write_metadata
 from recsys.data.negatives import add_negatives
 from recsys.data.readers import Table, concat_tables, read_source
 from recsys.data.spill import ChunkSpill, SpilledChunk
+from recsys.data.window import WindowFilter, is_windowed
 from recsys.errors import UserError
 
 if TYPE_CHECKING:
@@ -87,9 +89,11 @@ def check_output(out: Path, overwrite: bool) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def read_with_split(cfg: Config) -> tuple[Table, np.ndarray]:
-    """Read the configured source and assign each row to train (0), val (1) or test (2)."""
+def read_with_split(cfg: Config, window: WindowFilter | None = None) -> tuple[Table, np.ndarray]:
+    """Read the configured source (the rows `window` keeps) and assign each to train (0), val (1) or test (2)."""
     from recsys.data.synth import raw_dir_of
+
+    window = window or WindowFilter(cfg)
 
     src, sp = cfg.data.source, cfg.data.split
     skip = cfg.data.skip_bad_rows
@@ -99,14 +103,16 @@ def read_with_split(cfg: Config) -> tuple[Table, np.ndarray]:
         for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)):
             if parts[name] is None:
                 continue
-            t = read_source(_inner_source(parts[name], f"data.source.{name}"), skip)
+            t = window.apply(read_source(_inner_source(parts[name], f"data.source.{name}"), skip))
             tables.append(t)
             a = np.full(t.rows, code, dtype=np.int8)
             if name == "train" and src.val is None:  # carve val out of train
                 a = S.random_split(t.rows, sp.val_fraction, 0.0, sp.seed)
             assign.append(a)
+        window.check_not_empty()
         return concat_tables(tables), np.concatenate(assign)
-    table = read_source(src, skip, raw_dir_of(cfg))
+    table = window.apply(read_source(src, skip, raw_dir_of(cfg)))
+    window.check_not_empty()
     if sp.mode == "random":
         return table, S.random_split(table.rows, sp.val_fraction, sp.test_fraction, sp.seed)
     if sp.mode == "by_day":
@@ -303,19 +309,24 @@ def _write(
 
 
 def _save_vocabularies(
-    out: Path, names: list[str], counters: list[V.IdCounter], cfg: Config
-) -> tuple[list[SparseFeature], list[TableMap]]:
+    out: Path, names: list[str], counters: list[V.IdCounter], cfg: Config, previous: Previous | None = None
+) -> tuple[list[SparseFeature], list[TableMap], dict[str, tuple[int, int]]]:
     """Fix each feature's table from its train counts (exact, capped or managed-collision: model.tables)
-    and write vocab/<feature>.txt; returns the metadata entries and the id → value maps of pass 2."""
+    and write vocab/<feature>.txt; returns the metadata entries, the id → value maps of pass 2 and,
+    growing `previous`'s vocabularies, the rows (inherited, added) per feature."""
     (out / "vocab").mkdir(exist_ok=True)
     specs = table_specs(cfg, names)
-    features, maps = [], []
+    features, maps, grown = [], [], {}
     for name, counter in zip(names, counters, strict=True):
-        table = TableMap(counter, cfg.data.min_count, specs.get(name))
+        before = previous.ids(name) if previous else None
+        table = TableMap(counter, cfg.data.min_count, specs.get(name), before)
         V.save_ids(out / vocab_file(name), table.ids)
         features.append(_sparse_feature(name, table))
         maps.append(table)
-    return features, maps
+        if before is not None:
+            owned = owned_rows(features[-1], table.ids)
+            grown[name] = (len(before), owned - len(before))
+    return features, maps, grown
 
 
 def table_specs(cfg: Config, names: list[str]) -> dict[str, Any]:
@@ -345,10 +356,13 @@ def _reader(cfg: Config) -> tuple[ChunkReader, dict | None]:
     """The chunk reader of cfg's source; with data.negatives, of the table decided in memory."""
     if not cfg.data.negatives.per_positive:
         return ChunkReader(cfg), None
-    table, assign = read_with_split(cfg)
+    window = WindowFilter(cfg)
+    table, assign = read_with_split(cfg, window)
     labels, label_info = binarize(table.label, assign, cfg.data.label)
     table, assign, labels = add_negatives(table, assign, labels, cfg.data.negatives)
-    return ChunkReader(cfg, given=(table, assign, labels)), label_info
+    reader = ChunkReader(cfg, given=(table, assign, labels))
+    reader.window = window  # what was kept was decided here, before the negatives
+    return reader, label_info
 
 
 def prepare(cfg: Config, overwrite: bool) -> Metadata:
@@ -357,6 +371,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
 
     out = Path(cfg.data.prepared_dir)
     _check_compression(cfg.data.compression)
+    previous = Previous.open(cfg)  # before check_output: never overwrite the folder a window grows from
     check_output(out, overwrite)
     src = cfg.data.source
     synthetic = src.kind in ("synthetic_ctr", "synthetic_interactions")
@@ -383,7 +398,11 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
             _say(
                 f"read {reader.rows:,} rows in {t_read - t0:.1f}s; fixing {len(first.sparse)} vocabularies …"
             )
-            features, maps = _save_vocabularies(out, first.sparse_names, counted.counters, cfg)
+            if previous is not None:
+                previous.check_schema(first.sparse_names, first.dense_names, cfg)
+            features, maps, grown = _save_vocabularies(
+                out, first.sparse_names, counted.counters, cfg, previous
+            )
             if given_label_info is not None:  # labels decided with the negatives, in memory
                 rule, label_info = cfg.data.label, given_label_info
             else:
@@ -413,6 +432,10 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
         label=label_info,
         synthetic=facts.result() if facts is not None else None,
         settings=data_settings(cfg),
+        window=window_info(reader.window.record(), previous, grown)
+        if previous is not None or is_windowed(cfg)
+        else None,
+        lineage=previous.lineage() if previous is not None else [],
     )
     write_metadata(out, meta)
     bad = sum(s.bad_rows.count for s in meta.sources)

@@ -54,6 +54,7 @@ from recsys.data.metadata import (
     data_settings,
     write_metadata,
 )
+from recsys.data.spark_window import filter_window, previous_vocabularies, size_of
 from recsys.errors import DataError, UserError
 
 if TYPE_CHECKING:
@@ -274,10 +275,16 @@ def _blocks(
 
 
 def _vocabularies(
-    split_df: DataFrame, features: int, min_count: int, cached: list[DataFrame]
+    split_df: DataFrame,
+    features: int,
+    min_count: int,
+    cached: list[DataFrame],
+    previous: tuple[DataFrame, dict[int, int]] | None = None,
 ) -> tuple[DataFrame, dict[int, int]]:
     """Vocabularies fit on train, numbered on the executors: (j, id, count, row) with row 1.. in the
-    order of `vocab.fit_encoded` (count desc, then id bytes), and the kept ids per feature.
+    order of `vocab.fit_encoded` (count desc, then id bytes), and the kept ids per feature. With
+    `previous` ((j, id, row) of an earlier window and its sizes, recsys.data.spark_window) its ids keep
+    their rows and the new ones are numbered after them.
 
     One groupBy counts (feature, id) pairs; one global sort by (feature, count desc, id) and a
     position in that order (`_with_positions`: a count per partition reaches the driver) number them."""
@@ -297,10 +304,18 @@ def _vocabularies(
     )
     counts = pairs.filter(F.col("id").isNotNull()).groupBy("j", "id").count()
     kept = counts.filter(F.col("count") >= min_count)
+    if previous is not None:
+        kept = kept.join(previous[0].select("j", "id"), on=["j", "id"], how="left_anti")
     numbered = _with_positions(kept.orderBy("j", F.col("count").desc(), F.col("id").asc()), cached)
     sizes = {int(r["j"]): int(r["count"]) for r in numbered.groupBy("j").count().collect()}
     row = F.col(_POS) - _offsets(sizes, list(range(features)), F.col("j")) + 1
-    vocab_df = numbered.select("j", "id", row.cast("long").alias("row")).persist(StorageLevel.MEMORY_AND_DISK)
+    if previous is not None:
+        row = row + size_of(previous[1], F.col("j"))
+    vocab_df = numbered.select("j", "id", row.cast("long").alias("row"))
+    if previous is not None:
+        vocab_df = previous[0].select("j", "id", "row").unionByName(vocab_df)
+        sizes = {j: previous[1].get(j, 0) + sizes.get(j, 0) for j in range(features)}
+    vocab_df = vocab_df.persist(StorageLevel.MEMORY_AND_DISK)
     return vocab_df, sizes
 
 
@@ -378,6 +393,12 @@ def prepare_dataframe(
         raise UserError("data.split.mode by_day needs day files (data.source.kind criteo or synthetic_ctr)")
     if sp.mode == "leave_last_n" and m.user is None:
         raise UserError("data.split.mode leave_last_n needs a user column (data.source.user)")
+    from recsys.data.lineage import Previous, window_info
+    from recsys.data.window import is_windowed
+
+    previous = Previous.open(cfg)  # before check_output: never overwrite the folder a window grows from
+    if previous is not None:
+        previous.check_schema(sparse_cols, list(m.dense), cfg)
     check_output(out, overwrite)  # before any Spark job: refuse (or clear, with overwrite) early
 
     # ---- bad rows: an empty required column or an unparsable number, as the file reader judges
@@ -420,6 +441,10 @@ def prepare_dataframe(
         n -= n_bad
     if n == 0:
         raise DataError(f"{name}: no rows to prepare")
+    read_rows = n  # the source's good rows, window or not (as the file reader records them)
+    in_window, window = filter_window(staged, cfg, ts_val is not None, n)
+    if in_window is not staged:  # positions of the window's rows, as the file reader numbers them
+        staged, n = _with_positions(in_window.drop(_POS), cached), window.counts.kept
 
     # ---- split assignment
     if sp.mode == "random":
@@ -466,7 +491,12 @@ def prepare_dataframe(
         label_col = (F.col(_LABEL) >= F.lit(thr)).cast("double")
 
     # ---- vocabularies: counted, sorted and numbered on the executors; the driver gets sizes only
-    vocab_df, sizes = _vocabularies(split_df, len(ids), cfg.data.min_count, cached)
+    grown = None
+    if previous is not None:
+        grown = previous_vocabularies(
+            df.sparkSession, previous, sparse_cols, lambda d: _with_positions(d, cached)
+        )
+    vocab_df, sizes = _vocabularies(split_df, len(ids), cfg.data.min_count, cached, grown)
 
     # ---- map ids → rows (missing and out-of-vocabulary → 0)
     mapped = split_df.select(
@@ -569,9 +599,19 @@ def prepare_dataframe(
         item_feature=m.item,
         splits=infos,
         # A DataFrame has no file bytes to checksum.
-        sources=[SourceFile(path=name, sha256="", rows=n, bad_rows=bad_rows)],
+        sources=[SourceFile(path=name, sha256="", rows=read_rows, bad_rows=bad_rows)],
         label=label_info,
         settings=data_settings(cfg),
+        window=window_info(
+            window.record(),
+            previous,
+            {c: (grown[1][j], sizes.get(j, 0) - grown[1][j]) for j, c in enumerate(sparse_cols)}
+            if grown
+            else {},
+        )
+        if previous is not None or is_windowed(cfg)
+        else None,
+        lineage=previous.lineage() if previous is not None else [],
     )
     write_metadata(out, meta)
     if remote is not None:

@@ -261,8 +261,12 @@ class IdCounter:
             return _keys_to_strings(self.keys, self.width), self.counts.copy()
         return self.ids, self.counts.copy()
 
-    def finish(self, min_count: int) -> pa.Array:
-        """Fix the vocabulary (ids with train count >= min_count); returns its ids in row order (rows 1..)."""
+    def finish(self, min_count: int, previous: pa.Array | None = None) -> pa.Array:
+        """Fix the vocabulary (ids with train count >= min_count); returns its ids in row order (rows 1..).
+
+        With `previous` (an earlier window's ids in row order) those keep rows 1..P and the new ids follow."""
+        if previous is not None:
+            return self._finish_after(previous, min_count)
         keep = np.flatnonzero(self.counts >= min_count)
         if self.width is not None:
             order = np.lexsort((self.keys[keep], -self.counts[keep]))
@@ -274,6 +278,32 @@ class IdCounter:
             kept = pa.table({"neg": pa.array(-self.counts[keep]), "id": self.ids.take(pa.array(keep))})
             order = pc.sort_indices(kept, sort_keys=[("neg", "ascending"), ("id", "ascending")])
             vocab = kept.column("id").take(order).combine_chunks()
+        self.vocab = vocab
+        self.keys, self.ids, self.counts = (
+            np.zeros(0, np.uint64),
+            pa.array([], pa.string()),
+            np.zeros(0, np.int64),
+        )
+        return vocab
+
+    def _finish_after(self, previous: pa.Array, min_count: int) -> pa.Array:
+        """Grow an earlier vocabulary: its ids keep their rows; ids new to it with train count >= min_count
+        are appended by descending count, then bytes (the order a fresh vocabulary has)."""
+        ids, counts = self.seen()
+        previous = previous.cast(pa.string())
+        kept = counts >= min_count
+        ids, counts = ids.filter(pa.array(kept)), counts[kept]
+        new = ~pc.is_in(ids, value_set=previous).to_numpy(zero_copy_only=False)
+        table = pa.table({"neg": pa.array(-counts[new]), "id": ids.filter(pa.array(new))})
+        order = pc.sort_indices(table, sort_keys=[("neg", "ascending"), ("id", "ascending")])
+        vocab = pa.concat_arrays([previous, table.column("id").take(order).combine_chunks()])
+        fixed = _fixed_width_keys(vocab) if len(vocab) and vocab.null_count == 0 else None
+        if self.width is not None and fixed is not None and fixed[2] == self.width:
+            keys = fixed[0].byteswap()  # byte-ordered, as the counter's keys
+            at = np.argsort(keys)
+            self._sorted_keys, self._sorted_rows = keys[at], (at + 1).astype(np.int64)
+        else:  # ids of other widths than this window's: look rows up by string
+            self.width = None
         self.vocab = vocab
         self.keys, self.ids, self.counts = (
             np.zeros(0, np.uint64),

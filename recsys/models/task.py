@@ -25,12 +25,12 @@ def log_q_from_train(cfg: Config, meta: Metadata) -> torch.Tensor | None:
         return None
     if not cfg.model.two_tower.logq_correction:
         return None
-    from recsys.data.loader import read_split_arrays
+    from recsys.data.loader import read_train_arrays
     from recsys.models.two_tower import item_log_q
 
     col = meta.sparse_index(meta.item_feature or "")
     n = meta.sparse_features[col].num_embeddings
-    items = read_split_arrays(cfg.data.prepared_dir, "train", meta)["sparse"][:, col]
+    items = read_train_arrays(cfg, meta)["sparse"][:, col]
     return item_log_q(torch.from_numpy(np.bincount(items, minlength=n)))
 
 
@@ -39,13 +39,13 @@ def item_feature_rows(cfg: Config, meta: Metadata) -> torch.Tensor:
 
     Row 0 (OOV) and items without train rows keep zeros; uniform negatives are drawn from rows 1..N-1.
     """
-    from recsys.data.loader import read_split_arrays
+    from recsys.data.loader import read_train_arrays
 
     names = [f.name for f in meta.sparse_features]
     key = names.index(meta.item_feature or "")
     cols = [names.index(f) for f in cfg.model.two_tower.item_features]
     table = np.zeros((meta.sparse_features[key].num_embeddings, len(cols)), np.int64)
-    sparse = read_split_arrays(cfg.data.prepared_dir, "train", meta)["sparse"]
+    sparse = read_train_arrays(cfg, meta)["sparse"]
     table[sparse[:, key]] = sparse[:, cols]
     if key in cols:  # every row, also the ones train never shows
         table[:, cols.index(key)] = np.arange(len(table))
