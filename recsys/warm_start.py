@@ -171,11 +171,12 @@ def _parent_from_run(cfg: Config, run_id: str, tmp: Path) -> tuple[CheckpointInf
         raise UserError(f"--init-from {run_id}: its checkpoint folder {ckpt_dir} is not reachable from here")
     best = run.data.tags.get("best_step")
     info = _pick_checkpoint(Path(ckpt_dir), int(best) if best else None, run_id)
+    # The run's own vocabularies: the prepared folder may have been prepared again since.
     for artifact in ("vocab", "data/metadata.json"):
-        mlflow.artifacts.download_artifacts(
+        got = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=artifact, dst_path=str(tmp), tracking_uri=uri
         )
-    (tmp / "metadata.json").write_bytes((tmp / "data" / "metadata.json").read_bytes())
+    (tmp / "metadata.json").write_bytes(Path(got).read_bytes())  # vocab/ is at tmp/vocab already
     return info, tmp, run_id
 
 
@@ -298,15 +299,16 @@ def _copy_rows(dst: Any, old: torch.Tensor, rows: np.ndarray) -> None:
             local[keep.to(local.device)] = picked.to(local.device, local.dtype)
 
 
-def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a DCP checkpoint (flattened key) and its global shape."""
     from torch.distributed.checkpoint import FileSystemReader
 
     md = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {k: tuple(v.size) for k, v in md.items() if hasattr(v, "size")}
 
 
-def _read_full(path: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The whole tensor `key` of a checkpoint, however many ranks wrote it; collective."""
+def read_tensor(path: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The whole tensor `key` of a checkpoint, however many ranks wrote it; collective in a job."""
     import torch
 
     from recsys.checkpoint import load_checkpoint
@@ -325,7 +327,7 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
     from recsys.models.two_tower import table_name
 
     cfg, meta = trainer.cfg, trainer.meta
-    shapes = _checkpoint_shapes(parent.checkpoint)
+    shapes = checkpoint_shapes(parent.checkpoint)
     old = parent.fingerprint
     same_sparse = old.get("train.sparse_optimizer.name") == cfg.train.sparse_optimizer.name
     same_dense = old.get("train.dense_optimizer.name") == cfg.train.dense_optimizer.name
@@ -341,15 +343,17 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
     lines = [
         f"recsys: warm start from {parent.checkpoint}" + (f" (run {parent.run_id})" if parent.run_id else "")
     ]
+    fresh_state = []
+    for key, feature in tables.items():  # first: a wrong embedding_dim is named as such
+        fresh_state += _load_table(parent, state, key, feature, shapes, same_sparse)
     dense = _load_dense(parent, state, tables, shapes, same_dense)
-    for key, feature in tables.items():
-        _load_table(parent, state, key, feature, shapes, same_sparse)
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optim"])
     lines += [f"  table {parent.notes[f]}" for f in tables.values()]
     lines.append(f"  dense: {dense} tensors loaded (every shape matches)")
     sparse_opt = (
         "per-row state of copied rows carried, new rows start fresh"
+        + (f"; reset (layout differs): {', '.join(fresh_state)}" if fresh_state else "")
         if same_sparse
         else f"reset ({old.get('train.sparse_optimizer.name')} → {cfg.train.sparse_optimizer.name})"
     )
@@ -418,12 +422,16 @@ def _load_table(
     feature: str,
     shapes: dict[str, tuple[int, ...]],
     optim: bool,
-) -> None:
-    """Copy the parent's rows of one table (and its per-row optimizer state) by the feature's row map."""
+) -> list[str]:
+    """Copy the parent's rows of one table (and its per-row optimizer state) by the feature's row map;
+    returns the optimizer state tensors of the table that start fresh instead."""
     rows = parent.row_maps.get(feature)
     old_key = f"model.{key}"
-    if rows is None or old_key not in shapes:
-        return
+    if old_key not in shapes and rows is not None:
+        parent.notes[feature] = f"{feature}: the parent's model has no such table: the whole table is fresh"
+        rows = None
+    if rows is None:
+        return []
     dst = state["model"][key]
     old_shape, new_shape = shapes[old_key], _size(dst)
     if old_shape[1:] != new_shape[1:]:
@@ -431,15 +439,19 @@ def _load_table(
             f"--init-from {parent.checkpoint}: {key} has embedding_dim {old_shape[1]} there and {new_shape[1]} "
             "here (model.embedding_dim differs); warm start needs the same embedding_dim"
         )
-    _copy_rows(dst, _read_full(parent.checkpoint, old_key, old_shape, dst.dtype), rows)
-    for name, t in (state["optim"]["state"].get(key) or {}).items() if optim else ():
+    _copy_rows(dst, read_tensor(parent.checkpoint, old_key, old_shape, dst.dtype), rows)
+    fresh = []
+    for name, t in (state["optim"]["state"].get(key) or {}).items():
         okey = f"optim.state.{key}.{name}"
         oshape = shapes.get(okey)
         # Per-row state (row-wise Adagrad's [rows], Adagrad's [rows, dim]) follows the rows.
         if (
-            oshape
-            and oshape[0] == old_shape[0]
-            and _size(t)[0] == new_shape[0]
+            optim
+            and oshape
+            and (oshape[0], _size(t)[0]) == (old_shape[0], new_shape[0])
             and oshape[1:] == _size(t)[1:]
         ):
-            _copy_rows(t, _read_full(parent.checkpoint, okey, oshape, t.dtype), rows)
+            _copy_rows(t, read_tensor(parent.checkpoint, okey, oshape, t.dtype), rows)
+        else:
+            fresh.append(name)
+    return fresh
