@@ -100,7 +100,10 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from recsys.train import train
 
-    result = train(_resolve(args), resume=args.resume, allow_data_mismatch=args.allow_data_mismatch)
+    cfg = _resolve(args)
+    if args.init_from:
+        cfg.train.init_from = args.init_from
+    result = train(cfg, resume=args.resume, allow_data_mismatch=args.allow_data_mismatch)
     if args.run_id_file and result.run_id and os.environ.get("RANK", "0") == "0":
         Path(args.run_id_file).write_text(result.run_id + "\n")
     return 0
@@ -362,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-data-mismatch",
         action="store_true",
         help="train even when the prepared folder was made from other data settings than the config's",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_ID|CHECKPOINT_DIR",
+        help="warm start from a previous run's weights (sets train.init_from; rows matched by raw id; "
+        "a checkpoint of this job found by --resume auto wins)",
     )
     p.add_argument(
         "--run-id-file",

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from recsys.data.metadata import Metadata
     from recsys.distributed import DistEnv
     from recsys.tracking import Tracker
+    from recsys.warm_start import Parent
 
 __all__ = ["TrainResult", "check_data_settings", "train"]
 
@@ -95,6 +96,23 @@ def _decide_resume(
     return answer
 
 
+def _decide_parent(cfg: Config, env: DistEnv, meta: Metadata) -> Parent:
+    """Rank 0 finds train.init_from's checkpoint and row maps; every rank gets them (or the UserError)."""
+    from recsys.distributed import broadcast_object
+    from recsys.warm_start import find_parent
+
+    answer: Any = None
+    if env.is_main:
+        try:
+            answer = find_parent(cfg, meta, str(cfg.train.init_from))
+        except UserError as e:
+            answer = e
+    answer = broadcast_object(answer)
+    if isinstance(answer, UserError):
+        raise answer
+    return answer
+
+
 def _train(
     cfg: Config, env: DistEnv, resume: str, allow_data_mismatch: bool, extra_tags: dict[str, str]
 ) -> TrainResult:
@@ -102,16 +120,22 @@ def _train(
     from recsys.data.metadata import read_metadata
     from recsys.distributed import broadcast_object
     from recsys.tracking import make_tracker, run_tags
+    from recsys.warm_start import CHECKPOINT_DIR_TAG, provenance, provenance_tags, warm_start
 
     seed_everything(cfg.train.seed)
     meta = read_metadata(cfg.data.prepared_dir)
     check_data_settings(cfg, meta, allow_data_mismatch)
     run_dir, info = _decide_resume(cfg, env, meta, resume)
+    # A checkpoint of this job wins over init_from: a restarted warm-started job continues its own run.
+    parent = _decide_parent(cfg, env, meta) if info is None and cfg.train.init_from else None
+    prov = (info.meta.get("provenance") if info is not None else None) or provenance(cfg, meta, parent)
     tracker = make_tracker(cfg, env.rank)
     name = cfg.tracking.run_name or f"{cfg.name}-{cfg.model.kind}"
     resume_run = info.meta.get("run_id") if info is not None else None
-    with tracker.start(name, {**run_tags(cfg, env.world_size), **extra_tags}, resume_run_id=resume_run):
+    tags = {**run_tags(cfg, env.world_size), **provenance_tags(prov), **extra_tags}
+    with tracker.start(name, tags, resume_run_id=resume_run):
         trainer = Trainer(cfg, meta, env, tracker)
+        trainer.provenance = prov
         ckpt = Checkpointer(cfg, env, run_dir, cfg.best_mode())
         if info is not None:
             trainer.restore(ckpt, info)
@@ -119,8 +143,15 @@ def _train(
                 print(
                     f"recsys: resumed from {info.path} (step {info.step}, epoch {trainer.epoch})", flush=True
                 )
+        elif parent is not None:
+            said = "\n".join(warm_start(trainer, parent))
+            if env.is_main:
+                print(said, flush=True)
+            tracker.log_text(said + "\n", "warm_start.txt")
         trainer.run_id = broadcast_object(tracker.run_id)
         ckpt.start_run(trainer.run_id, info.step if info is not None else None)
+        tracker.set_tags({CHECKPOINT_DIR_TAG: str(ckpt.run_dir.resolve())})
+        tracker.log_dict(prov, "lineage.json")
         # A checkpoint whose MLflow run is gone continues in a new run: that run needs the params,
         # config and vocabularies (index/recommend/serve read them), so log them as for a fresh one.
         _log_setup(trainer, tracker, resumed=info is not None and tracker.resumed)

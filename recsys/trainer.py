@@ -128,6 +128,8 @@ class Trainer:
         self.bad_validations = 0
         self.stopped_early = False
         self.run_id: str | None = None
+        # Where this run comes from (recsys.warm_start.provenance): saved with every checkpoint.
+        self.provenance: dict[str, Any] = {}
         self.total = self._planned_total()
         self.optimizer, self.schedule = make_optimizer(self.model, cfg, self.total)
         self.pipeline = None
@@ -400,6 +402,7 @@ class Trainer:
         """Checkpoint the whole state at the current step (a drained segment boundary)."""
         meta = {**self.counters(), "loader": self.loader_state(), "fingerprint": self.fingerprint()}
         meta["validation"] = self.validations[-1] if self.validations else None
+        meta["provenance"] = self.provenance
         ckpt.save(self.state_dict(), meta)
 
     def fingerprint(self) -> dict[str, Any]:

@@ -135,3 +135,8 @@ class TrainConfig(Strict):
     early_stopping: EarlyStoppingConfig = Field(
         default_factory=EarlyStoppingConfig, description="Best-state tracking and early stopping."
     )
+    init_from: str | None = Field(
+        None,
+        description="Warm start: an MLflow run id of ours or a checkpoint (run or step folder) whose weights "
+        "this run begins from, rows matched by raw id (docs/guides/warm-start.md); None: random init.",
+    )
