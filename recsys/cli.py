@@ -130,7 +130,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- retrieval
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-id", required=True, help="MLflow run id of a trained Two-Tower")
+    p.add_argument(
+        "--run-id", required=True, help="MLflow run id of a trained Two-Tower, or models:/NAME@ALIAS"
+    )
     p.add_argument(
         "--tracking-uri",
         default=None,
@@ -222,8 +224,21 @@ def _serve_build(args: argparse.Namespace) -> int:
 def _serve_render(args: argparse.Namespace) -> int:
     from recsys.launch.kserve import render_to_file
 
+    if args.storage_uri.startswith("models:/"):
+        from recsys.promotion.registry import storage_location
+        from recsys.retrieval.runs import tracking_uri
+
+        args.storage_uri = storage_location(args.storage_uri, tracking_uri(args.tracking_uri))
     render_to_file(_resolve(args), args, out=args.output)
     return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from recsys.promotion.gate import REFUSED_EXIT, promote
+
+    d = promote(args.candidate, args.data, args.tracking_uri, args.model, args.margin, args.metric)
+    print(d.line())
+    return 0 if d.promoted else REFUSED_EXIT
 
 
 # ---------------------------------------------------------------------------------- render / launch
@@ -452,20 +467,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         serve, "build", _serve_build, "log a run's retrieval model (pyfunc) and register it", config=False
     )
-    p.add_argument("--run-id", required=True, help="MLflow run id of a trained Two-Tower")
+    p.add_argument(
+        "--run-id", required=True, help="MLflow run id of a trained Two-Tower, or models:/NAME@ALIAS"
+    )
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument(
         "--register", default=None, help="registered model name (default: recsys-<config name>; '' = none)"
     )
     p = add(serve, "render", _serve_render, "render a KServe InferenceService for a registered model")
     p.add_argument(
-        "--storage-uri", required=True, help="where the model files are: s3://…, gs://…, pvc://<claim>/<path>"
+        "--storage-uri",
+        required=True,
+        help="where the model files are: s3://…, gs://…, pvc://<claim>/<path>, or models:/NAME@ALIAS (resolved)",
     )
     p.add_argument("--name", default=None, help="InferenceService name (default: recsys-<config name>)")
     p.add_argument("--namespace", default=None, help="namespace (default: job.namespace)")
     p.add_argument("--image", default=None, help="serving image with faiss-cpu (the runtime's own has none)")
     p.add_argument("--service-account", default=None, help="ServiceAccount with storage credentials")
     p.add_argument("-o", "--output", default="-", help="output file ('-' for stdout)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI resolving a models:/NAME@ALIAS --storage-uri",
+    )
+
+    p = add(
+        sub,
+        "promote",
+        _promote,
+        "gate a candidate run against the registered champion on a new data window; promoted: "
+        "index + served version rebuilt, alias champion moved (exit 0; refused: exit 3)",
+        config=False,
+    )
+    p.add_argument("--candidate", required=True, help="MLflow run id of the newly trained run")
+    p.add_argument(
+        "--data", required=True, help="prepared folder of the newest window (neither model trained on it)"
+    )
+    p.add_argument("--model", default=None, help="registered model name (default: promotion.model_name)")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="allowed shortfall vs the champion (default: promotion.margin)",
+    )
+    p.add_argument(
+        "--metric", default=None, help="metric compared, e.g. ndcg@10 or auc (default: promotion.metric)"
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
 
     p = add(
         sub,
