@@ -138,7 +138,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- retrieval
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-id", required=True, help="MLflow run id of a trained Two-Tower")
+    p.add_argument(
+        "--run-id", required=True, help="MLflow run id of a trained Two-Tower, or models:/NAME@ALIAS"
+    )
     p.add_argument(
         "--tracking-uri",
         default=None,
@@ -230,8 +232,21 @@ def _serve_build(args: argparse.Namespace) -> int:
 def _serve_render(args: argparse.Namespace) -> int:
     from recsys.launch.kserve import render_to_file
 
+    if args.storage_uri.startswith("models:/"):
+        from recsys.promotion.registry import storage_location
+        from recsys.retrieval.runs import tracking_uri
+
+        args.storage_uri = storage_location(args.storage_uri, tracking_uri(args.tracking_uri))
     render_to_file(_resolve(args), args, out=args.output)
     return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from recsys.promotion.gate import REFUSED_EXIT, promote
+
+    d = promote(args.candidate, args.data, args.tracking_uri, args.model, args.margin, args.metric)
+    print(d.line())
+    return 0 if d.promoted else REFUSED_EXIT
 
 
 # ---------------------------------------------------------------------------------- render / launch
@@ -239,6 +254,8 @@ def _render(args: argparse.Namespace) -> int:
     from recsys.launch.kube import render_command, render_to_file
     from recsys.launch.spark_app import check_backend_choice
 
+    if args.recurring_run or args.cronjob:
+        return _render_schedule(args)
     check_backend_choice(args.backend, args.data_prep)
     if args.data_prep:
         from recsys.launch import spark_app
@@ -253,6 +270,54 @@ def _render(args: argparse.Namespace) -> int:
     # The file's first line names the command that reproduces it.
     cmd = render_command(args.config, args.backend, args.overrides, args.output)
     render_to_file(_resolve(args), backend=args.backend, out=args.output, generated_by=cmd)
+    return 0
+
+
+def _render_schedule(args: argparse.Namespace) -> int:
+    import json
+
+    from recsys.errors import UserError
+    from recsys.launch.kube import command_line, write_rendered
+    from recsys.promotion import schedule
+
+    if args.recurring_run and args.cronjob or not args.cron:
+        raise UserError("recsys render: pass one of --recurring-run and --cronjob, with --cron '0 3 * * *'")
+    target = ["--recurring-run" if args.recurring_run else "--cronjob", "--cron", args.cron]
+    for flag in ("backend", "model"):
+        if getattr(args, flag):
+            target += [f"--{flag}", getattr(args, flag)]
+    generated_by = command_line(target, args.config, args.overrides, args.output)
+    if args.cronjob:
+        path = args.output if args.output != "-" else "<file>"
+        text = schedule.render_cronjob(
+            _resolve(args), args.cron, args.backend or "pytorchjob", args.model, generated_by, path
+        )
+        write_rendered(text, args.output, f"CronJob running `recsys daily` on {args.cron!r}")
+        return 0
+    _resolve(args)  # a bad config or override fails here, not in the first scheduled run
+    params: dict = {"config": args.config, "overrides": args.overrides}
+    if args.backend:
+        params["backend"] = args.backend
+    if args.model:
+        params["model_name"] = args.model
+    spec = schedule.pipeline_spec(args.pipeline_yaml)
+    body = schedule.recurring_run(args.cron, spec, params, f"recsys-continuous-{args.config}")
+    write_rendered(json.dumps(body, indent=1) + "\n", args.output, "KFP recurring run request body")
+    return 0
+
+
+def _daily(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from recsys.promotion.daily import run_turn
+
+    until = args.until or dt.datetime.now(dt.UTC).date().isoformat()
+    turn = run_turn(
+        args.config, args.overrides, args.backend, args.data_root, until, args.days, args.model, args.k
+    )
+    print(turn.line)
+    if turn.recommendations:
+        print(f"recommendations: {turn.recommendations}")
     return 0
 
 
@@ -478,20 +543,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         serve, "build", _serve_build, "log a run's retrieval model (pyfunc) and register it", config=False
     )
-    p.add_argument("--run-id", required=True, help="MLflow run id of a trained Two-Tower")
+    p.add_argument(
+        "--run-id", required=True, help="MLflow run id of a trained Two-Tower, or models:/NAME@ALIAS"
+    )
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument(
         "--register", default=None, help="registered model name (default: recsys-<config name>; '' = none)"
     )
     p = add(serve, "render", _serve_render, "render a KServe InferenceService for a registered model")
     p.add_argument(
-        "--storage-uri", required=True, help="where the model files are: s3://…, gs://…, pvc://<claim>/<path>"
+        "--storage-uri",
+        required=True,
+        help="where the model files are: s3://…, gs://…, pvc://<claim>/<path>, or models:/NAME@ALIAS (resolved)",
     )
     p.add_argument("--name", default=None, help="InferenceService name (default: recsys-<config name>)")
     p.add_argument("--namespace", default=None, help="namespace (default: job.namespace)")
     p.add_argument("--image", default=None, help="serving image with faiss-cpu (the runtime's own has none)")
     p.add_argument("--service-account", default=None, help="ServiceAccount with storage credentials")
     p.add_argument("-o", "--output", default="-", help="output file ('-' for stdout)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI resolving a models:/NAME@ALIAS --storage-uri",
+    )
+
+    p = add(
+        sub,
+        "promote",
+        _promote,
+        "gate a candidate run against the registered champion on a new data window; promoted: "
+        "index + served version rebuilt, alias champion moved (exit 0; refused: exit 3)",
+        config=False,
+    )
+    p.add_argument("--candidate", required=True, help="MLflow run id of the newly trained run")
+    p.add_argument(
+        "--data", required=True, help="prepared folder of the newest window (neither model trained on it)"
+    )
+    p.add_argument("--model", default=None, help="registered model name (default: promotion.model_name)")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="allowed shortfall vs the champion (default: promotion.margin)",
+    )
+    p.add_argument(
+        "--metric", default=None, help="metric compared, e.g. ndcg@10 or auc (default: promotion.metric)"
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
 
     p = add(
         sub,
@@ -542,6 +640,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PLAN.json",
         help="set job.memory from a `recsys plan --output` file (the busiest node's table host memory + margin)",
     )
+    p.add_argument(
+        "--recurring-run",
+        action="store_true",
+        help="render the Kubeflow Pipelines recurring-run request (JSON) of the continuous pipeline",
+    )
+    p.add_argument(
+        "--cronjob", action="store_true", help="render a Kubernetes CronJob running `recsys daily`"
+    )
+    p.add_argument("--cron", default=None, help="schedule, five cron fields in UTC, e.g. '0 3 * * *'")
+    p.add_argument("--model", default=None, help="registered model name (default: promotion.model_name)")
+    p.add_argument(
+        "--pipeline-yaml",
+        default="pipelines/continuous_pipeline.yaml",
+        help="compiled continuous pipeline (--recurring-run)",
+    )
+
+    p = add(
+        sub,
+        "daily",
+        _daily,
+        "one turn of continuous training: prepare the newest window, train on the one before it "
+        "(warm start from the champion), gate it (recsys promote), recommend with the champion",
+    )
+    p.add_argument(
+        "--backend", choices=["local", "pytorchjob", "trainjob"], default="local", help="where training runs"
+    )
+    p.add_argument("--data-root", required=True, help="folder holding windows/<since>_<until>/")
+    p.add_argument("--until", default=None, help="end of the newest window, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--days", type=int, default=1, help="days per window")
+    p.add_argument("--model", default=None, help="registered model name (default: promotion.model_name)")
+    p.add_argument("--k", type=int, default=100, help="items recommended per user")
 
     p = add(
         sub,

@@ -11,6 +11,7 @@ from recsys.config.data import DataConfig, LabelConfig, NegativesConfig, SplitCo
 from recsys.config.evaluation import EvalConfig
 from recsys.config.job import JobConfig, SparkAppConfig, Toleration
 from recsys.config.model import DLRMConfig, ModelConfig, TableConfig, TwoTowerConfig
+from recsys.config.promotion import PromotionConfig
 from recsys.config.root import (
     Config,
     apply_override,
@@ -42,6 +43,7 @@ from recsys.config.train import (
 )
 
 __all__ = [
+    "PromotionConfig",
     "CheckpointConfig",
     "Config",
     "ConfigError",

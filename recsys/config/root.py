@@ -17,6 +17,7 @@ from recsys.config.data import DataConfig
 from recsys.config.evaluation import EvalConfig
 from recsys.config.job import JobConfig
 from recsys.config.model import ModelConfig
+from recsys.config.promotion import PromotionConfig
 from recsys.config.tracking import TrackingConfig
 from recsys.config.train import TrainConfig
 
@@ -31,6 +32,9 @@ class Config(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     job: JobConfig = Field(default_factory=JobConfig, description="Job size and placement.")
+    promotion: PromotionConfig = Field(
+        default_factory=PromotionConfig, description="Gated promotion of a new run (`recsys promote`)."
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:

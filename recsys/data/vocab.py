@@ -358,3 +358,15 @@ def encoded_from_dictionary(codes: np.ndarray, dictionary: pa.Array) -> Encoded:
         return Encoded(codes=codes, dictionary=arr)
     keys, _, width = fixed
     return Encoded(codes=codes, dictionary=arr, sort_keys=keys.byteswap(), width=width)
+
+
+def row_mapping(old: Vocab, new: Vocab) -> np.ndarray:
+    """int64 [new.num_embeddings]: for each row of `new`, the row of the same raw id in `old` (0: unknown).
+
+    Row 0 (OOV) maps to 0. What a model trained on `old` sees of data encoded with `new`:
+    `row_mapping(old, new)[rows]`, so ids it never saw land in its OOV row.
+    """
+    old_row = {raw: i + 1 for i, raw in enumerate(old.ids)}
+    out = np.zeros(new.num_embeddings, np.int64)
+    out[1:] = np.fromiter((old_row.get(raw, 0) for raw in new.ids), np.int64, len(new.ids))
+    return out

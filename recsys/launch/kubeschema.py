@@ -36,6 +36,7 @@ _KIND_MODELS = {
     ("apps/v1", "Deployment"): "V1Deployment",
     ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy",
     ("batch/v1", "Job"): "V1Job",
+    ("batch/v1", "CronJob"): "V1CronJob",
     ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding",
     ("kubeflow.org/v1", "PyTorchJob"): "KubeflowOrgV1PyTorchJob",

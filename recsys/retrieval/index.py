@@ -251,13 +251,13 @@ def build_run_index(
     idx = build_index(
         items.vectors, items.ids, params, items.rows, users.vectors, recall_k, seed=run.cfg.train.seed
     )
-    idx.facts["run_id"] = run_id
+    idx.facts["run_id"] = run.run_id  # resolved when given as models:/NAME@ALIAS
     if log:
         client = run.client()
         with tempfile.TemporaryDirectory() as tmp:
-            client.log_artifacts(run_id, str(idx.save(tmp)), INDEX_DIR)
+            client.log_artifacts(run.run_id, str(idx.save(tmp)), INDEX_DIR)
         for key in (f"recall_at_{recall_k}", "build_seconds"):
-            client.log_metric(run_id, f"index/{idx.params.kind}/{key}", float(idx.facts[key]))
+            client.log_metric(run.run_id, f"index/{idx.params.kind}/{key}", float(idx.facts[key]))
     return idx
 
 

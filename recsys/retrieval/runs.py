@@ -151,6 +151,10 @@ def open_run(
 
     cfg = load_config(config, overrides) if config is not None else None
     uri = tracking_uri(uri, cfg)  # a given config's tracking.uri finds the run, as for `recsys evaluate`
+    if run_id.startswith("models:/"):  # models:/NAME@champion: the run behind the aliased version
+        from recsys.promotion.registry import run_of
+
+        run_id = run_of(run_id, uri)
     run = _get_run(run_id, uri)
     model = run.data.tags.get("model")
     if model is not None and model != "two_tower":
