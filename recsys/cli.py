@@ -740,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
             "tables",
             "prepare-scale",
             "spark-scale",
+            "continuous",
         ],
     )
     p.add_argument(
@@ -755,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows to convert and read (data: 1M), to generate (tables: 600k), to prepare (spark-scale: 10M)",
     )
     p.add_argument("--cardinality", type=int, default=1000, help="values per sparse feature (tables)")
+    p.add_argument(
+        "--windows", type=int, default=6, help="continuous: time windows of ML-100K (the last: test only)"
+    )
     p.add_argument("--epochs", type=int, default=2, help="training epochs per table setting (tables)")
     p.add_argument(
         "--table-rows", type=int, default=1_000_000, help="rows of each of the 26 tables (train-scale)"
@@ -765,7 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=10_000, help="users searched per measurement (recommend)")
     p.add_argument("--sizes", default="1e6,4e6,16e6", help="prepare-scale: row counts, comma-separated")
     p.add_argument(
-        "--quick", action="store_true", help="quality: 1 seed, a one-point grid, few epochs (a smoke run)"
+        "--quick",
+        action="store_true",
+        help="quality: 1 seed, a one-point grid, few epochs (a smoke run); continuous: 3 epochs per run",
     )
     p.add_argument(
         "--split",

@@ -66,11 +66,11 @@ def metadata_sha256(prepared_dir: str | Path) -> str:
 
 
 def own_lineage(cfg: Config, meta: Metadata, ancestors: list[str]) -> list[str]:
-    """The prepared folders (and data windows, where the metadata records them) this run and its
-    ancestors trained on, oldest first, each once."""
+    """The prepared folders this run and its ancestors trained on, oldest first, each once: the
+    parent's, then data.train_dirs, then data.prepared_dir. (A window's metadata lineage is its
+    vocabulary chain, which may hold folders no run trained on, so it is not used here.)"""
     seen = list(ancestors)
-    for window in getattr(meta, "lineage", None) or []:  # a windowed folder's own chain, when present
-        seen.append(window if isinstance(window, str) else json.dumps(window, sort_keys=True))
+    seen += [str(Path(d).resolve()) for d in cfg.data.train_dirs]
     seen.append(str(Path(cfg.data.prepared_dir).resolve()))
     return list(dict.fromkeys(seen))
 

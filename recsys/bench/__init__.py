@@ -36,6 +36,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.train_scale import bench_train_scale
 
         bench_train_scale(table_rows=args.table_rows, steps=args.steps, reps=args.reps)
+    elif args.what == "continuous":
+        from recsys.bench.continuous import bench_continuous
+
+        bench_continuous(windows=args.windows, epochs=3 if args.quick else None)
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 
