@@ -196,8 +196,10 @@ def _summary(results: list[dict[str, Any]]) -> list[str]:
             f"(aim >= 0.98); staleness costs {1 - mean['stale'] / mean['warm']:.1%} of warm's"
         )
     secs = {w: float(np.sum([r[f"{w}_run"].seconds for r in later])) for w in ("warm", "scratch")}
+    steps = {w: int(np.sum([r[f"{w}_run"].steps for r in later])) for w in ("warm", "scratch")}
     lines.append(
-        f"warm trains in {secs['warm'] / secs['scratch']:.0%} of scratch's training seconds (aim <= 40%)"
+        f"warm trains in {secs['warm'] / secs['scratch']:.0%} of scratch's training seconds (aim <= 40%) and "
+        f"{steps['warm'] / steps['scratch']:.0%} of its steps (same batch size: its samples)"
     )
     last = results[-1]
     lines.append(
