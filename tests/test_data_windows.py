@@ -210,9 +210,7 @@ def test_window_bounds_in_config(tmp_path: Path) -> None:
         tmp_path, tmp_path / "o", "data.window.since=1998-03-01", "data.window.until='1998-03-02T00:00:00Z'"
     )
     assert iso.data.window.since == "1998-03-01"  # YAML's date kept as text, so the dump round-trips
-    from recsys.data.window import bounds
-
-    assert bounds(iso.data.window) == (888710400.0, 888796800.0)
+    assert iso.data.window.bounds() == (888710400.0, 888796800.0)
     with pytest.raises(ConfigError, match="data.window.*since .* must be before until"):
         config(tmp_path, tmp_path / "o", "data.window.since=2000", "data.window.until=1000")
     with pytest.raises(ConfigError, match="data.window.until: 'yesterday' is neither"):
