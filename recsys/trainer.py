@@ -417,7 +417,7 @@ class Trainer:
         if n and self.env.is_main:
             what = "left out of" if n > 0 else "repeated in"
             print(
-                f"recsys: {abs(n)} of {self.meta.splits['train'].blocks} train blocks are {what} each "
+                f"recsys: {abs(n)} of {self.train_blocks} train blocks are {what} each "
                 f"epoch (whole global batches of {self.blocks_per_step} blocks; the shuffle changes which)",
                 flush=True,
             )

@@ -210,9 +210,7 @@ def test_window_bounds_in_config(tmp_path: Path) -> None:
         tmp_path, tmp_path / "o", "data.window.since=1998-03-01", "data.window.until='1998-03-02T00:00:00Z'"
     )
     assert iso.data.window.since == "1998-03-01"  # YAML's date kept as text, so the dump round-trips
-    from recsys.data.window import bounds
-
-    assert bounds(iso.data.window) == (888710400.0, 888796800.0)
+    assert iso.data.window.bounds() == (888710400.0, 888796800.0)
     with pytest.raises(ConfigError, match="data.window.*since .* must be before until"):
         config(tmp_path, tmp_path / "o", "data.window.since=2000", "data.window.until=1000")
     with pytest.raises(ConfigError, match="data.window.until: 'yesterday' is neither"):
@@ -303,3 +301,32 @@ def test_trainer_trains_on_a_list_of_windows(windows, tmp_path: Path) -> None:
     blocks = sum(read_metadata(w).splits["train"].blocks for w in (w1, w2))
     assert both.steps == blocks // 2  # 2 blocks a step: every window's blocks, not just the newest's
     assert np.isfinite(both.metrics["ndcg@10"]) and both.history
+
+
+def test_managed_collision_id_list_grows(tmp_path: Path) -> None:
+    """A managed-collision table holds id hashes (its rows are assigned while training): nothing to
+    grow but the list of train ids its vocabulary file keeps for exports, which is extended in place."""
+    rng = np.random.default_rng(0)
+    n = 400
+    ids = [f"c{rng.integers(0, 10 + k // 10)}" for k in range(n)]
+    lines = ["label,d1,c1,ts", *(f"{k % 2},{k % 7},{ids[k]},{k}" for k in range(n))]
+    (tmp_path / "ctr.csv").write_text("\n".join(lines) + "\n")
+    sets = [
+        "data.source={kind: table, path: " + str(tmp_path / "ctr.csv") + ", label: label, dense: [d1], "
+        "sparse: [c1], timestamp: ts}",
+        "model.tables={c1: {kind: managed_collision, max_rows: 16}}",
+        "data.split={mode: random}",
+    ]
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    prepare(load_config("dlrm_synth", [*sets, f"data.prepared_dir={w1}", "data.window.until=200"]), False)
+    cfg = load_config(
+        "dlrm_synth",
+        [*sets, f"data.prepared_dir={w2}", "data.window.since=200", f"data.window.previous={w1}"],
+    )
+    prepare(cfg, overwrite=False)
+    m1, m2 = read_metadata(w1), read_metadata(w2)
+    f1, f2 = m1.sparse_features[0], m2.sparse_features[0]
+    assert f1.table == f2.table == "managed_collision" and f1.num_embeddings == f2.num_embeddings == 16
+    v1, v2 = read_vocab(w1, f1), read_vocab(w2, f2)
+    assert v2[: len(v1)] == v1 and len(v2) > len(v1)
+    assert (m2.window.rows_inherited["c1"], m2.window.rows_added["c1"]) == (len(v1) - 1, len(v2) - len(v1))

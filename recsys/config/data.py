@@ -73,13 +73,38 @@ class WindowConfig(Strict):
 
     @model_validator(mode="after")
     def _check_bounds(self) -> WindowConfig:
-        from recsys.data.window import epoch_seconds
-
-        since = epoch_seconds(self.since, "data.window.since")
-        until = epoch_seconds(self.until, "data.window.until")
+        since, until = self.bounds()
         if since is not None and until is not None and since >= until:
             raise ValueError(f"data.window: since ({self.since}) must be before until ({self.until})")
         return self
+
+    def bounds(self) -> tuple[float | None, float | None]:
+        """(since, until) as epoch seconds (None = unbounded)."""
+        return _epoch_seconds(self.since, "data.window.since"), _epoch_seconds(
+            self.until, "data.window.until"
+        )
+
+
+def _epoch_seconds(value: str | int | float | None, where: str) -> float | None:
+    """A window bound as epoch seconds: numbers (or numeric text) as they are, ISO text parsed (naive = UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: expected an ISO date/date-time or epoch seconds, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(value.strip())
+    except ValueError:
+        pass
+    try:
+        when = _dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(
+            f"{where}: {value!r} is neither an ISO date/date-time (1998-03-01, 1998-03-01T12:00:00Z) "
+            "nor epoch seconds"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=_dt.UTC)).timestamp()
 
 
 class DataConfig(Strict):

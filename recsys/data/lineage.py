@@ -31,7 +31,7 @@ from recsys.data.metadata import (
 from recsys.errors import UserError
 
 if TYPE_CHECKING:
-    from recsys.config import Config
+    from recsys.config import Config, TableConfig
 
 
 def metadata_sha256(folder: str | Path) -> str:
@@ -78,10 +78,11 @@ class Previous:
         meta = read_metadata(prev)
         return cls(Path(prev), meta, entry(prev, meta))
 
-    def check_schema(self, sparse_names: list[str], dense_names: list[str], cfg: Config) -> None:
-        """The new window must have the previous folder's features and table kinds (else one clear error)."""
-        from recsys.data.prepare import table_specs
-
+    def check_schema(
+        self, sparse_names: list[str], dense_names: list[str], cfg: Config, specs: dict[str, TableConfig]
+    ) -> None:
+        """The new window must have the previous folder's features, block size and table kinds and sizes
+        (`specs`: the non-exact tables of cfg, recsys.data.prepare.table_specs), else one clear error."""
         m, where = self.meta, f"data.window.previous ({self.path})"
         if sparse_names != [f.name for f in m.sparse_features]:
             raise UserError(
@@ -97,7 +98,6 @@ class Previous:
                 f"data.block_size: {cfg.data.block_size}, the previous folder has {m.block_size}; "
                 "windows trained together need one block size"
             )
-        specs = table_specs(cfg, sparse_names)
         for f in m.sparse_features:
             spec = specs.get(f.name)
             kind = "exact" if spec is None else spec.kind

@@ -399,7 +399,9 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
                 f"read {reader.rows:,} rows in {t_read - t0:.1f}s; fixing {len(first.sparse)} vocabularies …"
             )
             if previous is not None:
-                previous.check_schema(first.sparse_names, first.dense_names, cfg)
+                previous.check_schema(
+                    first.sparse_names, first.dense_names, cfg, table_specs(cfg, first.sparse_names)
+                )
             features, maps, grown = _save_vocabularies(
                 out, first.sparse_names, counted.counters, cfg, previous
             )

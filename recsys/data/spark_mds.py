@@ -398,7 +398,7 @@ def prepare_dataframe(
 
     previous = Previous.open(cfg)  # before check_output: never overwrite the folder a window grows from
     if previous is not None:
-        previous.check_schema(sparse_cols, list(m.dense), cfg)
+        previous.check_schema(sparse_cols, list(m.dense), cfg, {})  # Spark: exact tables only
     check_output(out, overwrite)  # before any Spark job: refuse (or clear, with overwrite) early
 
     # ---- bad rows: an empty required column or an unparsable number, as the file reader judges

@@ -1,6 +1,6 @@
 """Time windows of a source: keep the rows whose timestamp lies in [data.window.since, data.window.until).
 
-The bounds are ISO dates/date-times (naive = UTC) or epoch seconds, compared with the source's
+The bounds are ISO dates/date-times (naive = UTC) or epoch seconds (WindowConfig.bounds), compared with the source's
 timestamp column as the readers give it (float seconds; recsys.data.readers). Rows are filtered chunk
 by chunk as they are read, so a window costs no memory beyond the chunk; rows without a timestamp
 are outside every window, and counted. A source without a timestamp column cannot be windowed.
@@ -18,33 +18,8 @@ import pyarrow as pa
 from recsys.errors import UserError
 
 if TYPE_CHECKING:
-    from recsys.config import Config, WindowConfig
+    from recsys.config import Config
     from recsys.data.readers import Table
-
-
-def epoch_seconds(value: str | int | float | None, where: str) -> float | None:
-    """A window bound as epoch seconds: numbers (or numeric text) as they are, ISO text parsed (naive = UTC)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: expected an ISO date/date-time or epoch seconds, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    text = value.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"{where}: {value!r} is neither an ISO date/date-time (1998-03-01, 1998-03-01T12:00:00Z) "
-            "nor epoch seconds"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
 
 
 def iso(seconds: float | None) -> str | None:
@@ -52,11 +27,6 @@ def iso(seconds: float | None) -> str | None:
     if seconds is None:
         return None
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
-
-
-def bounds(window: WindowConfig) -> tuple[float | None, float | None]:
-    """(since, until) of a window config as epoch seconds (None = unbounded)."""
-    return epoch_seconds(window.since, "data.window.since"), epoch_seconds(window.until, "data.window.until")
 
 
 def is_windowed(cfg: Config) -> bool:
@@ -80,7 +50,7 @@ class WindowFilter:
     """Keeps a Table's rows inside [since, until); a no-op when cfg selects no window."""
 
     def __init__(self, cfg: Config) -> None:
-        self.since, self.until = bounds(cfg.data.window)
+        self.since, self.until = cfg.data.window.bounds()
         self.active = self.since is not None or self.until is not None
         self.kind = cfg.data.source.kind
         self.counts = WindowCounts()
