@@ -200,6 +200,18 @@ class NegativesConfig(Strict):
     seed: int = Field(0, description="Seed of the negative sampling.")
 
 
+class HistoryConfig(Strict):
+    """Per-interaction histories: each row carries its user's previous items (recsys.data.history)."""
+
+    length: int = Field(gt=0, description="L: the user's previous ≤ L items attached to each interaction.")
+    max_rows: int = Field(
+        50_000_000,
+        gt=0,
+        description="Most input rows prepare orders in memory (~20 bytes a row while the histories are "
+        "built); beyond it prepare stops with an error (a distributed sort is not built yet).",
+    )
+
+
 class DataConfig(Strict):
     """Where raw data comes from and how it becomes MDS shards."""
 
@@ -214,6 +226,9 @@ class DataConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/val/test split.")
     negatives: NegativesConfig = Field(
         default_factory=NegativesConfig, description="Sampled label-0 rows per positive (rankers)."
+    )
+    history: HistoryConfig | None = Field(
+        None, description="Attach each interaction's previous items as the `history` feature; None: off."
     )
     min_count: int = Field(1, ge=1, description="Raw ids seen fewer times in train map to the OOV row.")
     block_size: int = Field(
@@ -290,6 +305,33 @@ class TwoTowerConfig(Strict):
         description="β: at retrieval (evaluation, exported embeddings, index, serving) each item's logit gains "
         "β·log(its share of train interactions), folded into the vectors as one extra coordinate; 0: off.",
     )
+    history_pooling: Literal["none", "mean", "attention"] = Field(
+        "none",
+        description="Pool the `history` feature's item embeddings (the item table, shared) into the user "
+        "tower beside its side features: mean, or attention with a learned query and recency; needs "
+        "data.history and train.pipeline: false.",
+    )
+
+
+class SequentialConfig(Strict):
+    """SASRec-style sequential retrieval: causal self-attention over the history gives the user vector."""
+
+    layers: int = Field(2, ge=1, description="Transformer blocks.")
+    heads: int = Field(1, ge=1, description="Attention heads (a divisor of model.embedding_dim).")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings, attention and feed-forward.")
+    ff_mult: int = Field(1, ge=1, description="Feed-forward width as a multiple of model.embedding_dim.")
+    softmax: Literal["sampled", "full"] = Field(
+        "sampled",
+        description="sampled: in-batch + uniform negatives, log-Q corrected; full: over every item row "
+        "(small catalogues).",
+    )
+    num_uniform_negatives: int = Field(
+        256, ge=0, description="sampled: M items drawn uniformly per batch as extra shared negatives."
+    )
+    logq_correction: bool = Field(
+        True, description="sampled: subtract each negative source's log expected count."
+    )
+    temperature: float = Field(1.0, gt=0, description="Logits are user·item / temperature (dot product).")
 
 
 class DLRMConfig(Strict):
@@ -365,10 +407,13 @@ class TableConfig(Strict):
 class ModelConfig(Strict):
     """Which model and its shape."""
 
-    kind: Literal["two_tower", "dlrm"] = Field(description="Model family.")
+    kind: Literal["two_tower", "dlrm", "sequential"] = Field(description="Model family.")
     embedding_dim: int = Field(64, gt=0, description="Dimension of every embedding table.")
     two_tower: TwoTowerConfig = Field(default_factory=TwoTowerConfig, description="Two-Tower settings.")
     dlrm: DLRMConfig = Field(default_factory=DLRMConfig, description="DLRM settings.")
+    sequential: SequentialConfig = Field(
+        default_factory=SequentialConfig, description="Sequential (SASRec-style) model settings."
+    )
     table_default: TableConfig = Field(
         default_factory=TableConfig, description="Table of every sparse feature not named in `tables`."
     )
@@ -701,11 +746,31 @@ class Config(Strict):
                 f"model.tables: managed_collision ({', '.join(mc)}) is for model.kind dlrm only; the "
                 "Two-Tower's retrieval maps rows through vocabularies (use exact or capped)"
             )
+        self._check_history()
         if (self.data.split.mode == "presplit") != (self.data.source.kind == "presplit"):
             raise ValueError(
                 "data.split.mode 'presplit' goes with data.source.kind 'presplit' and only with it"
             )
         return self
+
+    def _check_history(self) -> None:
+        """Models reading the `history` feature need it prepared and a plain (non-pipelined) loop."""
+        m = self.model
+        if m.kind == "sequential":
+            who = "model.kind sequential"
+            if m.embedding_dim % m.sequential.heads:
+                raise ValueError(
+                    f"model.sequential.heads ({m.sequential.heads}) must divide model.embedding_dim "
+                    f"({m.embedding_dim})"
+                )
+        elif m.kind == "two_tower" and m.two_tower.history_pooling != "none":
+            who = f"model.two_tower.history_pooling {m.two_tower.history_pooling}"
+        else:
+            return
+        if self.data.history is None:
+            raise ValueError(f"{who} needs data.history (e.g. data.history.length: 50)")
+        if self.train.pipeline:
+            raise ValueError(f"{who} needs train.pipeline: false (the history lookup runs in a plain loop)")
 
     def validation_metrics(self) -> list[str]:
         """Names of the metrics each validation produces (what train.early_stopping.metric may name)."""

@@ -13,6 +13,12 @@ Every MDS sample has three columns, all numpy arrays with the block's rows first
                                len(dense_features) columns
     sparse  int64   [n, S]     embedding row of each sparse feature (vocabulary-mapped; 0 = OOV/missing)
 
+With data.history (recsys.data.history) a sample has two more columns:
+    history       int64   [n, L]     the user's previous items (item rows, strictly earlier in time, ties
+                                     by file order), oldest first, left-aligned, zero beyond the length
+    history_rank  int64   [n]        the user's events before this row; the history's length is min(rank, L)
+The loader streams them as the jagged KeyedJaggedTensor feature `history` (HISTORY_FEATURE).
+
 Interaction data (Two-Tower) uses the same layout: its sparse features include the user and item
 columns, named by `user_feature` / `item_feature`, and any side features joined onto each row, named
 by `user_side_features` / `item_side_features` (a multi-valued field such as genres is several
@@ -36,6 +42,8 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 OOV_TOKEN = "<OOV>"
 MDS_COLUMNS = {"label": "ndarray:float32", "dense": "ndarray:float32", "sparse": "ndarray:int64"}
+HISTORY_COLUMNS = {"history": "ndarray:int64", "history_rank": "ndarray:int64"}
+HISTORY_FEATURE = "history"
 
 
 class _Model(BaseModel):
@@ -114,6 +122,9 @@ class Metadata(_Model):
     settings: dict[str, object] | None = Field(
         None,
         description="The data settings the content was prepared from (see data_settings); None in older folders.",
+    )
+    history_length: int | None = Field(
+        None, description="L of the history columns (data.history.length); None: the data has none."
     )
 
     def sparse_index(self, name: str) -> int:
