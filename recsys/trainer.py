@@ -278,7 +278,7 @@ class Trainer:
         ctr = self.train_ctr if self.cfg.model.kind == "dlrm" else None
         m = evaluate_sharded(self.model, self.cfg, self.meta, "val", self.env, ctr)
         m = {k: v for k, v in m.items() if not k.startswith("baseline_")}
-        if self.cfg.model.kind == "two_tower" and self.cfg.eval.val_retrieval:
+        if self.cfg.model.kind != "dlrm" and self.cfg.eval.val_retrieval:
             plain = self._plain()
             if plain is not None:
                 rm, _ = evaluate_retrieval(plain, self.cfg, self.meta, self.split_arrays(), "val", False)
@@ -519,7 +519,7 @@ class Trainer:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         baselines: dict[str, float] = {}
-        need_plain = cfg.model.kind == "two_tower" or (cfg.tracking.enabled and cfg.tracking.log_model)
+        need_plain = cfg.model.kind != "dlrm" or (cfg.tracking.enabled and cfg.tracking.log_model)
         plain = self._plain() if need_plain else None
         if cfg.model.kind == "dlrm":
             m = evaluate_sharded(self.model, cfg, self.meta, "test", self.env, self.train_ctr)

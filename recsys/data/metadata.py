@@ -146,6 +146,8 @@ def data_settings(cfg: Config) -> dict[str, object]:
     out = cfg.data.model_dump(mode="json", exclude=_NOT_CONTENT)
     if not cfg.data.negatives.per_positive:  # folders prepared before the field existed still match
         out.pop("negatives")
+    if cfg.data.history is None:  # likewise for folders prepared before histories existed
+        out.pop("history")
     m = cfg.model
     if m.table_default.kind != "exact" or any(t.kind != "exact" for t in m.tables.values()):
         # How ids become rows is decided at prepare time; eviction settings act only while training.
