@@ -72,7 +72,9 @@ class MeanPooling(nn.Module):
 class AttentionPooling(nn.Module):
     """Attention of a learned (side-feature-dependent) query over the history, with recency embeddings."""
 
-    def __init__(self, dim: int, length: int, side_dim: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, dim: int, length: int, side_dim: int, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.out_dim = dim
         self.query = nn.Parameter(torch.zeros(dim, device=device))

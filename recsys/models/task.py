@@ -25,9 +25,11 @@ def log_q_from_train(cfg: Config, meta: Metadata) -> torch.Tensor | None:
         sq = cfg.model.sequential
         if sq.softmax != "sampled" or not sq.logq_correction:
             return None
-    elif cfg.model.kind != "two_tower" or cfg.model.two_tower.loss != "softmax":
-        return None
-    elif not cfg.model.two_tower.logq_correction:
+    elif (
+        cfg.model.kind != "two_tower"
+        or cfg.model.two_tower.loss != "softmax"
+        or not cfg.model.two_tower.logq_correction
+    ):
         return None
     from recsys.data.loader import read_split_arrays
     from recsys.models.two_tower import item_log_q

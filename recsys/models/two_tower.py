@@ -83,7 +83,9 @@ class TwoTower(nn.Module):
         keys: list[str] | None = None,
     ) -> None:
         super().__init__()
-        dims = {f: c.embedding_dim for c in (ebc.embedding_bag_configs() if ebc else []) for f in c.feature_names}
+        dims = {
+            f: c.embedding_dim for c in (ebc.embedding_bag_configs() if ebc else []) for f in c.feature_names
+        }
         for c in ec.embedding_configs() if ec is not None else []:
             dims.update({f: c.embedding_dim for f in c.feature_names if f != HISTORY_FEATURE})
         missing = [f for f in user_features + item_features if f not in dims]
@@ -106,16 +108,17 @@ class TwoTower(nn.Module):
         out = net(torch.cat([pooled[f] for f in features], dim=1))
         return F.normalize(out, dim=-1) if self.normalize else out
 
-    def _lookup(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """[B, D] pooled embeddings per feature; with histories, also the encoded history under `history`."""
+    def _lookup(self, features: KeyedJaggedTensor, users: bool = True) -> dict[str, torch.Tensor]:
+        """[B, D] pooled embeddings per feature; with histories and `users`, also the encoded history
+        under `history` (item-only lookups skip the encoder)."""
         pooled = self.ebc(features).to_dict() if self.ebc is not None else {}
         if self.ec is None:
             return pooled
         batch = features.stride()
         seq = self.ec(features)
         for f in self.ec_features:
-                pooled[f] = sum_pool(seq[f], batch)
-        if self.history is not None:
+            pooled[f] = sum_pool(seq[f], batch)
+        if self.history is not None and users:
             side = [pooled[f] for f in self.user_features]
             x, lengths = to_padded(seq[HISTORY_FEATURE], batch, self.history_length)
             pooled[HISTORY_FEATURE] = self.history(x, lengths, torch.cat(side, 1) if side else None)
@@ -153,7 +156,7 @@ class TwoTower(nn.Module):
         """
         ids = {f: rows[:, j] for j, f in enumerate(self.item_features)}
         kjt = tower_kjt(self.all_features, ids).to(rows.device)
-        return self._tower(self._lookup(kjt), self.item_features, self.item_mlp)
+        return self._tower(self._lookup(kjt, users=False), self.item_features, self.item_mlp)
 
     def user_embeddings(
         self, ids: dict[str, torch.Tensor], history: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -164,7 +167,7 @@ class TwoTower(nn.Module):
 
     def item_embeddings(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
         """[N, E] embeddings of N items given {item feature: [N] embedding rows} (unsharded model)."""
-        pooled = self._lookup(tower_kjt(self.all_features, ids))
+        pooled = self._lookup(tower_kjt(self.all_features, ids), users=False)
         return self._tower(pooled, self.item_features, self.item_mlp)
 
 
@@ -233,7 +236,11 @@ def sampled_softmax_loss(
 
 
 def full_softmax_loss(
-    user: torch.Tensor, all_items: torch.Tensor, item_ids: torch.Tensor, labels: torch.Tensor, temperature: float
+    user: torch.Tensor,
+    all_items: torch.Tensor,
+    item_ids: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
 ) -> torch.Tensor:
     """Softmax over every item row (all_items [N, E]; row 0, the OOV row, is never a class): row b's
     class is item_ids[b]; rows with label 0 or an OOV item contribute nothing."""
