@@ -160,7 +160,11 @@ def fingerprint(cfg: Config, num_embeddings: dict[str, int]) -> dict[str, Any]:
 
     model = cfg.model.model_dump(mode="json")
     # Only the chosen family's section shapes the state (a DLRM ignores model.two_tower).
-    model.pop("dlrm" if cfg.model.kind == "two_tower" else "two_tower")
+    for family in ("dlrm", "two_tower", "sequential"):
+        if family != cfg.model.kind:
+            model.pop(family, None)
+    if model.get("two_tower", {}).get("history_pooling") == "none":  # as checkpoints before the field
+        model["two_tower"].pop("history_pooling")
     return {
         "model": model,
         "data": data_settings(cfg),

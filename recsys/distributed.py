@@ -288,7 +288,7 @@ def shard_model(model: nn.Module, cfg: Config, env: DistEnv) -> tuple[nn.Module,
 def fuse_sparse_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> list[str]:
     """Attach train.sparse_optimizer to every table (applied in backward, as fbgemm fuses it); returns
     the table names. The planner reads the optimizer from the parameters to size its state."""
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     tables: list[str] = []
@@ -296,6 +296,9 @@ def fuse_sparse_optimizer(model: nn.Module, cfg: Config, device: torch.device) -
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             tables += [c.name for c in module.embedding_bag_configs()]
+            sparse_params += list(module.parameters())
+        elif isinstance(module, EmbeddingCollection):  # the item table shared with `history`
+            tables += [c.name for c in module.embedding_configs()]
             sparse_params += list(module.parameters())
     opt_cls, opt_kwargs = _sparse_optimizer_class(cfg.train.sparse_optimizer, device)
     apply_optimizer_in_backward(opt_cls, sparse_params, opt_kwargs)

@@ -105,9 +105,49 @@ def _entity_table(arrays: list[dict[str, np.ndarray]], key_col: int, cols: list[
     return table
 
 
+def user_histories(
+    meta: Metadata, arrays: dict[str, dict[str, np.ndarray]], split: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([U, L] item rows left-aligned, [U] lengths) per user row: the history of the user's earliest
+    row of `split` (what was known before it), else (split None, or no row there) the full known
+    history — the last L items of every split, the latest row's own item included (what is exported)."""
+    assert meta.history_length is not None
+    L = meta.history_length
+    uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
+    nu = meta.sparse_features[uc].num_embeddings
+    hist, lengths = np.zeros((nu, L), np.int64), np.zeros(nu, np.int64)
+    parts = [arrays[s] for s in ("train", "val", "test") if s in arrays]
+    users = np.concatenate([a["sparse"][:, uc] for a in parts])
+    ranks = np.concatenate([a["history_rank"] for a in parts])
+    rows = np.concatenate([a["history"] for a in parts])
+    items = np.concatenate([a["sparse"][:, ic] for a in parts])
+    last = np.lexsort((ranks, users))  # per user, the last entry is its latest row
+    latest = last[np.r_[users[last][1:] != users[last][:-1], True]]
+    for r in latest:  # one row per user: the full history is its history and its own item
+        n = min(int(ranks[r]), L)
+        seq = np.r_[rows[r, :n], items[r]][-L:]
+        hist[users[r], : len(seq)] = seq
+        lengths[users[r]] = len(seq)
+    if split is not None and len(arrays[split]["label"]):
+        a = arrays[split]
+        su, sr = a["sparse"][:, uc], a["history_rank"]
+        order = np.lexsort((sr, su))
+        first = order[np.r_[True, su[order][1:] != su[order][:-1]]]
+        hist[su[first]] = a["history"][first]
+        lengths[su[first]] = np.minimum(sr[first], L)
+        hist[su[first]] *= np.arange(L)[None, :] < lengths[su[first], None]
+    return torch.from_numpy(hist), torch.from_numpy(lengths)
+
+
 @torch.no_grad()
-def tower_embeddings(model: nn.Module, meta: Metadata, arrays: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """All user and item rows' embeddings from a plain TwoTower: {'user': [U, E], 'item': [I, E]}."""
+def tower_embeddings(
+    model: nn.Module,
+    meta: Metadata,
+    arrays: list[dict[str, np.ndarray]],
+    histories: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """All user and item rows' embeddings from a plain TwoTower: {'user': [U, E], 'item': [I, E]};
+    a model reading histories takes each user row's from `histories` (see user_histories)."""
     tt = model.model if hasattr(model, "model") else model
     names = [f.name for f in meta.sparse_features]
     out = {}
@@ -122,21 +162,34 @@ def tower_embeddings(model: nn.Module, meta: Metadata, arrays: list[dict[str, np
         embs = []
         for start in range(0, n, 8192):
             part = torch.from_numpy(table[start : start + 8192])
-            embs.append(fn({f: part[:, j] for j, f in enumerate(feats)}))
+            ids = {f: part[:, j] for j, f in enumerate(feats)}
+            if side == "user" and getattr(tt, "history", None) is not None:
+                assert histories is not None, "a model reading histories needs user_histories"
+                h = (histories[0][start : start + 8192], histories[1][start : start + 8192])
+                embs.append(tt.user_embeddings(ids, h))
+            else:
+                embs.append(fn(ids))
         out[side] = torch.cat(embs)
     return out
 
 
 def retrieval_embeddings(
-    model: nn.Module, cfg: Config, meta: Metadata, arrays: dict[str, dict[str, np.ndarray]]
+    model: nn.Module,
+    cfg: Config,
+    meta: Metadata,
+    arrays: dict[str, dict[str, np.ndarray]],
+    split: str | None = None,
 ) -> dict[str, Any]:
     """tower_embeddings with model.two_tower.popularity_prior β folded in: user rows gain a coordinate 1,
     item rows β·τ·log q (q: train share, τ: the logits' temperature), so every inner product — exact
-    metrics, FAISS index, serving — ranks by logit + β·log q without knowing about the prior."""
+    metrics, FAISS index, serving — ranks by logit + β·log q without knowing about the prior.
+    Models reading histories see each user's as of `split`'s first row (None: everything known)."""
+    from recsys.data.history import model_uses_history
     from recsys.models.task import logit_temperature
     from recsys.models.two_tower import item_log_q
 
-    emb = tower_embeddings(model, meta, [arrays[s] for s in ("train", "val", "test")])
+    histories = user_histories(meta, arrays, split) if model_uses_history(cfg) else None
+    emb = tower_embeddings(model, meta, [arrays[s] for s in ("train", "val", "test")], histories)
     beta = cfg.model.two_tower.popularity_prior
     if not beta:
         return emb
@@ -229,7 +282,7 @@ def evaluate_retrieval(
 
     model.eval()
     test = arrays[split]
-    emb = retrieval_embeddings(model, cfg, meta, arrays)
+    emb = retrieval_embeddings(model, cfg, meta, arrays, split)
     uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
     nu, ni = emb["user"].shape[0], emb["item"].shape[0]
     pos = test["label"] > 0
@@ -295,7 +348,7 @@ def evaluate_run(cfg: Config, run_id: str) -> dict[str, float]:
             f"run {run_id}: the logged model does not match config {cfg.name} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); pass the config the run was trained with"
         )
-    if cfg.model.kind == "two_tower":
+    if cfg.model.kind != "dlrm":
         metrics, baseline = evaluate_retrieval(task, cfg, meta, read_all_splits(cfg, meta))
         out = {
             **{f"test/{k}": v for k, v in metrics.items()},

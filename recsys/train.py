@@ -276,7 +276,7 @@ def _log_model(cfg: Config, trainer: Trainer, plain: nn.Module, tracker: Tracker
 
     meta = trainer.meta
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.model.kind == "two_tower":
+        if cfg.model.kind != "dlrm":
             emb = retrieval_embeddings(plain, cfg, meta, trainer.split_arrays())
             for side, feat in (("user", meta.user_feature), ("item", meta.item_feature)):
                 sf = meta.sparse_features[meta.sparse_index(feat or "")]

@@ -86,6 +86,21 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _rng_neutral(it: Iterator[Any]) -> Iterator[Any]:
+    """`it`, whose start leaves torch's RNG as it was: DataLoader draws a seed when its iteration
+    starts (at the first batch), and a resumed run starts one mid-epoch, so that draw would shift
+    the stream that dropout and sampled negatives read."""
+    state = torch.get_rng_state()
+    try:
+        first = next(it)
+    except StopIteration:
+        return
+    finally:
+        torch.set_rng_state(state)
+    yield first
+    yield from it
+
+
 class _Progress:
     """Rank-0 tqdm bar with loss and samples/s; silent elsewhere."""
 
@@ -241,7 +256,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------- steps
     def epoch_batches(self) -> Iterator[Any]:
         """This epoch's batches (after load_state_dict: from the exact next batch)."""
-        return iter(self.loader)
+        return _rng_neutral(iter(self.loader))
 
     def train_step(self, it: Iterator[Any]) -> float:
         """One optimizer step; returns the batch's mean loss (StopIteration when `it` is done)."""
@@ -273,6 +288,12 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Validation metrics (logged at the current step); a collective, call on every rank."""
+        # Building the plain evaluation copy draws from torch's RNG: a validation (which a run cut by
+        # max_steps does before its checkpoint) must leave the stream dropout and negatives read alone.
+        with torch.random.fork_rng(devices=[]):
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         from recsys.distributed import broadcast_object
         from recsys.evaluate import evaluate_retrieval, evaluate_sharded
         from recsys.tracking import mlflow_metrics
@@ -282,7 +303,7 @@ class Trainer:
         ctr = self.train_ctr if self.cfg.model.kind == "dlrm" else None
         m = evaluate_sharded(self.model, self.cfg, self.meta, "val", self.env, ctr)
         m = {k: v for k, v in m.items() if not k.startswith("baseline_")}
-        if self.cfg.model.kind == "two_tower" and self.cfg.eval.val_retrieval:
+        if self.cfg.model.kind != "dlrm" and self.cfg.eval.val_retrieval:
             plain = self._plain()
             if plain is not None:
                 rm, _ = evaluate_retrieval(plain, self.cfg, self.meta, self.split_arrays(), "val", False)
@@ -524,7 +545,7 @@ class Trainer:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         baselines: dict[str, float] = {}
-        need_plain = cfg.model.kind == "two_tower" or (cfg.tracking.enabled and cfg.tracking.log_model)
+        need_plain = cfg.model.kind != "dlrm" or (cfg.tracking.enabled and cfg.tracking.log_model)
         plain = self._plain() if need_plain else None
         if cfg.model.kind == "dlrm":
             m = evaluate_sharded(self.model, cfg, self.meta, "test", self.env, self.train_ctr)

@@ -45,6 +45,18 @@ class NegativesConfig(Strict):
     seed: int = Field(0, description="Seed of the negative sampling.")
 
 
+class HistoryConfig(Strict):
+    """Per-interaction histories: each row carries its user's previous items (recsys.data.history)."""
+
+    length: int = Field(gt=0, description="L: the user's previous ≤ L items attached to each interaction.")
+    max_rows: int = Field(
+        50_000_000,
+        gt=0,
+        description="Most input rows prepare orders in memory (~20 bytes a row while the histories are "
+        "built); beyond it prepare stops with an error (a distributed sort is not built yet).",
+    )
+
+
 class WindowConfig(Strict):
     """A time window of the source and the earlier prepared folder whose vocabularies it extends."""
 
@@ -121,6 +133,9 @@ class DataConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/val/test split.")
     negatives: NegativesConfig = Field(
         default_factory=NegativesConfig, description="Sampled label-0 rows per positive (rankers)."
+    )
+    history: HistoryConfig | None = Field(
+        None, description="Attach each interaction's previous items as the `history` feature; None: off."
     )
     min_count: int = Field(1, ge=1, description="Raw ids seen fewer times in train map to the OOV row.")
     block_size: int = Field(

@@ -53,6 +53,33 @@ class TwoTowerConfig(Strict):
         description="β: at retrieval (evaluation, exported embeddings, index, serving) each item's logit gains "
         "β·log(its share of train interactions), folded into the vectors as one extra coordinate; 0: off.",
     )
+    history_pooling: Literal["none", "mean", "attention"] = Field(
+        "none",
+        description="Pool the `history` feature's item embeddings (the item table, shared) into the user "
+        "tower beside its side features: mean, or attention with a learned query and recency; needs "
+        "data.history and train.pipeline: false.",
+    )
+
+
+class SequentialConfig(Strict):
+    """SASRec-style sequential retrieval: causal self-attention over the history gives the user vector."""
+
+    layers: int = Field(2, ge=1, description="Transformer blocks.")
+    heads: int = Field(1, ge=1, description="Attention heads (a divisor of model.embedding_dim).")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings, attention and feed-forward.")
+    ff_mult: int = Field(1, ge=1, description="Feed-forward width as a multiple of model.embedding_dim.")
+    softmax: Literal["sampled", "full"] = Field(
+        "sampled",
+        description="sampled: in-batch + uniform negatives, log-Q corrected; full: over every item row "
+        "(small catalogues).",
+    )
+    num_uniform_negatives: int = Field(
+        256, ge=0, description="sampled: M items drawn uniformly per batch as extra shared negatives."
+    )
+    logq_correction: bool = Field(
+        True, description="sampled: subtract each negative source's log expected count."
+    )
+    temperature: float = Field(1.0, gt=0, description="Logits are user·item / temperature (dot product).")
 
 
 class DLRMConfig(Strict):
@@ -128,10 +155,13 @@ class TableConfig(Strict):
 class ModelConfig(Strict):
     """Which model and its shape."""
 
-    kind: Literal["two_tower", "dlrm"] = Field(description="Model family.")
+    kind: Literal["two_tower", "dlrm", "sequential"] = Field(description="Model family.")
     embedding_dim: int = Field(64, gt=0, description="Dimension of every embedding table.")
     two_tower: TwoTowerConfig = Field(default_factory=TwoTowerConfig, description="Two-Tower settings.")
     dlrm: DLRMConfig = Field(default_factory=DLRMConfig, description="DLRM settings.")
+    sequential: SequentialConfig = Field(
+        default_factory=SequentialConfig, description="Sequential (SASRec-style) model settings."
+    )
     table_default: TableConfig = Field(
         default_factory=TableConfig, description="Table of every sparse feature not named in `tables`."
     )

@@ -75,11 +75,31 @@ class Config(Strict):
                 f"model.tables: managed_collision ({', '.join(mc)}) is for model.kind dlrm only; the "
                 "Two-Tower's retrieval maps rows through vocabularies (use exact or capped)"
             )
+        self._check_history()
         if (self.data.split.mode == "presplit") != (self.data.source.kind == "presplit"):
             raise ValueError(
                 "data.split.mode 'presplit' goes with data.source.kind 'presplit' and only with it"
             )
         return self
+
+    def _check_history(self) -> None:
+        """Models reading the `history` feature need it prepared and a plain (non-pipelined) loop."""
+        m = self.model
+        if m.kind == "sequential":
+            who = "model.kind sequential"
+            if m.embedding_dim % m.sequential.heads:
+                raise ValueError(
+                    f"model.sequential.heads ({m.sequential.heads}) must divide model.embedding_dim "
+                    f"({m.embedding_dim})"
+                )
+        elif m.kind == "two_tower" and m.two_tower.history_pooling != "none":
+            who = f"model.two_tower.history_pooling {m.two_tower.history_pooling}"
+        else:
+            return
+        if self.data.history is None:
+            raise ValueError(f"{who} needs data.history (e.g. data.history.length: 50)")
+        if self.train.pipeline:
+            raise ValueError(f"{who} needs train.pipeline: false (the history lookup runs in a plain loop)")
 
     def validation_metrics(self) -> list[str]:
         """Names of the metrics each validation produces (what train.early_stopping.metric may name)."""

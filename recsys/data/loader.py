@@ -45,8 +45,10 @@ def to_batch(
     sparse_t: np.ndarray,
     keys: list[str],
     perm: np.ndarray | None = None,
+    history: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Batch:
-    """Build a TorchRec Batch from rows; `sparse_t` is key-major [S, n]. One id per row per key."""
+    """Build a TorchRec Batch from rows; `sparse_t` is key-major [S, n]. One id per row per key;
+    with `history` ([n, L] items, [n] ranks; recsys.data.history) a last, jagged key `history`."""
     import torch
     from torchrec.datasets.utils import Batch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -57,14 +59,24 @@ def to_batch(
         label = np.take(label, perm)
         dense = np.take(dense, perm, axis=0)
         sparse_t = np.take(sparse_t, perm, axis=1)
+        if history is not None:
+            history = (np.take(history[0], perm, axis=0), np.take(history[1], perm))
     n = len(label)
+    values = np.ascontiguousarray(sparse_t).reshape(-1)
+    # numpy's memset beats torch.ones here (torch's CPU fill goes through its thread pool)
+    lengths = np.ones(n * len(keys), dtype=np.int32)
+    if history is not None:
+        from recsys.data.history import jagged_history
+        from recsys.data.metadata import HISTORY_FEATURE
+
+        h_values, h_lengths = jagged_history(*history)
+        keys = [*keys, HISTORY_FEATURE]
+        values = np.concatenate([values.astype(np.int64, copy=False), h_values])
+        lengths = np.concatenate([lengths, h_lengths])
     return Batch(
         dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32).reshape(n, -1)),
         sparse_features=KeyedJaggedTensor(
-            keys=keys,
-            values=torch.from_numpy(np.ascontiguousarray(sparse_t).reshape(-1)),
-            # numpy's memset beats torch.ones here (torch's CPU fill goes through its thread pool)
-            lengths=torch.from_numpy(np.ones(n * len(keys), dtype=np.int32)),
+            keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
         ),
         labels=torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32)),
     )
@@ -78,11 +90,21 @@ def _concat(blocks: list[dict[str, Any]], num_dense: int) -> tuple[np.ndarray, n
     return label, dense, sparse_t
 
 
-def _collate_blocks(samples: list[dict[str, Any]], keys: list[str], num_dense: int, seed: int) -> Batch:
+def _history(blocks: list[dict[str, Any]], wanted: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """(history [n, L], history_rank [n]) of consecutive blocks when `wanted` (else None)."""
+    if not wanted:
+        return None
+    return np.concatenate([b["history"] for b in blocks]), np.concatenate([b["history_rank"] for b in blocks])
+
+
+def _collate_blocks(
+    samples: list[dict[str, Any]], keys: list[str], num_dense: int, seed: int, history: bool = False
+) -> Batch:
     """Concatenate whole blocks and shuffle their rows with a seed fixed by the blocks' ids."""
     label, dense, sparse_t = _concat(samples, num_dense)
     rng = np.random.default_rng([seed, *(int(s["_block"]) for s in samples)])
-    return to_batch(label, dense, sparse_t, keys, rng.permutation(len(label)))
+    perm = rng.permutation(len(label))
+    return to_batch(label, dense, sparse_t, keys, perm, _history(samples, history))
 
 
 class BlockDataset(StreamingDataset):
@@ -165,6 +187,7 @@ def make_train_loader(
         keys=[f.name for f in meta.sparse_features],
         num_dense=len(meta.dense_features),
         seed=cfg.data.shuffle_seed,
+        history=history_wanted(cfg, meta),
     )
     return BatchLoader(
         dataset,
@@ -175,6 +198,20 @@ def make_train_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
     )
+
+
+def history_wanted(cfg: Config, meta: Metadata) -> bool:
+    """True when cfg's model reads the `history` feature; then the data must have it."""
+    from recsys.data.history import model_uses_history
+
+    if not model_uses_history(cfg):
+        return False
+    if meta.history_length is None:
+        raise UserError(
+            f"{cfg.data.prepared_dir}: prepared without histories, which model.kind {cfg.model.kind} reads; "
+            "set data.history.length and re-run `recsys data prepare --overwrite`"
+        )
+    return True
 
 
 def _block_rows(meta: Metadata, split: str) -> np.ndarray:
@@ -218,6 +255,7 @@ def iter_eval_batches(
     keys = [f.name for f in meta.sparse_features]
     num_dense = len(meta.dense_features)
     split_dir = _split_dir(cfg.data.prepared_dir, split)
+    with_history = history_wanted(cfg, meta)
 
     def gen() -> Iterator[Batch | None]:
         reader = BlockReader(split_dir) if stop > start else None
@@ -225,7 +263,7 @@ def iter_eval_batches(
         for b in range(start, stop, per_batch):
             assert reader is not None
             blocks = list(reader.iter_blocks(b, min(b + per_batch, stop)))
-            yield to_batch(*_concat(blocks, num_dense), keys)
+            yield to_batch(*_concat(blocks, num_dense), keys, history=_history(blocks, with_history))
             done += 1
         for _ in range(steps - done):
             yield None
@@ -249,7 +287,8 @@ def read_split_arrays(
             "dense": np.zeros((0, len(meta.dense_features)), np.float32),
             "sparse": np.zeros((0, len(meta.sparse_features)), np.int64),
         }
-    out = {k: np.concatenate([b[k] for b in blocks]) for k in ("label", "dense", "sparse")}
+    cols = ("label", "dense", "sparse") + (("history", "history_rank") if meta.history_length else ())
+    out = {k: np.concatenate([b[k] for b in blocks]) for k in cols}
     out["dense"] = out["dense"][:, : len(meta.dense_features)]
     return out
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.data.metadata import MDS_COLUMNS
+from recsys.data.metadata import HISTORY_COLUMNS, MDS_COLUMNS
 from recsys.errors import UserError
 
 
@@ -126,13 +126,17 @@ class SplitWriter:
         compression: str | None,
         size_limit: int,
         on_block: Callable[[int], None] | None = None,
+        history_length: int | None = None,
     ) -> None:
         from concurrent.futures import Future, ThreadPoolExecutor
 
         from streaming import MDSWriter
 
+        # With histories, `sparse` rows end with L history columns and the rank (recsys.data.history).
+        self.history_length = history_length
+        columns = MDS_COLUMNS if history_length is None else {**MDS_COLUMNS, **HISTORY_COLUMNS}
         self._writer = MDSWriter(
-            out=str(out_dir), columns=MDS_COLUMNS, compression=compression, size_limit=size_limit
+            out=str(out_dir), columns=columns, compression=compression, size_limit=size_limit
         )
         self.block_size, self.on_block = block_size, on_block
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -171,13 +175,17 @@ class SplitWriter:
         full = n if final else n - n % self.block_size
         for start in range(0, full, self.block_size):
             stop = min(start + self.block_size, full)
-            self._writer.write(
-                {
-                    "label": np.ascontiguousarray(label[start:stop]),
-                    "dense": np.ascontiguousarray(dense[start:stop]),
-                    "sparse": np.ascontiguousarray(sparse[start:stop]),
-                }
-            )
+            sample = {
+                "label": np.ascontiguousarray(label[start:stop]),
+                "dense": np.ascontiguousarray(dense[start:stop]),
+                "sparse": np.ascontiguousarray(sparse[start:stop]),
+            }
+            if self.history_length is not None:
+                cut = sparse.shape[1] - self.history_length - 1
+                sample["sparse"] = np.ascontiguousarray(sparse[start:stop, :cut])
+                sample["history"] = np.ascontiguousarray(sparse[start:stop, cut:-1])
+                sample["history_rank"] = np.ascontiguousarray(sparse[start:stop, -1])
+            self._writer.write(sample)
             self.blocks += 1
             if self.on_block is not None:
                 self.on_block(stop - start)

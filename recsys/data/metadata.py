@@ -13,6 +13,12 @@ Every MDS sample has three columns, all numpy arrays with the block's rows first
                                len(dense_features) columns
     sparse  int64   [n, S]     embedding row of each sparse feature (vocabulary-mapped; 0 = OOV/missing)
 
+With data.history (recsys.data.history) a sample has two more columns:
+    history       int64   [n, L]     the user's previous items (item rows, strictly earlier in time, ties
+                                     by file order), oldest first, left-aligned, zero beyond the length
+    history_rank  int64   [n]        the user's events before this row; the history's length is min(rank, L)
+The loader streams them as the jagged KeyedJaggedTensor feature `history` (HISTORY_FEATURE).
+
 Interaction data (Two-Tower) uses the same layout: its sparse features include the user and item
 columns, named by `user_feature` / `item_feature`, and any side features joined onto each row, named
 by `user_side_features` / `item_side_features` (a multi-valued field such as genres is several
@@ -36,6 +42,8 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 OOV_TOKEN = "<OOV>"
 MDS_COLUMNS = {"label": "ndarray:float32", "dense": "ndarray:float32", "sparse": "ndarray:int64"}
+HISTORY_COLUMNS = {"history": "ndarray:int64", "history_rank": "ndarray:int64"}
+HISTORY_FEATURE = "history"
 
 
 class _Model(BaseModel):
@@ -159,6 +167,9 @@ class Metadata(_Model):
         default_factory=list,
         description="Earlier folders this one extends, oldest first (empty for a first window).",
     )
+    history_length: int | None = Field(
+        None, description="L of the history columns (data.history.length); None: the data has none."
+    )
 
     def sparse_index(self, name: str) -> int:
         """Column of a sparse feature in the `sparse` array."""
@@ -182,6 +193,8 @@ def data_settings(cfg: Config) -> dict[str, object]:
     out = cfg.data.model_dump(mode="json", exclude=_NOT_CONTENT)
     if not cfg.data.negatives.per_positive:  # folders prepared before the field existed still match
         out.pop("negatives")
+    if cfg.data.history is None:  # likewise for folders prepared before histories existed
+        out.pop("history")
     m = cfg.model
     if m.table_default.kind != "exact" or any(t.kind != "exact" for t in m.tables.values()):
         # How ids become rows is decided at prepare time; eviction settings act only while training.

@@ -38,6 +38,13 @@ from recsys.data import splits as S
 from recsys.data import vocab as V
 from recsys.data.chunks import ChunkReader, _inner_source
 from recsys.data.hashing import TableMap
+from recsys.data.history import (
+    HistoryBuilder,
+    finish_history,
+    history_columns,
+    new_history_builder,
+    observe_chunk,
+)
 from recsys.data.lineage import Previous, owned_rows, window_info
 from recsys.data.mds import SplitWriter
 from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, data_settings, write_metadata
@@ -193,9 +200,15 @@ class _Counted:
     all_labels: _ExactSum
 
 
-def _count(reader: ChunkReader, cfg: Config, pool: ThreadPoolExecutor, spill: ChunkSpill) -> _Counted:
+def _count(
+    reader: ChunkReader,
+    cfg: Config,
+    pool: ThreadPoolExecutor,
+    spill: ChunkSpill,
+    history: HistoryBuilder | None = None,
+) -> _Counted:
     """Pass 1: every chunk's split, its train ids counted per feature, label checks and statistics;
-    the chunk goes to `spill` encoded, for pass 2."""
+    the chunk goes to `spill` encoded, for pass 2 (and its users/items/times to `history`)."""
     from tqdm import tqdm
 
     done: _Counted | None = None
@@ -215,6 +228,8 @@ def _count(reader: ChunkReader, cfg: Config, pool: ThreadPoolExecutor, spill: Ch
                 done.train_labels.add(t.label[train])
                 done.all_labels.add(t.label)
         spill.write(SpilledChunk(chunk.start, chunk.assign, t.label, chunk.labels, t.dense, encoded))
+        if history is not None:
+            observe_chunk(history, t)
         bar.update(t.rows)
     bar.close()
     if done is None:
@@ -272,14 +287,17 @@ def _write(
     cfg: Config,
     pool: ThreadPoolExecutor,
     facts: _FactRows | None,
+    history: HistoryBuilder | None = None,
 ) -> dict[str, SplitInfo]:
     """Pass 2: map every spilled chunk's ids to rows and route its rows to the split writers."""
     from tqdm import tqdm
 
     d = cfg.data
     bar = tqdm(total=rows, unit="rows", desc="pass 2: write MDS", disable=None, mininterval=0.5)
+    hl = d.history.length if d.history is not None else None
     writers = {
-        name: SplitWriter(out / name, d.block_size, d.compression, d.shard_size_limit) for name in SPLITS
+        name: SplitWriter(out / name, d.block_size, d.compression, d.shard_size_limit, history_length=hl)
+        for name in SPLITS
     }
     train = _TrainWindow(writers["train"], d.shuffle_window, d.split.seed)
     # Rows are int32 while buffered (half the train window's memory); the MDS blocks hold int64.
@@ -289,6 +307,8 @@ def _write(
         labels = chunk.given if chunk.given is not None else binarize(chunk.label, chunk.assign, rule)[0]
         cols = list(pool.map(TableMap.rows_encoded, maps, chunk.encoded))
         sparse = np.stack(cols, axis=1, dtype=dtype) if cols else np.zeros((chunk.rows, 0), dtype)
+        if history is not None:  # history columns ride behind the sparse ones (SplitWriter splits them)
+            sparse = np.concatenate([sparse, *history_columns(history, chunk.start, chunk.rows)], axis=1)
         if facts is not None:
             facts.add(chunk.start, chunk.assign, labels)
         for name, code in (("val", S.VAL), ("test", S.TEST)):
@@ -392,7 +412,8 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
     # Features are independent; Arrow's hashing and numpy release the GIL.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         try:
-            counted = _count(reader, cfg, pool, spill)
+            history = new_history_builder(cfg)
+            counted = _count(reader, cfg, pool, spill, history)
             t_read = time.perf_counter()
             first = counted.first
             _say(
@@ -405,6 +426,8 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
             features, maps, grown = _save_vocabularies(
                 out, first.sparse_names, counted.counters, cfg, previous
             )
+            if history is not None:
+                finish_history(history, maps[first.sparse_names.index(first.item_feature or "")])
             if given_label_info is not None:  # labels decided with the negatives, in memory
                 rule, label_info = cfg.data.label, given_label_info
             else:
@@ -412,7 +435,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
                 label_info = label_info or binarize(first.label, np.zeros(0, np.int8), rule)[1]
             t_vocab = time.perf_counter()
             facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
-            infos = _write(spill, reader.rows, maps, rule, out, cfg, pool, facts)
+            infos = _write(spill, reader.rows, maps, rule, out, cfg, pool, facts, history)
         finally:
             spill.close()
     t_write = time.perf_counter()
@@ -438,6 +461,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
         if previous is not None or is_windowed(cfg)
         else None,
         lineage=previous.lineage() if previous is not None else [],
+        history_length=cfg.data.history.length if cfg.data.history is not None else None,
     )
     write_metadata(out, meta)
     bad = sum(s.bad_rows.count for s in meta.sources)

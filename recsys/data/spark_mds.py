@@ -373,6 +373,10 @@ def prepare_dataframe(
             "model.tables: capped and managed_collision tables are prepared by `recsys data prepare` "
             "only, not yet on Spark; use exact tables here"
         )
+    if cfg.data.history is not None:  # not silently without them: the model needs the column
+        raise UserError(
+            "data.history: histories are prepared by `recsys data prepare` only, not yet on Spark"
+        )
     sp, lab = cfg.data.split, cfg.data.label
 
     # ---- columns, in the file-based reader's order: user and item lead the sparse features

@@ -21,9 +21,15 @@ if TYPE_CHECKING:
 
 def log_q_from_train(cfg: Config, meta: Metadata) -> torch.Tensor | None:
     """log item sampling probabilities from the train split, for the softmax's log-Q correction."""
-    if cfg.model.kind != "two_tower" or cfg.model.two_tower.loss != "softmax":
-        return None
-    if not cfg.model.two_tower.logq_correction:
+    if cfg.model.kind == "sequential":
+        sq = cfg.model.sequential
+        if sq.softmax != "sampled" or not sq.logq_correction:
+            return None
+    elif (
+        cfg.model.kind != "two_tower"
+        or cfg.model.two_tower.loss != "softmax"
+        or not cfg.model.two_tower.logq_correction
+    ):
         return None
     from recsys.data.loader import read_train_arrays
     from recsys.models.two_tower import item_log_q
@@ -43,7 +49,8 @@ def item_feature_rows(cfg: Config, meta: Metadata) -> torch.Tensor:
 
     names = [f.name for f in meta.sparse_features]
     key = names.index(meta.item_feature or "")
-    cols = [names.index(f) for f in cfg.model.two_tower.item_features]
+    feats = [meta.item_feature] if cfg.model.kind == "sequential" else cfg.model.two_tower.item_features
+    cols = [names.index(f or "") for f in feats]
     table = np.zeros((meta.sparse_features[key].num_embeddings, len(cols)), np.int64)
     sparse = read_train_arrays(cfg, meta)["sparse"]
     table[sparse[:, key]] = sparse[:, cols]
@@ -100,6 +107,8 @@ def build_task(
             ),
             managed_collision_remapper(cfg, meta, dense_device or "cpu"),
         )
+    if m.kind == "sequential":
+        return build_sequential(cfg, meta, ebc_device, item_log_q, dense_device, training)
     tt = m.two_tower
     names = [n for n, _ in sparse]
     for what, feats in (("user_features", tt.user_features), ("item_features", tt.item_features)):
@@ -111,14 +120,17 @@ def build_task(
             f"{cfg.data.prepared_dir}: not interaction data (no user/item feature); Two-Tower needs one"
         )
     # Every prepared feature gets a table so the KJT the loader yields matches the sharded EBC exactly.
-    model = TwoTower(
-        make_ebc(sparse, m.embedding_dim, ebc_device),
-        tt.user_features,
-        tt.item_features,
-        tt.layers,
-        normalize=similarity_normalizes(cfg),
-        dense_device=dense_device,
-    )
+    if tt.history_pooling == "none":
+        model = TwoTower(
+            make_ebc(sparse, m.embedding_dim, ebc_device),
+            tt.user_features,
+            tt.item_features,
+            tt.layers,
+            normalize=similarity_normalizes(cfg),
+            dense_device=dense_device,
+        )
+    else:
+        model = history_two_tower(cfg, meta, ebc_device, dense_device)
     rows = None
     if tt.num_uniform_negatives:
         if tt.loss != "softmax":
@@ -157,7 +169,7 @@ def check_tables(cfg: Config, meta: Metadata) -> None:
                 f"model.tables.{f.name}: {spec.kind} table of {rows} rows, but {cfg.data.prepared_dir} was "
                 f"prepared as {f.table} with {f.num_embeddings} rows; re-run `recsys data prepare --overwrite`"
             )
-    if cfg.model.kind == "two_tower":
+    if cfg.model.kind != "dlrm":
         for key in (meta.user_feature, meta.item_feature):
             if key is not None and cfg.model.table(key).kind != "exact":
                 raise UserError(
@@ -183,3 +195,101 @@ def plain_model(cfg: Config, meta: Metadata, state: dict[str, torch.Tensor]) -> 
     task = build_task(cfg, meta, ebc_device="cpu", item_log_q=None, training=False)
     task.load_state_dict(state, strict=True)
     return task.eval()
+
+
+def _item_ec(cfg: Config, meta: Metadata, device: str | torch.device) -> nn.Module:
+    """The item table as an EmbeddingCollection shared by the item feature and `history`."""
+    from recsys.data.metadata import HISTORY_FEATURE
+    from recsys.models.sequence import make_item_ec
+    from recsys.models.two_tower import table_name
+
+    item = meta.item_feature or ""
+    rows = meta.sparse_features[meta.sparse_index(item)].num_embeddings
+    return make_item_ec(table_name(item), item, HISTORY_FEATURE, rows, cfg.model.embedding_dim, device)
+
+
+def _history_meta(cfg: Config, meta: Metadata) -> tuple[int, list[str]]:
+    """(L, the batch KJT's keys) of a model reading histories; refuses data without them."""
+    from recsys.data.metadata import HISTORY_FEATURE
+
+    if meta.history_length is None or meta.item_feature is None:
+        raise UserError(
+            f"{cfg.data.prepared_dir}: prepared without histories (or not interaction data); set "
+            "data.history.length and re-run `recsys data prepare --overwrite`"
+        )
+    return meta.history_length, [f.name for f in meta.sparse_features] + [HISTORY_FEATURE]
+
+
+def history_two_tower(
+    cfg: Config, meta: Metadata, ebc_device: str | torch.device, dense_device: str | torch.device | None
+) -> nn.Module:
+    """A Two-Tower whose user tower also pools the history (model.two_tower.history_pooling) from the
+    item table, which moves to an EmbeddingCollection shared with `history`; the rest stay in the EBC."""
+    from recsys.models.sequence import AttentionPooling, MeanPooling
+    from recsys.models.two_tower import TwoTower, make_ebc
+
+    m, tt = cfg.model, cfg.model.two_tower
+    length, keys = _history_meta(cfg, meta)
+    others = [(f.name, f.num_embeddings) for f in meta.sparse_features if f.name != meta.item_feature]
+    side_dim = m.embedding_dim * len(tt.user_features)
+    pool: nn.Module = (
+        MeanPooling(m.embedding_dim)
+        if tt.history_pooling == "mean"
+        else AttentionPooling(m.embedding_dim, length, side_dim, dense_device)
+    )
+    return TwoTower(
+        make_ebc(others, m.embedding_dim, ebc_device) if others else None,
+        tt.user_features,
+        tt.item_features,
+        tt.layers,
+        normalize=similarity_normalizes(cfg),
+        dense_device=dense_device,
+        ec=_item_ec(cfg, meta, ebc_device),
+        history=pool,
+        history_length=length,
+        keys=keys,
+    )
+
+
+def build_sequential(
+    cfg: Config,
+    meta: Metadata,
+    ebc_device: str | torch.device,
+    item_log_q: torch.Tensor | None,
+    dense_device: str | torch.device | None,
+    training: bool,
+) -> nn.Module:
+    """model.kind sequential: a causal Transformer over the history is the user tower, the item table
+    (shared with the history) the item tower; sampled (log-Q) or full softmax on dot products."""
+    from recsys.models.sequence import CausalEncoder
+    from recsys.models.two_tower import TwoTower, TwoTowerTask
+
+    sq, dim = cfg.model.sequential, cfg.model.embedding_dim
+    length, keys = _history_meta(cfg, meta)
+    encoder = CausalEncoder(dim, length, sq.layers, sq.heads, sq.dropout, sq.ff_mult, dense_device)
+    model = TwoTower(
+        None,
+        [],
+        [meta.item_feature or ""],
+        [],
+        normalize=False,
+        dense_device=dense_device,
+        ec=_item_ec(cfg, meta, ebc_device),
+        history=encoder,
+        history_length=length,
+        keys=keys,
+    )
+    full = sq.softmax == "full"
+    uniform = 0 if full else sq.num_uniform_negatives
+    return TwoTowerTask(
+        model,
+        meta.item_feature or "",
+        "softmax",
+        sq.temperature,
+        item_log_q,
+        dense_device,
+        num_uniform_negatives=uniform,
+        item_rows=item_feature_rows(cfg, meta) if training and (full or uniform) else None,
+        logq_correction=sq.logq_correction,
+        full_softmax=full,
+    )

@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.data.metadata import HISTORY_FEATURE
+from recsys.models.sequence import sum_pool, to_padded
 
 
 def table_name(feature: str) -> str:
@@ -55,37 +58,75 @@ class TwoTower(nn.Module):
     """User and item towers; `forward(kjt)` gives ([B, E] user, [B, E] item) embeddings.
 
     Args:
-        ebc: one EmbeddingBagCollection holding the tables of every user and item feature.
+        ebc: one EmbeddingBagCollection holding the tables of the user and item features (None: all
+            in `ec`).
         user_features / item_features: the sparse features pooled by each tower, in order.
-        layers: MLP sizes of each tower; the last is the embedding size E.
+        layers: MLP sizes of each tower; the last is the embedding size E ([]: no MLP, E = its input).
         normalize: L2-normalise tower outputs (cosine similarity; used with the softmax loss).
+        ec / history: with histories, an EmbeddingCollection holding the item table, shared by the item
+            feature and `history` (recsys.models.sequence), and the encoder of the padded history whose
+            output joins the user tower's input; `history_length` is L.
+        keys: the batch KJT's keys in order (default: the tables' features), for lookups built here.
     """
 
     def __init__(
         self,
-        ebc: EmbeddingBagCollection,
+        ebc: EmbeddingBagCollection | None,
         user_features: list[str],
         item_features: list[str],
         layers: list[int],
         normalize: bool,
         dense_device: torch.device | str | None = None,
+        ec: EmbeddingCollection | None = None,
+        history: nn.Module | None = None,
+        history_length: int = 0,
+        keys: list[str] | None = None,
     ) -> None:
         super().__init__()
-        dims = {f: c.embedding_dim for c in ebc.embedding_bag_configs() for f in c.feature_names}
+        dims = {
+            f: c.embedding_dim for c in (ebc.embedding_bag_configs() if ebc else []) for f in c.feature_names
+        }
+        for c in ec.embedding_configs() if ec is not None else []:
+            dims.update({f: c.embedding_dim for f in c.feature_names if f != HISTORY_FEATURE})
         missing = [f for f in user_features + item_features if f not in dims]
         if missing:
             raise ValueError(f"features {missing} have no embedding table (have {sorted(dims)})")
-        self.ebc = ebc
+        self.ebc, self.ec, self.history = ebc, ec, history
+        # kept here: DMP's sharded collection does not answer embedding_configs()
+        self.ec_features = [f for c in (ec.embedding_configs() if ec else []) for f in c.feature_names]
+        self.ec_features = [f for f in self.ec_features if f != HISTORY_FEATURE]
+        self.history_length = history_length
         self.user_features = list(user_features)
         self.item_features = list(item_features)
-        self.all_features = list(dims)
+        self.all_features = list(keys) if keys is not None else list(dims)
         self.normalize = normalize
-        self.user_mlp = mlp(sum(dims[f] for f in user_features), layers, dense_device)
+        user_in = sum(dims[f] for f in user_features) + (history.out_dim if history is not None else 0)
+        self.user_mlp = mlp(user_in, layers, dense_device)
         self.item_mlp = mlp(sum(dims[f] for f in item_features), layers, dense_device)
 
     def _tower(self, pooled: dict[str, torch.Tensor], features: list[str], net: nn.Module) -> torch.Tensor:
         out = net(torch.cat([pooled[f] for f in features], dim=1))
         return F.normalize(out, dim=-1) if self.normalize else out
+
+    def _lookup(self, features: KeyedJaggedTensor, users: bool = True) -> dict[str, torch.Tensor]:
+        """[B, D] pooled embeddings per feature; with histories and `users`, also the encoded history
+        under `history` (item-only lookups skip the encoder)."""
+        pooled = self.ebc(features).to_dict() if self.ebc is not None else {}
+        if self.ec is None:
+            return pooled
+        batch = features.stride()
+        seq = self.ec(features)
+        for f in self.ec_features:
+            pooled[f] = sum_pool(seq[f], batch)
+        if self.history is not None and users:
+            side = [pooled[f] for f in self.user_features]
+            x, lengths = to_padded(seq[HISTORY_FEATURE], batch, self.history_length)
+            pooled[HISTORY_FEATURE] = self.history(x, lengths, torch.cat(side, 1) if side else None)
+        return pooled
+
+    def _user_tower(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        extra = [HISTORY_FEATURE] if self.history is not None else []
+        return self._tower(pooled, self.user_features + extra, self.user_mlp)
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, E] user and [B, E] item embeddings of the rows of `features`."""
@@ -98,11 +139,11 @@ class TwoTower(nn.Module):
         The norms cover every feature either tower pools (for `embedding_l2`): fbgemm's fused sparse
         optimizers ignore weight decay, so the looked-up rows are penalised through the loss instead.
         """
-        pooled = self.ebc(features).to_dict()
+        pooled = self._lookup(features)
         used = dict.fromkeys(self.user_features + self.item_features)
         sq = torch.stack([pooled[f].pow(2).sum(-1) for f in used]).sum(0)
         return (
-            self._tower(pooled, self.user_features, self.user_mlp),
+            self._user_tower(pooled),
             self._tower(pooled, self.item_features, self.item_mlp),
             sq,
         )
@@ -115,27 +156,37 @@ class TwoTower(nn.Module):
         """
         ids = {f: rows[:, j] for j, f in enumerate(self.item_features)}
         kjt = tower_kjt(self.all_features, ids).to(rows.device)
-        return self._tower(self.ebc(kjt).to_dict(), self.item_features, self.item_mlp)
+        return self._tower(self._lookup(kjt, users=False), self.item_features, self.item_mlp)
 
-    def user_embeddings(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[N, E] embeddings of N users given {user feature: [N] embedding rows} (unsharded model)."""
-        pooled = self.ebc(tower_kjt(self.all_features, ids)).to_dict()
-        return self._tower(pooled, self.user_features, self.user_mlp)
+    def user_embeddings(
+        self, ids: dict[str, torch.Tensor], history: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """[N, E] embeddings of N users given {user feature: [N] embedding rows} and, for a model with
+        histories, (history [N, L] item rows left-aligned, lengths [N]) (unsharded model)."""
+        return self._user_tower(self._lookup(tower_kjt(self.all_features, ids, history)))
 
     def item_embeddings(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
         """[N, E] embeddings of N items given {item feature: [N] embedding rows} (unsharded model)."""
-        pooled = self.ebc(tower_kjt(self.all_features, ids)).to_dict()
+        pooled = self._lookup(tower_kjt(self.all_features, ids), users=False)
         return self._tower(pooled, self.item_features, self.item_mlp)
 
 
-def tower_kjt(keys: list[str], ids: dict[str, torch.Tensor]) -> KeyedJaggedTensor:
-    """A KJT over all `keys` with one id per row for the keys in `ids` and empty bags for the rest."""
-    n = len(next(iter(ids.values())))
+def tower_kjt(
+    keys: list[str], ids: dict[str, torch.Tensor], history: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> KeyedJaggedTensor:
+    """A KJT over all `keys` with one id per row for the keys in `ids`, the jagged `history` (items
+    [N, L] left-aligned, lengths [N]) when given, and empty bags for the rest."""
+    n = len(history[1]) if history is not None else len(next(iter(ids.values())))
     values, lengths = [], []
     for k in keys:
         if k in ids:
             values.append(ids[k].long())
             lengths.append(torch.ones(n, dtype=torch.int32))
+        elif k == HISTORY_FEATURE and history is not None:
+            items, size = history
+            valid = torch.arange(items.shape[1]).unsqueeze(0) < size.unsqueeze(1)
+            values.append(items[valid].long())
+            lengths.append(size.to(torch.int32))
         else:
             lengths.append(torch.zeros(n, dtype=torch.int32))
     return KeyedJaggedTensor.from_lengths_sync(
@@ -184,6 +235,22 @@ def sampled_softmax_loss(
     return (per_row * pos).sum() / pos.sum().clamp(min=1.0)
 
 
+def full_softmax_loss(
+    user: torch.Tensor,
+    all_items: torch.Tensor,
+    item_ids: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Softmax over every item row (all_items [N, E]; row 0, the OOV row, is never a class): row b's
+    class is item_ids[b]; rows with label 0 or an OOV item contribute nothing."""
+    logits = user @ all_items.T / temperature
+    logits[:, 0] = float("-inf")
+    pos = ((labels > 0) & (item_ids > 0)).float()
+    per_row = F.cross_entropy(logits, item_ids.clamp(min=1), reduction="none")
+    return (per_row * pos).sum() / pos.sum().clamp(min=1.0)
+
+
 # The pipeline FX-traces the task's forward; the loss has data-dependent shapes, so it is a leaf.
 torch.fx.wrap("sampled_softmax_loss")
 
@@ -197,6 +264,7 @@ class TwoTowerTask(nn.Module):
         embedding_l2: λ of λ·mean over rows of the summed squared norms of the pooled embeddings.
         item_rows: [N, F_i] item-feature rows of every item row (row 0 = OOV, never drawn); with
             num_uniform_negatives > 0, M items are drawn uniformly from rows 1..N-1 per training batch.
+        full_softmax: the loss is a softmax over every item row (needs item_rows; small catalogues).
     """
 
     def __init__(
@@ -211,6 +279,7 @@ class TwoTowerTask(nn.Module):
         num_uniform_negatives: int = 0,
         item_rows: torch.Tensor | None = None,
         logq_correction: bool = True,
+        full_softmax: bool = False,
     ) -> None:
         super().__init__()
         if loss not in ("softmax", "bce"):
@@ -222,6 +291,7 @@ class TwoTowerTask(nn.Module):
         self.embedding_l2 = embedding_l2
         self.num_uniform_negatives = num_uniform_negatives if item_rows is not None else 0
         self.logq_correction = logq_correction
+        self.full_softmax = full_softmax and item_rows is not None
         # Plain attributes, not buffers: DDP would broadcast a buffer on every step for nothing.
         self.item_log_q = (
             item_log_q.to(device) if item_log_q is not None and device is not None else item_log_q
@@ -244,7 +314,11 @@ class TwoTowerTask(nn.Module):
         user, item, sq_norms = self.model.encode(batch.sparse_features)
         labels = batch.labels.float()
         scores = (user * item).sum(-1)
-        if self.loss == "softmax":
+        if self.full_softmax:
+            assert self.item_rows is not None
+            all_items = self.model.item_rows_embeddings(self.item_rows)
+            loss = full_softmax_loss(user, all_items, item_ids, labels, self.temperature)
+        elif self.loss == "softmax":
             neg: tuple[torch.Tensor | None, torch.Tensor | None, float | None] = (None, None, None)
             # Only while training: validation losses stay deterministic and comparable across runs.
             if self.num_uniform_negatives and self.training:

@@ -157,7 +157,7 @@ def open_run(
         run_id = run_of(run_id, uri)
     run = _get_run(run_id, uri)
     model = run.data.tags.get("model")
-    if model is not None and model != "two_tower":
+    if model is not None and model not in ("two_tower", "sequential"):  # both export user/item vectors
         raise UserError(
             f"run {run_id} is a {model} run, not a Two-Tower: only Two-Tower runs have user/item "
             "embeddings to retrieve from"
