@@ -343,17 +343,16 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
     lines = [
         f"recsys: warm start from {parent.checkpoint}" + (f" (run {parent.run_id})" if parent.run_id else "")
     ]
-    fresh_state = []
+    carried = []
     for key, feature in tables.items():  # first: a wrong embedding_dim is named as such
-        fresh_state += _load_table(parent, state, key, feature, shapes, same_sparse)
+        carried += _load_table(parent, state, key, feature, shapes, same_sparse)
     dense = _load_dense(parent, state, tables, shapes, same_dense)
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optim"])
     lines += [f"  table {parent.notes[f]}" for f in tables.values()]
     lines.append(f"  dense: {dense} tensors loaded (every shape matches)")
     sparse_opt = (
-        "per-row state of copied rows carried, new rows start fresh"
-        + (f"; reset (layout differs): {', '.join(fresh_state)}" if fresh_state else "")
+        f"state of copied rows follows them, new rows start fresh ({'; '.join(carried) or 'no state'})"
         if same_sparse
         else f"reset ({old.get('train.sparse_optimizer.name')} → {cfg.train.sparse_optimizer.name})"
     )
@@ -424,7 +423,7 @@ def _load_table(
     optim: bool,
 ) -> list[str]:
     """Copy the parent's rows of one table (and its per-row optimizer state) by the feature's row map;
-    returns the optimizer state tensors of the table that start fresh instead."""
+    returns one line per optimizer state tensor of the table saying how it was carried."""
     rows = parent.row_maps.get(feature)
     old_key = f"model.{key}"
     if old_key not in shapes and rows is not None:
@@ -440,18 +439,38 @@ def _load_table(
             "here (model.embedding_dim differs); warm start needs the same embedding_dim"
         )
     _copy_rows(dst, read_tensor(parent.checkpoint, old_key, old_shape, dst.dtype), rows)
-    fresh = []
+    said = []
     for name, t in (state["optim"]["state"].get(key) or {}).items():
         okey = f"optim.state.{key}.{name}"
-        oshape = shapes.get(okey)
-        # Per-row state (row-wise Adagrad's [rows], Adagrad's [rows, dim]) follows the rows.
-        if (
-            optim
-            and oshape
-            and (oshape[0], _size(t)[0]) == (old_shape[0], new_shape[0])
-            and oshape[1:] == _size(t)[1:]
-        ):
-            _copy_rows(t, read_tensor(parent.checkpoint, okey, oshape, t.dtype), rows)
-        else:
-            fresh.append(name)
-    return fresh
+        how = (
+            _carry_state(parent.checkpoint, okey, shapes.get(okey), t, old_shape[0], rows) if optim else None
+        )
+        said.append(f"{name} {how}" if how else f"{name} reset (layout differs)")
+    return said
+
+
+def _carry_state(
+    checkpoint: Path, key: str, old_shape: tuple[int, ...] | None, t: Any, old_rows: int, rows: np.ndarray
+) -> str | None:
+    """Copy one table's optimizer state by the row map; how it was carried, or None (left fresh).
+
+    Per-row state of a column-wise table is one block of rows per column shard (TorchRec lays
+    row-wise Adagrad's accumulator out as [rows × shards]); blocks are matched one to one, averaged
+    into one (exact for equal-width shards) or one is replicated into each (an estimate)."""
+    new_rows = len(rows)
+    shape = _size(t)
+    if old_shape is None or old_shape[1:] != shape[1:] or old_shape[0] % old_rows or shape[0] % new_rows:
+        return None
+    ob, nb = old_shape[0] // old_rows, shape[0] // new_rows
+    old = read_tensor(checkpoint, key, old_shape, t.dtype).view(ob, old_rows, *old_shape[1:])
+    if ob == nb:
+        how = "carried"
+    elif ob == 1:
+        old, how = old.expand(nb, *old.shape[1:]), f"replicated into {nb} column shards (an estimate)"
+    elif nb == 1:
+        old, how = old.mean(0, keepdim=True), f"averaged over {ob} column shards"
+    else:
+        return None
+    blocks = [np.where(rows >= 0, rows + b * old_rows, -1) for b in range(nb)]
+    _copy_rows(t, old.reshape(nb * old_rows, *old_shape[1:]), np.concatenate(blocks))
+    return how
