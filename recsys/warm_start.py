@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -327,6 +328,7 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
     from recsys.models.two_tower import table_name
 
     cfg, meta = trainer.cfg, trainer.meta
+    t0 = time.perf_counter()
     shapes = checkpoint_shapes(parent.checkpoint)
     old = parent.fingerprint
     same_sparse = old.get("train.sparse_optimizer.name") == cfg.train.sparse_optimizer.name
@@ -364,6 +366,7 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
     lines.append(f"  sparse optimizer ({cfg.train.sparse_optimizer.name}): {sparse_opt}")
     lines.append(f"  dense optimizer ({cfg.train.dense_optimizer.name}): {dense_opt}")
     lines.append("  reset: step and epoch counters, LR schedule, best value and early stopping, loader, RNG")
+    lines.append(f"  loaded in {time.perf_counter() - t0:.1f} s")
     return lines
 
 
