@@ -384,3 +384,29 @@ def test_capped_and_managed_collision_tables(tmp_path: Path, monkeypatch: pytest
     assert any("_mch_sorted_raw_ids" in k for k in mc)
     for k in mc:
         assert torch.equal(child[k], _parent_tensor(step, f"model.{k}").to(child[k].dtype)), k
+
+
+def test_a_managed_collision_table_of_another_size_is_refused(tmp_path: Path) -> None:
+    from recsys.data.hashing import HASH_NAME
+    from recsys.data.metadata import Metadata, SparseFeature
+    from recsys.warm_start import _row_map
+
+    def meta(rows: int) -> Metadata:
+        f = SparseFeature(
+            name="cat_1",
+            num_embeddings=rows,
+            vocab_file="vocab/cat_1.txt",
+            table="managed_collision",
+            id_hash=HASH_NAME,
+        )
+        return Metadata(
+            name="t", kind="ctr", block_size=1, dense_features=[], sparse_features=[f], splits={}, sources=[]
+        )
+
+    cfg = load_config("dlrm_synth", [f"data.prepared_dir={tmp_path}"])
+    rows, note = _row_map(cfg, meta(40), tmp_path, meta(40), "cat_1")
+    assert rows is not None and rows.tolist() == list(range(40)) and "remapper copied" in note
+    with pytest.raises(
+        UserError, match=r"model\.tables\.cat_1: a managed-collision table .* 40 rows; now: .* 50"
+    ):
+        _row_map(cfg, meta(40), tmp_path, meta(50), "cat_1")
