@@ -174,9 +174,15 @@ def _parent_from_run(cfg: Config, run_id: str, tmp: Path) -> tuple[CheckpointInf
     info = _pick_checkpoint(Path(ckpt_dir), int(best) if best else None, run_id)
     # The run's own vocabularies: the prepared folder may have been prepared again since.
     for artifact in ("vocab", "data/metadata.json"):
-        got = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact, dst_path=str(tmp), tracking_uri=uri
-        )
+        try:
+            got = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, dst_path=str(tmp), tracking_uri=uri
+            )
+        except Exception as e:
+            raise UserError(
+                f"--init-from {run_id}: the run has no {artifact} artifact ({type(e).__name__}); pass its "
+                "checkpoint folder instead"
+            ) from None
     (tmp / "metadata.json").write_bytes(Path(got).read_bytes())  # vocab/ is at tmp/vocab already
     return info, tmp, run_id
 
