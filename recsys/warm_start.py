@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,9 +174,15 @@ def _parent_from_run(cfg: Config, run_id: str, tmp: Path) -> tuple[CheckpointInf
     info = _pick_checkpoint(Path(ckpt_dir), int(best) if best else None, run_id)
     # The run's own vocabularies: the prepared folder may have been prepared again since.
     for artifact in ("vocab", "data/metadata.json"):
-        got = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact, dst_path=str(tmp), tracking_uri=uri
-        )
+        try:
+            got = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, dst_path=str(tmp), tracking_uri=uri
+            )
+        except Exception as e:
+            raise UserError(
+                f"--init-from {run_id}: the run has no {artifact} artifact ({type(e).__name__}); pass its "
+                "checkpoint folder instead"
+            ) from None
     (tmp / "metadata.json").write_bytes(Path(got).read_bytes())  # vocab/ is at tmp/vocab already
     return info, tmp, run_id
 
@@ -327,6 +334,7 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
     from recsys.models.two_tower import table_name
 
     cfg, meta = trainer.cfg, trainer.meta
+    t0 = time.perf_counter()
     shapes = checkpoint_shapes(parent.checkpoint)
     old = parent.fingerprint
     same_sparse = old.get("train.sparse_optimizer.name") == cfg.train.sparse_optimizer.name
@@ -343,17 +351,16 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
     lines = [
         f"recsys: warm start from {parent.checkpoint}" + (f" (run {parent.run_id})" if parent.run_id else "")
     ]
-    fresh_state = []
+    carried = []
     for key, feature in tables.items():  # first: a wrong embedding_dim is named as such
-        fresh_state += _load_table(parent, state, key, feature, shapes, same_sparse)
+        carried += _load_table(parent, state, key, feature, shapes, same_sparse)
     dense = _load_dense(parent, state, tables, shapes, same_dense)
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optim"])
     lines += [f"  table {parent.notes[f]}" for f in tables.values()]
     lines.append(f"  dense: {dense} tensors loaded (every shape matches)")
     sparse_opt = (
-        "per-row state of copied rows carried, new rows start fresh"
-        + (f"; reset (layout differs): {', '.join(fresh_state)}" if fresh_state else "")
+        f"state of copied rows follows them, new rows start fresh ({'; '.join(carried) or 'no state'})"
         if same_sparse
         else f"reset ({old.get('train.sparse_optimizer.name')} → {cfg.train.sparse_optimizer.name})"
     )
@@ -365,6 +372,7 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
     lines.append(f"  sparse optimizer ({cfg.train.sparse_optimizer.name}): {sparse_opt}")
     lines.append(f"  dense optimizer ({cfg.train.dense_optimizer.name}): {dense_opt}")
     lines.append("  reset: step and epoch counters, LR schedule, best value and early stopping, loader, RNG")
+    lines.append(f"  loaded in {time.perf_counter() - t0:.1f} s")
     return lines
 
 
@@ -424,7 +432,7 @@ def _load_table(
     optim: bool,
 ) -> list[str]:
     """Copy the parent's rows of one table (and its per-row optimizer state) by the feature's row map;
-    returns the optimizer state tensors of the table that start fresh instead."""
+    returns one line per optimizer state tensor of the table saying how it was carried."""
     rows = parent.row_maps.get(feature)
     old_key = f"model.{key}"
     if old_key not in shapes and rows is not None:
@@ -440,18 +448,38 @@ def _load_table(
             "here (model.embedding_dim differs); warm start needs the same embedding_dim"
         )
     _copy_rows(dst, read_tensor(parent.checkpoint, old_key, old_shape, dst.dtype), rows)
-    fresh = []
+    said = []
     for name, t in (state["optim"]["state"].get(key) or {}).items():
         okey = f"optim.state.{key}.{name}"
-        oshape = shapes.get(okey)
-        # Per-row state (row-wise Adagrad's [rows], Adagrad's [rows, dim]) follows the rows.
-        if (
-            optim
-            and oshape
-            and (oshape[0], _size(t)[0]) == (old_shape[0], new_shape[0])
-            and oshape[1:] == _size(t)[1:]
-        ):
-            _copy_rows(t, read_tensor(parent.checkpoint, okey, oshape, t.dtype), rows)
-        else:
-            fresh.append(name)
-    return fresh
+        how = (
+            _carry_state(parent.checkpoint, okey, shapes.get(okey), t, old_shape[0], rows) if optim else None
+        )
+        said.append(f"{name} {how}" if how else f"{name} reset (layout differs)")
+    return said
+
+
+def _carry_state(
+    checkpoint: Path, key: str, old_shape: tuple[int, ...] | None, t: Any, old_rows: int, rows: np.ndarray
+) -> str | None:
+    """Copy one table's optimizer state by the row map; how it was carried, or None (left fresh).
+
+    Per-row state of a column-wise table is one block of rows per column shard (TorchRec lays
+    row-wise Adagrad's accumulator out as [rows × shards]); blocks are matched one to one, averaged
+    into one (exact for equal-width shards) or one is replicated into each (an estimate)."""
+    new_rows = len(rows)
+    shape = _size(t)
+    if old_shape is None or old_shape[1:] != shape[1:] or old_shape[0] % old_rows or shape[0] % new_rows:
+        return None
+    ob, nb = old_shape[0] // old_rows, shape[0] // new_rows
+    old = read_tensor(checkpoint, key, old_shape, t.dtype).view(ob, old_rows, *old_shape[1:])
+    if ob == nb:
+        how = "carried"
+    elif ob == 1:
+        old, how = old.expand(nb, *old.shape[1:]), f"replicated into {nb} column shards (an estimate)"
+    elif nb == 1:
+        old, how = old.mean(0, keepdim=True), f"averaged over {ob} column shards"
+    else:
+        return None
+    blocks = [np.where(rows >= 0, rows + b * old_rows, -1) for b in range(nb)]
+    _copy_rows(t, old.reshape(nb * old_rows, *old_shape[1:]), np.concatenate(blocks))
+    return how

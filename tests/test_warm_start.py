@@ -111,9 +111,13 @@ def _state_before_training(monkeypatch: pytest.MonkeyPatch, cfg: Config) -> dict
 
 
 def _parent_tensor(checkpoint: Path, key: str) -> torch.Tensor:
-    from recsys.warm_start import checkpoint_shapes, read_tensor
+    """One whole tensor of a checkpoint, in its own dtype."""
+    from torch.distributed.checkpoint import FileSystemReader
 
-    return read_tensor(checkpoint, key, checkpoint_shapes(checkpoint)[key], torch.float32)
+    from recsys.warm_start import read_tensor
+
+    md = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata[key]
+    return read_tensor(checkpoint, key, tuple(md.size), md.properties.dtype)
 
 
 def _assert_rows(
@@ -209,7 +213,10 @@ def test_mismatches_are_clear_errors(root: Path, parent: dict[str, Any], tmp_pat
     step = parent["checkpoint"]
     with pytest.raises(UserError, match=r"t_user_id\.weight has embedding_dim 8 there and 16 here"):
         train(_cfg(root, "v2", None, f"train.init_from={step}", "model.embedding_dim=16"), resume="never")
-    with pytest.raises(UserError, match=r"model\.(user|item)_mlp\.0\.(weight|bias) is \[16.*\] there and \[32.*\] in this model"):
+    with pytest.raises(
+        UserError,
+        match=r"model\.(user|item)_mlp\.0\.(weight|bias) is \[16.*\] there and \[32.*\] in this model",
+    ):
         train(
             _cfg(root, "v2", None, f"train.init_from={step}", "model.two_tower.layers=[32,8]"), resume="never"
         )
@@ -270,7 +277,14 @@ def test_warm_start_across_world_sizes(
     checkpoint warm-starts a 2-rank run whose tables are split column-wise over both ranks."""
     uri = parent["uri"]
     _torchrun(
-        _cfg(root, "v1", uri, "tracking.run_name=parent2", f"train.checkpoint.dir={tmp_path / 'p2'}"),
+        _cfg(
+            root,
+            "v1",
+            uri,
+            "tracking.run_name=parent2",
+            f"train.checkpoint.dir={tmp_path / 'p2'}",
+            "train.max_steps=3",
+        ),
         tmp_path / "p2",
     )
     import mlflow
@@ -291,9 +305,108 @@ def test_warm_start_across_world_sizes(
         dump=tmp_path / "c2.pt",
     )
     assert "column_wise" in log and "rows copied by id" in log, log[-3000:]
+    assert "momentum1 replicated into 2 column shards" in log and "layout differs" not in log, log[-3000:]
     _torchrun(_cfg(root, "v2", None, *cw), tmp_path / "f2", dump=tmp_path / "f2.pt")
     child2 = torch.load(tmp_path / "c2.pt", weights_only=True)
     fresh2 = torch.load(tmp_path / "f2.pt", weights_only=True)
     _assert_rows(root, child2, fresh2, parent["checkpoint"])
     for k in (k for k in child2 if "_mlp." in k):
         assert torch.equal(child2[k], _parent_tensor(parent["checkpoint"], f"model.{k}")), k
+
+
+# ---------------------------------------------------------------------- capped and managed-collision
+TABLES = [
+    "data.source.rows=3000",
+    "data.source.num_sparse=3",
+    "data.source.num_dense=3",
+    "data.source.cardinality=200",
+    "data.block_size=64",
+    "model.embedding_dim=4",
+    "model.dlrm.dense_arch_layers=[8,4]",
+    "model.dlrm.over_arch_layers=[8,1]",
+    "train.batch_size=256",
+    "eval.batch_size=256",
+    "train.max_steps=4",
+    "tracking.enabled=false",
+    "model.tables.cat_0.kind=capped",
+    "model.tables.cat_0.max_rows=20",
+    "model.tables.cat_0.hashed_rows=5",
+    "model.tables.cat_1.kind=managed_collision",
+    "model.tables.cat_1.max_rows=40",
+]
+
+
+def _dlrm(root: Path, name: str, *sets: str) -> Config:
+    return load_config(
+        "dlrm_synth",
+        [*TABLES, f"data.prepared_dir={root / name}", f"train.checkpoint.dir={root / 'ckpt' / name}", *sets],
+    )
+
+
+@pytest.mark.slow
+def test_capped_and_managed_collision_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Capped: the frequent part by id, the hashed block as a block; managed collision: the table and
+    the remapper's state whole; exact: by id. A DLRM on two CTR folders of 3000 and 4500 rows (the counts, so the vocabulary order, differ)."""
+    from recsys.data.prepare import prepare
+    from recsys.train import train
+
+    a, b = _dlrm(tmp_path, "a"), _dlrm(tmp_path, "b", "data.source.rows=4500")
+    prepare(a, overwrite=False)
+    prepare(b, overwrite=False)
+    train(a, resume="never")
+    (step,) = sorted((tmp_path / "ckpt" / "a").glob("run-*/step-*"))[-1:]
+    child = _state_before_training(
+        monkeypatch, _dlrm(tmp_path, "b", "data.source.rows=4500", f"train.init_from={step}")
+    )
+    fresh = _state_before_training(monkeypatch, _dlrm(tmp_path, "b", "data.source.rows=4500"))
+    emb = "model.model.sparse_arch.embedding_bag_collection.embedding_bags.t_{}.weight"
+    for f, known_rows in (("cat_0", range(15)), ("cat_2", None)):
+        old_ids = {v: i for i, v in enumerate(read_vocab_file(tmp_path / "a" / "vocab" / f"{f}.txt"))}
+        new_ids = read_vocab_file(tmp_path / "b" / "vocab" / f"{f}.txt")
+        old, got, new = (
+            _parent_tensor(step, emb.format(f)),
+            child[emb.format(f)[6:]],
+            fresh[emb.format(f)[6:]],
+        )
+        rows = known_rows or range(len(new_ids))
+        moved = fresh_rows = 0
+        for k in rows:
+            v = new_ids[k]
+            known = v in old_ids and not v.startswith("<")
+            want = old[old_ids[v]] if known else new[k]
+            moved += known and old_ids[v] != k
+            fresh_rows += not known
+            assert torch.equal(got[k], want if k else old[0]), (f, k, v)
+        assert moved and fresh_rows, (f, moved, fresh_rows)
+    # The capped table's hashed block (rows 15..19): the same hash and size, so copied as a block.
+    assert torch.equal(child[emb.format("cat_0")[6:]][15:], _parent_tensor(step, emb.format("cat_0"))[15:])
+    mc = [k for k in child if "remapper.mch.cat_1." in k or k == emb.format("cat_1")[6:]]
+    assert any("_mch_sorted_raw_ids" in k for k in mc)
+    for k in mc:
+        assert torch.equal(child[k], _parent_tensor(step, f"model.{k}").to(child[k].dtype)), k
+
+
+def test_a_managed_collision_table_of_another_size_is_refused(tmp_path: Path) -> None:
+    from recsys.data.hashing import HASH_NAME
+    from recsys.data.metadata import Metadata, SparseFeature
+    from recsys.warm_start import _row_map
+
+    def meta(rows: int) -> Metadata:
+        f = SparseFeature(
+            name="cat_1",
+            num_embeddings=rows,
+            vocab_file="vocab/cat_1.txt",
+            table="managed_collision",
+            id_hash=HASH_NAME,
+        )
+        return Metadata(
+            name="t", kind="ctr", block_size=1, dense_features=[], sparse_features=[f], splits={}, sources=[]
+        )
+
+    cfg = load_config("dlrm_synth", [f"data.prepared_dir={tmp_path}"])
+    rows, note = _row_map(cfg, meta(40), tmp_path, meta(40), "cat_1")
+    assert rows is not None and rows.tolist() == list(range(40)) and "remapper copied" in note
+    with pytest.raises(
+        UserError, match=r"model\.tables\.cat_1: a managed-collision table .* 40 rows; now: .* 50"
+    ):
+        _row_map(cfg, meta(40), tmp_path, meta(50), "cat_1")
