@@ -257,6 +257,20 @@ class _TrainWindow:
             self.writer.write(label[o], dense[o], sparse[o])
 
 
+def _mapped(
+    maps: list[TableMap], encoded: list[V.Encoded], rows: int, dtype: type, pool: ThreadPoolExecutor
+) -> np.ndarray:
+    """A chunk's values of every sparse feature as one [rows, S] array; each worker fills its column
+    in place (no list of int64 columns stacked afterwards on the main thread)."""
+    out = np.empty((rows, len(maps)), dtype)
+
+    def fill(j: int) -> None:
+        out[:, j] = maps[j].rows_encoded(encoded[j])
+
+    list(pool.map(fill, range(len(maps))))
+    return out
+
+
 def _write(
     spill: ChunkSpill,
     rows: int,
@@ -281,8 +295,7 @@ def _write(
     dtype = np.int32 if narrow else np.int64
     for chunk in spill:
         labels = chunk.given if chunk.given is not None else binarize(chunk.label, chunk.assign, rule)[0]
-        cols = list(pool.map(TableMap.rows_encoded, maps, chunk.encoded))
-        sparse = np.stack(cols, axis=1, dtype=dtype) if cols else np.zeros((chunk.rows, 0), dtype)
+        sparse = _mapped(maps, chunk.encoded, chunk.rows, dtype, pool)
         if facts is not None:
             facts.add(chunk.start, chunk.assign, labels)
         for name, code in (("val", S.VAL), ("test", S.TEST)):
