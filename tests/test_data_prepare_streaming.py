@@ -208,21 +208,24 @@ readers._CSV_BLOCK = 1 << 14
 os.cpu_count = lambda: 1
 mds.SplitWriter._submit = lambda self, fn, *args: fn(*args)
 count, held = P._count, []
-P._count = lambda *a: (r := count(*a), held.append(tracemalloc.get_traced_memory()[0]))[0]
+P._count = lambda *a: (count(*a), held.append(tracemalloc.get_traced_memory()[0]))[0]
 def rss(key):
     return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key))
 files = [Path(f) for f in sys.argv[1].split(",")]
 cfg = _config(files, Path(sys.argv[2]), 4_000, 4_000)
 cfg.data.shard_size_limit = 1 << 20  # the MDS writer holds up to a shard per split in memory
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS: the peak of prepare alone
-before = rss("VmRSS")
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS: the peak of prepare alone
+    before = rss("VmRSS")
+except OSError:  # a kernel or sandbox that refuses: no RSS figure
+    before = None
 tracemalloc.start()
 meta = P.prepare(cfg, overwrite=True)
 print(json.dumps({
     "held_after_pass1_kb": held[0] / 1024,
     "live_kb": tracemalloc.get_traced_memory()[1] / 1024,
     "arrow_kb": pa.default_memory_pool().max_memory() / 1024,
-    "rss_kb": rss("VmHWM") - before,
+    "rss_kb": None if before is None else rss("VmHWM") - before,
     "vocab": [f.num_embeddings for f in meta.sparse_features],
 }))
 """
@@ -255,12 +258,13 @@ def test_peak_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
     """
     small, big = (_prepare_peaks(tmp_path, rows) for rows in (24_000, 96_000))
     assert small["vocab"] == big["vocab"]  # nothing that should grow differs between the sizes
-    grown = {k: round(big[k] - small[k]) for k in small if k != "vocab"}
+    grown = {k: round(big[k] - small[k]) for k in small if k != "vocab" and small[k] is not None}
     why = f"grew with rows (KiB): {grown}; {small} vs {big}"
     assert grown["held_after_pass1_kb"] < 32, f"pass 1 keeps something per row: {why}"
     assert grown["live_kb"] < 1024, f"numpy/Python peak {why}"
     assert grown["arrow_kb"] < 1024, f"Arrow's peak {why}"
-    assert big["rss_kb"] < 1.15 * small["rss_kb"] + 24_000, f"peak RSS {why}"
+    if small["rss_kb"] is not None:
+        assert big["rss_kb"] < 1.15 * small["rss_kb"] + 24_000, f"peak RSS {why}"
 
 
 def test_id_counter_equals_fit_on_all_rows_whatever_the_chunks() -> None:
