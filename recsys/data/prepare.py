@@ -237,6 +237,9 @@ class _TrainWindow:
     def add(self, pos: np.ndarray, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
         """Buffer train rows at source positions `pos` (ascending); earlier windows are written first."""
         win = pos // self.window
+        if len(win) and win[0] == win[-1] == self.current:  # the common case: no copy by mask
+            self.parts.append((pos, label, dense, sparse))
+            return
         for w in np.unique(win):
             if w != self.current:
                 self.flush()
