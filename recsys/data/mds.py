@@ -162,39 +162,46 @@ class SplitWriter:
         self._submit(self._append, label, dense, sparse)
 
     def _append(self, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
-        self._held.append((label, dense, sparse))
-        self._held_rows += len(label)
-        if self._held_rows >= self.block_size:
-            self._flush(final=False)
+        # The held partial block is completed from the piece's head; then whole blocks are written
+        # straight from slices of the piece, each cast on its own: no concatenated copy of the piece.
+        at, n, size = 0, len(label), self.block_size
+        if self._held_rows:
+            at = min(size - self._held_rows, n)
+            self._held.append((label[:at], dense[:at], sparse[:at]))
+            self._held_rows += at
+            if self._held_rows < size:
+                return
+            self._write_block(*(np.concatenate(c) for c in zip(*self._held, strict=True)))
+            self._held, self._held_rows = [], 0
+        full = at + (n - at) // size * size
+        for start in range(at, full, size):
+            self._write_block(
+                label[start : start + size], dense[start : start + size], sparse[start : start + size]
+            )
+        if full < n:  # copied, so the rest of the piece is not kept alive by its last rows
+            self._held = [(label[full:].copy(), dense[full:].copy(), sparse[full:].copy())]
+            self._held_rows = n - full
 
-    def _flush(self, final: bool) -> None:
-        label = np.concatenate([h[0] for h in self._held]).astype(np.float32, copy=False)
-        dense = np.concatenate([h[1] for h in self._held]).astype(np.float32, copy=False)
-        sparse = np.concatenate([h[2] for h in self._held]).astype(np.int64, copy=False)
-        n = len(label)
-        full = n if final else n - n % self.block_size
-        for start in range(0, full, self.block_size):
-            stop = min(start + self.block_size, full)
-            sample = {
-                "label": np.ascontiguousarray(label[start:stop]),
-                "dense": np.ascontiguousarray(dense[start:stop]),
-                "sparse": np.ascontiguousarray(sparse[start:stop]),
-            }
-            if self.history_length is not None:
-                cut = sparse.shape[1] - self.history_length - 1
-                sample["sparse"] = np.ascontiguousarray(sparse[start:stop, :cut])
-                sample["history"] = np.ascontiguousarray(sparse[start:stop, cut:-1])
-                sample["history_rank"] = np.ascontiguousarray(sparse[start:stop, -1])
-            self._writer.write(sample)
-            self.blocks += 1
-            if self.on_block is not None:
-                self.on_block(stop - start)
-        self._held = [(label[full:], dense[full:], sparse[full:])] if full < n else []
-        self._held_rows = n - full
+    def _write_block(self, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
+        sample = {
+            "label": np.ascontiguousarray(label, dtype=np.float32),
+            "dense": np.ascontiguousarray(dense, dtype=np.float32),
+            "sparse": np.ascontiguousarray(sparse, dtype=np.int64),
+        }
+        if self.history_length is not None:  # the last L + 1 sparse columns: history, then its rank
+            cut = sparse.shape[1] - self.history_length - 1
+            sample["sparse"] = np.ascontiguousarray(sparse[:, :cut], dtype=np.int64)
+            sample["history"] = np.ascontiguousarray(sparse[:, cut:-1], dtype=np.int64)
+            sample["history_rank"] = np.ascontiguousarray(sparse[:, -1], dtype=np.int64)
+        self._writer.write(sample)
+        self.blocks += 1
+        if self.on_block is not None:
+            self.on_block(len(label))
 
     def _finish(self) -> None:
-        if self._held_rows:
-            self._flush(final=True)
+        if self._held_rows:  # the last, short block
+            self._write_block(*(np.concatenate(c) for c in zip(*self._held, strict=True)))
+            self._held, self._held_rows = [], 0
         self._writer.finish()
 
     def close(self) -> None:

@@ -258,6 +258,9 @@ class _TrainWindow:
     def add(self, pos: np.ndarray, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
         """Buffer train rows at source positions `pos` (ascending); earlier windows are written first."""
         win = pos // self.window
+        if len(win) and win[0] == win[-1] == self.current:  # the common case: no copy by mask
+            self.parts.append((pos, label, dense, sparse))
+            return
         for w in np.unique(win):
             if w != self.current:
                 self.flush()
@@ -276,6 +279,20 @@ class _TrainWindow:
         for at in range(0, len(order), step):
             o = order[at : at + step]
             self.writer.write(label[o], dense[o], sparse[o])
+
+
+def _mapped(
+    maps: list[TableMap], encoded: list[V.Encoded], rows: int, dtype: type, pool: ThreadPoolExecutor
+) -> np.ndarray:
+    """A chunk's values of every sparse feature as one [rows, S] array; each worker fills its column
+    in place (no list of int64 columns stacked afterwards on the main thread)."""
+    out = np.empty((rows, len(maps)), dtype)
+
+    def fill(j: int) -> None:
+        out[:, j] = maps[j].rows_encoded(encoded[j])
+
+    list(pool.map(fill, range(len(maps))))
+    return out
 
 
 def _write(
@@ -305,8 +322,7 @@ def _write(
     dtype = np.int32 if narrow else np.int64
     for chunk in spill:
         labels = chunk.given if chunk.given is not None else binarize(chunk.label, chunk.assign, rule)[0]
-        cols = list(pool.map(TableMap.rows_encoded, maps, chunk.encoded))
-        sparse = np.stack(cols, axis=1, dtype=dtype) if cols else np.zeros((chunk.rows, 0), dtype)
+        sparse = _mapped(maps, chunk.encoded, chunk.rows, dtype, pool)
         if history is not None:  # history columns ride behind the sparse ones (SplitWriter splits them)
             sparse = np.concatenate([sparse, *history_columns(history, chunk.start, chunk.rows)], axis=1)
         if facts is not None:
