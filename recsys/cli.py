@@ -91,6 +91,14 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_candidates(args: argparse.Namespace) -> int:
+    from recsys.retrieval.candidates import build_candidates
+
+    fold_runs = [r for r in args.fold_runs.split(",") if r] if args.fold_runs else None
+    build_candidates(_resolve(args), args.run_id, args.tracking_uri, fold_runs, args.overwrite)
+    return 0
+
+
 # ------------------------------------------------------------------------------------ train / eval
 def _train(args: argparse.Namespace) -> int:
     from recsys.train import train
@@ -333,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remote", default=None, help="with --spark: also upload to this object-store URI (s3://, dbfs:/ …)"
     )
+
+    p = add(
+        data, "candidates", _data_candidates,
+        "ranker rows from a Two-Tower run's top-N (cross-fitted hard negatives; data.candidates)",
+    )  # fmt: skip
+    p.add_argument("--run-id", required=True, help="MLflow run id of the Two-Tower whose candidates to rank")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the run")
+    p.add_argument(
+        "--fold-runs", default=None, metavar="ID,ID,…",
+        help="reuse the fold retrievers an earlier run of this command trained (one per fold, in order)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared_dir")
 
     p = add(sub, "train", _train, "train the configured model (run under torchrun for several processes)")
     p.add_argument(
@@ -582,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoint",
             "recommend",
             "quality",
+            "funnel",
             "tables",
             "prepare-scale",
             "spark-scale",
@@ -610,7 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=10_000, help="users searched per measurement (recommend)")
     p.add_argument("--sizes", default="1e6,4e6,16e6", help="prepare-scale: row counts, comma-separated")
     p.add_argument(
-        "--quick", action="store_true", help="quality: 1 seed, a one-point grid, few epochs (a smoke run)"
+        "--quick",
+        action="store_true",
+        help="quality, funnel: 1 seed, a one-point grid, few epochs (a smoke run)",
     )
     p.add_argument(
         "--split",

@@ -135,6 +135,8 @@ def data_settings(cfg: Config) -> dict[str, object]:
     out = cfg.data.model_dump(mode="json", exclude=_NOT_CONTENT)
     if not cfg.data.negatives.per_positive:  # folders prepared before the field existed still match
         out.pop("negatives")
+    if not cfg.data.candidates.top_n:  # likewise for folders made before data.candidates
+        out.pop("candidates")
     m = cfg.model
     if m.table_default.kind != "exact" or any(t.kind != "exact" for t in m.tables.values()):
         # How ids become rows is decided at prepare time; eviction settings act only while training.
