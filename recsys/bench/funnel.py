@@ -26,7 +26,7 @@ N_GRID = (20, 50, 100)
 #: Ranker settings tried on val for each N (the shipped config is the first).
 RANKER_GRID: list[dict[str, Any]] = [
     {},
-    {"model.embedding_dim": 32, "train.dense_optimizer.lr": 0.001},
+    {"model.embedding_dim": 32, "model.dlrm.dense_arch_layers": [32], "train.dense_optimizer.lr": 0.001},
 ]
 KEY = "ndcg@10"
 
