@@ -51,9 +51,12 @@ def _slice(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, ml100k_recbole: Path) -> Built:
-    """Two-Tower → candidates (2 folds, top-15) → DCN ranker, all on a 120-user slice, 20 steps each."""
+    """Two-Tower → candidates (2 folds, top-15) → DCN ranker (the pipeline's rank step), all on a
+    120-user slice, 20 steps each."""
+    from recsys.data.metadata import read_metadata
     from recsys.data.prepare import prepare
-    from recsys.retrieval.candidates import build_candidates, candidate_rows
+    from recsys.launch.steps import rank_step
+    from recsys.retrieval.candidates import candidate_rows
     from recsys.train import train
 
     root = tmp_path_factory.mktemp("candidates")
@@ -74,15 +77,22 @@ def built(tmp_path_factory: pytest.TempPathFactory, ml100k_recbole: Path) -> Bui
     )  # fmt: skip
     prepare(tt_cfg, overwrite=False)
     tt = train(tt_cfg, resume="never").run_id
+    sets = [
+        *common,
+        f"train.checkpoint.dir={root / 'ck-rk'}",
+        "data.candidates.folds=2",
+        "train.batch_size=256",
+    ]
+    # The pipeline's rank step: candidates, ranker, retrieval alone vs re-ranked on test (logged).
+    done = rank_step("movielens_100k_candidate_ranker", sets, tt, uri, str(root / "rk"), TOP_N)
     rk_cfg = load_config(
         "movielens_100k_candidate_ranker",
-        [*common, f"data.prepared_dir={root / 'rk'}", f"train.checkpoint.dir={root / 'ck-rk'}",
-         f"data.candidates.top_n={TOP_N}", "data.candidates.folds=2", "train.batch_size=256"],
-    )  # fmt: skip
-    meta = build_candidates(rk_cfg, tt, uri)
-    folds = list(meta.label["fold_run_ids"])
+        [*sets, f"data.prepared_dir={root / 'rk'}", f"data.candidates.top_n={TOP_N}"],
+    )
+    folds = list(read_metadata(rk_cfg.data.prepared_dir).label["fold_run_ids"])
     cands = candidate_rows(rk_cfg, tt, uri, folds)  # the same rows, kept in memory for the checks
-    ranker = train(rk_cfg, resume="never").run_id
+    ranker = done["ranker_run_id"]
+    assert 0 <= done[f"rank_n{TOP_N}/ndcg@10"] <= 1 and 0 <= done["retrieval/ndcg@10"] <= 1
     return Built(uri, tt, tt_cfg, rk_cfg, cands, ranker)
 
 
