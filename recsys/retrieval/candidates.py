@@ -16,8 +16,9 @@ that never saw that interaction:
   exactly what the ranker meets at serving, so early stopping and the choice of N happen on val.
 - **Features.** Sparse: the retriever data's user and item columns (ids and side features) with its
   vocabularies (vocab/ is copied, rows are the same). Dense (`DENSE`): the retrieval score, its gap to
-  the user's top score, log rank, and the user's and the item's train-row counts relative to the mean
-  (log1p) in the scoring retriever's train rows. The folder also keeps, under `ranker/`, the served
+  the user's top score, log rank, the user's and the item's train-row counts relative to the mean
+  (log1p), and the mean and max item-to-item cosine of the candidate with the user's train items —
+  all from the scoring retriever's train rows. The folder also keeps, under `ranker/`, the served
   retriever's feature and count tables, so scoring any (user, item) later needs no other folder.
 
 Holds the retriever data's splits in memory (as `recsys evaluate` does); ML-100K-sized data.
@@ -45,7 +46,15 @@ if TYPE_CHECKING:
     from recsys.retrieval.runs import TwoTowerRun
 
 #: Dense features of a candidate row, in column order (what rank.py computes again at serving).
-DENSE = ("retrieval_score", "retrieval_gap", "retrieval_log_rank", "user_activity", "item_popularity")
+DENSE = (
+    "retrieval_score",
+    "retrieval_gap",
+    "retrieval_log_rank",
+    "user_activity",
+    "item_popularity",
+    "item_knn_mean",
+    "item_knn_max",
+)
 #: `metadata.json` label mode of a candidates folder.
 LABEL_MODE = "retriever_candidates"
 #: Serving-time tables kept in the folder (user/item feature rows and history counts of the served retriever).
@@ -60,21 +69,49 @@ def fold_of(rows: int, folds: int, seed: int) -> np.ndarray:
 
 @dataclass
 class History:
-    """Train-row counts of a retriever's data by vocabulary row, relative to the mean (1 = average)."""
+    """What a retriever trained on, as features: per vocabulary row counts relative to the mean
+    (1 = average), each user's train items, and the items' co-occurrence (cosine) in those rows."""
 
     user: np.ndarray  # float32 [U]
     item: np.ndarray  # float32 [I]
+    indptr: np.ndarray  # int64 [U+1]: CSR of each user's train items
+    items: np.ndarray  # int64: item rows
+    sim: np.ndarray  # float32 [I, I]: cosine of the item columns of the user × item matrix, diagonal 0
 
 
 def history_of(sparse: np.ndarray, uc: int, ic: int, nu: int, ni: int) -> History:
-    """User activity and item popularity of the train rows `sparse` (a retriever's training data).
+    """History of the train rows `sparse` (a retriever's training data).
 
-    Relative to the mean, so a fold retriever (trained on (K-1)/K of the rows) and the served one give
-    features on the same scale."""
+    Counts are relative to the mean, so a fold retriever (trained on (K-1)/K of the rows) and the
+    served one give features on the same scale. The item × item table is dense ([I, I] float32): an
+    ML-100K-sized feature (11 MB there)."""
     n = max(len(sparse), 1)
     user = np.bincount(sparse[:, uc], minlength=nu).astype(np.float32) * (nu - 1) / n
     item = np.bincount(sparse[:, ic], minlength=ni).astype(np.float32) * (ni - 1) / n
-    return History(user, item)
+    keys = np.unique(_pair_keys(sparse[:, uc], sparse[:, ic], ni))
+    rows, cols = keys // ni, keys % ni
+    indptr = np.r_[0, np.bincount(rows, minlength=nu).cumsum()].astype(np.int64)
+    x = np.zeros((nu, ni), np.float32)
+    x[rows, cols] = 1.0
+    co = x.T @ x
+    norm = np.sqrt(np.maximum(np.diag(co), 1.0))
+    sim = co / norm[:, None] / norm[None, :]
+    np.fill_diagonal(sim, 0.0)
+    return History(user, item, indptr, cols.astype(np.int64), sim.astype(np.float32))
+
+
+def knn_features(u: np.ndarray, i: np.ndarray, hist: History) -> np.ndarray:
+    """float32 [n, 2]: mean and max cosine of each candidate item with the user's train items
+    (item-to-item collaborative evidence the Two-Tower's dot product does not express)."""
+    out = np.zeros((len(u), 2), np.float32)
+    order = np.argsort(u, kind="stable")
+    users, starts = np.unique(u[order], return_index=True)
+    for user, rows in zip(users, np.split(order, starts[1:]), strict=True):
+        seen = hist.items[hist.indptr[user] : hist.indptr[user + 1]]
+        if len(seen):
+            s = hist.sim[np.ix_(i[rows], seen)]
+            out[rows, 0], out[rows, 1] = s.mean(1), s.max(1)
+    return out
 
 
 def dense_features(
@@ -84,7 +121,7 @@ def dense_features(
     `score`/`rank` are the retrieval ones, `u`/`i` the vocabulary rows the History is indexed by."""
     top = np.full(int(user_code.max(initial=-1)) + 1, -np.inf, np.float32)
     np.maximum.at(top, user_code, score.astype(np.float32))
-    return np.stack(
+    base = np.stack(
         [
             score,
             top[user_code] - score,
@@ -93,7 +130,8 @@ def dense_features(
             np.log1p(hist.item[i]),
         ],
         axis=1,
-    ).astype(np.float32)
+    )
+    return np.concatenate([base, knn_features(u, i, hist)], axis=1).astype(np.float32)
 
 
 def feature_tables(meta: Metadata, arrays: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -403,21 +441,24 @@ def save_tables(folder: Path, user_table: np.ndarray, item_table: np.ndarray, hi
     """The served retriever's feature rows and history counts (what scoring a new pair needs)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, a in (("user_features", user_table), ("item_features", item_table),
-                    ("user_activity", hist.user), ("item_popularity", hist.item)):  # fmt: skip
+                    *_history_arrays(hist)):  # fmt: skip
         np.save(folder / f"{name}.npy", a)
     (folder / "README").write_text(json.dumps({"dense": list(DENSE)}) + "\n")
+
+
+def _history_arrays(hist: History) -> list[tuple[str, np.ndarray]]:
+    return [("history_" + f, getattr(hist, f)) for f in History.__dataclass_fields__]
 
 
 def load_tables(prepared: str | Path) -> tuple[np.ndarray, np.ndarray, History]:
     """(user feature rows, item feature rows, History) saved by `save_tables` in a candidates folder."""
     folder = Path(prepared, TABLES_DIR)
+    names = ["user_features", "item_features", *(f"history_{f}" for f in History.__dataclass_fields__)]
     try:
-        a = {
-            n: np.load(folder / f"{n}.npy")
-            for n in ("user_features", "item_features", "user_activity", "item_popularity")
-        }
+        a = {n: np.load(folder / f"{n}.npy") for n in names}
     except OSError as e:
         raise UserError(
             f"{folder}: {e.strerror or e}; rebuild the ranker data: recsys data candidates --overwrite …"
         ) from None
-    return a["user_features"], a["item_features"], History(a["user_activity"], a["item_popularity"])
+    hist = History(**{f: a[f"history_{f}"] for f in History.__dataclass_fields__})
+    return a["user_features"], a["item_features"], hist
