@@ -382,8 +382,8 @@ def recsys_pipeline(
         step_node_selector: nodeSelector of the pipeline's own step pods.
         step_tolerations: Tolerations of the pipeline's own step pods.
         rank_top_n: Retrieve → rank step: a ranker trained on the Two-Tower's cross-fitted top-N (N items
-            per user), scored on test beside retrieval alone. 0 (default) skips it: on MovieLens-100K it did
-            not beat retrieval alone (docs/guides/ranking.md).
+            per user), scored on test beside retrieval alone. 0 (default) skips it: on MovieLens-100K it
+            gained 0.3% test nDCG@10 over retrieval alone, short of paying for itself (docs/guides/ranking.md).
         ranker_config: Config of that ranker (data.candidates; its data comes from the Two-Tower run).
     """
     cluster = dict(

@@ -23,10 +23,11 @@ RANKER = "movielens_100k_candidate_ranker"
 UNIFORM = "movielens_100k_ranker"
 #: Candidates per user tried on val (each is also the ranker's training depth).
 N_GRID = (20, 50, 100)
-#: Ranker settings tried on val for each N (the shipped config is the first).
+#: Ranker settings tried on val for each N: the shipped config (val's choice in the last full run:
+#: dim 32, dense lr 1e-3) and the smaller, faster-learning one it replaced.
 RANKER_GRID: list[dict[str, Any]] = [
     {},
-    {"model.embedding_dim": 32, "model.dlrm.dense_arch_layers": [32], "train.dense_optimizer.lr": 0.001},
+    {"model.embedding_dim": 16, "model.dlrm.dense_arch_layers": [16], "train.dense_optimizer.lr": 0.003},
 ]
 KEY = "ndcg@10"
 
