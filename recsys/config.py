@@ -208,7 +208,9 @@ class CandidatesConfig(Strict):
         0, ge=0, description="Retrieved items per user that become ranker rows (0: off, use `data prepare`)."
     )
     folds: int = Field(
-        5, ge=2, description="Cross-fitting folds of the train rows: one retriever per fold, trained on the rest."
+        5,
+        ge=2,
+        description="Cross-fitting folds of the train rows: one retriever per fold, trained on the rest.",
     )
     seed: int = Field(0, description="Seed of the train rows' fold assignment.")
 
