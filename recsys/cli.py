@@ -96,6 +96,14 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_candidates(args: argparse.Namespace) -> int:
+    from recsys.retrieval.candidates import build_candidates
+
+    fold_runs = [r for r in args.fold_runs.split(",") if r] if args.fold_runs else None
+    build_candidates(_resolve(args), args.run_id, args.tracking_uri, fold_runs, args.overwrite)
+    return 0
+
+
 # ------------------------------------------------------------------------------------ train / eval
 def _train(args: argparse.Namespace) -> int:
     from recsys.train import train
@@ -418,6 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="data.window.previous: earlier prepared folder whose vocabularies grow",
     )
 
+    p = add(
+        data, "candidates", _data_candidates,
+        "ranker rows from a Two-Tower run's top-N (cross-fitted hard negatives; data.candidates)",
+    )  # fmt: skip
+    p.add_argument("--run-id", required=True, help="MLflow run id of the Two-Tower whose candidates to rank")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the run")
+    p.add_argument(
+        "--fold-runs", default=None, metavar="ID,ID,…",
+        help="reuse the fold retrievers an earlier run of this command trained (one per fold, in order)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared_dir")
+
     p = add(sub, "train", _train, "train the configured model (run under torchrun for several processes)")
     p.add_argument(
         "--resume",
@@ -737,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoint",
             "recommend",
             "quality",
+            "funnel",
             "tables",
             "prepare-scale",
             "spark-scale",
@@ -771,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="quality: 1 seed, a one-point grid, few epochs (a smoke run); continuous: 3 epochs per run",
+        help="quality, funnel: 1 seed, a one-point grid, few epochs (a smoke run); continuous: 3 epochs per run",
     )
     p.add_argument(
         "--split",

@@ -30,6 +30,17 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     return text, {"spec": docs[0], "platform": docs[1]["platforms"]["kubernetes"]}
 
 
+def _steps(ir: dict) -> dict:
+    """The pipeline's step tasks: the root DAG's, with a condition's (dsl.If) inner tasks in its place."""
+    out = {}
+    for key, task in ir["spec"]["root"]["dag"]["tasks"].items():
+        if "triggerPolicy" in task:
+            out.update(ir["spec"]["components"][task["componentRef"]["name"]]["dag"]["tasks"])
+        else:
+            out[key] = task
+    return out
+
+
 def test_committed_yaml_matches_fresh_compile(compiled: tuple[str, dict]) -> None:
     """KFP's compiler is deterministic here (checked: two compiles are byte-identical), so no normalising."""
     text, _ = compiled
@@ -51,6 +62,7 @@ def test_steps_and_dependencies(compiled: tuple[str, dict]) -> None:
         "evaluate-two-tower",
         "evaluate-dlrm",
         "summary",
+        "rank-step",  # the retrieve → rank step's condition (rank_top_n > 0)
     }
 
     def deps(display: str) -> set[str]:
@@ -64,6 +76,10 @@ def test_steps_and_dependencies(compiled: tuple[str, dict]) -> None:
     assert deps("recommend-two-tower") == {"train-two-tower", "index-two-tower", "prepare-data-two-tower"}
     assert deps("evaluate-two-tower") == {"prepare-data-two-tower", "train-two-tower", "recommend-two-tower"}
     assert deps("evaluate-dlrm") == {"prepare-data-dlrm", "train-dlrm"}
+    # Retrieve → rank: after the Two-Tower's training, skipped unless rank_top_n > 0.
+    rank = tasks[names["rank-step"]]
+    assert deps("rank-step") == {"prepare-data-two-tower", "train-two-tower"}
+    assert "rank_top_n" in rank["triggerPolicy"]["condition"] and "> 0" in rank["triggerPolicy"]["condition"]
     assert deps("summary") == {
         "train-two-tower",
         "train-dlrm",
@@ -71,7 +87,7 @@ def test_steps_and_dependencies(compiled: tuple[str, dict]) -> None:
         "evaluate-dlrm",
         "recommend-two-tower",
     }
-    for task in tasks.values():
+    for task in _steps(ir).values():
         assert task["cachingOptions"] == {}, "every step runs anew (caching off)"
 
 
@@ -99,6 +115,7 @@ def test_parameters(compiled: tuple[str, dict]) -> None:
     assert params["overrides"]["parameterType"] == "LIST"
     assert params["backend"]["defaultValue"] == "pytorchjob"
     assert params["recommend_k"]["defaultValue"] == 100 and params["index_kind"]["defaultValue"] == "flat"
+    assert params["rank_top_n"]["defaultValue"] == 0  # the rank step is off unless asked for
     from recsys.config import JobConfig
 
     assert params["image"]["defaultValue"] == JobConfig().image
@@ -117,21 +134,25 @@ def test_per_run_names_come_from_placeholders(compiled: tuple[str, dict]) -> Non
 
 def test_kubernetes_platform_settings(compiled: tuple[str, dict]) -> None:
     _, ir = compiled
-    tasks = ir["spec"]["root"]["dag"]["tasks"]
+    tasks = _steps(ir)
     executors = ir["platform"]["deploymentSpec"]["executors"]
     by_step = {
         t["taskInfo"]["name"]: executors[f"exec-{t['componentRef']['name'].removeprefix('comp-')}"]
         for t in tasks.values()
         if t["taskInfo"]["name"] != "summary"
     }
+
+    def param(ref: dict) -> str:  # inside a condition, pipeline parameters arrive as pipelinechannel--NAME
+        return ref["componentInputParameter"].removeprefix("pipelinechannel--")
+
     for step, cfg in by_step.items():
-        pvcs = {m["mountPath"]: m["pvcNameParameter"]["componentInputParameter"] for m in cfg["pvcMount"]}
+        pvcs = {m["mountPath"]: param(m["pvcNameParameter"]) for m in cfg["pvcMount"]}
         assert pvcs["/data"] == "data_pvc", step
-        secrets = {s["secretNameParameter"]["componentInputParameter"] for s in cfg["secretAsEnv"]}
+        secrets = {param(s["secretNameParameter"]) for s in cfg["secretAsEnv"]}
         assert secrets == {"mlflow_secret", "object_store_secret"}, step
-        assert cfg["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "step_node_selector"
-        assert cfg["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "step_tolerations"
-    for step in ("train-two-tower", "train-dlrm", "evaluate-two-tower", "evaluate-dlrm"):
+        assert param(cfg["nodeSelector"]["nodeSelectorJson"]) == "step_node_selector"
+        assert param(cfg["tolerations"][0]["tolerationJson"]) == "step_tolerations"
+    for step in ("train-two-tower", "train-dlrm", "evaluate-two-tower", "evaluate-dlrm", "rank-two-tower"):
         (shm,) = by_step[step]["emptyDirMounts"]
         assert (shm["mountPath"], shm["medium"]) == ("/dev/shm", "Memory")
     for step in ("train-two-tower", "train-dlrm"):

@@ -20,6 +20,10 @@ def main(args: argparse.Namespace) -> int:
         from recsys.bench.quality import bench_quality
 
         bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
+    elif args.what == "funnel":
+        from recsys.bench.funnel import bench_funnel
+
+        bench_funnel(quick=args.quick)
     elif args.what == "tables":
         from recsys.bench.tables import bench_tables
 

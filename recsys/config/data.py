@@ -45,6 +45,21 @@ class NegativesConfig(Strict):
     seed: int = Field(0, description="Seed of the negative sampling.")
 
 
+class CandidatesConfig(Strict):
+    """Ranker data from a retriever's own top-N (`recsys data candidates`), cross-fitted so the
+    retriever never scores the interactions it trained on (see recsys/retrieval/candidates.py)."""
+
+    top_n: int = Field(
+        0, ge=0, description="Retrieved items per user that become ranker rows (0: off, use `data prepare`)."
+    )
+    folds: int = Field(
+        5,
+        ge=2,
+        description="Cross-fitting folds of the train rows: one retriever per fold, trained on the rest.",
+    )
+    seed: int = Field(0, description="Seed of the train rows' fold assignment.")
+
+
 class HistoryConfig(Strict):
     """Per-interaction histories: each row carries its user's previous items (recsys.data.history)."""
 
@@ -133,6 +148,9 @@ class DataConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/val/test split.")
     negatives: NegativesConfig = Field(
         default_factory=NegativesConfig, description="Sampled label-0 rows per positive (rankers)."
+    )
+    candidates: CandidatesConfig = Field(
+        default_factory=CandidatesConfig, description="Hard-negative ranker data from a retriever's top-N."
     )
     history: HistoryConfig | None = Field(
         None, description="Attach each interaction's previous items as the `history` feature; None: off."

@@ -195,6 +195,8 @@ def data_settings(cfg: Config) -> dict[str, object]:
         out.pop("negatives")
     if cfg.data.history is None:  # likewise for folders prepared before histories existed
         out.pop("history")
+    if not cfg.data.candidates.top_n:  # likewise for folders made before data.candidates
+        out.pop("candidates")
     m = cfg.model
     if m.table_default.kind != "exact" or any(t.kind != "exact" for t in m.tables.values()):
         # How ids become rows is decided at prepare time; eviction settings act only while training.

@@ -406,6 +406,11 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
     from recsys.data.synth import SYNTH_JSON, raw_dir_of, raw_files, synthesize
 
     out = Path(cfg.data.prepared_dir)
+    if cfg.data.candidates.top_n:
+        raise UserError(
+            f"config {cfg.name}: data.candidates is set; its rows come from a retriever: "
+            "recsys data candidates --config … --run-id TWO_TOWER_RUN"
+        )
     _check_compression(cfg.data.compression)
     previous = Previous.open(cfg)  # before check_output: never overwrite the folder a window grows from
     check_output(out, overwrite)

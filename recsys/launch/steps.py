@@ -143,6 +143,29 @@ def recommend_step(run_id: str, tracking_uri: str | None, k: int, out: str) -> d
             "index": rec.index}  # fmt: skip
 
 
+def rank_step(
+    ranker_config: str, overrides: list[str], run_id: str, tracking_uri: str | None, out_dir: str, top_n: int
+) -> dict[str, Any]:
+    """Retrieve → rank for Two-Tower run `run_id`: ranker data from its cross-fitted top-`top_n`
+    (recsys.retrieval.candidates; the fold retrievers and the ranker train in this process, sized for
+    ML-100K-like data), then retrieval alone vs re-ranked on test, logged to the run as funnel/test/…"""
+    from recsys.config import load_config
+    from recsys.retrieval.candidates import build_candidates
+    from recsys.retrieval.funnel import evaluate_funnel
+    from recsys.train import train
+
+    sets = [*overrides, f"data.prepared_dir={out_dir}", f"data.candidates.top_n={top_n}"]
+    if tracking_uri:
+        sets.append(f"tracking.uri={tracking_uri}")
+    cfg = load_config(ranker_config, sets)
+    build_candidates(cfg, run_id, tracking_uri or None)
+    ranker = train(cfg, resume="never").run_id
+    if ranker is None:
+        raise UserError(f"{ranker_config}: the ranker's training logged no MLflow run (tracking off?)")
+    metrics = evaluate_funnel(run_id, ranker, tracking_uri or None, (top_n,), "test")
+    return {"ranker_run_id": ranker, **metrics}
+
+
 def score_recommendations(
     path: str, prepared_dir: str, ks: list[int], split: str = "test"
 ) -> dict[str, float]:

@@ -1,9 +1,13 @@
 """Retrieve → rank: the Two-Tower's top-N candidates per user re-ordered by a ranking run (DLRM/DCN).
 
 - The ranker is an MLflow run of `model.kind: dlrm` trained on the same interactions with user and
-  item side features and sampled negatives (`data.negatives`, e.g. the shipped movielens_100k_ranker).
+  item side features and sampled negatives (`data.negatives`, e.g. the shipped movielens_100k_ranker),
+  or on the retriever's own candidates (`recsys data candidates`, movielens_100k_candidate_ranker).
   Every one of its sparse features must describe the user or the item (id or side feature), and its
-  dense features may only be the constant one prepare adds: a candidate pair has nothing else.
+  dense features may only be the constant one prepare adds, or the candidate features
+  (recsys.retrieval.candidates.DENSE: retrieval score, gap, rank and history counts, computed here
+  from the retrieved list and the tables its folder keeps); such a ranker serves only the retrieval
+  run whose candidates it was trained on.
 - A pair's feature row: the user's features and the item's features as they appear in the ranker's
   prepared data (last row seen), mapped by raw id. The retrieval data's users and items must all be in
   the ranker's vocabularies, or the error says to train the ranker on the same interactions.
@@ -53,6 +57,15 @@ class Ranker:
     item_row: dict[str, int]  # raw item id → ranker vocabulary row
     user_table: np.ndarray  # int64 [U, S]: a user row's values of the user columns (others 0)
     item_table: np.ndarray  # int64 [I, S]: an item row's values of the item columns (others 0)
+    history: Any = None  # candidates.History of a ranker trained on retriever candidates, else None
+
+    @property
+    def retriever_run_id(self) -> str | None:
+        """The retrieval run whose candidates this ranker was trained on (None: sampled negatives)."""
+        from recsys.retrieval.candidates import LABEL_MODE
+
+        label = self.meta.label
+        return str(label["retriever_run_id"]) if label.get("mode") == LABEL_MODE else None
 
 
 # ------------------------------------------------------------------------------------------ ranker
@@ -93,6 +106,7 @@ def _ranker_config(run_id: str, uri: str, overrides: list[str] | None) -> Config
 def _check_features(run_id: str, meta: Metadata) -> tuple[list[int], list[int]]:
     """Column indices of the user's and of the item's features; every feature must be one of them."""
     from recsys.data.negatives import CONST_DENSE
+    from recsys.retrieval.candidates import DENSE, LABEL_MODE
 
     if meta.user_feature is None or meta.item_feature is None:
         raise UserError(f"--ranker-run-id {run_id}: trained on data without user/item columns")
@@ -100,7 +114,8 @@ def _check_features(run_id: str, meta: Metadata) -> tuple[list[int], list[int]]:
     user = [names.index(n) for n in [meta.user_feature, *meta.user_side_features]]
     item = [names.index(n) for n in [meta.item_feature, *meta.item_side_features]]
     other = [n for j, n in enumerate(names) if j not in user + item]
-    dense = [n for n in meta.dense_features if n != CONST_DENSE]
+    candidates = meta.label.get("mode") == LABEL_MODE and tuple(meta.dense_features) == DENSE
+    dense = [] if candidates else [n for n in meta.dense_features if n != CONST_DENSE]
     if other or dense:
         raise UserError(
             f"--ranker-run-id {run_id}: features {other + dense} describe neither the user nor the item; "
@@ -134,6 +149,7 @@ def open_ranker(run_id: str, uri: str | None = None, overrides: list[str] | None
     """
     from recsys.data.metadata import metadata_path, read_metadata, read_vocab
     from recsys.evaluate import _entity_table, read_all_splits
+    from recsys.retrieval.candidates import LABEL_MODE, load_tables
     from recsys.retrieval.runs import tracking_uri
 
     uri = tracking_uri(uri)
@@ -146,6 +162,14 @@ def open_ranker(run_id: str, uri: str | None = None, overrides: list[str] | None
         )
     meta = read_metadata(prepared)
     user_cols, item_cols = _check_features(run_id, meta)
+    if meta.label.get("mode") == LABEL_MODE:  # its folder keeps the served retriever's tables
+        user_table, item_table, history = load_tables(prepared)
+        rows = [
+            {raw: r for r, raw in enumerate(read_vocab(prepared, meta.sparse_features[key])) if r > 0}
+            for key in (user_cols[0], item_cols[0])
+        ]
+        task = _load_task(run_id, uri, cfg, meta)
+        return Ranker(run_id, cfg, meta, task, rows[0], rows[1], user_table, item_table, history)
     arrays = list(read_all_splits(cfg, meta).values())
     tables = []
     for key, cols in ((user_cols[0], user_cols), (item_cols[0], item_cols)):
@@ -165,6 +189,12 @@ def check_vocab(ranker: Ranker, run_id: str, prepared: str, meta: Metadata) -> N
     """The retrieval data's users and items must all be known to the ranker, or its scores are noise."""
     from recsys.data.metadata import read_vocab
 
+    trained_on = ranker.retriever_run_id
+    if trained_on is not None and trained_on != run_id:
+        raise UserError(
+            f"--ranker-run-id {ranker.run_id}: trained on the candidates of retrieval run {trained_on}, not "
+            f"{run_id} (its scores and ranks are features); rebuild: recsys data candidates --run-id {run_id}"
+        )
     for side, key, known in (
         ("user", meta.user_feature, ranker.user_row),
         ("item", meta.item_feature, ranker.item_row),
@@ -180,14 +210,26 @@ def check_vocab(ranker: Ranker, run_id: str, prepared: str, meta: Metadata) -> N
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def score_pairs(ranker: Ranker, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Click probabilities (float32 [n]) of (raw user id, raw item id) pairs; unknown ids use the OOV row."""
+def ranker_rows(ranker: Ranker, users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vocabulary rows of raw user and item ids in the ranker's data (0 = OOV)."""
+    u = np.array([ranker.user_row.get(x, 0) for x in users], np.int64)
+    i = np.array([ranker.item_row.get(x, 0) for x in items], np.int64)
+    return u, i
+
+
+def score_pairs(
+    ranker: Ranker, users: np.ndarray, items: np.ndarray, dense: np.ndarray | None = None
+) -> np.ndarray:
+    """Click probabilities (float32 [n]) of (raw user id, raw item id) pairs; unknown ids use the OOV row.
+
+    `dense` [n, D]: the pairs' dense features (default: the constant one of sampled-negative rankers)."""
     import torch
 
     from recsys.data.loader import to_batch
 
-    u = np.array([ranker.user_row.get(x, 0) for x in users], np.int64)
-    i = np.array([ranker.item_row.get(x, 0) for x in items], np.int64)
+    u, i = ranker_rows(ranker, users, items)
+    if dense is None:
+        dense = np.ones((len(u), len(ranker.meta.dense_features)), np.float32)
     keys = [f.name for f in ranker.meta.sparse_features]
     out = np.zeros(len(u), np.float32)
     with torch.no_grad():
@@ -198,7 +240,7 @@ def score_pairs(ranker: Ranker, users: np.ndarray, items: np.ndarray) -> np.ndar
             n = len(sparse)
             batch = to_batch(
                 np.zeros(n, np.float32),
-                np.ones((n, len(ranker.meta.dense_features)), np.float32),
+                np.ascontiguousarray(dense[sl], np.float32),
                 np.ascontiguousarray(sparse.T),
                 keys,
             )
@@ -214,8 +256,26 @@ def score_table(table: pa.Table, ranker: Ranker) -> np.ndarray:
     warm = np.flatnonzero(~fallback)
     users = np.asarray(table.column("user").to_pylist(), dtype=object)
     items = np.asarray(table.column("item").to_pylist(), dtype=object)
-    scores[warm] = score_pairs(ranker, users[warm], items[warm])
+    scores[warm] = score_pairs(ranker, users[warm], items[warm], pair_dense(table, ranker, ~fallback))
     return scores
+
+
+def pair_dense(table: pa.Table, ranker: Ranker, rows: np.ndarray) -> np.ndarray | None:
+    """Dense features of a recommendation table's `rows` (bool mask) as a candidates ranker was trained
+    on them (retrieval score and rank from the list, history counts from its folder); None otherwise."""
+    if ranker.history is None:
+        return None
+    import pyarrow.compute as pc
+
+    from recsys.retrieval.candidates import dense_features
+
+    code = pc.dictionary_encode(table.column("user").combine_chunks()).indices.to_numpy()[rows]
+    rank = table.column("rank").to_numpy()[rows]
+    score = table.column("score").to_numpy()[rows]
+    users = np.asarray(table.column("user").to_pylist(), dtype=object)[rows]
+    items = np.asarray(table.column("item").to_pylist(), dtype=object)[rows]
+    u, i = ranker_rows(ranker, users, items)
+    return dense_features(code, score, rank, u, i, ranker.history)
 
 
 def rerank(table: pa.Table, scores: np.ndarray, k: int, candidates: int | None = None) -> pa.Table:
