@@ -51,7 +51,7 @@ def prepare_window(config: str, overrides: list, data_root: str, until: str, day
 
     # Without `until`, the window ends at the day this step runs (UTC): a recurring run starts at its
     # scheduled time. (KFP v2 does not expand [[ScheduledTime]] in parameters, kubeflow/pipelines#12494,
-    # and kfp.local cannot resolve {{$.pipeline_job_schedule_time_utc}}.)
+    # and kfp.local cannot resolve the schedule-time placeholder.)
     end = until or dt.datetime.now(dt.UTC).date().isoformat()
     plan = plan_window(data_root, end, days)
     print(
