@@ -45,6 +45,7 @@ demo: install ## the whole local flow on CPU: synth → MDS → Two-Tower (2 ran
 
 pipelines: install ## recompile pipelines/recsys_pipeline.yaml (the Kubeflow Pipelines IR, committed; a test compares)
 	$(PY) pipelines/recsys_pipeline.py --compile
+	$(PY) pipelines/continuous_pipeline.py --compile
 
 PIPELINE_ARGS ?= --set train.epochs=1
 pipeline-local: install ## run the whole KFP pipeline on CPU with kfp.local (synthetic data, backend=local); prints the metrics

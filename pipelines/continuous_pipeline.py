@@ -6,7 +6,8 @@
 
 Meant to run on a schedule: `recsys render --recurring-run --cron '0 3 * * *' --config C` writes the
 request body of KFP's recurring-run API around this pipeline's compiled YAML; each run's window ends
-at its scheduled time (`until` left empty) or at `until`. The first turn prepares a window and its
+at the day the run starts, UTC (`until` left empty: a recurring run starts at its scheduled time), or
+at `until`. The first turn prepares a window and its
 train step stops with one line (nothing before it to train on); the next turn trains on it. Steps
 reuse the training and recommendation components of pipelines/recsys_pipeline.py and call the
 library in-process.
@@ -39,19 +40,19 @@ PIPELINE_YAML = Path(__file__).with_suffix(".yaml")
 
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
-def prepare_window(
-    config: str, overrides: list, data_root: str, until: str, schedule_time: str, days: int
-) -> NamedTuple("Window", [("window", str), ("previous", str)]):
+def prepare_window(config: str, overrides: list, data_root: str, until: str, days: int) -> NamedTuple(
+    "Window", [("window", str), ("previous", str)]
+):
     """Prepare the newest window (vocabularies extending the one before); its folder and the previous one."""
     import datetime as dt
 
     from recsys.promotion.daily import plan_window
     from recsys.promotion.daily import prepare_window as prepare
 
-    # A recurring run's window ends at its scheduled time; a one-off run without `until` at today (UTC).
-    end = until or (
-        schedule_time if schedule_time[:1].isdigit() else dt.datetime.now(dt.UTC).date().isoformat()
-    )
+    # Without `until`, the window ends at the day this step runs (UTC): a recurring run starts at its
+    # scheduled time. (KFP v2 does not expand [[ScheduledTime]] in parameters, kubeflow/pipelines#12494,
+    # and kfp.local cannot resolve the schedule-time placeholder.)
+    end = until or dt.datetime.now(dt.UTC).date().isoformat()
     plan = plan_window(data_root, end, days)
     print(
         f"window [{plan.since}, {plan.until}) → {prepare(config, overrides, plan)}; before it: {plan.previous or 'none'}"
@@ -125,7 +126,7 @@ def continuous_pipeline(
         config: Shipped config name or YAML path (readable in the step pods); its data.source is read per window.
         overrides: `a.b=v` config overrides.
         model_name: Registered model name ('' : promotion.model_name, else recsys-<config name>).
-        until: End of the newest window, YYYY-MM-DD ('' : the run's scheduled time, else today UTC).
+        until: End of the newest window, YYYY-MM-DD ('' : the day the run starts, UTC).
         days: Days per window.
         margin: Allowed shortfall of the candidate vs the champion (< 0: promotion.margin).
         image: Trainer image of the steps and the training job.
@@ -158,7 +159,6 @@ def continuous_pipeline(
         overrides=overrides,
         data_root=data_root,
         until=until,
-        schedule_time=dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER,
         days=days,
     )
     _cluster_step(window, name="prepare-window", **cluster)

@@ -239,8 +239,9 @@ def _serve_build(args: argparse.Namespace) -> int:
 
 def _serve_render(args: argparse.Namespace) -> int:
     from recsys.launch.kserve import render_to_file
+    from recsys.promotion.registry import parse_alias_uri
 
-    if args.storage_uri.startswith("models:/"):
+    if parse_alias_uri(args.storage_uri):  # models:/NAME@ALIAS → the files of the version it points at
         from recsys.promotion.registry import storage_location
         from recsys.retrieval.runs import tracking_uri
 

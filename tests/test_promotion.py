@@ -202,3 +202,43 @@ def test_gate_refuses_the_window_the_candidate_trained_on(
     assert f"run {runs['good']} was trained on this prepared data" in err, err
     assert main([*argv, "--data", runs["w1"], "--metric", "mrr@10"]) == 2  # not a metric we measure
     assert "promotion.metric 'mrr@10': not measured" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dlrm_gate_compares_auc_and_registers_the_logged_model(
+    tmp_path: Path, mlflow_server: str, capsys: pytest.CaptureFixture
+) -> None:
+    """DLRM: the window is more rows of the same generator (same ids and hidden model, other rows)."""
+    import mlflow
+
+    from recsys.data.prepare import prepare
+    from recsys.train import train
+
+    def cfg(folder: str, rows: int, *more: str) -> Config:
+        sets = [
+            f"data.source.rows={rows}", "data.source.cardinality=50", f"data.prepared_dir={tmp_path / folder}",
+            "train.batch_size=256", "eval.batch_size=256", "train.epochs=1", f"tracking.uri={mlflow_server}",
+            "tracking.experiment=test-promotion-dlrm", f"train.checkpoint.dir={tmp_path / 'ckpt'}",
+        ]  # fmt: skip
+        return load_config("dlrm_synth", [*sets, *more])
+
+    prepare(cfg("d0", 6000), overwrite=False)
+    prepare(cfg("d1", 4000), overwrite=False)
+    good = train(cfg("d0", 6000)).run_id
+    bad = train(cfg("d0", 6000, *UNTRAINED, "train.checkpoint.dir=" + str(tmp_path / "ckpt2"))).run_id
+    name, argv = (
+        "recsys-test-dlrm",
+        ["promote", "--model", "recsys-test-dlrm", "--tracking-uri", mlflow_server],
+    )
+    assert main([*argv, "--candidate", good, "--data", str(tmp_path / "d1")]) == 0
+    assert main([*argv, "--candidate", bad, "--data", str(tmp_path / "d1")]) == 3
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert out.startswith("REFUSED") and "candidate auc" in out, out
+    assert _aliases(mlflow_server, name) == {"champion": "1", "challenger": "2"}
+    client = mlflow.MlflowClient(mlflow_server)
+    assert client.get_model_version(name, "1").run_id == good  # the model `recsys train` logged
+    logged = client.get_run(bad).data.metrics
+    assert (
+        0.5 < logged["promotion/champion"] <= 1
+        and logged["promotion/candidate"] < logged["promotion/champion"]
+    )

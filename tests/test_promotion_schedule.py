@@ -80,8 +80,7 @@ def test_continuous_pipeline_yaml_is_fresh_and_wires_the_loop() -> None:
     assert source("gate", "run_id") == {"producerTask": "train-model", "outputParameterKey": "run_id"}
     assert source("gate", "window") == {"producerTask": "prepare-window", "outputParameterKey": "window"}
     assert source("recommend-all", "run_id") == {"producerTask": "gate", "outputParameterKey": "served_run"}
-    schedule = tasks["prepare-window"]["inputs"]["parameters"]["schedule_time"]["runtimeValue"]["constant"]
-    assert schedule == "{{$.pipeline_job_schedule_time_utc}}"
+    assert "until" in tasks["prepare-window"]["inputs"]["parameters"]
 
 
 @pytest.mark.slow
@@ -129,10 +128,10 @@ def test_continuous_pipeline_runs_two_turns_under_kfp_local(
     client = mlflow.MlflowClient(uri)
     champion = client.get_model_version_by_alias("recsys-continuous-test", "champion")
     challenger = client.get_model_version_by_alias("recsys-continuous-test", "challenger")
-    assert challenger.version == "2"
+    assert str(challenger.version) == "2"  # an int from a SQLite store
     parent = client.get_run(challenger.run_id).data.tags.get("recsys.parent_run_id")
     assert parent == client.get_model_version("recsys-continuous-test", "1").run_id  # warm-started
-    assert champion.version in ("1", "2")
+    assert str(champion.version) in ("1", "2")
 
 
 # ------------------------------------------------------------------------------------ recurring run

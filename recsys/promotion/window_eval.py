@@ -78,7 +78,9 @@ def open_window(path: str | Path) -> Window:
 
 def check_unseen(run: LoggedRun, window: Window) -> None:
     """Refuse a window the run trained on, as far as the run's records tell."""
-    same_dir = Path(run.cfg.data.prepared_dir).resolve() == window.path.resolve()
+    # data.train_dirs: the earlier windows a multi-window run also trained on (issue 18), when present.
+    trained = [run.cfg.data.prepared_dir, *getattr(run.cfg.data, "train_dirs", [])]
+    same_dir = any(Path(d).resolve() == window.path.resolve() for d in trained)
     if same_dir or run.meta == window.meta:
         raise UserError(
             f"--data {window.path}: run {run.run_id} was trained on this prepared data "
