@@ -16,15 +16,12 @@ import pytest
 import yaml
 
 from recsys.cli import build_parser, main
-from recsys.config import DataConfig, TrainConfig, load_config
+from recsys.config import load_config
 from recsys.errors import UserError
 from recsys.promotion.daily import plan_window, window_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONTINUOUS_PY = REPO / "pipelines" / "continuous_pipeline.py"
-#: The window and warm-start fields other parts of issue 18 add; the loop needs both.
-HAS_LOOP_FIELDS = "window" in DataConfig.model_fields and "init_from" in TrainConfig.model_fields
-needs_loop_fields = pytest.mark.skipif(not HAS_LOOP_FIELDS, reason="needs data.window/train.init_from")
 
 
 def _pipeline_module() -> Any:
@@ -84,7 +81,6 @@ def test_continuous_pipeline_yaml_is_fresh_and_wires_the_loop() -> None:
 
 
 @pytest.mark.slow
-@needs_loop_fields
 @pytest.mark.timeout(1800)
 def test_continuous_pipeline_runs_two_turns_under_kfp_local(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
