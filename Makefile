@@ -94,7 +94,7 @@ docs-serve: install ## serve the documentation site on http://127.0.0.1:8000 whi
 
 .PHONY: chaos
 chaos: install ## fault injection on real runs: SIGTERM, full checkpoint volume, damaged checkpoint, frozen peer, simultaneous jobs (one row each; ~5 min; docs/reliability.md)
-	$(PY) -m recsys chaos
+	$(PY) -m recsys chaos --record
 
 .PHONY: lock
 lock: install ## regenerate requirements/lock-cpu.txt and lock-cuda.txt (hash-checked, what the images install) after a requirements change

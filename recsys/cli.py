@@ -277,14 +277,16 @@ def _bench(args: argparse.Namespace) -> int:
     from recsys import bench
     from recsys.bench.record import recorded
 
-    with recorded(args.what, ["recsys", *sys.argv[1:]], enabled=args.record and not args.quick):
-        return bench.main(args)
+    with recorded(args.what, ["recsys", *sys.argv[1:]], enabled=args.record and not args.quick) as record:
+        return bench.main(args, record)
 
 
 def _chaos(args: argparse.Namespace) -> int:
     from recsys import chaos
+    from recsys.bench.record import recorded
 
-    return chaos.main(args.only or None, keep=args.keep)
+    with recorded("chaos", ["recsys", *sys.argv[1:]], enabled=args.record, title="recsys chaos"):
+        return chaos.main(args.only or None, keep=args.keep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -638,6 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", action="append", default=[], metavar="NAME", help="run only this scenario (repeatable)"
     )
     p.add_argument("--keep", action="store_true", help="keep each scenario's temporary folder (logs)")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="also write the printed table, with date, commit and machine load, to "
+        "docs/benchmarks/results/chaos.txt (what docs/guides/reliability.md shows; make chaos passes it)",
+    )
     return parser
 
 
