@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench-data bench-train bench-train-scale bench-checkpoint bench-recommend bench-scale bench-prepare-scale bench-spark-scale bench-quality manifests pipelines pipeline-local image clean
+.PHONY: help install test test-fast lint demo bench-data bench-train bench-train-scale bench-checkpoint bench-recommend bench-scale bench-prepare-scale bench-spark-scale bench-quality bench-tables manifests pipelines pipeline-local image clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (
 
 bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall@100) on 1M trained-like items, beside sgemm's ceiling
 	$(PY) -m recsys bench recommend --record
+
+bench-tables: install ## DLRM val/test AUC with exact, capped (hashed tail) and managed-collision tables, 600k synthetic rows (~3.5 min)
+	$(PY) -m recsys bench tables --record
 
 bench-scale: bench-prepare-scale bench-spark-scale bench-train-scale ## all three scale benchmarks below, one after the other (hours on 2 cores)
 
