@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--record",
         action="store_true",
         help="also write the printed figures, with date, commit and machine load, to "
-        "docs/benchmarks/results/NAME.txt (what the docs show; the make bench-* targets pass it)",
+        "docs/benchmarks/results/NAME.txt, and a plot the bench draws to NAME.png (what the docs show; "
+        "the make bench-* targets pass it)",
     )
     p.add_argument(
         "--rows",
