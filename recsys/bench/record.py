@@ -36,13 +36,17 @@ class _Tee(io.TextIOBase):
 
 
 def _commit() -> str:
-    """The checkout's commit (with `+changes` when the tree differs from it), or 'unknown'."""
+    """The checkout's commit (with `+changes` when files outside docs/ differ from it), or 'unknown'."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+            # The docs (results files rewritten by earlier --record runs included) do not change a figure.
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
