@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--record",
         action="store_true",
         help="also write the printed table, with date, commit and machine load, to "
-        "docs/benchmarks/results/chaos.txt (what docs/guides/reliability.md shows; make chaos passes it)",
+        "docs/benchmarks/results/chaos.txt (for docs/guides/reliability.md; make chaos passes it)",
     )
     return parser
 
