@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench-data bench-train bench-train-scale bench-checkpoint bench-recommend bench-scale bench-prepare-scale bench-spark-scale bench-quality bench-continuous bench-funnel manifests pipelines pipeline-local image clean
+.PHONY: help install test test-fast lint demo bench-data bench-train bench-train-scale bench-checkpoint bench-recommend bench-scale bench-prepare-scale bench-spark-scale bench-quality bench-continuous bench-funnel bench-tables manifests pipelines pipeline-local image clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (
 bench-recommend: install ## top-100 users/s per core: exact FAISS vs IVF (recall@100) on 1M trained-like items, beside sgemm's ceiling
 	$(PY) -m recsys bench recommend --record
 
+bench-tables: install ## DLRM val/test AUC with exact, capped (hashed tail) and managed-collision tables, 600k synthetic rows (~3.5 min)
+	$(PY) -m recsys bench tables --record
+
 bench-scale: bench-prepare-scale bench-spark-scale bench-train-scale ## all three scale benchmarks below, one after the other (hours on 2 cores)
 
 bench-prepare-scale: install ## recsys data prepare at 1M, 4M, 16M Criteo-layout rows: rows/s, peak RSS, PNG (.bench/scale; ~4.2 GB of TSV at 16M)
@@ -101,7 +104,7 @@ docs-serve: install ## serve the documentation site on http://127.0.0.1:8000 whi
 
 .PHONY: chaos
 chaos: install ## fault injection on real runs: SIGTERM, full checkpoint volume, damaged checkpoint, frozen peer, simultaneous jobs (one row each; ~5 min; docs/reliability.md)
-	$(PY) -m recsys chaos
+	$(PY) -m recsys chaos --record
 
 .PHONY: lock
 lock: install ## regenerate requirements/lock-cpu.txt and lock-cuda.txt (hash-checked, what the images install) after a requirements change

@@ -359,14 +359,16 @@ def _bench(args: argparse.Namespace) -> int:
     from recsys import bench
     from recsys.bench.record import recorded
 
-    with recorded(args.what, ["recsys", *sys.argv[1:]], enabled=args.record and not args.quick):
-        return bench.main(args)
+    with recorded(args.what, ["recsys", *sys.argv[1:]], enabled=args.record and not args.quick) as record:
+        return bench.main(args, record)
 
 
 def _chaos(args: argparse.Namespace) -> int:
     from recsys import chaos
+    from recsys.bench.record import recorded
 
-    return chaos.main(args.only or None, keep=args.keep)
+    with recorded("chaos", ["recsys", *sys.argv[1:]], enabled=args.record, title="recsys chaos"):
+        return chaos.main(args.only or None, keep=args.keep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -769,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--record",
         action="store_true",
         help="also write the printed figures, with date, commit and machine load, to "
-        "docs/benchmarks/results/NAME.txt (what the docs show; the make bench-* targets pass it)",
+        "docs/benchmarks/results/NAME.txt, and a plot the bench draws to NAME.png (what the docs show; "
+        "the make bench-* targets pass it)",
     )
     p.add_argument(
         "--rows",
@@ -821,6 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", action="append", default=[], metavar="NAME", help="run only this scenario (repeatable)"
     )
     p.add_argument("--keep", action="store_true", help="keep each scenario's temporary folder (logs)")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="also write the printed table, with date, commit and machine load, to "
+        "docs/benchmarks/results/chaos.txt (for docs/guides/reliability.md; make chaos passes it)",
+    )
     return parser
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from recsys.bench.record import Record
 
-def main(args: argparse.Namespace) -> int:
-    """Run the named benchmark and print its figures."""
+
+def main(args: argparse.Namespace, record: Record | None = None) -> int:
+    """Run the named benchmark and print its figures; the plots it writes go to `record` (`--record`)."""
+    record = record or Record(enabled=False)
     if args.what == "data":
         from recsys.bench.data import bench_data
 
@@ -29,9 +32,10 @@ def main(args: argparse.Namespace) -> int:
 
         bench_tables(rows=args.rows or 600_000, cardinality=args.cardinality, epochs=args.epochs)
     elif args.what == "prepare-scale":
-        from recsys.bench.prepare_scale import bench_prepare_scale, parse_sizes
+        from recsys.bench.prepare_scale import PLOT, bench_prepare_scale, parse_sizes
 
         bench_prepare_scale(parse_sizes(args.sizes))
+        record.keep(PLOT)
     elif args.what == "spark-scale":
         from recsys.bench.spark_scale import bench_spark_scale
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 BENCH_DIR = Path(".bench/scale")
+PLOT = BENCH_DIR / "prepare_scale.png"  # `--record` copies it to docs/benchmarks/results/prepare-scale.png
 
 #: Distinct ids per categorical feature in Criteo's Kaggle day files (as the DLRM reference lists them);
 #: the generator caps each feature at these, drawing ids heavy-tailed so the large ones keep growing.
@@ -199,7 +200,7 @@ def bench_prepare_scale(
             f"vocabularies {fig['vocab_rows']:,} ids; load average {os.getloadavg()[0]:.1f}",
             flush=True,
         )
-    png = BENCH_DIR / "prepare_scale.png"
+    png = PLOT
     plot(figures, png)
     rss = [f["peak_rss_mb"] for f in figures]
     print(

@@ -18,6 +18,8 @@ test AUC beside the Bayes AUC of the same rows. Figures, never assertions.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +105,11 @@ def _run(label: str, sets: list[str], base: list[str], root: Path, uri: str) -> 
 
     slug = label.replace(" ", "-").replace("%", "pct").replace(",", "")
     cfg = load_config("dlrm_synth", [*base, f"data.prepared_dir={root / slug}", *sets])
-    prepare(cfg, overwrite=True)
-    res = train(cfg, resume="never")
+    # Prepare's and training's own lines (plans, metric tables) go to stderr: the console shows them,
+    # and stdout — what `--record` keeps for the docs — holds the figures only.
+    with contextlib.redirect_stdout(sys.stderr):
+        prepare(cfg, overwrite=True)
+        res = train(cfg, resume="never")
     meta = read_metadata(cfg.data.prepared_dir)
     if "managed" in label and res.run_id is not None:
         ids, vals = _mc_collisions(cfg, meta, uri, res.run_id)
