@@ -70,7 +70,7 @@ bench-scale: bench-prepare-scale bench-spark-scale bench-train-scale ## all thre
 bench-prepare-scale: install ## recsys data prepare at 1M, 4M, 16M Criteo-layout rows: rows/s, peak RSS, PNG (.bench/scale; ~4.2 GB of TSV at 16M)
 	$(PY) -m recsys bench prepare-scale --record
 
-bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds, mechanism ablation (~20 min); then temporal leave-one-out HR/nDCG@10 beside a SASRec reference (45 min on a heavily loaded 2-core machine)
+bench-quality: install ## ML-100K nDCG/Recall/Precision/MAP@10: Two-Tower vs BPR-MF vs popularity, val-chosen settings, 3 seeds, mechanism ablation (~20 min); then temporal leave-one-out HR/nDCG@10 beside a SASRec reference (~15 min)
 	$(PY) -m recsys bench quality --protocol all --record
 
 bench-spark-scale: install ## Spark prepare of 10M Criteo-layout rows on local[2] with a 1g driver: rows/s, driver JVM and Python peak RSS
