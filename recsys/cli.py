@@ -359,6 +359,8 @@ def _bench(args: argparse.Namespace) -> int:
     from recsys import bench
     from recsys.bench.record import recorded
 
+    if args.what == "quality":  # records one file per protocol itself (quality.txt, quality-loo.txt)
+        return bench.main(args)
     with recorded(args.what, ["recsys", *sys.argv[1:]], enabled=args.record and not args.quick) as record:
         return bench.main(args, record)
 
@@ -803,6 +805,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["random", "leave-last"],
         default="random",
         help="quality: random 80/10/10 of the ratings (seed 0) or per-user leave-last-1",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["random", "loo", "all"],
+        default="random",
+        help="quality: the Two-Tower bench on --split (random), temporal leave-one-out with a SASRec "
+        "reference (loo), or both (all; what make bench-quality runs)",
     )
     p.add_argument(
         "--config",

@@ -20,9 +20,7 @@ def main(args: argparse.Namespace, record: Record | None = None) -> int:
 
         bench_checkpoint()
     elif args.what == "quality":
-        from recsys.bench.quality import bench_quality
-
-        bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
+        quality(args)
     elif args.what == "funnel":
         from recsys.bench.funnel import bench_funnel
 
@@ -57,3 +55,22 @@ def main(args: argparse.Namespace, record: Record | None = None) -> int:
 
         bench_train(steps=args.steps, reps=args.reps)
     return 0
+
+
+def quality(args: argparse.Namespace) -> None:
+    """`bench quality`: each protocol asked for, each recorded in its own file (quality.txt, quality-loo.txt)."""
+    import sys
+
+    from recsys.bench.record import recorded
+
+    argv, record = ["recsys", *sys.argv[1:]], args.record and not args.quick
+    if args.protocol in ("random", "all"):
+        from recsys.bench.quality import bench_quality
+
+        with recorded("quality", argv, record):
+            bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
+    if args.protocol in ("loo", "all"):
+        from recsys.bench.loo import bench_loo
+
+        with recorded("quality-loo", argv, record):
+            bench_loo(quick=args.quick)

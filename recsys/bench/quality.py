@@ -28,6 +28,7 @@ import tempfile
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,14 +293,16 @@ def base_overrides(data: Path, work: Path, split: Split, config: str = SHIPPED) 
     ]
 
 
-def prepare_and_check(data: Path, work: Path, split: Split, config: str = SHIPPED) -> None:
-    """`recsys data prepare` `config` into `work`; stop unless its val/test pairs are ours."""
+def prepare_and_check(
+    data: Path, work: Path, split: Split, config: str = SHIPPED, sets: Sequence[str] = ()
+) -> None:
+    """`recsys data prepare` `config` (+ `sets`) into `work`; stop unless its val/test pairs are ours."""
     from recsys.config import load_config
     from recsys.data.loader import read_split_arrays
     from recsys.data.metadata import OOV_TOKEN, read_metadata, read_vocab
     from recsys.data.prepare import prepare
 
-    cfg = load_config(config, base_overrides(data, work, split, config))
+    cfg = load_config(config, base_overrides(data, work, split, config) + list(sets))
     prepare(cfg, overwrite=True)
     meta = read_metadata(cfg.data.prepared_dir)
     names = [f.name for f in meta.sparse_features]
