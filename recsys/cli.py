@@ -193,7 +193,15 @@ def _recommend(args: argparse.Namespace) -> int:
         args.output,
         args.config,
         args.overrides,
+        args.history_file,
     )
+    if rec.unknown_items is not None:
+        print(
+            f"{rec.table.num_rows:,} recommendations for {rec.users:,} users from their histories "
+            f"({rec.fallback:,} users the run never saw; {rec.unknown_items:,} unknown history items "
+            f"dropped) -> {args.output} in {rec.seconds:.1f} s (index: {rec.index})"
+        )
+        return 0
     print(
         f"{rec.table.num_rows:,} recommendations for {rec.users:,} users ({rec.fallback:,} unknown: "
         f"popularity) -> {args.output} in {rec.seconds:.1f} s (index: {rec.index})"
@@ -523,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all', or a file of raw user ids (one a line, or Parquet/CSV column 'user')",
     )
     p.add_argument("--k", type=int, default=100, help="items per user")
+    p.add_argument(
+        "--history-file",
+        default=None,
+        help="users' recent items (Parquet/CSV user,item[,timestamp] or JSON lines {user, history}): "
+        "user vectors from them (runs whose model reads histories)",
+    )
     p.add_argument(
         "-o",
         "--output",
