@@ -177,10 +177,17 @@ def _recommend(args: argparse.Namespace) -> int:
 
     from recsys.retrieval.recommend import parse_exclude, recommend
 
+    distributed = args.nproc is not None or args.render or "WORLD_SIZE" in os.environ
+    if args.history_file and (args.ranker_run_id or distributed):
+        from recsys.errors import UserError
+
+        raise UserError(
+            "--history-file: one process only, without --ranker-run-id, --nproc, --render or torchrun"
+        )
     if args.ranker_run_id:
         return _recommend_ranked(args)
     # Under torchrun (WORLD_SIZE set), with --nproc or --render: parts + manifest (retrieval/batch.py).
-    if args.nproc is not None or args.render or "WORLD_SIZE" in os.environ:
+    if distributed:
         from recsys.retrieval.batch import batch_main
 
         return batch_main(args)

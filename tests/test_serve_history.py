@@ -52,10 +52,15 @@ HISTORIES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_batch_and_served_lists_match_for_the_same_histories(
-    runs: tuple[Config, str, Config, str], mlflow_server: str, tmp_path: Path, kind: str
+    runs: tuple[Config, str, Config, str],
+    mlflow_server: str,
+    tmp_path: Path,
+    kind: str,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     import mlflow
 
+    from recsys.cli import main
     from recsys.retrieval.index import IndexParams, build_run_index
     from recsys.retrieval.recommend import recommend
     from recsys.retrieval.serve import build_model
@@ -68,6 +73,11 @@ def test_batch_and_served_lists_match_for_the_same_histories(
     rec = recommend(run_id, mlflow_server, k=10, history_file=path)
     assert rec.index == kind and rec.unknown_items == 2 and rec.fallback == 2
     batch = rec.table.to_pandas()
+    out = tmp_path / "recs.parquet"
+    argv = ["recommend", "--run-id", run_id, "--tracking-uri", mlflow_server, "--history-file", str(path)]
+    assert main([*argv, "--k", "10", "-o", str(out)]) == 0
+    assert "2 unknown history items dropped" in capsys.readouterr().out
+    assert pd.read_parquet(out).equals(batch)
     want = _lists(batch)
 
     built = build_model(run_id, mlflow_server, register="")
@@ -91,6 +101,51 @@ def test_batch_and_served_lists_match_for_the_same_histories(
         list(plain["items"][0])
         == _lists(recommend(run_id, mlflow_server, k=10, users=_users(tmp_path)).table.to_pandas())["u1"]
     )
+
+
+@pytest.mark.slow
+def test_history_requests_over_http(
+    runs: tuple[Config, str, Config, str], mlflow_server: str, tmp_path: Path
+) -> None:
+    """A real `mlflow models serve` takes the history field as JSON and answers the batch list; a
+    history that is not a list is a 400 with its message."""
+    import os
+    import subprocess
+    import sys
+
+    from recsys.retrieval.recommend import recommend
+    from recsys.retrieval.serve import build_model
+    from tests.conftest import free_port, stop_process_group, wait_http_ok
+    from tests.test_serving import _post
+
+    _, run_id, _, _ = runs
+    built = build_model(run_id, mlflow_server, register="")
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", built.model_uri, "--env-manager", "local",
+           "-p", str(port), "-h", "127.0.0.1", "--workers", "1"]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http_ok(proc, f"{url}/ping", log, "mlflow models serve", timeout=120)
+        hist = ["i9", "no-such-item", "i7"]
+        status, body = _post(
+            f"{url}/invocations", {"dataframe_records": [{"user_id": "stranger", "k": 10, "history": hist}]}
+        )
+        assert status == 200, body
+        (row,) = body["predictions"]
+        path = tmp_path / "h.jsonl"
+        path.write_text(json.dumps({"user": "stranger", "history": hist}) + "\n")
+        want = _lists(recommend(run_id, mlflow_server, k=10, history_file=path).table.to_pandas())
+        assert row["items"] == want["stranger"] and row["unknown_items"] == 1 and not row["fallback"]
+        status, body = _post(
+            f"{url}/invocations", {"dataframe_records": [{"user_id": "u1", "history": "i7"}]}
+        )
+        assert 400 <= status < 500 and "must be a list of item ids" in body["message"], body
+    finally:
+        stop_process_group(proc)
 
 
 def _users(tmp_path: Path) -> Path:

@@ -426,6 +426,8 @@ def recommend(
     Two-Tower run `run_id`; written to Parquet `out` when given. With `history_file` (see
     recsys.retrieval.history_users.read_history_file), its users' vectors come from its items."""
     check_k(k)
+    if history_file is not None and str(users) != "all":
+        raise UserError("--history-file names its users: leave out --users")
     t0 = time.perf_counter()
     wanted = None if str(users) == "all" else read_users(users)
     ret = open_retriever(run_id, uri, exclude, config, overrides)
