@@ -206,7 +206,6 @@ def _answer_histories(
 ) -> tuple[np.ndarray, list[Any], list[Any], np.ndarray]:
     """(rows answered, items, scores, unknown item counts) of the rows with a history, through
     `recommend_histories`, the function `recsys recommend --history-file` uses."""
-    from recsys.retrieval.history_users import recommend_histories
     from recsys.retrieval.recommend import first_depth
 
     rows = np.array([j for j, h in enumerate(histories) if h is not None], np.int64)
@@ -218,6 +217,9 @@ def _answer_histories(
             "this model's run does not read histories (model.kind sequential, or a Two-Tower with "
             "history_pooling, does): send user_id and k only"
         )
+    # Only here: a plain model's code (SERVING_CODE) does not carry this module.
+    from recsys.retrieval.history_users import recommend_histories
+
     k = int(ks[rows].max())
     # The batch path's depth: k + the run's 99th-percentile seen count (a row's list must not depend
     # on the other rows of its request).
