@@ -95,6 +95,8 @@ def test_batch_and_served_lists_match_for_the_same_histories(
         assert not fallback
         assert unknown == batch[batch["user"] == user]["unknown_items"].iloc[0]
     assert list(served["unknown_items"]) == [0, 0, 2, 0]
+    alone = model.predict(request.iloc[[2]].reset_index(drop=True))  # a row's list ignores the others
+    assert list(alone["items"][0]) == want["stranger2"]
     # A request without histories keeps the stored vectors: the known user's usual list.
     plain = model.predict(pd.DataFrame({"user_id": ["u1"], "k": [10]}))
     assert (
