@@ -177,10 +177,17 @@ def _recommend(args: argparse.Namespace) -> int:
 
     from recsys.retrieval.recommend import parse_exclude, recommend
 
+    distributed = args.nproc is not None or args.render or "WORLD_SIZE" in os.environ
+    if args.history_file and (args.ranker_run_id or distributed):
+        from recsys.errors import UserError
+
+        raise UserError(
+            "--history-file: one process only, without --ranker-run-id, --nproc, --render or torchrun"
+        )
     if args.ranker_run_id:
         return _recommend_ranked(args)
     # Under torchrun (WORLD_SIZE set), with --nproc or --render: parts + manifest (retrieval/batch.py).
-    if args.nproc is not None or args.render or "WORLD_SIZE" in os.environ:
+    if distributed:
         from recsys.retrieval.batch import batch_main
 
         return batch_main(args)
@@ -193,7 +200,15 @@ def _recommend(args: argparse.Namespace) -> int:
         args.output,
         args.config,
         args.overrides,
+        args.history_file,
     )
+    if rec.unknown_items is not None:
+        print(
+            f"{rec.table.num_rows:,} recommendations for {rec.users:,} users from their histories "
+            f"({rec.fallback:,} users the run never saw; {rec.unknown_items:,} unknown history items "
+            f"dropped) -> {args.output} in {rec.seconds:.1f} s (index: {rec.index})"
+        )
+        return 0
     print(
         f"{rec.table.num_rows:,} recommendations for {rec.users:,} users ({rec.fallback:,} unknown: "
         f"popularity) -> {args.output} in {rec.seconds:.1f} s (index: {rec.index})"
@@ -528,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="'all', or a file of raw user ids (one a line, or Parquet/CSV column 'user')",
     )
     p.add_argument("--k", type=int, default=100, help="items per user")
+    p.add_argument(
+        "--history-file",
+        default=None,
+        help="users' recent items (Parquet/CSV user,item[,timestamp] or JSON lines {user, history}): "
+        "user vectors from them (runs whose model reads histories)",
+    )
     p.add_argument(
         "-o",
         "--output",

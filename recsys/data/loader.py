@@ -296,4 +296,6 @@ def read_split_arrays(
 def read_train_arrays(cfg: Config, meta: Metadata) -> dict[str, np.ndarray]:
     """The train splits a run trains on (data.train_dirs, then data.prepared_dir) as one, oldest first."""
     parts = [read_split_arrays(p, "train", m) for p, m in train_folders(cfg, meta)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("label", "dense", "sparse")}
+    # Every column all folders have (history and history_rank too, for models that read histories).
+    keys = [k for k in parts[0] if all(k in p for p in parts)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}

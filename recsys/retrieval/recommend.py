@@ -46,6 +46,7 @@ class Recommendations:
     fallback: int
     index: str
     seconds: float
+    unknown_items: int | None = None  # history item ids dropped as unknown (None: no histories given)
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -345,6 +346,31 @@ class Retriever:
             positions[cold, : len(top)], scores[cold, : len(top)] = top, counts
         return _table(user_ids, scores, positions, emb_pos < 0, self.index.item_ids)
 
+    @functools.cached_property
+    def encoder(self) -> Any:
+        """The run's history encoder (recsys.retrieval.history_users), loaded on first use."""
+        from recsys.retrieval.history_users import open_encoder
+
+        return open_encoder(self.run.cfg, self.run.run_id, self.prepared)
+
+    def recommend_histories(
+        self, user_ids: list[str], histories: list[list[str]], k: int
+    ) -> tuple[pa.Table, np.ndarray]:
+        """Top-k items of users given their recent items (raw ids, most recent last): the long table
+        with `unknown_items` (history ids the run does not know, dropped), and those counts per user."""
+        import pyarrow as pa
+
+        from recsys.retrieval.history_users import recommend_histories
+
+        scores, positions, unknown = recommend_histories(
+            self.encoder, self.index, self.seen, self.emb_of_id, user_ids, histories, k, self.exact,
+            k + self.extra_depth,
+        )  # fmt: skip
+        table = _table(user_ids, scores, positions, np.zeros(len(user_ids), bool), self.index.item_ids)
+        per_user = (positions >= 0).sum(1)
+        column = pa.array(np.repeat(unknown, per_user), pa.int64())
+        return table.append_column("unknown_items", column), unknown
+
 
 def open_retriever(
     run_id: str,
@@ -394,16 +420,38 @@ def recommend(
     out: str | Path | None = None,
     config: str | None = None,
     overrides: list[str] | None = None,
+    history_file: str | Path | None = None,
 ) -> Recommendations:
     """Top-k unseen items for `users` ('all' = every user with an embedding, or a file of raw ids) of
-    Two-Tower run `run_id`; written to Parquet `out` when given."""
+    Two-Tower run `run_id`; written to Parquet `out` when given. With `history_file` (see
+    recsys.retrieval.history_users.read_history_file), its users' vectors come from its items."""
     check_k(k)
+    if history_file is not None and str(users) != "all":
+        raise UserError("--history-file names its users: leave out --users")
     t0 = time.perf_counter()
     wanted = None if str(users) == "all" else read_users(users)
     ret = open_retriever(run_id, uri, exclude, config, overrides)
+    if history_file is not None:
+        return _recommend_histories(ret, history_file, k, out, t0)
     user_ids = ret.all_users() if wanted is None else wanted
     table = ret.recommend(user_ids, k)
     if out is not None:
         write_parquet(table, out)
     cold = sum(u not in ret.emb_of_id for u in user_ids)
     return Recommendations(table, len(user_ids), cold, ret.index.params.kind, time.perf_counter() - t0)
+
+
+def _recommend_histories(
+    ret: Retriever, path: str | Path, k: int, out: str | Path | None, t0: float
+) -> Recommendations:
+    """`recommend` for the users and histories of `path` (a run whose model reads histories)."""
+    from recsys.retrieval.history_users import read_history_file, require_history_model
+
+    require_history_model(ret.run.cfg, f"--history-file {path}")
+    user_ids, histories = read_history_file(path)
+    table, unknown = ret.recommend_histories(user_ids, histories, k)
+    if out is not None:
+        write_parquet(table, out)
+    cold = sum(u not in ret.emb_of_id for u in user_ids)
+    seconds = time.perf_counter() - t0
+    return Recommendations(table, len(user_ids), cold, ret.index.params.kind, seconds, int(unknown.sum()))

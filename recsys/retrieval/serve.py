@@ -41,6 +41,8 @@ except ImportError:
 #: Name of the logged model inside the run (its artifact folder).
 MODEL_NAME = "retrieval"
 INDEX_ART, USERS_ART, SEEN_ART, POPULAR_ART = "index", "users.parquet", "seen.npz", "popularity.npy"
+#: The history encoder folder (recsys.retrieval.history_users), only for runs whose model reads histories.
+ENCODER_ART = "history_encoder"
 #: k used when a request row has none.
 DEFAULT_K = 10
 #: Largest k a request may ask for (bounds the work one request row can cause).
@@ -49,7 +51,7 @@ MAX_K = 1000
 #: (1000 × 1000 items); scoring many users at once is `recsys recommend`'s job.
 MAX_ROWS = 1000
 #: The columns a request row may have.
-REQUEST_COLUMNS = ("user_id", "k")
+REQUEST_COLUMNS = ("user_id", "k", "history")
 #: The model's code file (models-from-code) and the package files it imports at serving time, shipped
 #: with the model as code_paths; tests check that the model loads where recsys is not installed.
 MODEL_CODE = Path(__file__).with_name("serve_model.py")
@@ -108,7 +110,9 @@ def parse_requests(df: Any) -> tuple[list[str], np.ndarray]:
         )
     unknown = [str(c) for c in df.columns if c not in REQUEST_COLUMNS]
     if unknown:
-        raise _bad(f"unknown column(s) {_some(unknown)}: a request row has user_id and, optionally, k")
+        raise _bad(
+            f"unknown column(s) {_some(unknown)}: a request row has user_id and, optionally, k and history"
+        )
     if "user_id" not in df.columns:
         raise _bad(
             f"missing column 'user_id' (got columns: {', '.join(map(str, df.columns)) or 'none'}); "
@@ -133,6 +137,24 @@ def parse_requests(df: Any) -> tuple[list[str], np.ndarray]:
     return users.tolist(), values.astype(np.int64)
 
 
+def parse_histories(df: pd.DataFrame) -> list[list[str] | None] | None:
+    """Per row, the request's `history` (raw item ids, most recent last; None: the row has none), or
+    None when the request has no history column; a history that is not a list of ids → 400."""
+    if "history" not in df.columns:
+        return None
+    out: list[list[str] | None] = []
+    for row, h in enumerate(df["history"]):
+        if h is None or (isinstance(h, float) and math.isnan(h)):
+            out.append(None)
+        elif isinstance(h, list | tuple | np.ndarray) and all(isinstance(i, str | int) for i in h):
+            out.append([str(i) for i in h])
+        else:
+            raise _bad(
+                f"history in row {row} must be a list of item ids (most recent last); got {repr(h)[:60]}"
+            )
+    return out
+
+
 @dataclass
 class ServingState:
     """What a request needs, loaded once: index, user vectors, seen items, popularity order."""
@@ -144,6 +166,7 @@ class ServingState:
     popular: np.ndarray  # index positions, most popular first
     popular_counts: np.ndarray  # their train counts (the fallback's score)
     exact: Any  # builds the exact index once, on first use (refills what an approximate one misses)
+    encoder: Any = None  # HistoryEncoder of a run whose model reads histories, else None
 
 
 def load_state(artifacts: dict[str, str]) -> ServingState:
@@ -165,16 +188,68 @@ def load_state(artifacts: dict[str, str]) -> ServingState:
         popular=popular,
         popular_counts=counts[popular],
         exact=_exact_of(index),
+        encoder=_load_encoder(artifacts),
     )
 
 
-def answer(state: ServingState, users: list[str], ks: np.ndarray) -> pd.DataFrame:
-    """One row per request: user_id, items, scores, fallback."""
+def _load_encoder(artifacts: dict[str, str]) -> Any:
+    """The history encoder of a model that carries one (imports torch and the models only then)."""
+    if ENCODER_ART not in artifacts:
+        return None
+    from recsys.retrieval.history_users import HistoryEncoder
+
+    return HistoryEncoder.load(artifacts[ENCODER_ART])
+
+
+def _answer_histories(
+    state: ServingState, users: list[str], ks: np.ndarray, histories: list[list[str] | None]
+) -> tuple[np.ndarray, list[Any], list[Any], np.ndarray]:
+    """(rows answered, items, scores, unknown item counts) of the rows with a history, through
+    `recommend_histories`, the function `recsys recommend --history-file` uses."""
+    from recsys.retrieval.recommend import first_depth
+
+    rows = np.array([j for j, h in enumerate(histories) if h is not None], np.int64)
+    items, scores, unknown = [None] * len(users), [None] * len(users), np.zeros(len(users), np.int64)
+    if not len(rows):
+        return rows, items, scores, unknown
+    if state.encoder is None:
+        raise _bad(
+            "this model's run does not read histories (model.kind sequential, or a Two-Tower with "
+            "history_pooling, does): send user_id and k only"
+        )
+    # Only here: a plain model's code (SERVING_CODE) does not carry this module.
+    from recsys.retrieval.history_users import recommend_histories
+
+    k = int(ks[rows].max())
+    # The batch path's depth: k + the run's 99th-percentile seen count (a row's list must not depend
+    # on the other rows of its request).
+    depth = k + first_depth(np.diff(state.seen[0]), 0)
+    s, found, unk = recommend_histories(
+        state.encoder, state.index, state.seen, state.user_pos, [users[j] for j in rows],
+        [histories[j] for j in rows], k, state.exact, depth,
+    )  # fmt: skip
+    for j, sc, f, u in zip(rows, s, found, unk, strict=True):
+        keep = f[: ks[j]] >= 0
+        items[j] = state.index.item_ids[f[: ks[j]][keep]].tolist()
+        scores[j] = sc[: ks[j]][keep].astype(float).tolist()
+        unknown[j] = u
+    return rows, items, scores, unknown
+
+
+def answer(
+    state: ServingState, users: list[str], ks: np.ndarray, histories: list[list[str] | None] | None = None
+) -> pd.DataFrame:
+    """One row per request: user_id, items, scores, fallback (and unknown_items with histories)."""
     from recsys.retrieval.recommend import search_unseen
 
     pos = np.array([state.user_pos.get(u, -1) for u in users], np.int64)
-    known = np.flatnonzero(pos >= 0)
-    items, scores = [None] * len(users), [None] * len(users)
+    with_history = np.zeros(len(users), bool)
+    if histories is not None:
+        done, items, scores, unknown = _answer_histories(state, users, ks, histories)
+        with_history[done] = True
+    else:
+        items, scores = [None] * len(users), [None] * len(users)
+    known = np.flatnonzero((pos >= 0) & ~with_history)
     if len(known):
         # One search at the largest k asked: a shorter list is a prefix of a longer one.
         k = int(ks[known].max())
@@ -183,14 +258,17 @@ def answer(state: ServingState, users: list[str], ks: np.ndarray) -> pd.DataFram
             keep = f[: ks[row]] >= 0
             items[row] = state.index.item_ids[f[: ks[row]][keep]].tolist()
             scores[row] = sc[: ks[row]][keep].astype(float).tolist()
-    for row in np.flatnonzero(pos < 0):
+    for row in np.flatnonzero((pos < 0) & ~with_history):
         top = state.popular[: ks[row]]
         items[row] = state.index.item_ids[top].tolist()
         scores[row] = state.popular_counts[: ks[row]].astype(float).tolist()
     # user_id as object, not pandas 3's `str` dtype: MLServer's V2 codec knows object and numpy
     # strings only (a `str` column is a KeyError 'O' in its to_datatype, an HTTP 500).
     user_ids = pd.Series(users, dtype=object)
-    return pd.DataFrame({"user_id": user_ids, "items": items, "scores": scores, "fallback": pos < 0})
+    out = {"user_id": user_ids, "items": items, "scores": scores, "fallback": (pos < 0) & ~with_history}
+    if histories is not None:
+        out["unknown_items"] = unknown  # history item ids the run does not know (dropped)
+    return pd.DataFrame(out)
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -201,10 +279,15 @@ def answer(state: ServingState, users: list[str], ks: np.ndarray) -> pd.DataFram
 MODEL_PANDAS = "pandas>=2.2,<4"
 
 
-def pip_requirements() -> list[str]:
-    """Pinned requirements of the served model (no torch, no recsys: its serving code travels with it)."""
+#: What a history encoder's model needs besides: the model (torch, TorchRec) and the config (pydantic).
+ENCODER_DISTS = ("torch", "torchrec", "fbgemm-gpu-cpu", "pydantic", "pyyaml")
+
+
+def pip_requirements(encoder: bool = False) -> list[str]:
+    """Pinned requirements of the served model (no recsys: its code travels with it; torch only for a
+    model with a history encoder)."""
     reqs = []
-    for dist in ("mlflow", "faiss-cpu", "numpy", "pyarrow"):
+    for dist in ("mlflow", "faiss-cpu", "numpy", "pyarrow", *(ENCODER_DISTS if encoder else ())):
         try:
             reqs.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -212,9 +295,13 @@ def pip_requirements() -> list[str]:
     return [*reqs, MODEL_PANDAS]
 
 
-def code_paths(folder: Path) -> list[str]:
-    """Copy the package files serving imports (`SERVING_CODE`) to `folder`/recsys → MLflow code_paths."""
+def code_paths(folder: Path, whole: bool = False) -> list[str]:
+    """Copy the package files serving imports (`SERVING_CODE`; `whole`: the whole package, what a
+    history encoder's model needs) to `folder`/recsys → MLflow code_paths."""
     package = Path(__file__).resolve().parents[1]
+    if whole:
+        shutil.copytree(package, folder / "recsys", ignore=shutil.ignore_patterns("__pycache__"))
+        return [str(folder / "recsys")]
     for rel in SERVING_CODE:
         (folder / "recsys" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(package / rel, folder / "recsys" / rel)
@@ -229,7 +316,13 @@ def signature() -> Any:
     # Both optional to MLflow's schema check, and k of any type, so bad requests reach
     # `parse_requests` and get its messages: the scoring server casts JSON to a `long` column with
     # astype, which turns k=2.5 into 2 instead of refusing it.
-    inputs = Schema([ColSpec("string", "user_id", required=False), ColSpec(AnyType(), "k", required=False)])
+    inputs = Schema(
+        [
+            ColSpec("string", "user_id", required=False),
+            ColSpec(AnyType(), "k", required=False),
+            ColSpec(AnyType(), "history", required=False),
+        ]
+    )
     outputs = Schema(
         [
             ColSpec("string", "user_id"),
@@ -270,6 +363,11 @@ def write_artifacts(run_id: str, uri: str | None, folder: Path) -> tuple[dict[st
     }
     np.savez(paths[SEEN_ART], indptr=indptr, items=items)
     np.save(paths[POPULAR_ART], popularity(prepared, meta, pos_of_row))
+    from recsys.retrieval.history_users import open_encoder, reads_history
+
+    if reads_history(run.cfg):
+        encoder = open_encoder(run.cfg, run.run_id, prepared)
+        paths[ENCODER_ART] = str(encoder.save(folder / ENCODER_ART, prepared))
     return paths, run
 
 
@@ -305,10 +403,10 @@ def build_model(run_id: str, uri: str | None = None, register: str | None = None
                 name=MODEL_NAME,
                 python_model=str(MODEL_CODE),  # models-from-code: MLflow runs the file, pickles nothing
                 artifacts=artifacts,
-                code_paths=code_paths(Path(tmp) / "code"),
+                code_paths=code_paths(Path(tmp) / "code", whole=ENCODER_ART in artifacts),
                 signature=signature(),
                 input_example=example,
-                pip_requirements=pip_requirements(),
+                pip_requirements=pip_requirements(ENCODER_ART in artifacts),
                 registered_model_name=name,
             )
     version = info.registered_model_version

@@ -12,7 +12,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from recsys.retrieval.serve import answer, load_state, parse_requests
+from recsys.retrieval.serve import answer, load_state, parse_histories, parse_requests
 
 
 class RetrievalModel(mlflow.pyfunc.PythonModel):
@@ -25,9 +25,10 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """Rows {user_id, k} → rows {user_id, items, scores, fallback}; bad rows → 400 (`parse_requests`)."""
+        """Rows {user_id, k[, history]} → rows {user_id, items, scores, fallback[, unknown_items]};
+        bad rows → 400 (`parse_requests`)."""
         users, ks = parse_requests(model_input)
-        return answer(self._state, users, ks)
+        return answer(self._state, users, ks, parse_histories(model_input))
 
 
 mlflow.models.set_model(RetrievalModel())
