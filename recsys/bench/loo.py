@@ -33,6 +33,7 @@ from recsys.bench.quality import (
     SHIPPED,
     Split,
     assignments,
+    base_overrides,
     fetch_ml100k,
     grid,
     leave_last_split,
@@ -41,6 +42,8 @@ from recsys.bench.quality import (
     train_bpr,
     train_two_tower,
 )
+from recsys.config import load_config
+from recsys.data.history import model_uses_history
 
 K = 10
 METRICS = (f"hr@{K}", f"ndcg@{K}", f"mrr@{K}")
@@ -48,8 +51,8 @@ METRICS = (f"hr@{K}", f"ndcg@{K}", f"mrr@{K}")
 SEQUENTIAL = "movielens_100k_sequential"
 #: The history-aware Two-Tower (issue 19): the shipped Two-Tower plus a pooled history, pooling chosen on val.
 HISTORY_CANDIDATES: list[dict[str, Any]] = [
-    {"data.history.length": 50, "model.two_tower.history_pooling": "mean"},
-    {"data.history.length": 50, "model.two_tower.history_pooling": "attention"},
+    {"data.history.length": 50, "model.two_tower.history_pooling": "mean", "train.pipeline": False},
+    {"data.history.length": 50, "model.two_tower.history_pooling": "attention", "train.pipeline": False},
 ]
 # SASRec grid, searched on val with seed 0 (epochs: early stopping on val nDCG@10 with the patience).
 # max_len 50 with windows (every train transition learnt; less padding than 200) and batches of 64
@@ -158,9 +161,43 @@ def product_fitter(
             prepare_and_check(ml100k, folder, split, config, assignments(data_sets))
             prepared.add(str(folder))
         scores, info = train_two_tower(ml100k, folder, split, ev, hp, seed, config)  # type: ignore[arg-type]
-        return scores, scores, info["val"][f"ndcg@{K}"]
+        sets = base_overrides(ml100k, folder, split, config) + assignments(hp) + [f"train.seed={seed}"]
+        cfg = load_config(config, sets)
+        if not model_uses_history(cfg):
+            return scores, scores, info["val"][f"ndcg@{K}"]
+        # A history model's user vector depends on what the user did before the scored row: val is
+        # scored from the train items, test from train + val (the export holds everything, test included).
+        val, test = (history_scores(cfg, info["run_id"], split, part) for part in ("val", "test"))
+        return val, test, ev(val, "val")[f"ndcg@{K}"]
 
     return fit
+
+
+def history_scores(cfg: Any, run_id: str, split: Split, part: str) -> torch.Tensor:
+    """[U, I] scores (bench order) of a logged history-reading run, its user vectors as of `part`'s rows
+    (the product's `retrieval_embeddings(split=part)`); ids the run has no row for score 0."""
+    from recsys.data.metadata import read_metadata, read_vocab
+    from recsys.evaluate import read_all_splits, retrieval_embeddings
+    from recsys.models.task import build_task
+    from recsys.tracking import load_logged_state
+
+    meta = read_metadata(cfg.data.prepared_dir)
+    task = build_task(cfg, meta, ebc_device="cpu", training=False)
+    task.load_state_dict(load_logged_state(cfg, run_id), strict=False)
+    emb = retrieval_embeddings(task, cfg, meta, read_all_splits(cfg, meta), split=part)
+    out = []
+    for side, feature, ids in (
+        ("user", meta.user_feature, split.user_ids),
+        ("item", meta.item_feature, split.item_ids),
+    ):
+        vocab = read_vocab(cfg.data.prepared_dir, meta.sparse_features[meta.sparse_index(feature or "")])
+        row = {raw: r for r, raw in enumerate(vocab) if r > 0}
+        vec = emb[side].float()
+        mat = torch.zeros(len(ids), vec.shape[1])
+        have = [(n, row[x]) for n, x in enumerate(ids) if x in row]
+        mat[[a for a, _ in have]] = vec[[b for _, b in have]]
+        out.append(mat)
+    return out[0] @ out[1].T
 
 
 def unavailable(config: str, sets: Sequence[str]) -> str | None:
