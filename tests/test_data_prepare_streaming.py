@@ -202,9 +202,10 @@ import pyarrow as pa
 import streaming  # the MDS writer's imports (torch …) are not prepare's memory
 from pathlib import Path
 from recsys.bench.prepare_scale import _config
-from recsys.data import mds, readers
+from recsys.data import mds
+from recsys.data.readers import delimited
 from recsys.data import prepare as P
-readers._CSV_BLOCK = 1 << 14
+delimited._CSV_BLOCK = 1 << 14
 os.cpu_count = lambda: 1
 mds.SplitWriter._submit = lambda self, fn, *args: fn(*args)
 count, held = P._count, []
