@@ -165,7 +165,7 @@ def fingerprint(cfg: Config, num_embeddings: dict[str, int]) -> dict[str, Any]:
             model.pop(family, None)
     if model.get("two_tower", {}).get("history_pooling") == "none":  # as checkpoints before the field
         model["two_tower"].pop("history_pooling")
-    return {
+    out = {
         "model": model,
         "data": data_settings(cfg),
         "vocab": dict(num_embeddings),
@@ -173,6 +173,9 @@ def fingerprint(cfg: Config, num_embeddings: dict[str, int]) -> dict[str, Any]:
         "train.dense_optimizer.name": cfg.train.dense_optimizer.name,
         "train.sparse_optimizer.name": cfg.train.sparse_optimizer.name,
     }
+    if cfg.data.train_dirs:  # resuming over other window folders would replay another epoch's data
+        out["data.train_dirs"] = sorted(str(Path(d).resolve()) for d in cfg.data.train_dirs)
+    return out
 
 
 class Checkpointer:

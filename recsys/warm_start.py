@@ -348,6 +348,13 @@ def warm_start(trainer: Trainer, parent: Parent) -> list[str]:
         for k in state["model"]
         if k.endswith(f"embedding_bags.{table_name(f.name)}.weight")
     }
+    missing = [f.name for f in meta.sparse_features if f.name not in tables.values()]
+    if missing:  # e.g. the item table a history model shares through an EmbeddingCollection
+        raise UserError(
+            f"train.init_from: no EmbeddingBagCollection table for {', '.join(missing)} in this model "
+            f"({cfg.model.kind}); warm start copies EmbeddingBagCollection tables only, so it is not "
+            "available for models reading data.history yet: train from scratch (drop train.init_from)"
+        )
     lines = [
         f"recsys: warm start from {parent.checkpoint}" + (f" (run {parent.run_id})" if parent.run_id else "")
     ]

@@ -408,3 +408,19 @@ def test_set_reads_scientific_notation_as_a_number() -> None:
     # YAML 1.1 would read 1e-5 (no dot) as the string '1e-5'.
     cfg = load_config("dlrm_synth", ["train.sparse_optimizer.lr=1e-5", "train.dense_optimizer.lr=2E-3"])
     assert cfg.train.sparse_optimizer.lr == 1e-5 and cfg.train.dense_optimizer.lr == 2e-3
+
+
+def test_resuming_over_other_window_folders_is_a_difference(tmp_path: Path) -> None:
+    """A checkpoint trained over data.train_dirs [w1] does not fit a config over [w1, w2]."""
+    from recsys.checkpoint import fingerprint
+    from recsys.config import config_differences, load_config
+
+    def fp(dirs: list[Path]) -> dict:
+        sets = [f"data.train_dirs=[{','.join(str(d) for d in dirs)}]"] if dirs else []
+        return fingerprint(load_config("two_tower_synth", sets), {"user_id": 10, "item_id": 10})
+
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    saved = fp([w1])
+    assert config_differences(saved, fp([w1]), new_fields=False) == []
+    assert any("train_dirs" in d for d in config_differences(saved, fp([w1, w2]), new_fields=False))
+    assert "data.train_dirs" not in fp([])  # checkpoints of runs without windows keep their fingerprint

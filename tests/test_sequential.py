@@ -151,3 +151,20 @@ def test_exported_user_vectors_come_from_the_full_history(walks, tmp_path: Path)
     one = task.model.user_embeddings({}, (full[3:4], lengths[3:4]))
     assert torch.allclose(emb["user"][3], one[0], atol=1e-6)
     assert read_split_arrays(prep, "test", meta)["history"].shape[1] == L
+
+
+def test_warm_start_of_a_history_model_is_refused_with_one_line(walks, tmp_path: Path) -> None:  # noqa: ANN001
+    """Warm start copies EmbeddingBagCollection tables; a history model's shared item table is not one,
+    so init_from stops before training instead of leaving that table silently fresh."""
+    from recsys.checkpoint import complete_checkpoints
+    from recsys.errors import UserError
+    from recsys.train import train
+
+    src, prep = walks
+    short = (("train.epochs", 1), ("train.max_steps", 2), ("train.checkpoint.every_steps", 2))
+    train(make_cfg(src, prep, tmp_path / "parent", SEQUENTIAL, *short), resume="never")
+    (run_dir,) = (tmp_path / "parent" / "ckpt").glob("run-*")
+    ckpt = complete_checkpoints(run_dir)[-1].path
+    child = make_cfg(src, prep, tmp_path / "child", SEQUENTIAL, *short, ("train.init_from", str(ckpt)))
+    with pytest.raises(UserError, match="item.*not available for models reading data.history"):
+        train(child, resume="never")
