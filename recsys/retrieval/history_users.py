@@ -264,7 +264,7 @@ def recommend_histories(
     """(scores [N, k], index positions [N, k] with -1 padding, unknown item counts [N]) of request
     rows: vectors from the histories, the user's seen items (`seen` by `user_pos`) and the given items
     excluded. `depth` is the first search depth, the same for every call of a run."""
-    from recsys.retrieval.recommend import search_unseen
+    from recsys.retrieval.search import search_unseen
 
     hv = encoder.user_vectors(users, histories)
     pos_of_row = np.full(max(int(index.item_rows.max(initial=0)) + 1, 1), -1, np.int64)

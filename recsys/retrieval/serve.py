@@ -240,7 +240,7 @@ def answer(
     state: ServingState, users: list[str], ks: np.ndarray, histories: list[list[str] | None] | None = None
 ) -> pd.DataFrame:
     """One row per request: user_id, items, scores, fallback (and unknown_items with histories)."""
-    from recsys.retrieval.recommend import search_unseen
+    from recsys.retrieval.search import search_unseen
 
     pos = np.array([state.user_pos.get(u, -1) for u in users], np.int64)
     with_history = np.zeros(len(users), bool)
