@@ -62,6 +62,7 @@ SERVING_CODE = (
     "retrieval/index.py",
     "retrieval/recommend.py",
     "retrieval/runs.py",
+    "retrieval/search.py",
     "retrieval/serve.py",
     "retrieval/serve_model.py",
 )
