@@ -218,6 +218,8 @@ def _row_map(
     cfg: Config, old: Metadata, old_dir: Path, new: Metadata, name: str
 ) -> tuple[np.ndarray | None, str]:
     """(parent row of each new row, -1 for new ids; or None: the whole table is fresh) and a note."""
+    from recsys.data.vocab import Vocab, row_mapping
+
     nf = new.sparse_features[new.sparse_index(name)]
     of = next((f for f in old.sparse_features if f.name == name), None)
     if of is None:
@@ -235,8 +237,8 @@ def _row_map(
         ), f"{name}: managed collision: table and remapper copied"
     old_ids = _vocab_ids(old_dir, of)
     new_ids = _vocab_ids(Path(cfg.data.prepared_dir), nf)
-    rows = _match_ids(old_ids, new_ids)
-    rows[0] = 0  # the OOV / missing-value row means the same in both
+    rows = row_mapping(Vocab(old_ids[1:]), Vocab(new_ids[1:]), missing=-1)  # row 0 (OOV) stays 0
+    rows[np.isin(new_ids, _SPECIAL)] = -1  # unfilled rows of a capped table name no id
     note = ""
     if nf.table == "capped":
         hashed_new = np.arange(nf.num_embeddings - nf.hashed_rows, nf.num_embeddings)
@@ -254,22 +256,10 @@ def _row_map(
 
 
 def _vocab_ids(prepared_dir: Path, feature: Any) -> list[str]:
+    """Raw ids by row of a prepared folder's vocabulary (row 0: the OOV token)."""
     from recsys.data.metadata import read_vocab
 
     return read_vocab(prepared_dir, feature)
-
-
-def _match_ids(old_ids: list[str], new_ids: list[str]) -> np.ndarray:
-    """int64 [len(new_ids)]: the index of each new id in old_ids, -1 when absent (or a placeholder)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    old = pa.array(old_ids, pa.string())
-    idx = pc.index_in(pa.array(new_ids, pa.string()), value_set=old).fill_null(-1)
-    rows = idx.to_numpy(zero_copy_only=False).astype(np.int64)
-    placeholder = pc.is_in(pa.array(new_ids, pa.string()), value_set=pa.array(_SPECIAL, pa.string()))
-    rows[placeholder.to_numpy(zero_copy_only=False)] = -1  # unfilled rows of a capped table name no id
-    return rows
 
 
 # ----------------------------------------------------------------------------------- applying it

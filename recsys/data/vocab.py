@@ -360,13 +360,14 @@ def encoded_from_dictionary(codes: np.ndarray, dictionary: pa.Array) -> Encoded:
     return Encoded(codes=codes, dictionary=arr, sort_keys=keys.byteswap(), width=width)
 
 
-def row_mapping(old: Vocab, new: Vocab) -> np.ndarray:
-    """int64 [new.num_embeddings]: for each row of `new`, the row of the same raw id in `old` (0: unknown).
+def row_mapping(old: Vocab, new: Vocab, missing: int = 0) -> np.ndarray:
+    """int64 [new.num_embeddings]: for each row of `new`, the row of the same raw id in `old`
+    (`missing` when `old` lacks it); row 0 (OOV) maps to 0.
 
-    Row 0 (OOV) maps to 0. What a model trained on `old` sees of data encoded with `new`:
-    `row_mapping(old, new)[rows]`, so ids it never saw land in its OOV row.
+    What a model trained on `old` sees of data encoded with `new`: `row_mapping(old, new)[rows]`,
+    so ids it never saw land in its OOV row; warm start passes missing=-1 to tell new ids apart.
     """
-    old_row = {raw: i + 1 for i, raw in enumerate(old.ids)}
+    found = pc.index_in(pa.array(new.ids, pa.string()), value_set=pa.array(old.ids, pa.string()))
     out = np.zeros(new.num_embeddings, np.int64)
-    out[1:] = np.fromiter((old_row.get(raw, 0) for raw in new.ids), np.int64, len(new.ids))
+    out[1:] = found.fill_null(missing - 1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
     return out
