@@ -10,21 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recsys.chaos.serve_requests import TINY_RUN
 from recsys.cli import main
 from recsys.config import Config, load_config
 from recsys.data.vocab import Vocab, row_mapping
 
-TINY = [
-    "data.source.num_users=300",
-    "data.source.num_items=200",
-    "data.source.interactions_per_user=20",
-    "train.batch_size=256",
-    "train.epochs=1",
-    "train.log_every_steps=5",
-    "train.val_every_steps=1000",
-    "eval.ks=[10]",
-    "tracking.experiment=test-promotion",
-]
+#: The chaos scenario's tiny Two-Tower run (trains in well under a minute on 2 cores).
+TINY = [*TINY_RUN, "tracking.experiment=test-promotion"]
 #: A run that learnt next to nothing: the gate must refuse it against a trained one.
 UNTRAINED = ["train.max_steps=1", "train.dense_optimizer.lr=1e-6", "train.sparse_optimizer.lr=1e-6"]
 

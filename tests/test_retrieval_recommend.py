@@ -12,22 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recsys.chaos.serve_requests import TINY_RUN
 from recsys.cli import main
 from recsys.config import Config, load_config
 from recsys.errors import UserError
 from recsys.retrieval.recommend import parse_exclude, read_users, recommend
 
-TINY = [
-    "data.source.num_users=300",
-    "data.source.num_items=200",
-    "data.source.interactions_per_user=20",
-    "train.batch_size=256",
-    "train.epochs=1",
-    "train.log_every_steps=5",
-    "train.val_every_steps=1000",
-    "eval.ks=[10]",
-    "tracking.experiment=test-retrieval",
-]
+#: The chaos scenario's tiny Two-Tower run (trains in well under a minute on 2 cores).
+TINY = [*TINY_RUN, "tracking.experiment=test-retrieval"]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ RANDOM_BODIES = 12
 #: Rows of the oversized request.
 OVERSIZED_ROWS = 100_000
 #: The tiny model's data and training: small enough to train in well under a minute on 2 cores.
-TINY = [
+TINY_RUN = [
     "data.source.num_users=300",
     "data.source.num_items=200",
     "data.source.interactions_per_user=20",
@@ -45,8 +45,8 @@ TINY = [
     "train.log_every_steps=5",
     "train.val_every_steps=1000",
     "eval.ks=[10]",
-    "tracking.experiment=chaos-serve-requests",
 ]
+TINY = [*TINY_RUN, "tracking.experiment=chaos-serve-requests"]
 
 
 @dataclass
