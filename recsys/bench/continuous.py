@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from recsys.bench.quiet import quiet
+
 CONFIG = "movielens_100k"
 METRICS = ("ndcg@10", "recall@10")
 
@@ -139,11 +141,7 @@ class Bench:
     @contextlib.contextmanager
     def _quiet(self) -> Any:
         # The trainer's plan, tables and progress bars would bury the bench's table: they go to a log.
-        with (
-            open(self.work / "train.log", "a") as log,
-            contextlib.redirect_stdout(log),
-            contextlib.redirect_stderr(log),
-        ):
+        with quiet(self.work / "train.log"):
             yield
 
 

@@ -10,7 +10,6 @@ alone. The sampled-negative ranker (`movielens_100k_ranker`, uniform negatives) 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -34,11 +33,9 @@ KEY = "ndcg@10"
 
 def _quiet(work: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call `fn` with its tables and progress bars sent to work/train.log."""
-    with (
-        open(work / "train.log", "a") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-    ):
+    from recsys.bench.quiet import quiet
+
+    with quiet(work / "train.log"):
         return fn(*args, **kwargs)
 
 

@@ -349,7 +349,6 @@ def train_two_tower(
 ) -> tuple[torch.Tensor, dict]:
     """Train through `recsys.train.train` (early stopping on val/ndcg@10, best state restored); returns
     (score matrix from the exported embeddings, {"val": bench val metrics, "epoch": best epoch})."""
-    import contextlib
 
     from recsys.config import load_config
     from recsys.tracking import resolve_tracking_uri
@@ -358,11 +357,9 @@ def train_two_tower(
     sets = base_overrides(data, work, split, config) + assignments(hp) + [f"train.seed={seed}"]
     cfg = load_config(config, sets)
     # The trainer's own table, plan and progress bar would bury the bench's; they go to a log file.
-    with (
-        open(work / "train.log", "a") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-    ):
+    from recsys.bench.quiet import quiet
+
+    with quiet(work / "train.log"):
         r = train(cfg, resume="never")
     assert r.run_id is not None
     scores = embedding_scores(r.run_id, resolve_tracking_uri(cfg), split)
