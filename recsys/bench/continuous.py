@@ -68,6 +68,7 @@ class Bench:
 
         self.work, self.epochs = work, epochs
         work.mkdir(parents=True, exist_ok=True)
+        self._scored: dict[int, tuple[Any, Any]] = {}  # window → (it, its returning-user cut)
         self.source = source_overrides(data, CONFIG)
         self.uri = f"sqlite:///{work / 'mlflow.db'}"
 
@@ -123,11 +124,13 @@ class Bench:
         (`returning_*`) over the users already in the window before it (`returning_users` of them)."""
         from recsys.promotion.window_eval import open_logged_run, open_window, score
 
+        if window not in self._scored:  # each window is read once, whatever the models scored on it
+            win = open_window(self.folder(window))
+            self._scored[window] = (win, returning_users(win, self.known_users(window - 1)))
+        win, back = self._scored[window]
         with tempfile.TemporaryDirectory() as tmp, self._quiet():
             logged = open_logged_run(run.run_id, self.uri, Path(tmp))
-            win = open_window(self.folder(window))
             out = {m: v for m, v in score(logged, win, METRICS[0], "test").items() if m in METRICS}
-            back = returning_users(win, self.known_users(window - 1))
             again = score(logged, back, METRICS[0], "test")
         return {**out, **{f"returning_{m}": again[m] for m in METRICS}, "returning_users": back.users}
 
