@@ -166,6 +166,36 @@ def test_kubernetes_platform_settings(compiled: tuple[str, dict]) -> None:
             assert params[name]["componentInputParameter"] == name, (step, name)
 
 
+def test_both_pipelines_train_through_one_step_definition(compiled: tuple[str, dict], tmp_path: Path) -> None:
+    """The continuous pipeline's train step takes every job parameter from the run parameter of the same
+    name and gets the same pod settings as the main pipeline's (both come from train_task)."""
+    module = _load_pipeline_module()
+    spec = importlib.util.spec_from_file_location(
+        "continuous_pipeline", PIPELINE_PY.parent / "continuous_pipeline.py"
+    )
+    assert spec and spec.loader
+    continuous = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(continuous)
+    _, ir = compiled
+    main_train = ir["spec"]["root"]["dag"]["tasks"]["train-model"]
+    cont_docs = list(yaml.safe_load_all(continuous.compile_pipeline(tmp_path / "c.yaml").read_text()))
+    cont_train = cont_docs[0]["root"]["dag"]["tasks"]["train-model"]
+    assert module.TRAIN_RUN_PARAMS and "backend" in module.TRAIN_RUN_PARAMS
+    for train in (main_train, cont_train):
+        params = train["inputs"]["parameters"]
+        for name in module.TRAIN_RUN_PARAMS:
+            assert params[name]["componentInputParameter"] == name, name
+    executor = "exec-train-model"
+    assert (
+        cont_docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
+        == ir["platform"]["deploymentSpec"]["executors"][executor]
+    )
+    with pytest.raises(TypeError, match="no run parameter"):
+        module.train_task(
+            config="c", overrides=[], model_overrides=[], prepared_dir="p", run_params={}, name="train-x"
+        )
+
+
 def test_steps_run_in_the_image_parameter(compiled: tuple[str, dict]) -> None:
     _, ir = compiled
     for name, executor in ir["spec"]["deploymentSpec"]["executors"].items():
