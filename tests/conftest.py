@@ -17,6 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def load_pipeline(name: str) -> Any:
+    """pipelines/<name>.py as module `name` (a file beside the package, not importable by name); the
+    first load is the one in sys.modules, where its sibling pipeline imports it from."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 #: A tiny synthetic Two-Tower (two_tower_synth) for launcher and pipeline tests: seconds per run.
 TINY_TWO_TOWER = [
     "data.source.num_users=40",
