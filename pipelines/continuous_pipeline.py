@@ -21,18 +21,18 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from kfp import compiler, dsl, kubernetes
+from kfp import compiler, dsl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recsys_pipeline import (  # noqa: E402 (the sibling file, not a package)
     _JOB,
-    CHECKPOINT_MOUNT,
     DATA_MOUNT,
     TRAINER_IMAGE,
     _cluster_step,
     _with_shm,
     recommend_all,
-    train_model,
+    step_cluster,
+    train_task,
 )
 
 PIPELINE_NAME = "recsys-continuous"
@@ -146,14 +146,8 @@ def continuous_pipeline(
         step_node_selector: nodeSelector of the pipeline's own step pods.
         step_tolerations: Tolerations of the pipeline's own step pods.
     """
-    cluster = dict(
-        image=image,
-        data_pvc=data_pvc,
-        mlflow_secret=mlflow_secret,
-        object_store_secret=object_store_secret,
-        node_selector=step_node_selector,
-        tolerations=step_tolerations,
-    )
+    run_params = dict(locals())
+    cluster = step_cluster(run_params)
     window = prepare_window(
         config=config,
         overrides=overrides,
@@ -171,28 +165,14 @@ def continuous_pipeline(
         window=window.outputs["window"],
     )
     _cluster_step(start, name="champion", **cluster)
-    train = train_model(
+    train = train_task(
         config=config,
         overrides=overrides,
         model_overrides=start.outputs["train_overrides"],
         prepared_dir=window.outputs["previous"],
-        backend=backend,
-        image=image,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        procs_per_node=procs_per_node,
-        job_node_selector=job_node_selector,
-        job_tolerations=job_tolerations,
-        mlflow_tracking_uri=mlflow_tracking_uri,
-        data_pvc=data_pvc,
-        checkpoint_pvc=checkpoint_pvc,
-        mlflow_secret=mlflow_secret,
-        object_store_secret=object_store_secret,
-        pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        pipeline_task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+        run_params=run_params,
+        name="train-warm-start",
     )
-    _with_shm(_cluster_step(train, name="train-warm-start", **cluster))
-    kubernetes.mount_pvc(train, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
     decision = gate(
         run_id=train.outputs["run_id"],
         window=window.outputs["window"],

@@ -301,6 +301,62 @@ def _with_shm(task: dsl.PipelineTask) -> dsl.PipelineTask:
     )
 
 
+# train_model's inputs that every pipeline passes straight from its run parameters of the same name.
+_TRAIN_STEP_INPUTS = {
+    "config",
+    "overrides",
+    "model_overrides",
+    "prepared_dir",
+    "pipeline_job_name",
+    "pipeline_task_id",
+}
+TRAIN_RUN_PARAMS = tuple(n for n in train_model.component_spec.inputs if n not in _TRAIN_STEP_INPUTS)
+# The pipelines' run parameters of each step pod, and the _cluster_step argument each becomes.
+_STEP_RUN_PARAMS = {
+    "image": "image",
+    "data_pvc": "data_pvc",
+    "mlflow_secret": "mlflow_secret",
+    "object_store_secret": "object_store_secret",
+    "step_node_selector": "node_selector",
+    "step_tolerations": "tolerations",
+}
+
+
+def step_cluster(run_params: dict) -> dict:
+    """_cluster_step's settings from a pipeline's run parameters (its `locals()`), for every step."""
+    return {arg: run_params[param] for param, arg in _STEP_RUN_PARAMS.items()}
+
+
+def train_task(
+    *,
+    config: PipelineChannel,
+    overrides: PipelineChannel,
+    model_overrides: PipelineChannel,
+    prepared_dir: PipelineChannel,
+    run_params: dict,
+    name: str,
+) -> dsl.PipelineTask:
+    """The training step both pipelines run: train_model with the job's run parameters (picked by name
+    from `run_params`, a pipeline's `locals()`), in a step pod with /dev/shm and the checkpoint PVC."""
+    missing = [n for n in TRAIN_RUN_PARAMS if n not in run_params]
+    if missing:
+        # Compile time: a pipeline that lacks one of train_model's run parameters.
+        raise TypeError(f"train_task({name!r}): the pipeline has no run parameter(s) {missing}")
+    train = train_model(
+        config=config,
+        overrides=overrides,
+        model_overrides=model_overrides,
+        prepared_dir=prepared_dir,
+        **{n: run_params[n] for n in TRAIN_RUN_PARAMS},
+        pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        pipeline_task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+    )
+    _with_shm(_cluster_step(train, name=name, **step_cluster(run_params)))
+    # backend=local trains inside this pod and checkpoints beside the job pods' checkpoints.
+    kubernetes.mount_pvc(train, pvc_name=run_params["checkpoint_pvc"], mount_path=CHECKPOINT_MOUNT)
+    return train
+
+
 def _recommendations(
     run_id: PipelineChannel,
     prepared_dir: PipelineChannel,
@@ -386,14 +442,8 @@ def recsys_pipeline(
             gained 0.3% test nDCG@10 over retrieval alone, short of paying for itself (docs/guides/ranking.md).
         ranker_config: Config of that ranker (data.candidates; its data comes from the Two-Tower run).
     """
-    cluster = dict(
-        image=image,
-        data_pvc=data_pvc,
-        mlflow_secret=mlflow_secret,
-        object_store_secret=object_store_secret,
-        node_selector=step_node_selector,
-        tolerations=step_tolerations,
-    )
+    run_params = dict(locals())
+    cluster = step_cluster(run_params)
     trained = {}
     for model, config, model_overrides in (
         ("two-tower", two_tower_config, two_tower_overrides),
@@ -408,29 +458,14 @@ def recsys_pipeline(
             pipeline_task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,
         )
         _cluster_step(data, name=f"prepare-data-{model}", **cluster)
-        train = train_model(
+        train = train_task(
             config=config,
             overrides=overrides,
             model_overrides=model_overrides,
             prepared_dir=data.output,
-            backend=backend,
-            image=image,
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
-            procs_per_node=procs_per_node,
-            job_node_selector=job_node_selector,
-            job_tolerations=job_tolerations,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            data_pvc=data_pvc,
-            checkpoint_pvc=checkpoint_pvc,
-            mlflow_secret=mlflow_secret,
-            object_store_secret=object_store_secret,
-            pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            pipeline_task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,
+            run_params=run_params,
+            name=f"train-{model}",
         )
-        _with_shm(_cluster_step(train, name=f"train-{model}", **cluster))
-        # backend=local trains inside this pod and checkpoints beside the job pods' checkpoints.
-        kubernetes.mount_pvc(train, pvc_name=checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
         recommendations = ""
         if model == "two-tower":
             recommendations = _recommendations(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 # TorchRec's CPU kernels spin in OpenMP waits; on a shared 2-core machine that costs 20x.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def load_pipeline(name: str) -> Any:
+    """pipelines/<name>.py as module `name` (a file beside the package, not importable by name); the
+    first load is the one in sys.modules, where its sibling pipeline imports it from."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 #: A tiny synthetic Two-Tower (two_tower_synth) for launcher and pipeline tests: seconds per run.
@@ -165,3 +181,25 @@ def ml100k_recbole() -> Path:
         return fetch_ml100k()
     except UserError as e:
         pytest.skip(f"{e} (registry unreachable?)")
+
+
+@pytest.fixture(scope="session")
+def ml100k_slice(ml100k_recbole: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """`ml100k_slice(users)`: a folder of ML-100K's atomic files holding the ratings of users 1..users
+    only (all users and items in .user/.item), written once per session and size."""
+    import shutil
+
+    made: dict[int, Path] = {}
+
+    def make(users: int) -> Path:
+        if users not in made:
+            dst = tmp_path_factory.mktemp(f"ml100k-{users}-users")
+            with open(ml100k_recbole / "ml-100k.inter") as src, open(dst / "ml-100k.inter", "w") as out:
+                out.write(next(src))  # the header
+                out.writelines(ln for ln in src if int(ln.split("\t", 1)[0]) <= users)
+            for ext in ("user", "item"):
+                shutil.copy(ml100k_recbole / f"ml-100k.{ext}", dst / f"ml-100k.{ext}")
+            made[users] = dst
+        return made[users]
+
+    return make

@@ -36,21 +36,8 @@ class Built:
     ranker: str
 
 
-def _slice(src: Path, dst: Path) -> Path:
-    """ML-100K's atomic files with the ratings of the first USERS users only."""
-    import shutil
-
-    dst.mkdir(parents=True)
-    lines = (src / "ml-100k.inter").read_text().splitlines()
-    keep = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t", 1)[0]) <= USERS]
-    (dst / "ml-100k.inter").write_text("\n".join(keep) + "\n")
-    for ext in ("user", "item"):
-        shutil.copy(src / f"ml-100k.{ext}", dst / f"ml-100k.{ext}")
-    return dst
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, ml100k_recbole: Path) -> Built:
+def built(tmp_path_factory: pytest.TempPathFactory, ml100k_slice: Any) -> Built:
     """Two-Tower → candidates (2 folds, top-15) → DCN ranker (the pipeline's rank step), all on a
     120-user slice, 20 steps each."""
     from recsys.data.metadata import read_metadata
@@ -60,7 +47,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, ml100k_recbole: Path) -> Bui
     from recsys.train import train
 
     root = tmp_path_factory.mktemp("candidates")
-    raw = _slice(ml100k_recbole, root / "raw")
+    raw = ml100k_slice(USERS)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     common = [
         *(f"data.source.{k}={raw / f'ml-100k.{k}'}" for k in ("inter", "user", "item")),

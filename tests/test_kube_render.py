@@ -10,6 +10,7 @@ import yaml
 
 from recsys.config import load_config
 from recsys.errors import UserError
+from recsys.launch.elastic import TORCHRUN
 from recsys.launch.jobspec import CONFIG_PATH, RESERVED_ENV, cluster_config, job_spec
 from recsys.launch.kube import render_objects, render_text
 
@@ -48,7 +49,9 @@ def test_pytorchjob_gpu_shape_and_pod_settings() -> None:
         assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         (c,) = pod["containers"]
         assert c["name"] == "pytorch"
-        assert c["command"] == ["torchrun", "-m", "recsys", "train", "--config", CONFIG_PATH]
+        # torchrun as recsys.launch.elastic: a preempted pod exits 143 (retryable), not torchrun's 1.
+        assert c["command"] == [*TORCHRUN, "-m", "recsys", "train", "--config", CONFIG_PATH]
+        assert TORCHRUN == ["python", "-m", "recsys.launch.elastic"]
         assert "args" not in c  # no topology flags: torchrun reads the operator's PET_* env
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
         assert c["resources"]["requests"]["cpu"] == "4" and c["resources"]["requests"]["memory"] == "16Gi"

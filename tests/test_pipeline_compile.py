@@ -1,29 +1,18 @@
 """The committed pipeline IR equals a fresh compile, and the compiled pipeline has the promised shape."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_PY = REPO / "pipelines" / "recsys_pipeline.py"
-
-
-def _load_pipeline_module():
-    spec = importlib.util.spec_from_file_location("recsys_pipeline", PIPELINE_PY)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("recsys_pipeline", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     out = tmp_path_factory.mktemp("pipeline") / "recsys_pipeline.yaml"
-    _load_pipeline_module().compile_pipeline(out)
+    load_pipeline("recsys_pipeline").compile_pipeline(out)
     text = out.read_text()
     # The IR file holds two YAML documents: the pipeline spec and the Kubernetes platform spec.
     docs = list(yaml.safe_load_all(text))
@@ -164,6 +153,31 @@ def test_kubernetes_platform_settings(compiled: tuple[str, dict]) -> None:
         ]
         for name in ("data_pvc", "checkpoint_pvc", "mlflow_secret", "object_store_secret"):
             assert params[name]["componentInputParameter"] == name, (step, name)
+
+
+def test_both_pipelines_train_through_one_step_definition(compiled: tuple[str, dict], tmp_path: Path) -> None:
+    """The continuous pipeline's train step takes every job parameter from the run parameter of the same
+    name and gets the same pod settings as the main pipeline's (both come from train_task)."""
+    module = load_pipeline("recsys_pipeline")
+    continuous = load_pipeline("continuous_pipeline")
+    _, ir = compiled
+    main_train = ir["spec"]["root"]["dag"]["tasks"]["train-model"]
+    cont_docs = list(yaml.safe_load_all(continuous.compile_pipeline(tmp_path / "c.yaml").read_text()))
+    cont_train = cont_docs[0]["root"]["dag"]["tasks"]["train-model"]
+    assert module.TRAIN_RUN_PARAMS and "backend" in module.TRAIN_RUN_PARAMS
+    for train in (main_train, cont_train):
+        params = train["inputs"]["parameters"]
+        for name in module.TRAIN_RUN_PARAMS:
+            assert params[name]["componentInputParameter"] == name, name
+    executor = "exec-train-model"
+    assert (
+        cont_docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
+        == ir["platform"]["deploymentSpec"]["executors"][executor]
+    )
+    with pytest.raises(TypeError, match="no run parameter"):
+        module.train_task(
+            config="c", overrides=[], model_overrides=[], prepared_dir="p", run_params={}, name="train-x"
+        )
 
 
 def test_steps_run_in_the_image_parameter(compiled: tuple[str, dict]) -> None:

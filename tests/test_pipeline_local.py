@@ -6,13 +6,11 @@ launcher contract, torchrun, the trainer, the index, batch recommendations, eval
 (SQLite) are all real.
 """
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TWO_TOWER
+from conftest import TINY_TWO_TOWER, load_pipeline
 
 from recsys.config import load_config
 from tests.test_kube_launch import CM, PODS, V1, FakeApi, _created, api, tracked  # noqa: F401 (fixtures)
@@ -36,14 +34,7 @@ COMMON = ["train.epochs=1", "train.max_steps=4", "train.log_every_steps=1"]
 
 
 def _pipeline_module():
-    spec = importlib.util.spec_from_file_location(
-        "recsys_pipeline", REPO / "pipelines" / "recsys_pipeline.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("recsys_pipeline", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_pipeline("recsys_pipeline")
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ client's models)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import load_pipeline
 
 from recsys.cli import build_parser, main
 from recsys.config import load_config
@@ -21,16 +20,10 @@ from recsys.errors import UserError
 from recsys.promotion.daily import plan_window, window_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-CONTINUOUS_PY = REPO / "pipelines" / "continuous_pipeline.py"
 
 
 def _pipeline_module() -> Any:
-    spec = importlib.util.spec_from_file_location("continuous_pipeline", CONTINUOUS_PY)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("continuous_pipeline", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_pipeline("continuous_pipeline")
 
 
 # ------------------------------------------------------------------------------------------ windows

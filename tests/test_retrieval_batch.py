@@ -256,14 +256,14 @@ def test_rendered_job_runs_the_batch_command_and_is_valid(backend: str) -> None:
     else:
         command = kind["spec"]["trainer"]["command"]
         assert kind["spec"]["trainer"]["numNodes"] == 2 and kind["spec"]["trainer"]["numProcPerNode"] == 3
-    assert command[:3] == ["torchrun", "-m", "recsys"]
+    assert command[:5] == ["python", "-m", "recsys.launch.elastic", "-m", "recsys"]
     # The pods run exactly the command this test's job describes, read by the real parser.
-    args = build_parser().parse_args(command[3:])
+    args = build_parser().parse_args(command[5:])
     assert (args.run_id, args.users, args.k, args.exclude, args.output) == (
         "abc123", "/data/users.txt", 50, "train,val", "/data/recs/abc123"
     )  # fmt: skip
     assert args.config == CONFIG_PATH and args.tracking_uri == cfg.job.mlflow_tracking_uri
-    assert command[3:] == recommend_argv(
+    assert command[5:] == recommend_argv(
         BatchJob("abc123", cfg.job.mlflow_tracking_uri, "/data/users.txt", 50, ("train", "val"), CONFIG_PATH),
         "/data/recs/abc123",
     )

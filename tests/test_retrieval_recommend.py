@@ -304,8 +304,12 @@ def test_bad_users_files_k_and_exclude_are_one_line(tmp_path: Path, capsys: pyte
         str(tmp_path / "o.parquet"),
     ]
     assert "--k must be >= 1" in _one_line_error([*base, "--k", "0"], capsys)
-    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "empty.txt").write_text("")
     assert "no user ids" in _one_line_error([*base, "--users", str(tmp_path / "empty.txt")], capsys)
+    (tmp_path / "blank.txt").write_text("7\n  \n8\n")
+    assert "blank.txt:2: blank line" in _one_line_error(
+        [*base, "--users", str(tmp_path / "blank.txt")], capsys
+    )
     assert "cannot read" in _one_line_error([*base, "--users", str(tmp_path / "missing.txt")], capsys)
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     assert "cannot read" in _one_line_error([*base, "--users", str(tmp_path / "bad.parquet")], capsys)
@@ -317,8 +321,10 @@ def test_bad_users_files_k_and_exclude_are_one_line(tmp_path: Path, capsys: pyte
 
 
 def test_users_files_keep_ids_as_text(tmp_path: Path) -> None:
-    (tmp_path / "u.txt").write_text("007\n 42 \n\n007\n")
-    assert read_users(tmp_path / "u.txt") == ["007", "42"]
+    # Lines are split on "\n" only: \x1c, \x85, \u2028 … are part of an id (str.splitlines splits on them);
+    # a Windows "\r" is not; an id is kept exactly as written; duplicates are dropped, order kept.
+    (tmp_path / "u.txt").write_bytes("007\r\n 42 \na\x1cb\nc\u2028d\x85e\n007\nlast".encode())
+    assert read_users(tmp_path / "u.txt") == ["007", " 42 ", "a\x1cb", "c\u2028d\x85e", "last"]
     (tmp_path / "u.csv").write_text("user,other\n007,1\n8,2\n")
     assert read_users(tmp_path / "u.csv") == ["007", "8"]
     pq.write_table(pa.table({"user": ["x", None, "y"]}), tmp_path / "u.parquet")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +34,14 @@ class Runs:
     tt_cfg: Config
 
 
-def _slice(src: Path, dst: Path) -> Path:
-    """ML-100K's atomic files with the ratings of the first USERS users only."""
-    dst.mkdir(parents=True)
-    lines = (src / "ml-100k.inter").read_text().splitlines()
-    keep = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t", 1)[0]) <= USERS]
-    (dst / "ml-100k.inter").write_text("\n".join(keep) + "\n")
-    for ext in ("user", "item"):
-        shutil.copy(src / f"ml-100k.{ext}", dst / f"ml-100k.{ext}")
-    return dst
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, ml100k_recbole: Path) -> Runs:
+def runs(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, ml100k_slice: Any) -> Runs:
     """A Two-Tower and a DCN ranker trained on the same ML-100K slice (20 steps each)."""
     from recsys.data.prepare import prepare
     from recsys.train import train
 
     root = tmp_path_factory.mktemp("funnel")
-    raw = _slice(ml100k_recbole, root / "raw")
+    raw = ml100k_slice(USERS)
     common = [
         *(f"data.source.{k}={raw / f'ml-100k.{k}'}" for k in ("inter", "user", "item")),
         f"tracking.uri={mlflow_server}",

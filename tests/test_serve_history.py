@@ -213,6 +213,9 @@ def test_history_file_formats_order_by_time_and_name_bad_lines(tmp_path: Path) -
     assert read_history_file(csv) == (["b", "a"], [["i9"], ["i2", "i1", "i3"]])  # ties: file order
     pd.DataFrame({"user": ["a", "a"], "item": ["x", "y"]}).to_parquet(tmp_path / "h.parquet")
     assert read_history_file(tmp_path / "h.parquet") == (["a"], [["x", "y"]])  # no timestamp: file order
+    # A raw U+2028 is valid inside a JSON string: the line must not be split there.
+    (tmp_path / "u.jsonl").write_text('{"user": "a\u2028b", "history": ["x\x85y"]}\r\n', newline="")
+    assert read_history_file(tmp_path / "u.jsonl") == (["a\u2028b"], [["x\x85y"]])
     bad = tmp_path / "h.jsonl"
     bad.write_text('{"user": "a", "history": ["x"]}\n{"user": "b", "history": "x"}\n')
     with pytest.raises(UserError, match=r"h.jsonl:2: expected"):

@@ -19,24 +19,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import TINY_TWO_TOWER, free_port
 
 from recsys.config import Config, dump_config, load_config
 from recsys.data.metadata import read_vocab_file
 from recsys.errors import UserError
 
-TINY = [
-    "data.source.num_items=30",
-    "data.source.interactions_per_user=6",
-    "data.block_size=16",
-    "train.batch_size=32",
-    "eval.batch_size=64",
-    "model.embedding_dim=8",
-    "model.two_tower.layers=[16,8]",
-    "eval.ks=[5,10]",
-    "train.epochs=1",
-    "tracking.log_model=false",
-]
+TINY = [*TINY_TWO_TOWER, "train.epochs=1", "tracking.log_model=false"]  # DATA sets each version's users
 DATA = {"v1": ["data.source.num_users=40"], "v2": ["data.source.num_users=50", "data.source.seed=1"]}
 FEATURES = ("user_id", "item_id")
 

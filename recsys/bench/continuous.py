@@ -136,10 +136,7 @@ class Bench:
 
     def known_users(self, window: int) -> int:
         """User rows of window `window`'s vocabulary: the users of windows 1 … window (rows are stable)."""
-        from recsys.data.metadata import read_metadata
-
-        meta = read_metadata(self.folder(window))
-        return meta.sparse_features[meta.sparse_index(meta.user_feature or "")].num_embeddings
+        return known_user_rows(self.folder(window))
 
     @contextlib.contextmanager
     def _quiet(self) -> Any:
@@ -156,6 +153,15 @@ class _Returning:
     meta: Any
     arrays: dict[str, dict[str, np.ndarray]]
     users: int
+
+
+def known_user_rows(folder: Path) -> int:
+    """User rows (OOV included) of a prepared folder's vocabulary; with append-only vocabularies, the
+    rows below it are the users of that window and every one before it."""
+    from recsys.data.metadata import read_metadata
+
+    meta = read_metadata(folder)
+    return meta.sparse_features[meta.sparse_index(meta.user_feature or "")].num_embeddings
 
 
 def returning_users(window: Any, known_rows: int) -> Any:

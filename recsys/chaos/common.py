@@ -61,7 +61,8 @@ def free_port() -> int:
 
 
 class Run:
-    """`torchrun … -m recsys train` in its own session, output in a log file."""
+    """`torchrun … -m recsys train` (as recsys.launch.elastic, the pods' torchrun) in its own session,
+    output in a log file."""
 
     def __init__(
         self,
@@ -75,7 +76,7 @@ class Run:
     ) -> None:
         self.log = workdir / f"{tag}.log"
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            sys.executable, "-m", "recsys.launch.elastic", "--nproc-per-node", str(nproc),
             "--max-restarts", str(max_restarts),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
             "-m", "recsys", "train", "--config", str(cfg_path), "--resume", resume,

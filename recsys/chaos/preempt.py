@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.chaos.common import Run, checkpoint_steps, tail, tiny_config, wait_until
+from recsys.errors import PREEMPTED_EXIT
 
 SCENARIO = "SIGTERM to every rank mid-epoch"
 
@@ -39,8 +40,11 @@ def run(workdir: Path) -> dict[str, Any]:
     recover_s = time.monotonic() - t_kill
     rc2 = second.wait(timeout=300)
     resumed_step = int(resumed.group(1))
+    # 143 (128 + SIGTERM): a pod's status; Kubernetes' restartPolicy ExitCode retries 128-255 and gives
+    # up on 1-127 (torchrun itself exits 1 here: recsys.launch.elastic maps it).
     survived = (
         stopped is not None
+        and rc == PREEMPTED_EXIT
         and exit_s <= grace
         and resumed_step == stopped
         and rc2 == 0
@@ -51,7 +55,7 @@ def run(workdir: Path) -> dict[str, Any]:
         lost = "unknown: no preemption checkpoint"
     detail = (
         f"SIGTERM at step ≥ {saved[0] if saved else '?'}; ranks stopped at step {stopped}, checkpoint "
-        f"written {m.group(2) if m and m.group(2) else '?'} s after SIGTERM; torchrun exited {rc} after "
+        f"written {m.group(2) if m and m.group(2) else '?'} s after SIGTERM; torchrun exited {rc} (want {PREEMPTED_EXIT}) after "
         f"{exit_s:.1f} s (grace {grace:g} s); restart resumed from step {resumed_step}, exited {rc2}"
     )
     if not survived:

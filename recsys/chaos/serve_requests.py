@@ -74,7 +74,9 @@ def build_tiny_model(workdir: Path) -> TinyModel:
     built = build_model(train(cfg).run_id, uri, register="")
     mlflow.set_tracking_uri(uri)
     path = Path(mlflow.artifacts.download_artifacts(built.model_uri, dst_path=str(workdir / "model")))
-    users = (Path(cfg.data.prepared_dir) / "vocab" / "user_id.txt").read_text().splitlines()
+    from recsys.data.metadata import read_vocab_file  # ids split on "\n" only, as the trainer reads them
+
+    users = read_vocab_file(Path(cfg.data.prepared_dir) / "vocab" / "user_id.txt")
     return TinyModel(path, users[1:4])  # row 0 of a vocabulary is the unknown-id row
 
 

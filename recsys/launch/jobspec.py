@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from recsys.config import Config, dump_config
 from recsys.errors import UserError
+from recsys.launch.elastic import TORCHRUN
 from recsys.launch.types import job_size
 
 CONFIG_DIR = "/etc/recsys"
@@ -24,8 +25,9 @@ CHECKPOINT_MOUNT = "/checkpoints"
 TMP_MOUNT = "/tmp"
 TMP_SIZE = "10Gi"
 SHM_MOUNT = "/dev/shm"
-# The one command every replica runs: torchrun reads its topology from the PET_* env the operator injects.
-TRAIN_COMMAND = ["torchrun", "-m", "recsys", "train", "--config", CONFIG_PATH]
+# The one command every replica runs: torchrun (recsys.launch.elastic: it exits 143 when preempted, where
+# torchrun exits 1) reads its topology from the PET_* env the operator injects.
+TRAIN_COMMAND = [*TORCHRUN, "-m", "recsys", "train", "--config", CONFIG_PATH]
 # UID/GID of the non-root user baked into images/trainer/Dockerfile.
 RUN_AS_USER = 1000
 # torchrun's own variables, which the operators set; a user env must not shadow them.

@@ -34,7 +34,7 @@ def torchrun_command(
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "recsys.launch.elastic",  # torchrun, exiting 143 (not 1) when SIGTERM stops it
         "--standalone",
         "--nnodes",
         "1",

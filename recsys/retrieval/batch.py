@@ -337,6 +337,7 @@ def render_batch_job(
     points MLflow at the in-cluster server); `out` is a path in the pods (e.g. under /data). Validated.
     """
     from recsys.launch import kube
+    from recsys.launch.elastic import TORCHRUN
     from recsys.launch.jobspec import CONFIG_PATH, job_spec
     from recsys.launch.kubeschema import validate_documents
 
@@ -346,7 +347,7 @@ def render_batch_job(
     pod_job = dataclasses.replace(job, uri=cfg.job.mlflow_tracking_uri, config=CONFIG_PATH, overrides=())
     argv = recommend_argv(pod_job, out)
     labels = {**spec.labels, "app.kubernetes.io/component": "batch-recommend"}
-    spec = dataclasses.replace(spec, command=["torchrun", "-m", "recsys", *argv], labels=labels)
+    spec = dataclasses.replace(spec, command=[*TORCHRUN, "-m", "recsys", *argv], labels=labels)
     if backend == "pytorchjob":
         docs = [kube.config_map(spec), kube.pytorchjob(spec)]
     elif backend == "trainjob":

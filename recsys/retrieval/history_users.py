@@ -218,7 +218,9 @@ def read_history_file(path: str | Path) -> tuple[list[str], list[list[str]]]:
 def _read_jsonl(path: Path) -> tuple[list[str], list[list[str]]]:
     """(users, histories) of a JSON lines file; a bad line → one message naming it."""
     users, histories = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    from recsys.text_lines import read_lines
+
+    for n, line in enumerate(read_lines(path, "--history-file"), 1):
         if not line.strip():
             continue
         try:

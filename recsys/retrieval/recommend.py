@@ -72,6 +72,17 @@ def _column(table: Any, path: Path) -> list[str]:
     return [str(u) for u in table.column("user").to_pylist() if u is not None]
 
 
+def _text_users(path: Path) -> list[str]:
+    """Ids of a text file, one per line, exactly as written (a blank line is refused, naming it)."""
+    from recsys.text_lines import read_lines
+
+    users = read_lines(path, "--users")
+    for n, user in enumerate(users, 1):
+        if not user.strip():
+            raise UserError(f"--users {path}:{n}: blank line; write one user id per line, no blank lines")
+    return users
+
+
 def read_users(path: str | Path) -> list[str]:
     """Raw user ids from a Parquet/CSV file (column `user`) or a text file (one id per line), deduplicated."""
     import pyarrow as pa
@@ -87,7 +98,7 @@ def read_users(path: str | Path) -> list[str]:
             opts = pcsv.ConvertOptions(column_types={"user": pa.string()})
             users = _column(pcsv.read_csv(path, convert_options=opts), path)
         else:
-            users = [line.strip() for line in path.read_text().splitlines()]
+            users = _text_users(path)
     except (OSError, UnicodeDecodeError, pa.ArrowException) as e:
         raise UserError(f"--users {path}: cannot read it ({type(e).__name__}: {e})") from None
     users = [u for u in users if u]
