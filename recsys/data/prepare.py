@@ -284,15 +284,16 @@ class _TrainWindow:
 def _mapped(
     maps: list[TableMap], encoded: list[V.Encoded], rows: int, dtype: type, pool: ThreadPoolExecutor
 ) -> np.ndarray:
-    """A chunk's values of every sparse feature as one [rows, S] array; each worker fills its column
-    in place (no list of int64 columns stacked afterwards on the main thread)."""
-    out = np.empty((rows, len(maps)), dtype)
+    """A chunk's values of every sparse feature as one [rows, S] array; each worker fills its feature's
+    row of a [S, rows] array in place, transposed once at the end: filling columns of the [rows, S]
+    array directly wrote every cache line of it once per feature."""
+    out = np.empty((len(maps), rows), dtype)
 
     def fill(j: int) -> None:
-        out[:, j] = maps[j].rows_encoded(encoded[j])
+        out[j] = maps[j].rows_encoded(encoded[j])
 
     list(pool.map(fill, range(len(maps))))
-    return out
+    return np.ascontiguousarray(out.T)
 
 
 def _write(
