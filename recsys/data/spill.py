@@ -2,8 +2,11 @@
 
 Pass 1 has parsed every chunk and dictionary-encoded its sparse columns to count ids; pass 2 reads
 those encodings back (one file per chunk, deleted once read) instead of parsing and hashing the raw
-files again, so only the chunk's distinct ids are looked up in the vocabularies. Disk use is about
-4 bytes a row per sparse feature + 4 per dense feature (before lz4), in a hidden folder of the output.
+files again, so only the chunk's distinct ids are looked up in the vocabularies. Disk use is 1, 2 or
+4 bytes a row per sparse feature (the narrowest index of the chunk's dictionary) + 4 per dense
+feature, in a hidden folder of the output. Uncompressed and memory-mapped when read back: lz4 saved
+~40 % of the disk for ~0.2 CPU-s per 1M Criteo rows (6 % of prepare's CPU), the disk being the
+cheaper of the two.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from recsys.data.vocab import Encoded, encoded_from_dictionary
+
+SPILL_COMPRESSION: str | None = None  # Arrow IPC body compression of the spill (None, "lz4" or "zstd")
 
 
 @dataclass
@@ -35,6 +40,14 @@ class SpilledChunk:
     def rows(self) -> int:
         """Number of rows."""
         return len(self.assign)
+
+
+def _index_type(missing: int) -> type:
+    """The narrowest signed integer holding codes 0..missing (Arrow's dictionary indices are signed)."""
+    for t in (np.int8, np.int16):
+        if missing <= np.iinfo(t).max:
+            return t
+    return np.int32
 
 
 class ChunkSpill:
@@ -55,13 +68,14 @@ class ChunkSpill:
             cols[f"dense_{i}"] = pa.array(np.ascontiguousarray(chunk.dense[:, i]))
         for j, enc in enumerate(chunk.encoded):
             missing = enc.codes == enc.missing
-            idx = pa.array(enc.codes.astype(np.int32, copy=False), mask=missing if missing.any() else None)
+            codes = enc.codes.astype(_index_type(enc.missing), copy=False)
+            idx = pa.array(codes, mask=missing if missing.any() else None)
             cols[f"sparse_{j}"] = pa.DictionaryArray.from_arrays(idx, enc.dictionary)
         table = pa.table(cols).replace_schema_metadata(
             {"start": str(chunk.start), "dense": str(chunk.dense.shape[1]), "sparse": str(len(chunk.encoded))}
         )
         path = self.folder / f"{self.count:08d}.arrow"
-        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        options = pa.ipc.IpcWriteOptions(compression=SPILL_COMPRESSION)
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as w:
             w.write_table(table)
         self.count += 1
@@ -69,7 +83,7 @@ class ChunkSpill:
     def __iter__(self) -> Iterator[SpilledChunk]:
         for i in range(self.count):
             path = self.folder / f"{i:08d}.arrow"
-            with pa.OSFile(str(path), "rb") as src:
+            with pa.memory_map(str(path), "r") as src:
                 table = pa.ipc.open_file(src).read_all()
             path.unlink()
             meta = {k.decode(): int(v) for k, v in (table.schema.metadata or {}).items()}
