@@ -1,4 +1,4 @@
-"""Pass 1's chunks kept on disk between the passes of `recsys data prepare` (Arrow IPC, lz4).
+"""Pass 1's chunks kept on disk between the passes of `recsys data prepare` (Arrow IPC, uncompressed).
 
 Pass 1 has parsed every chunk and dictionary-encoded its sparse columns to count ids; pass 2 reads
 those encodings back (one file per chunk, deleted once read) instead of parsing and hashing the raw
