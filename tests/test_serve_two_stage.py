@@ -173,3 +173,16 @@ def test_two_stage_model_loads_where_recsys_is_not_installed(built: Built, tmp_p
     got = predict_without_recsys(built.model, {"user_id": built.users[:3], "k": [10] * 3}, tmp_path)
     assert got["recsys"].startswith(str(built.model)), got["recsys"]
     _check(got["rows"], _batch(built, built.users[:3], 10))
+
+
+def test_candidates_default_to_the_funnel_tag_then_the_ranker_data(built: Built) -> None:
+    import mlflow
+
+    from recsys.retrieval.rank import open_ranker
+    from recsys.retrieval.serve_two_stage import CANDIDATES_TAG, default_candidates
+
+    ranker = open_ranker(built.ranker, built.uri)
+    assert default_candidates(ranker, {}) == N  # the ranker data's data.candidates.top_n
+    mlflow.MlflowClient(built.uri).set_tag(built.ranker, CANDIDATES_TAG, "15")
+    tags = mlflow.MlflowClient(built.uri).get_run(built.ranker).data.tags
+    assert default_candidates(ranker, tags) == 15  # what `recsys bench funnel` chose on val
