@@ -53,7 +53,9 @@ def main(args: argparse.Namespace, record: Record | None = None) -> int:
     elif args.what == "serving":
         from recsys.bench.serving import bench_serving
 
-        bench_serving(args.items or 100_000, args.clients, args.requests, args.workers)
+        bench_serving(
+            args.items or 100_000, args.clients, args.requests, tuple(map(int, args.workers.split(",")))
+        )
     else:
         from recsys.bench.train import bench_train
 

@@ -15,7 +15,9 @@ Prints figures; asserts nothing. Steps (building is not timed):
             (closed loop), WARMUP requests each for every case, then `requests` each timed, top-10:
               (a) retrieval, a known user id;  (b) retrieval from a history of HISTORY item ids;
               (c) two-stage, a known user id;  (d) two-stage from a history of HISTORY item ids.
-            p50/p99 of the client-side latency and requests/s (timed requests / wall time), with
+            p50/p99 of the client-side latency and requests/s (timed requests / wall time) per worker
+            count asked for, the median one-row predict of the model loaded in this process (its own
+            cost, no server), with
             the machine's load average next to each row (other work on the machine inflates both).
 """
 
@@ -208,32 +210,59 @@ def serve_and_fire(
     return out
 
 
-def bench_serving(items: int = 100_000, clients: int = 4, requests: int = 100, workers: int = 2) -> None:
-    """Build the models, serve them and print p50/p99 ms and requests/s per case."""
+def in_process(model: Path, cases: list[tuple[str, list[bytes]]], n: int = 50) -> dict[str, float]:
+    """Median ms of one-row `predict` calls per case, the model loaded in this process (no HTTP, no
+    server, no concurrency): what a request costs the model itself."""
+    import mlflow
+    import pandas as pd
+
+    loaded = mlflow.pyfunc.load_model(str(model))
+    out = {}
+    for name, bodies in cases:
+        frames = [pd.DataFrame(json.loads(b)["dataframe_records"]) for b in bodies[: n + 5]]
+        for f in frames[:5]:
+            loaded.predict(f)
+        times = []
+        for f in frames[5:]:
+            t0 = time.perf_counter()
+            loaded.predict(f)
+            times.append((time.perf_counter() - t0) * 1000)
+        out[name] = float(np.median(times))
+    return out
+
+
+def bench_serving(
+    items: int = 100_000, clients: int = 4, requests: int = 100, workers: tuple[int, ...] = (2,)
+) -> None:
+    """Build the models, serve them (each worker count in turn) and print p50/p99 ms and requests/s per case."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    rows: list[tuple[int, str, np.ndarray, float, float]] = []
     try:
         retrieval, two_stage, users, hist = build_models(work, items)
         print(f"built in {time.perf_counter() - t0:.0f} s: {items:,} items, {USERS:,} users, "
               f"two-stage N={CANDIDATES}; load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
         by_id, by_hist = _bodies(users, hist, False), _bodies(users, hist, True)
-        rows = serve_and_fire(
-            retrieval, work, [("(a) retrieval, user id", by_id), (f"(b) retrieval, history {HISTORY}", by_hist)],
-            clients, requests, workers,
-        )  # fmt: skip
-        rows += serve_and_fire(
-            two_stage, work,
-            [(f"(c) two-stage N={CANDIDATES}, user id", by_id), (f"(d) two-stage N={CANDIDATES}, history {HISTORY}", by_hist)],
-            clients, requests, workers,
-        )  # fmt: skip
+        models = [
+            (retrieval, [("(a) retrieval, user id", by_id), (f"(b) retrieval, history {HISTORY}", by_hist)]),
+            (two_stage, [(f"(c) two-stage N={CANDIDATES}, user id", by_id),
+                         (f"(d) two-stage N={CANDIDATES}, history {HISTORY}", by_hist)]),
+        ]  # fmt: skip
+        alone = {k: v for model, cases in models for k, v in in_process(model, cases).items()}
+        for w in workers:
+            for model, cases in models:
+                rows += [(w, *r) for r in serve_and_fire(model, work, cases, clients, requests, w)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nmlflow models serve --workers {workers}, {clients} closed-loop clients, {requests} timed requests "
+    print(f"\nmlflow models serve --workers W, {clients} closed-loop clients, {requests} timed requests "
           f"each after {WARMUP} warm-up, top-{K}, {items:,} items (flat index), torch threads "
-          f"{os.environ.get('RECSYS_SERVE_TORCH_THREADS', '1')} per worker")  # fmt: skip
-    print(f"  {'case':<36} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} {'load 1m':>8}")
-    for name, lat, wall, load in rows:
+          f"{os.environ.get('RECSYS_SERVE_TORCH_THREADS', '1')} per worker; 'model ms': median one-row "
+          "predict in this process, no server")  # fmt: skip
+    print(f"  {'W':>2} {'case':<36} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} {'model ms':>9} {'load 1m':>8}")
+    for w, name, lat, wall, load in rows:
         p50, p99 = np.percentile(lat, [50, 99])
-        print(f"  {name:<36} {p50:>8.1f} {p99:>8.1f} {len(lat) / wall:>7.1f} {load:>8.1f}")
+        print(
+            f"  {w:>2} {name:<36} {p50:>8.1f} {p99:>8.1f} {len(lat) / wall:>7.1f} {alone[name]:>9.1f} {load:>8.1f}"
+        )
     print(f"done in {time.perf_counter() - t0:.0f} s")
