@@ -839,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=4, help="serving: concurrent closed-loop clients")
     p.add_argument("--requests", type=int, default=100, help="serving: timed requests per client and case")
     p.add_argument(
-        "--workers", default="2", help="serving: mlflow models serve --workers, comma-separated to compare"
+        "--workers", default="1,2", help="serving: mlflow models serve --workers, comma-separated to compare"
     )
     p.add_argument("--queries", type=int, default=10_000, help="users searched per measurement (recommend)")
     p.add_argument("--sizes", default="1e6,4e6,16e6", help="prepare-scale: row counts, comma-separated")

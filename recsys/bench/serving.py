@@ -232,7 +232,7 @@ def in_process(model: Path, cases: list[tuple[str, list[bytes]]], n: int = 50) -
 
 
 def bench_serving(
-    items: int = 100_000, clients: int = 4, requests: int = 100, workers: tuple[int, ...] = (2,)
+    items: int = 100_000, clients: int = 4, requests: int = 100, workers: tuple[int, ...] = (1, 2)
 ) -> None:
     """Build the models, serve them (each worker count in turn) and print p50/p99 ms and requests/s per case."""
     os.environ.setdefault("TQDM_DISABLE", "1")
