@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench-data bench-train bench-train-scale bench-checkpoint bench-recommend bench-scale bench-prepare-scale bench-spark-scale bench-quality bench-continuous bench-funnel bench-tables manifests pipelines pipeline-local image clean
+.PHONY: help install test test-fast lint demo bench-data bench-train bench-train-scale bench-checkpoint bench-recommend bench-scale bench-prepare-scale bench-spark-scale bench-quality bench-continuous bench-funnel bench-serving bench-tables manifests pipelines pipeline-local image clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}'
@@ -82,6 +82,9 @@ bench-continuous: install ## ML-100K in 6 time windows: warm start vs from scrat
 
 bench-funnel: install ## ML-100K test nDCG/Recall@10: retrieval alone vs retrieve → rank with a ranker trained on the retriever's cross-fitted top-N (N and settings chosen on val)
 	$(PY) -m recsys bench funnel --record
+
+bench-serving: install ## p50/p99 ms and requests/s of the served retrieval and two-stage models (100k items, history 50, top-10) under 4 closed-loop clients against mlflow models serve
+	$(PY) -m recsys bench serving --record
 
 bench-spark-scale: install ## Spark prepare of 10M Criteo-layout rows on local[2] with a 1g driver: rows/s, driver JVM and Python peak RSS
 	$(PY) -m recsys bench spark-scale --rows 10000000 --record

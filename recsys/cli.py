@@ -246,7 +246,15 @@ def _recommend_ranked(args: argparse.Namespace) -> int:
 def _serve_build(args: argparse.Namespace) -> int:
     from recsys.retrieval.serve import build_model
 
-    built = build_model(args.run_id, args.tracking_uri, args.register)
+    if args.ranker_run_id:  # retrieve → rank behind one endpoint
+        from recsys.retrieval.serve_two_stage import build_two_stage
+
+        built = build_two_stage(
+            args.run_id, args.ranker_run_id, args.tracking_uri, args.register, args.candidates,
+            args.ranker_overrides,
+        )  # fmt: skip
+    else:
+        built = build_model(args.run_id, args.tracking_uri, args.register)
     where = f"registered as {built.name} version {built.version}" if built.name else "not registered"
     print(f"serving model {built.model_uri} ({where}); files at {built.artifact_uri}")
     return 0
@@ -596,6 +604,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--register", default=None, help="registered model name (default: recsys-<config name>; '' = none)"
     )
+    p.add_argument(
+        "--ranker-run-id", default=None,
+        help="a ranking run: serve retrieve → rank as one model (docs/guides/two-stage-serving.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--candidates", type=int, default=None,
+        help="items retrieved per request for the ranker (default: the ranker run's funnel.candidates tag, "
+        "else its data.candidates.top_n, else 100)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ranker-set", dest="ranker_overrides", action="append", default=[], metavar="a.b=v",
+        help="override a field of the ranker run's config (repeatable), e.g. data.prepared_dir=PATH",
+    )  # fmt: skip
     p = add(serve, "render", _serve_render, "render a KServe InferenceService for a registered model")
     p.add_argument(
         "--storage-uri",
@@ -788,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
             "prepare-scale",
             "spark-scale",
             "continuous",
+            "serving",
         ],
     )
     p.add_argument(
@@ -813,7 +835,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (train)")
     p.add_argument("--reps", type=int, default=3, help="interleaved bare/full repetitions (train)")
-    p.add_argument("--items", type=int, default=1_000_000, help="catalogue size (recommend)")
+    p.add_argument("--items", type=int, default=None, help="catalogue size (recommend: 1M; serving: 100k)")
+    p.add_argument("--clients", type=int, default=4, help="serving: concurrent closed-loop clients")
+    p.add_argument("--requests", type=int, default=100, help="serving: timed requests per client and case")
+    p.add_argument(
+        "--workers", default="1,2", help="serving: mlflow models serve --workers, comma-separated to compare"
+    )
     p.add_argument("--queries", type=int, default=10_000, help="users searched per measurement (recommend)")
     p.add_argument("--sizes", default="1e6,4e6,16e6", help="prepare-scale: row counts, comma-separated")
     p.add_argument(

@@ -205,6 +205,29 @@ def test_a_model_without_histories_refuses_them(
         answer(state, ["u1"], np.array([5]), [["i3"]])
 
 
+@pytest.mark.slow
+def test_a_history_model_loads_where_recsys_is_not_installed(
+    runs: tuple[Config, str, Config, str], mlflow_server: str, tmp_path: Path
+) -> None:
+    """The encoder's model, config and data code come from the model's code/ folder: a process whose
+    recsys is not importable otherwise loads it and answers as the model does in this process."""
+    import mlflow
+
+    from recsys.retrieval.serve import build_model
+    from tests.test_serve_two_stage import predict_without_recsys
+
+    _, run_id, _, _ = runs
+    built = build_model(run_id, mlflow_server, register="")
+    mlflow.set_tracking_uri(mlflow_server)
+    local = Path(mlflow.artifacts.download_artifacts(built.model_uri, dst_path=str(tmp_path / "model")))
+    request = {"user_id": ["stranger", "u1"], "k": [10, 10], "history": [["i9", "i7"], ["i5", "i17"]]}
+    got = predict_without_recsys(local, request, tmp_path)
+    assert got["recsys"].startswith(str(local)), got["recsys"]
+    want = mlflow.pyfunc.load_model(str(local)).predict(pd.DataFrame(request))
+    assert [r["items"] for r in got["rows"]] == [list(x) for x in want["items"]]
+    assert [r["unknown_items"] for r in got["rows"]] == [0, 0]
+
+
 def test_history_file_formats_order_by_time_and_name_bad_lines(tmp_path: Path) -> None:
     from recsys.retrieval.history_users import read_history_file
 

@@ -49,7 +49,13 @@ def main(args: argparse.Namespace, record: Record | None = None) -> int:
     elif args.what == "recommend":
         from recsys.bench.recommend import bench_recommend
 
-        bench_recommend(items=args.items, queries=args.queries)
+        bench_recommend(items=args.items or 1_000_000, queries=args.queries)
+    elif args.what == "serving":
+        from recsys.bench.serving import bench_serving
+
+        bench_serving(
+            args.items or 100_000, args.clients, args.requests, tuple(map(int, args.workers.split(",")))
+        )
     else:
         from recsys.bench.train import bench_train
 

@@ -88,6 +88,7 @@ def bench_funnel(quick: bool = False) -> dict[str, dict[str, float]]:
             log(f"  N={n} {hp or 'shipped'}: val {KEY} retrieval {m[f'retrieval/{KEY}']:.4f}, "
                 f"ranked {val[(n, g)]:.4f} (ranker run {rk})")  # fmt: skip
     n, g = max(val, key=val.__getitem__)
+    _tag_choice(uri, runs[(n, g)], n)
     test = evaluate_funnel(tt, runs[(n, g)], uri, (n,), "test")
     rows["test retrieval only"] = {k.split("/")[1]: v for k, v in test.items() if k.startswith("retrieval/")}
     rows[f"test ranked (N={n})"] = {
@@ -98,6 +99,15 @@ def bench_funnel(quick: bool = False) -> dict[str, dict[str, float]]:
     _print(rows, n, grid[g], time.perf_counter() - t0)
     shutil.rmtree(work, ignore_errors=True)  # data, checkpoints and the runs' store: the figures are printed
     return rows
+
+
+def _tag_choice(uri: str, ranker_run_id: str, n: int) -> None:
+    """Record val's N on the chosen ranker run: `recsys serve build --ranker-run-id` defaults to it."""
+    import mlflow
+
+    from recsys.retrieval.serve_two_stage import CANDIDATES_TAG
+
+    mlflow.MlflowClient(uri).set_tag(ranker_run_id, CANDIDATES_TAG, str(n))
 
 
 def _uniform_ranker(

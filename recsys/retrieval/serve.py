@@ -193,11 +193,28 @@ def load_state(artifacts: dict[str, str]) -> ServingState:
     )
 
 
+#: Environment variable: torch intra-op threads of a served model that runs torch (default 1).
+TORCH_THREADS_ENV = "RECSYS_SERVE_TORCH_THREADS"
+
+
+def set_torch_threads() -> None:
+    """One torch thread per server worker unless $RECSYS_SERVE_TORCH_THREADS says otherwise: a request's
+    forward is small, and more threads only contend with the other workers' and clients' (measured:
+    two-stage p99 on 2 busy cores, docs/guides/two-stage-serving.md)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get(TORCH_THREADS_ENV, "1")))
+
+
 def _load_encoder(artifacts: dict[str, str]) -> Any:
     """The history encoder of a model that carries one (imports torch and the models only then)."""
     if ENCODER_ART not in artifacts:
         return None
     from recsys.retrieval.history_users import HistoryEncoder
+
+    set_torch_threads()
 
     return HistoryEncoder.load(artifacts[ENCODER_ART])
 
