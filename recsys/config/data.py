@@ -34,6 +34,12 @@ class SplitConfig(Strict):
     test_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of rows for test (random).")
     n: int = Field(1, ge=1, description="Interactions per user held out for val and for test (leave_last_n).")
     seed: int = Field(0, description="Seed of the random split.")
+    max_rows: int = Field(
+        50_000_000,
+        gt=0,
+        description="leave_last_n: most rows the file prepare orders per user in memory (~16 bytes a row, "
+        "~60 while ordering); beyond it prepare stops and points at the Spark path.",
+    )
 
 
 class NegativesConfig(Strict):
@@ -68,7 +74,7 @@ class HistoryConfig(Strict):
         50_000_000,
         gt=0,
         description="Most input rows prepare orders in memory (~20 bytes a row while the histories are "
-        "built); beyond it prepare stops with an error (a distributed sort is not built yet).",
+        "built); beyond it prepare stops and points at the Spark path, which builds them on the executors.",
     )
 
 

@@ -5,7 +5,8 @@ on `data.chunk_rows` and the vocabularies, not on the row count. Every row's spl
 the row alone — random from (split seed, position), by_day from its day file, presplit from its
 part — except leave_last_n, which needs each user's rows in time order: a first pass keeps
 (user code, timestamp) per row, 16 bytes a row (~60 while the order is solved), and the int8
-assignment (1 byte a row) is kept for the later passes. Criteo/synthetic CTR TSVs and table CSV/Parquet files stream from disk; MovieLens,
+assignment (1 byte a row) is kept for the later passes; beyond data.split.max_rows it stops and points
+at the Spark path. Criteo/synthetic CTR TSVs and table CSV/Parquet files stream from disk; MovieLens,
 RecBole and Learning-from-Sets files (small, joined with side tables) are read whole once and cut
 into chunks. With data.negatives the whole table is in memory too (sampling looks at every
 interaction of a user).
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys.data import splits as S
+from recsys.data.history import SPARK_PATH
 from recsys.data.metadata import SourceFile
 from recsys.data.readers import STREAMED_KINDS, Table, iter_source, read_source, slice_table
 from recsys.data.window import WindowFilter
@@ -172,9 +174,17 @@ class ChunkReader:
         known = pa.array([], pa.string())
         codes: list[np.ndarray] = []
         times: list[np.ndarray | None] = []
+        rows, limit = 0, self.cfg.data.split.max_rows
         for t, _, _ in self._parts(None):
             if t.user_feature is None:
                 raise UserError("data.split.mode leave_last_n needs a user column (data.source.user)")
+            rows += t.rows
+            if rows > limit:
+                raise UserError(
+                    f"data.split.mode leave_last_n: the input has more than data.split.max_rows = {limit:,} "
+                    "rows; each user's rows are ordered in memory here (~16 bytes a row, ~60 while "
+                    f"ordering): raise the limit if memory allows, or {SPARK_PATH}"
+                )
             col = t.sparse[t.sparse_names.index(t.user_feature)].combine_chunks().cast(pa.string())
             # Codes in order of first appearance over the whole file: stable across chunks.
             enc = pc.dictionary_encode(pa.concat_arrays([known, col]))
