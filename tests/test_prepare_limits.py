@@ -1,5 +1,5 @@
-"""The file prepare's per-row limits (data.history.max_rows, data.split.max_rows for leave_last_n) stop
-it with one line that names the field and points at the Spark path, whose commands exist."""
+"""The file prepare's per-row limit on histories (data.history.max_rows) stops it with one line that
+names the field and points at the Spark path, whose commands exist."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from recsys.config import config_from_dict
 from recsys.data.history import SPARK_PATH
 from recsys.data.prepare import prepare
 from recsys.errors import UserError
@@ -29,22 +28,6 @@ def test_history_beyond_max_rows_points_at_spark(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"data\.history\.max_rows = 100 .*--spark"):
         prepare(capped, overwrite=False)
     prepare(cfg, overwrite=False)  # within the limit (300 rows by default 50M): prepared
-
-
-def test_leave_last_n_beyond_max_rows_points_at_spark(tmp_path: Path) -> None:
-    write_events(tmp_path / "events.csv", rows=300)
-    raw = make_cfg(tmp_path / "events.csv", tmp_path / "out", chunk_rows=64).model_dump(mode="json")
-    raw["data"]["history"] = None
-    raw["model"]["two_tower"]["history_pooling"] = "none"
-    raw["data"]["split"] = {"mode": "leave_last_n", "n": 1, "max_rows": 200}
-    with pytest.raises(
-        UserError, match=r"leave_last_n: the input has more than data\.split\.max_rows = 200 .*--spark"
-    ):
-        prepare(config_from_dict(raw), overwrite=True)
-    raw["data"]["split"]["max_rows"] = 300
-    meta = prepare(config_from_dict(raw), overwrite=True)
-    assert meta.splits["test"].rows == 12  # one per user: the limit is inclusive
-    assert "max_rows" not in meta.settings["split"]  # a memory limit, not the folder's content
 
 
 def test_the_spark_commands_named_exist() -> None:

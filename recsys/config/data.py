@@ -34,12 +34,6 @@ class SplitConfig(Strict):
     test_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of rows for test (random).")
     n: int = Field(1, ge=1, description="Interactions per user held out for val and for test (leave_last_n).")
     seed: int = Field(0, description="Seed of the random split.")
-    max_rows: int = Field(
-        50_000_000,
-        gt=0,
-        description="leave_last_n: most rows the file prepare orders per user in memory (~16 bytes a row, "
-        "~60 while ordering); beyond it prepare stops and points at the Spark path.",
-    )
 
 
 class NegativesConfig(Strict):

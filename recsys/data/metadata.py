@@ -191,7 +191,6 @@ _NOT_CONTENT |= {"window", "train_dirs"}
 def data_settings(cfg: Config) -> dict[str, object]:
     """The part of cfg.data that determines a prepared folder's content (recorded in metadata.json)."""
     out = cfg.data.model_dump(mode="json", exclude=_NOT_CONTENT)
-    out["split"].pop("max_rows")  # a memory limit of the file prepare, not content
     if not cfg.data.negatives.per_positive:  # folders prepared before the field existed still match
         out.pop("negatives")
     if cfg.data.history is None:  # likewise for folders prepared before histories existed
