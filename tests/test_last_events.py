@@ -13,7 +13,8 @@ from recsys.data.last_events import LastEvents
 
 def _events(rows: int, users: int, seed: int) -> tuple[pa.Array, np.ndarray]:
     rng = np.random.default_rng(seed)
-    ids = [f"u{u}" if u else None for u in rng.integers(0, users, rows)]  # u0: rows without a user
+    # zipf: a few busy users and many with 1 .. 2n events (held out partly or not at all); 0: no user
+    ids = [f"u{u}" if u else None for u in rng.zipf(1.3, rows) % users]
     return pa.array(ids, pa.string()), rng.integers(0, 30, rows).astype(np.float64)  # many ties
 
 
@@ -22,19 +23,21 @@ def _chunked(user: pa.Array, ts: np.ndarray | None, n: int, chunk: int) -> np.nd
     starts = range(0, len(user), chunk)
     for s in starts:
         last.observe(user[s : s + chunk], None if ts is None else ts[s : s + chunk], s)
-    return np.concatenate([last.assign(user[s : s + chunk], s) for s in starts])
+    return np.concatenate([last.assign(s, len(user[s : s + chunk])) for s in starts])
 
 
 @pytest.mark.parametrize(
     ("n", "chunk", "timed"), [(1, 7, True), (2, 50, True), (3, 1000, True), (2, 13, False)]
 )
 def test_equals_leave_last_n_of_the_whole_input(n: int, chunk: int, timed: bool) -> None:
-    user, ts = _events(600, 40, seed=n)
+    user, ts = _events(600, 300, seed=n)
     codes = user.dictionary_encode().indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     want = S.leave_last_n(codes, ts if timed else None, n)
     got = _chunked(user, ts if timed else None, n, chunk)
     np.testing.assert_array_equal(got, want)
     assert (want == S.TEST).sum() > 20 and (want == S.VAL).sum() > 20
+    sizes = np.bincount(codes + 1)
+    assert ((sizes > n) & (sizes <= 2 * n)).any() and (sizes <= n).any()  # users with test but no val, none
 
 
 def test_state_grows_with_users_not_rows() -> None:

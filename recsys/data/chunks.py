@@ -153,7 +153,7 @@ class ChunkReader:
                 return S.random_split_at(at, sp.val_fraction, 0.0, sp.seed)
             return np.full(n, part, dtype=np.int8)
         if self._assign is not None:
-            return self._assign.assign(t.sparse[t.sparse_names.index(t.user_feature or "")], start)
+            return self._assign.assign(start, n)
         if sp.mode == "random":
             at = np.arange(start, start + n, dtype=np.int64)
             return S.random_split_at(at, sp.val_fraction, sp.test_fraction, sp.seed)

@@ -3,7 +3,8 @@
 `splits.leave_last_n` orders every row of every user; but a row's split depends only on whether it is
 among its user's last 2n events (by time, ties by position) and on the user's event count. So pass 0
 keeps, per user, the (time, position) keys of its latest 2n events seen so far and a count, merging
-each chunk into them; later passes decide each chunk's rows from those keys alone. Memory grows with
+each chunk into them; later passes decide each chunk's rows from those keys alone, by position (a row
+that is not among its user's last 2n events is train), so they need no user look-up. Memory grows with
 the users (like their vocabulary: 16·2n + 8 bytes a user, plus the user ids), never with the rows; the
 assignment equals `splits.leave_last_n` of the whole input (tests/test_last_events.py).
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from recsys.data import splits as S
 from recsys.data.history import _GlobalCodes
@@ -32,6 +32,7 @@ class LastEvents:
         self._pos = np.full((1, self.k), -1, np.int64)  # -1: an empty slot (the user has fewer events)
         self._count = np.zeros(1, np.int64)
         self._timed: bool | None = None  # whether the chunks carry timestamps (all or none)
+        self._kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # built by the first assign
 
     def _slots(self, users: np.ndarray) -> np.ndarray:
         return users + 1
@@ -54,6 +55,7 @@ class LastEvents:
 
     def observe(self, user: pa.ChunkedArray | pa.Array, timestamp: np.ndarray | None, start: int) -> None:
         """Merge one chunk (rows start .. start + len - 1, in file order) into the kept keys."""
+        self._kept = None
         slots = self._slots(self._codes.add(user))
         pos = np.arange(start, start + len(slots), dtype=np.int64)
         time = self._times(timestamp, pos)
@@ -76,18 +78,20 @@ class LastEvents:
         self._pos[s[keep], col] = p[keep]
         self._time[s[keep], col] = t[keep]
 
-    def assign(self, user: pa.ChunkedArray | pa.Array, start: int) -> np.ndarray:
-        """int8 split of one chunk's rows (rows start .. start + len - 1), after every `observe`."""
-        col = user.combine_chunks() if isinstance(user, pa.ChunkedArray) else user
-        codes = pc.index_in(col.cast(pa.string()), value_set=self._codes.known)
-        slots = self._slots(codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
-        pos = np.arange(start, start + len(slots), dtype=np.int64)
-        match = self._pos[slots] == pos[:, None]  # the row's place among its user's last k, if there
-        from_end = np.where(match.any(axis=1), self.k - 1 - match.argmax(axis=1), self.k)
-        size = self._count[slots]
-        out = np.full(len(slots), S.TRAIN, np.int8)
-        out[(from_end < self.n) & (size > self.n)] = S.TEST
-        out[(from_end >= self.n) & (from_end < self.k) & (size > self.k)] = S.VAL
+    def assign(self, start: int, n: int) -> np.ndarray:
+        """int8 split of rows start .. start + n - 1, after every `observe`: a row is val or test only if
+        it is among its user's last 2n events, found by its position (no user look-up)."""
+        if self._kept is None:  # every kept key by position, once: (position, slot, place from the end)
+            valid = self._pos >= 0
+            slot, col = np.nonzero(valid)
+            order = np.argsort(self._pos[valid], kind="stable")
+            self._kept = (self._pos[valid][order], slot[order], (self.k - 1 - col[order]).astype(np.int64))
+        pos, slot, from_end = self._kept
+        lo, hi = np.searchsorted(pos, [start, start + n])
+        rows, from_end, size = pos[lo:hi] - start, from_end[lo:hi], self._count[slot[lo:hi]]
+        out = np.full(n, S.TRAIN, np.int8)
+        out[rows[(from_end < self.n) & (size > self.n)]] = S.TEST
+        out[rows[(from_end >= self.n) & (size > self.k)]] = S.VAL
         return out
 
     def nbytes(self) -> int:
