@@ -101,3 +101,20 @@ def test_spark_histories_equal_file_prepare(
     assert (rank > L).sum() > 500 and (rank == 0).sum() >= 50
     train = read_split_arrays(spark_dir, "train", b)
     assert (train["history"][:, 0][train["history_rank"] >= L] == 0).any()  # an OOV item (row 0)
+
+
+def test_spark_history_refuses_what_the_file_path_refuses(tmp_path: Path) -> None:
+    """No user column, or sampled negatives beside histories: one line naming the field, before Spark."""
+    from recsys.data.spark_history import check_history
+    from recsys.errors import UserError
+
+    cfg = history_config(tmp_path / "x.parquet", tmp_path / "out", "random", "ts")
+    check_history(cfg, cfg.data.source)  # fine as it is
+    no_user = cfg.data.source.model_copy(update={"user": None})
+    with pytest.raises(UserError, match="data.history needs user and item columns"):
+        check_history(cfg, no_user)
+    negatives = cfg.data.model_copy(
+        update={"negatives": cfg.data.negatives.model_copy(update={"per_positive": 2})}
+    )
+    with pytest.raises(UserError, match="data.negatives.per_positive"):
+        check_history(cfg.model_copy(update={"data": negatives}), cfg.data.source)
