@@ -68,7 +68,7 @@ class HistoryConfig(Strict):
         50_000_000,
         gt=0,
         description="Most input rows prepare orders in memory (~20 bytes a row while the histories are "
-        "built); beyond it prepare stops with an error (a distributed sort is not built yet).",
+        "built); beyond it prepare stops and points at the Spark path, which builds them on the executors.",
     )
 
 

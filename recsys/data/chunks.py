@@ -3,9 +3,10 @@
 `recsys data prepare` makes two passes (count ids on train, then map and write), so memory depends
 on `data.chunk_rows` and the vocabularies, not on the row count. Every row's split is decided from
 the row alone — random from (split seed, position), by_day from its day file, presplit from its
-part — except leave_last_n, which needs each user's rows in time order: a first pass keeps
-(user code, timestamp) per row, 16 bytes a row (~60 while the order is solved), and the int8
-assignment (1 byte a row) is kept for the later passes. Criteo/synthetic CTR TSVs and table CSV/Parquet files stream from disk; MovieLens,
+part — except leave_last_n, which needs each user's rows in time order: a first pass keeps, per user,
+the keys of its last 2n events and its count (recsys.data.last_events: memory grows with the users,
+not the rows), from which later passes decide each chunk's rows. Criteo/synthetic CTR TSVs and table
+CSV/Parquet files stream from disk; MovieLens,
 RecBole and Learning-from-Sets files (small, joined with side tables) are read whole once and cut
 into chunks. With data.negatives the whole table is in memory too (sampling looks at every
 interaction of a user).
@@ -19,10 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from recsys.data import splits as S
+from recsys.data.last_events import LastEvents
 from recsys.data.metadata import SourceFile
 from recsys.data.readers import STREAMED_KINDS, Table, iter_source, read_source, slice_table
 from recsys.data.window import WindowFilter
@@ -92,7 +92,7 @@ class ChunkReader:
         self._passes = 0
         self._whole: dict[str, Table] = {}  # small sources read whole, by part
         self._given = given  # (table, assign, labels) decided in memory (negatives)
-        self._assign: np.ndarray | None = None  # leave_last_n's assignment, by position
+        self._assign: LastEvents | None = None  # leave_last_n's per-user last events
         self.window = WindowFilter(cfg)  # data.window: rows outside [since, until) are not read on
         src, mode = cfg.data.source, cfg.data.split.mode
         self._days = 0
@@ -153,7 +153,7 @@ class ChunkReader:
                 return S.random_split_at(at, sp.val_fraction, 0.0, sp.seed)
             return np.full(n, part, dtype=np.int8)
         if self._assign is not None:
-            return self._assign[start : start + n]
+            return self._assign.assign(start, n)
         if sp.mode == "random":
             at = np.arange(start, start + n, dtype=np.int64)
             return S.random_split_at(at, sp.val_fraction, sp.test_fraction, sp.seed)
@@ -167,26 +167,18 @@ class ChunkReader:
             f"data.split.mode {sp.mode!r} does not fit data.source.kind {self.cfg.data.source.kind!r}"
         )
 
-    def _leave_last_n(self) -> np.ndarray:
-        """Pass 0 of leave_last_n: (user, timestamp) of every row → the per-user assignment."""
-        known = pa.array([], pa.string())
-        codes: list[np.ndarray] = []
-        times: list[np.ndarray | None] = []
+    def _leave_last_n(self) -> LastEvents:
+        """Pass 0 of leave_last_n: every row's (user, timestamp) merged into its user's last 2n keys."""
+        last, start, timed = LastEvents(self.cfg.data.split.n), 0, True
         for t, _, _ in self._parts(None):
             if t.user_feature is None:
                 raise UserError("data.split.mode leave_last_n needs a user column (data.source.user)")
-            col = t.sparse[t.sparse_names.index(t.user_feature)].combine_chunks().cast(pa.string())
-            # Codes in order of first appearance over the whole file: stable across chunks.
-            enc = pc.dictionary_encode(pa.concat_arrays([known, col]))
-            codes.append(enc.indices.slice(len(known)).fill_null(-1).to_numpy().astype(np.int64))
-            known = enc.dictionary
-            times.append(t.timestamp)
-        has_time = all(t is not None for t in times)
-        if not has_time:
+            timed &= t.timestamp is not None
+            last.observe(t.sparse[t.sparse_names.index(t.user_feature)], t.timestamp, start)
+            start += t.rows
+        if not timed:
             log.warning("no timestamp column: leave_last_n uses file order as time order")
-        users = np.concatenate(codes) if codes else np.zeros(0, np.int64)
-        ts = np.concatenate(times) if has_time and times else None  # type: ignore[arg-type]
-        return S.leave_last_n(users, ts, self.cfg.data.split.n)
+        return last
 
     def __iter__(self) -> Iterator[Chunk]:
         first = self._passes == 0

@@ -8,8 +8,8 @@ position of the user's previous event and the row's rank among the user's events
 `rows(start, n)` for each chunk's histories by walking back L steps.
 
 Memory: about 40 bytes a row while ordering (user, item, time, previous event, rank and the sort's
-permutation), so prepare refuses inputs beyond data.history.max_rows with a message naming it
-(a distributed sort, e.g. on Spark, is not built yet). Rows without a user get an empty history and
+permutation), so prepare refuses inputs beyond data.history.max_rows with a message pointing at the
+Spark path (recsys.data.spark_history builds the same columns on the executors). Rows without a user get an empty history and
 are in no one's history; rows without a timestamp column use file order as time.
 
 MDS columns written beside label/dense/sparse (see recsys.data.metadata):
@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     from recsys.data.readers import Table
 
 log = logging.getLogger(__name__)
+
+# Where prepares that outgrow one machine go (recsys.data.spark_mds; the source must be kind `table`).
+SPARK_PATH = (
+    "use the Spark path (data.source.kind table): `recsys data prepare --config CONFIG --spark`, "
+    "`python -m recsys.data.spark_mds --config CONFIG` under spark-submit, or "
+    "`recsys render --data-prep spark --config CONFIG` for the Spark Operator"
+)
 
 
 class _GlobalCodes:
@@ -71,7 +78,8 @@ class HistoryBuilder:
         if self.rows_seen > self.max_rows:
             raise UserError(
                 f"data.history: the input has more than data.history.max_rows = {self.max_rows:,} rows; "
-                "histories are ordered in memory (~40 bytes a row): raise the limit if memory allows"
+                "histories are ordered in memory here (~40 bytes a row): raise the limit if memory allows, "
+                f"or {SPARK_PATH}"
             )
         ts = None if timestamp is None else np.asarray(timestamp, np.float64)
         self._parts.append((self._users.add(user), self._items.add(item), ts))

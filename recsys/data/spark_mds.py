@@ -11,7 +11,7 @@ last of a split).
 Everything that grows with the rows runs on the executors: reading, row positions, bad-row checks,
 the split (a pandas UDF of the position), leave-last-n windows, label statistics, vocabulary counting
 (one groupBy over all features) and numbering (one global sort, then a position in that order),
-id → row mapping (joins), ordering and blocking rows (a block = one DataFrame row built by
+id → row mapping (joins), histories (data.history: one Window per user, recsys.data.spark_history), ordering and blocking rows (a block = one DataFrame row built by
 groupBy(block id) + collect_list), and writing: `streaming.base.converters.dataframe_to_mds` runs an
 MDSWriter per partition (out/<task attempt id>/) and merges their index.json into out/index.json, in
 block order. The driver only collects what grows with partitions or features (rows per partition,
@@ -44,7 +44,6 @@ import numpy as np
 
 from recsys.data import splits as S
 from recsys.data.metadata import (
-    MDS_COLUMNS,
     SPLITS,
     BadRows,
     Metadata,
@@ -53,6 +52,13 @@ from recsys.data.metadata import (
     SplitInfo,
     data_settings,
     write_metadata,
+)
+from recsys.data.spark_history import (
+    check_history,
+    mds_writing,
+    sparse_with_history,
+    with_history,
+    write_empty_history_split,
 )
 from recsys.data.spark_window import filter_window, previous_vocabularies, size_of
 from recsys.errors import DataError, UserError
@@ -373,10 +379,7 @@ def prepare_dataframe(
             "model.tables: capped and managed_collision tables are prepared by `recsys data prepare` "
             "only, not yet on Spark; use exact tables here"
         )
-    if cfg.data.history is not None:  # not silently without them: the model needs the column
-        raise UserError(
-            "data.history: histories are prepared by `recsys data prepare` only, not yet on Spark"
-        )
+    check_history(cfg, m)
     sp, lab = cfg.data.split, cfg.data.label
 
     # ---- columns, in the file-based reader's order: user and item lead the sparse features
@@ -516,14 +519,15 @@ def prepare_dataframe(
         if sizes.get(j, 0) <= BROADCAST_VOCAB:
             v = F.broadcast(v)  # no shuffle of the rows for a vocabulary that fits every executor
         mapped = mapped.join(v, on=f"_s{j}", how="left")
+    mapped = with_history(mapped, cfg, sparse_cols)
     rows = mapped.select(
         _POS,
         _SPLIT,
         F.col(_LABEL).cast("float").alias(_LABEL),
         _DENSE,
-        F.array(*[F.coalesce(F.col(f"_r{j}"), F.lit(0)).cast("long") for j in range(len(ids))]).alias(
-            _SPARSE
-        ),
+        sparse_with_history(
+            F.array(*[F.coalesce(F.col(f"_r{j}"), F.lit(0)).cast("long") for j in range(len(ids))]), cfg
+        ).alias(_SPARSE),
     ).persist(getattr(StorageLevel, ROWS_STORAGE))
     stats = {
         int(r[_SPLIT]): (int(r["rows"]), int(r["pos"]))
@@ -545,6 +549,7 @@ def prepare_dataframe(
     shuffle_partitions = int(df.sparkSession.conf.get("spark.sql.shuffle.partitions") or 200)
 
     infos: dict[str, SplitInfo] = {}
+    columns, udf, udf_kwargs = mds_writing(cfg, len(m.dense), len(ids))
     all_blocks = _blocks(
         rows,
         {c: v[0] for c, v in stats.items()},
@@ -558,7 +563,9 @@ def prepare_dataframe(
         count, positives = stats.get(code, (0, 0))
         num_blocks = math.ceil(count / cfg.data.block_size)
         target = out / split_name
-        if count == 0:  # dataframe_to_mds refuses an empty DataFrame; an empty split is still a dataset
+        if count == 0 and cfg.data.history is not None:
+            write_empty_history_split(target, cfg)
+        elif count == 0:  # dataframe_to_mds refuses an empty DataFrame; an empty split is still a dataset
             write_split(
                 target,
                 np.zeros(0, np.float32),
@@ -583,13 +590,13 @@ def prepare_dataframe(
                 merge_index=True,
                 mds_kwargs={
                     "out": dest,
-                    "columns": dict(MDS_COLUMNS),
+                    "columns": columns,
                     "compression": cfg.data.compression,
                     "size_limit": cfg.data.shard_size_limit,
                     "keep_local": True,
                 },
-                udf_iterable=block_records,
-                udf_kwargs={"dense_dim": len(m.dense), "sparse_dim": len(ids)},
+                udf_iterable=udf,
+                udf_kwargs=udf_kwargs,
             )
         infos[split_name] = SplitInfo(rows=count, blocks=num_blocks, positives=positives)
 
@@ -616,6 +623,7 @@ def prepare_dataframe(
         if previous is not None or is_windowed(cfg)
         else None,
         lineage=previous.lineage() if previous is not None else [],
+        history_length=cfg.data.history.length if cfg.data.history is not None else None,
     )
     write_metadata(out, meta)
     if remote is not None:
