@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401 (pa.csv below)
 import pyarrow.parquet as pq
 import pytest
 
@@ -199,6 +200,7 @@ def test_train_order_is_shuffled_within_windows(tmp_path: Path) -> None:
 _CHILD = """
 import json, os, sys, tracemalloc
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401 (pa.csv below)
 import streaming  # the MDS writer's imports (torch …) are not prepare's memory
 from pathlib import Path
 from recsys.bench.prepare_scale import _config
