@@ -193,3 +193,18 @@ def test_folds_depend_on_seed_and_position_only() -> None:
     a = fold_of(10_000, 5, 0)
     assert np.array_equal(a[:100], fold_of(100, 5, 0)) and not np.array_equal(a, fold_of(10_000, 5, 1))
     assert np.bincount(a).min() > 1_800
+
+
+def test_a_history_reading_retriever_is_refused_in_one_line() -> None:
+    from recsys.retrieval.candidates import refuse_history_retriever
+    from recsys.retrieval.runs import TwoTowerRun
+
+    plain = load_config("movielens_100k_recbole")
+    refuse_history_retriever(TwoTowerRun("r0", "sqlite:///x.db", plain))  # no history: accepted
+    pooled = load_config(
+        "movielens_100k_recbole",
+        ["data.history.length=5", "model.two_tower.history_pooling=mean", "train.pipeline=false"],
+    )
+    for cfg in (pooled, load_config("movielens_100k_sequential")):
+        with pytest.raises(UserError, match="run r1 reads histories.*held-out items"):
+            refuse_history_retriever(TwoTowerRun("r1", "sqlite:///x.db", cfg))

@@ -325,6 +325,19 @@ class Candidates:
     history: History  # of the served retriever (all train rows)
 
 
+def refuse_history_retriever(run: TwoTowerRun) -> None:
+    """Cross-fitting needs user vectors that never saw a fold's held-out items; a history-reading
+    retriever's vectors pool the user's items, held-out ones included, so it is refused (one line)."""
+    from recsys.data.history import model_uses_history
+
+    if model_uses_history(run.cfg):
+        raise UserError(
+            f"data candidates: run {run.run_id} reads histories (data.history / a sequential model), whose "
+            "user vectors would pool the held-out items of each fold; build candidates from a retriever "
+            "without data.history (e.g. the shipped movielens_100k_recbole Two-Tower)"
+        )
+
+
 def candidate_rows(
     cfg: Config, run_id: str, uri: str | None = None, fold_runs: list[str] | None = None
 ) -> Candidates:
@@ -336,6 +349,7 @@ def candidate_rows(
 
     spec = cfg.data.candidates
     run = open_run(run_id, uri)
+    refuse_history_retriever(run)
     uri, prepared = run.tracking_uri, run.cfg.data.prepared_dir
     meta = read_metadata(prepared)
     arrays = read_all_splits(run.cfg, meta)
