@@ -493,11 +493,13 @@ def prepare_dataframe(
         _DENSE,
         *[f"_s{j}" for j in range(len(ids))],
     )
-    for j in range(len(ids)):
+    # Broadcast joins first, shuffled ones last: by then the other ids are longs, not strings, and
+    # each shuffle of the rows moves less.
+    for j in sorted(range(len(ids)), key=lambda j: sizes.get(j, 0) > BROADCAST_VOCAB):
         v = vocab_df.filter(F.col("j") == j).select(F.col("id").alias(f"_s{j}"), F.col("row").alias(f"_r{j}"))
         if sizes.get(j, 0) <= BROADCAST_VOCAB:
             v = F.broadcast(v)  # no shuffle of the rows for a vocabulary that fits every executor
-        mapped = mapped.join(v, on=f"_s{j}", how="left")
+        mapped = mapped.join(v, on=f"_s{j}", how="left").drop(f"_s{j}")
     rows = mapped.select(
         _POS,
         _SPLIT,
