@@ -110,6 +110,31 @@ def _jvm_peak_rss(parent: int) -> int:
     return peak
 
 
+def _tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of `root` and every live descendant, each with its reaped children's
+    (the JVM's exited Python workers count through their parent): on a shared machine a steadier
+    figure than wall time, which other jobs' load stretches."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the name: state ppid ... utime(12) stime(13) cutime(14) cstime(15), 0-based from state
+        parent[int(d.name)] = int(fields[1])
+        cpu[int(d.name)] = sum(int(x) for x in fields[11:15]) / tick
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo += [c for c, p in parent.items() if p == pid]
+    return total
+
+
 def run_prepare(config_path: Path) -> dict[str, Any]:
     """In this (child) process: run the Spark prepare, return wall time and the peak memory figures."""
     from recsys.config import load_config
@@ -124,10 +149,12 @@ def run_prepare(config_path: Path) -> dict[str, Any]:
     wall = time.perf_counter() - start
     # The JVM is still up: its high-water mark covers the whole prepare.
     jvm = _jvm_peak_rss(os.getpid())
+    cpu = _tree_cpu_seconds(os.getpid())
     spark.stop()
     return {
         "rows": sum(s.rows for s in meta.splits.values()),
         "seconds": wall,
+        "cpu_seconds": cpu,
         "jvm_peak_rss": jvm,
         "python_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "vocab_rows": sum(f.num_embeddings for f in meta.sparse_features),
@@ -176,7 +203,8 @@ def bench_spark_scale(
         f"spark prepare local[2], --driver-memory {driver_memory}: {res['rows']:,} rows in {res['seconds']:,.0f} s "
         f"= {res['rows'] / res['seconds']:,.0f} rows/s; driver JVM peak RSS {res['jvm_peak_rss'] / mib:,.0f} MiB; "
         f"Python driver peak RSS {res['python_peak_rss'] / mib:,.0f} MiB; splits {res['splits']}; "
-        f"{res['vocab_rows']:,} vocabulary rows"
+        f"{res['vocab_rows']:,} vocabulary rows; {res['cpu_seconds']:,.0f} CPU seconds in all processes "
+        f"(with the JVM's start and the Parquet read)"
     )
     return res
 

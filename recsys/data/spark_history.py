@@ -11,16 +11,13 @@ One Window partitioned by the raw user id and ordered by (timestamp, position) g
 `collect_list` over rowsBetween(-L, -1) of the item row and `row_number` - 1. Spark sorts each user's
 events in its shuffle (spilling to disk as it must); nothing per row reaches the driver. The columns
 ride behind the sparse ones through the blocking (as in the file path's SplitWriter) and are split
-back into the `history`/`history_rank` MDS columns by `history_block_records` on the executors.
+back into the `history`/`history_rank` MDS columns by the block writer (recsys.data.spark_blocks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from recsys.errors import UserError
 
@@ -74,32 +71,13 @@ def sparse_with_history(sparse: Column, cfg: Config) -> Column:
     return F.concat(sparse, F.col(HISTORY))
 
 
-def history_block_records(
-    pdf: Any, dense_dim: int, sparse_dim: int, history_length: int
-) -> list[dict[str, np.ndarray]]:
-    """`dataframe_to_mds` udf: `spark_mds.block_records` with the last L + 1 sparse values of each row
-    split off into the `history` and `history_rank` columns."""
-    from recsys.data.spark_mds import block_records
-
-    out = block_records(pdf, dense_dim, sparse_dim + history_length + 1)
-    for sample in out:
-        wide = sample["sparse"]
-        sample["sparse"] = np.ascontiguousarray(wide[:, :sparse_dim])
-        sample["history"] = np.ascontiguousarray(wide[:, sparse_dim:-1])
-        sample["history_rank"] = np.ascontiguousarray(wide[:, -1])
-    return out
-
-
-def mds_writing(cfg: Config, dense_dim: int, sparse_dim: int) -> tuple[dict[str, str], Callable, dict]:
-    """(MDS columns, udf, udf kwargs) for `dataframe_to_mds`, with the history columns when set."""
+def mds_columns(cfg: Config) -> tuple[dict[str, str], int | None]:
+    """(MDS columns, history length) of the split writers: the history columns when data.history is set."""
     from recsys.data.metadata import HISTORY_COLUMNS, MDS_COLUMNS
-    from recsys.data.spark_mds import block_records
 
-    kwargs: dict[str, int] = {"dense_dim": dense_dim, "sparse_dim": sparse_dim}
     if cfg.data.history is None:
-        return dict(MDS_COLUMNS), block_records, kwargs
-    kwargs["history_length"] = cfg.data.history.length
-    return {**MDS_COLUMNS, **HISTORY_COLUMNS}, history_block_records, kwargs
+        return dict(MDS_COLUMNS), None
+    return {**MDS_COLUMNS, **HISTORY_COLUMNS}, cfg.data.history.length
 
 
 def write_empty_history_split(target: Path, cfg: Config) -> None:

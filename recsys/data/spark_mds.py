@@ -11,10 +11,11 @@ last of a split).
 Everything that grows with the rows runs on the executors: reading, row positions, bad-row checks,
 the split (a pandas UDF of the position), leave-last-n windows, label statistics, vocabulary counting
 (one groupBy over all features) and numbering (one global sort, then a position in that order),
-id → row mapping (joins), histories (data.history: one Window per user, recsys.data.spark_history), ordering and blocking rows (a block = one DataFrame row built by
-groupBy(block id) + collect_list), and writing: `streaming.base.converters.dataframe_to_mds` runs an
-MDSWriter per partition (out/<task attempt id>/) and merges their index.json into out/index.json, in
-block order. The driver only collects what grows with partitions or features (rows per partition,
+id → row mapping (joins), histories (data.history: one Window per user, recsys.data.spark_history),
+ordering rows (one global sort), and writing: one range shuffle on
+(split, block) puts each block whole in one partition and `recsys.data.spark_blocks` runs an MDSWriter
+per partition (out/<split>/<partition>/, blocks cut from Arrow batches with numpy), then merges their
+index.json into out/<split>/index.json, in block order. The driver only collects what grows with partitions or features (rows per partition,
 ids per feature, rows per split), streams the vocab files partition by partition
 (`toLocalIterator`), and writes metadata.json: its memory does not depend on the row count.
 
@@ -55,7 +56,7 @@ from recsys.data.metadata import (
 )
 from recsys.data.spark_history import (
     check_history,
-    mds_writing,
+    mds_columns,
     sparse_with_history,
     with_history,
     write_empty_history_split,
@@ -79,7 +80,7 @@ ROWS_STORAGE = "DISK_ONLY"  # a pyspark.StorageLevel name (pyspark is imported l
 # Vocabulary ids the driver holds at a time while writing vocab files (one fetched partition): a fixed
 # partition count, which adaptive execution does not coalesce into bigger fetches.
 VOCAB_IDS_PER_FETCH = 20_000
-BLOCKS_PER_TASK = 64  # blocks one dataframe_to_mds task writes (bounds the number of partition folders)
+BLOCKS_PER_TASK = 64  # blocks one writer task writes (bounds the number of partition folders)
 
 
 def source_columns(cfg: Config) -> TableSource:
@@ -184,27 +185,6 @@ def _timestamp(df: DataFrame, name: str) -> tuple[Column, Column]:
     )
 
 
-def block_records(pdf: Any, dense_dim: int, sparse_dim: int) -> list[dict[str, np.ndarray]]:
-    """`dataframe_to_mds` udf: one pandas row per block (flattened arrays) → MDS samples (MDS_COLUMNS)."""
-    from recsys.data.readers import log1p_dense
-
-    out = []
-    for label, dense, sparse in zip(pdf[_LABEL], pdf[_DENSE], pdf[_SPARSE], strict=True):
-        n = len(label)
-        if dense_dim:
-            dense_block = log1p_dense(np.asarray(dense, dtype=np.float64).reshape(n, dense_dim))
-        else:  # MDS cannot encode empty arrays: one zero column, as mds.write_split does
-            dense_block = np.zeros((n, 1), dtype=np.float32)
-        out.append(
-            {
-                "label": np.asarray(label, dtype=np.float32),
-                "dense": dense_block,
-                "sparse": np.asarray(sparse, dtype=np.int64).reshape(n, sparse_dim),
-            }
-        )
-    return out
-
-
 def _random_split_column(pos: Column, val_fraction: float, test_fraction: float, seed: int) -> Column:
     """The seeded random split of every row (int8), decided on the executors from its position alone
     by `splits.random_split_at`: the same rule as the file-based prepare, nothing sent per row."""
@@ -249,13 +229,12 @@ def _offsets(sizes: dict[int, int], keys: list[int], col: Column) -> Column:
     return F.element_at(F.create_map(*pairs), col) if pairs else F.lit(0)
 
 
-def _blocks(
+def _ranked(
     rows: DataFrame, counts: dict[int, int], block_size: int, seed: int, window: int, cached: list[DataFrame]
 ) -> DataFrame:
-    """Rows of all splits → one DataFrame row per (split, block): columns _split, _block, and the
-    block's rows as flattened arrays. One global sort orders train by (position // window,
-    shuffle key) and val/test by position; a row's index in its split is its position in that
-    order minus the split's offset."""
+    """Rows of all splits with their index in the split's order (_idx) and block (_block = _idx //
+    block_size). One global sort orders train by (position // window, shuffle key) and val/test by
+    position; a row's index in its split is its position in that order minus the split's offset."""
     from pyspark.sql import functions as F
 
     src = F.col("_src")
@@ -267,16 +246,14 @@ def _blocks(
     )
     # _pos: index in that order
     ranked = _with_positions(by_order.orderBy(_SPLIT, "_win", "_key", "_src"), cached)
-    idx = F.col(_POS) - _offsets(counts, [S.TRAIN, S.VAL, S.TEST], F.col(_SPLIT))
-    packed = ranked.groupBy(_SPLIT, F.floor(idx / block_size).cast("long").alias("_block")).agg(
-        F.sort_array(F.collect_list(F.struct(idx.alias("_idx"), _LABEL, _DENSE, _SPARSE))).alias("r")
-    )
-    return packed.select(
+    idx = (F.col(_POS) - _offsets(counts, [S.TRAIN, S.VAL, S.TEST], F.col(_SPLIT))).cast("long")
+    return ranked.select(
         _SPLIT,
-        "_block",
-        F.col(f"r.{_LABEL}").alias(_LABEL),
-        F.flatten(F.col(f"r.{_DENSE}")).alias(_DENSE),
-        F.flatten(F.col(f"r.{_SPARSE}")).alias(_SPARSE),
+        idx.alias("_idx"),
+        F.floor(idx / block_size).cast("long").alias("_block"),
+        _LABEL,
+        _DENSE,
+        _SPARSE,
     )
 
 
@@ -322,6 +299,9 @@ def _vocabularies(
         vocab_df = previous[0].select("j", "id", "row").unionByName(vocab_df)
         sizes = {j: previous[1].get(j, 0) + sizes.get(j, 0) for j in range(features)}
     vocab_df = vocab_df.persist(StorageLevel.MEMORY_AND_DISK)
+    # Materialised before the id → row joins read it: otherwise each of their (concurrent) broadcasts
+    # recomputes it from the numbered frame on disk, one full pass per feature.
+    vocab_df.count()
     return vocab_df, sizes
 
 
@@ -469,7 +449,10 @@ def prepare_dataframe(
         )
     from pyspark import StorageLevel
 
-    split_df = staged.withColumn(_SPLIT, split_col).persist(getattr(StorageLevel, ROWS_STORAGE))
+    split_df = staged.withColumn(_SPLIT, split_col)
+    if sp.mode != "random":  # a per-user window is a shuffle: compute it once. The random split is a
+        # function of the position: recomputing it where used is cheaper than writing all rows again.
+        split_df = split_df.persist(getattr(StorageLevel, ROWS_STORAGE))
     is_train = F.col(_SPLIT) == S.TRAIN
 
     # ---- labels (data.label), the same rules as prepare.binarize
@@ -514,11 +497,15 @@ def prepare_dataframe(
         _DENSE,
         *[f"_s{j}" for j in range(len(ids))],
     )
-    for j in range(len(ids)):
+    # Broadcast joins first, shuffled ones last: by then the other ids are longs, not strings, and
+    # each shuffle of the rows moves less.
+    for j in sorted(range(len(ids)), key=lambda j: sizes.get(j, 0) > BROADCAST_VOCAB):
         v = vocab_df.filter(F.col("j") == j).select(F.col("id").alias(f"_s{j}"), F.col("row").alias(f"_r{j}"))
         if sizes.get(j, 0) <= BROADCAST_VOCAB:
             v = F.broadcast(v)  # no shuffle of the rows for a vocabulary that fits every executor
         mapped = mapped.join(v, on=f"_s{j}", how="left")
+        if cfg.data.history is None or sparse_cols[j] != m.user:  # histories group users by raw id
+            mapped = mapped.drop(f"_s{j}")
     mapped = with_history(mapped, cfg, sparse_cols)
     rows = mapped.select(
         _POS,
@@ -544,28 +531,23 @@ def prepare_dataframe(
         for j, c in enumerate(sparse_cols)
     ]
     write_vocab_files(vocab_df, [out / f.vocab_file for f in features], sum(sizes.values()))
-    from streaming.base.converters import dataframe_to_mds
+    from streaming.base.util import merge_index
+
+    from recsys.data.spark_blocks import write_blocks
 
     shuffle_partitions = int(df.sparkSession.conf.get("spark.sql.shuffle.partitions") or 200)
-
     infos: dict[str, SplitInfo] = {}
-    columns, udf, udf_kwargs = mds_writing(cfg, len(m.dense), len(ids))
-    all_blocks = _blocks(
-        rows,
-        {c: v[0] for c, v in stats.items()},
-        cfg.data.block_size,
-        sp.seed,
-        cfg.data.shuffle_window,
-        cached,
-    )
-    all_blocks = all_blocks.persist(getattr(StorageLevel, ROWS_STORAGE))
+    columns, history_length = mds_columns(cfg)
+    dests: dict[int, Any] = {}
     for split_name, code in zip(SPLITS, (S.TRAIN, S.VAL, S.TEST), strict=True):
         count, positives = stats.get(code, (0, 0))
-        num_blocks = math.ceil(count / cfg.data.block_size)
+        infos[split_name] = SplitInfo(
+            rows=count, blocks=math.ceil(count / cfg.data.block_size), positives=positives
+        )
         target = out / split_name
         if count == 0 and cfg.data.history is not None:
             write_empty_history_split(target, cfg)
-        elif count == 0:  # dataframe_to_mds refuses an empty DataFrame; an empty split is still a dataset
+        elif count == 0:  # no rows reach a writer; an empty split is still a dataset
             write_split(
                 target,
                 np.zeros(0, np.float32),
@@ -576,29 +558,37 @@ def prepare_dataframe(
                 cfg.data.shard_size_limit,
             )
         else:
-            # Range partitions in block order: the merged index lists partitions in order, so the
-            # split's blocks stay in order and only its last block is short (the loader relies on it).
-            tasks = max(1, min(math.ceil(num_blocks / BLOCKS_PER_TASK), shuffle_partitions))
-            blocks = (
-                all_blocks.filter(F.col(_SPLIT) == code)
-                .repartitionByRange(tasks, "_block")
-                .sortWithinPartitions("_block")
+            dests[code] = (
+                str(target) if remote is None else (str(target), f"{remote.rstrip('/')}/{split_name}")
             )
-            dest: Any = str(target) if remote is None else (str(target), f"{remote.rstrip('/')}/{split_name}")
-            dataframe_to_mds(
-                blocks.select(_LABEL, _DENSE, _SPARSE),
-                merge_index=True,
-                mds_kwargs={
-                    "out": dest,
-                    "columns": columns,
-                    "compression": cfg.data.compression,
-                    "size_limit": cfg.data.shard_size_limit,
-                    "keep_local": True,
-                },
-                udf_iterable=udf,
-                udf_kwargs=udf_kwargs,
-            )
-        infos[split_name] = SplitInfo(rows=count, blocks=num_blocks, positives=positives)
+    num_blocks = sum(i.blocks for i in infos.values())
+    index_files = write_blocks(
+        _ranked(
+            rows,
+            {c: v[0] for c, v in stats.items()},
+            cfg.data.block_size,
+            sp.seed,
+            cfg.data.shuffle_window,
+            cached,
+        ),
+        {c: (d, None) if isinstance(d, str) else d for c, d in dests.items()},
+        tasks=max(1, min(math.ceil(num_blocks / BLOCKS_PER_TASK), shuffle_partitions)),
+        block_size=cfg.data.block_size,
+        dense_dim=len(m.dense),
+        sparse_dim=len(ids),
+        history_length=history_length,
+        mds_kwargs={
+            "columns": columns,
+            "compression": cfg.data.compression,
+            "size_limit": cfg.data.shard_size_limit,
+            "keep_local": True,
+        },
+    )
+    for code, dest in dests.items():
+        # Partition order is block order: the merged index keeps the split's blocks in order.
+        merge_index(
+            [(loc, rem) for loc, rem in index_files[code]], dest, keep_local=True, download_timeout=60
+        )
 
     meta = Metadata(
         name=cfg.name,
@@ -628,7 +618,7 @@ def prepare_dataframe(
     write_metadata(out, meta)
     if remote is not None:
         _upload_extras(out, remote, [f.vocab_file for f in features])
-    for d in (all_blocks, rows, vocab_df, split_df, *cached):
+    for d in (rows, vocab_df, split_df, *cached):
         d.unpersist()
     print(
         f"prepared {out} with Spark: "
