@@ -179,16 +179,19 @@ def retrieval_embeddings(
     meta: Metadata,
     arrays: dict[str, dict[str, np.ndarray]],
     split: str | None = None,
+    histories: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """tower_embeddings with model.two_tower.popularity_prior β folded in: user rows gain a coordinate 1,
     item rows β·τ·log q (q: train share, τ: the logits' temperature), so every inner product — exact
     metrics, FAISS index, serving — ranks by logit + β·log q without knowing about the prior.
-    Models reading histories see each user's as of `split`'s first row (None: everything known)."""
+    Models reading histories see each user's as of `split`'s first row (None: everything known), or
+    the given `histories` ([U, L] item rows, [U] lengths per user row; a benchmark's own protocol)."""
     from recsys.data.history import model_uses_history
     from recsys.models.task import logit_temperature
     from recsys.models.two_tower import item_log_q
 
-    histories = user_histories(meta, arrays, split) if model_uses_history(cfg) else None
+    if histories is None and model_uses_history(cfg):
+        histories = user_histories(meta, arrays, split)
     emb = tower_embeddings(model, meta, [arrays[s] for s in ("train", "val", "test")], histories)
     beta = cfg.model.two_tower.popularity_prior
     if not beta:

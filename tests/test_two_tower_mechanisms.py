@@ -154,7 +154,10 @@ def test_bench_quality_quick_smoke(tmp_path: Path, ml100k_recbole: Path) -> None
         m = re.match(r"^(popularity|bpr-mf|two-tower\S*)\s+(.*)$", line)
         if m and "±" in line:
             rows[m.group(1)] = [float(x) for x in re.findall(r"\d+\.\d+(?= ±)", m.group(2))]
-    assert set(rows) == {"popularity", "bpr-mf", "two-tower-default", "two-tower"}, proc.stdout
+    assert set(rows) == {"popularity", "bpr-mf", "two-tower-default", "two-tower", "two-tower-history"}, (
+        proc.stdout
+    )
+    assert re.search(r"two-tower-history vs two-tower: nDCG@10 [\d.]+×, Recall@10 [\d.]+×", proc.stdout)
     for values in rows.values():
         assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
     # The popularity row against numpy: its test recall and precision@10 lie within what any order of

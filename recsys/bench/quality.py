@@ -520,14 +520,26 @@ def bench_quality(
         recorded = VAL_CHOICE.get(config)
         if recorded is not None and chosen["two-tower"] is not TT_GRID[recorded[0]]:
             log(f"val chose another candidate than VAL_CHOICE[{config!r}] records: update it and the config")
+    order = ("popularity", "bpr-mf", "two-tower-default", "two-tower")
+    from recsys.bench.history_random import format_history_aim, history_two_tower
+
+    history: Any = "not run on this split (random only)"
+    if split_name == "random":  # issue 19: the chosen settings plus a pooled history (history_random.py)
+        history = history_two_tower(data, work, split, ev, chosen["two-tower"], seeds, config, log)
+        if not isinstance(history, str):
+            finals["two-tower-history"], val["two-tower-history"], chosen["two-tower-history"] = history[:3]
+            runs.extend(history[3])
+            order += ("two-tower-history",)
     ablation = ablate(chosen["two-tower"], val["two-tower"], tt, log)  # quick: 1 epoch each
     # Test, once, for the chosen settings only.
-    order = ("popularity", "bpr-mf", "two-tower-default", "two-tower")
     rows = {m: [ev(s, "test") for s in finals[m]] for m in order}
     table = format_table(rows, val)
     print(f"\nMovieLens-100K ({config}), {SPLIT_TITLES[split_name]}, full catalogue, seen removed; "
           f"test mean ± std over seeds {list(seeds)} (two-tower-default: T 0.05, no L2, no prior; "
           f"seed 0 only)\n{table}", flush=True)  # fmt: skip
+    print("Aim of issue 19 (ratios of test means):\n" + (
+        format_history_aim(rows) if "two-tower-history" in rows else f"  two-tower-history: {history}"
+    ), flush=True)  # fmt: skip
     log_bench(
         table, rows, chosen, runs, {"quick": str(quick), "split": split_name, "config": config}, ablation
     )

@@ -1,0 +1,174 @@
+"""The history-aware Two-Tower on the random split of `recsys bench quality` (issue 19).
+
+Training: the product's `data.history` at prepare — each interaction's history is its user's items
+strictly earlier in time (ties: file order), whatever part those items fell in.
+
+Scoring, the rule chosen here: a random split is not temporal — the shipped Two-Tower's user vector
+learns from every train rating, earlier or later in time than a held-out one — so what is *known* when a
+part is scored is a set of parts, not a moment: train when scoring val; train and val when scoring test.
+A user's vector for part P is computed from the user's last L items by (time, file order) among the
+parts known for P: never an item of P (the ones being predicted), never one of a later part (test when
+scoring val). Where that history ends is a setting chosen on val with the pooling (AT): "last", every
+known item (what a request after all of the user's known ratings carries), or "first", only the known
+items before the user's first row of P (nothing later in time than any scored row; the history the
+model was trained to read for a row at that moment). The product's `user_histories(split=P)` (the
+history of the user's earliest row of P, whatever its parts) is not used: on a random split it holds
+test items when scoring val.
+
+Known leak left in training (not in scoring): on a random split the prepared history of a train row
+can hold items of that user's val or test ratings (they are earlier in time), so the shared item table
+is trained with them as inputs, and early stopping (the product's val metric) reads histories as of
+each user's first val row. Only `data.history` itself can close that (histories from the known parts
+only); the figures carry it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys.bench.quality import Split, _ratings
+
+#: Parts known when scoring a part (codes of recsys.data.splits: 0 train, 1 val, 2 test).
+KNOWN = {"val": (0,), "test": (0, 1)}
+#: Where a scored user's history ends (known_histories): chosen on val.
+AT = ("last", "first")
+
+
+def timed_parts(
+    inter: Path, split: Split, val: float, test: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """([n, 2] dense (user, item) rows in (time, file) order, [n] their part codes) of the random split
+    `split` (made by random_split_of with `val`, `test`, `seed`); stops if the two disagree."""
+    from recsys.data.splits import random_split
+
+    df, users, items, pairs = _ratings(inter, ["t", "pos"])
+    parts = random_split(len(pairs), val, test, seed)[df["pos"].to_numpy()]
+    if users != split.user_ids or items != split.item_ids:
+        raise RuntimeError(f"{inter}: users/items differ from the split's")
+    for code, name in enumerate(("train", "val", "test")):
+        mine = Counter(map(tuple, pairs[parts == code].tolist()))
+        if mine != Counter(map(tuple, getattr(split, name).tolist())):
+            raise RuntimeError(f"{inter}: the {name} rows differ from the split's (other fractions or seed?)")
+    return pairs, parts
+
+
+def known_histories(
+    pairs: np.ndarray, parts: np.ndarray, part: str, n_users: int, length: int, at: str = "last"
+) -> list[np.ndarray]:
+    """Per user: the last `length` items (dense rows, oldest first) of the user's ratings in the parts
+    known when scoring `part` (KNOWN) — all of them (`at` "last"), or only those before the user's
+    first row of `part` (`at` "first"); `pairs` in time order."""
+    keep = np.isin(parts, KNOWN[part])
+    if at == "first":  # a user without a row of `part` has no target there: its history does not matter
+        code = {"val": 1, "test": 2}[part]
+        first = np.full(n_users, len(pairs))
+        np.minimum.at(first, pairs[parts == code, 0], np.flatnonzero(parts == code))
+        keep &= np.arange(len(pairs)) < first[pairs[:, 0]]
+    users, items = pairs[keep, 0], pairs[keep, 1]
+    order = np.argsort(users, kind="stable")  # stable: each user's items stay in time order
+    cuts = np.searchsorted(users[order], np.arange(n_users + 1))
+    seq = items[order]
+    return [seq[max(a, b - length) : b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def history_model_scores(cfg: Any, run_id: str, split: Split, histories: list[np.ndarray]) -> torch.Tensor:
+    """[U, I] scores (bench order) of a logged history-reading run, each user's vector from its entry
+    of `histories` (dense item rows); ids the run has no vocabulary row for score 0."""
+    from recsys.data.metadata import read_metadata, read_vocab
+    from recsys.evaluate import read_all_splits, retrieval_embeddings
+    from recsys.models.task import build_task
+    from recsys.tracking import load_logged_state
+
+    meta = read_metadata(cfg.data.prepared_dir)
+    assert meta.history_length is not None
+    task = build_task(cfg, meta, ebc_device="cpu", training=False)
+    task.load_state_dict(load_logged_state(cfg, run_id), strict=False)
+    rows = {}
+    for side, feature, ids in (
+        ("user", meta.user_feature, split.user_ids),
+        ("item", meta.item_feature, split.item_ids),
+    ):
+        vocab = read_vocab(cfg.data.prepared_dir, meta.sparse_features[meta.sparse_index(feature or "")])
+        of = {raw: r for r, raw in enumerate(vocab) if r > 0}
+        rows[side] = np.array([of.get(x, 0) for x in ids], np.int64)  # 0: the OOV row, as prepare maps it
+    n_rows = meta.sparse_features[meta.sparse_index(meta.user_feature or "")].num_embeddings
+    hist = torch.zeros(n_rows, meta.history_length, dtype=torch.int64)
+    lengths = torch.zeros(n_rows, dtype=torch.int64)
+    for u, seq in enumerate(histories):
+        r = rows["user"][u]
+        if r > 0:
+            hist[r, : len(seq)] = torch.from_numpy(rows["item"][seq[-meta.history_length :]])
+            lengths[r] = min(len(seq), meta.history_length)
+    emb = retrieval_embeddings(task, cfg, meta, read_all_splits(cfg, meta), histories=(hist, lengths))
+    out = []
+    for side in ("user", "item"):
+        vec = emb[side].float()
+        r = torch.from_numpy(rows[side])
+        out.append(vec[r] * (r > 0).unsqueeze(1))  # ids without a row: a zero vector
+    return out[0] @ out[1].T
+
+
+def history_two_tower(
+    data: Path, work: Path, split: Split, ev: Any, base: dict[str, Any], seeds: tuple[int, ...], config: str,
+    log: Any,
+) -> tuple[list[torch.Tensor], float, dict[str, Any], list[str]] | str:  # fmt: skip
+    """The chosen Two-Tower settings `base` plus each of loo.HISTORY_CANDIDATES (pooling) at seed 0,
+    scored on val by KNOWN; the best (val nDCG@10) at every seed. Returns (test score matrices per seed,
+    chosen val nDCG@10, chosen settings, run ids), or why this build cannot run it."""
+    from recsys.bench.loo import HISTORY_CANDIDATES, unavailable
+    from recsys.bench.quality import K, assignments, base_overrides, prepare_and_check, train_two_tower
+    from recsys.config import load_config
+
+    cands = [{**base, **c} for c in HISTORY_CANDIDATES]
+    why = unavailable(config, assignments(cands[0]))
+    if why:
+        return f"not available in this build ({why})"
+    at = dict(s.split("=", 1) for s in split.sets)  # the `--set`s random_split_of made the split under
+    fractions = (float(at["data.split.val_fraction"]), float(at["data.split.test_fraction"]))
+    pairs, parts = timed_parts(data / "ml-100k.inter", split, *fractions, int(at["data.split.seed"]))
+    length = int(cands[0]["data.history.length"])
+    hists = {
+        (p, at): known_histories(pairs, parts, p, len(split.user_ids), length, at) for p in KNOWN for at in AT
+    }
+    folder = work / f"history-{length}"
+    prepare_and_check(data, folder, split, config, [f"data.history.length={length}"])
+    runs: list[str] = []
+
+    def fit(hp: dict[str, Any], s: int, ats: Sequence[str]) -> dict[tuple[str, str], torch.Tensor]:
+        _, info = train_two_tower(data, folder, split, ev, hp, s, config)
+        runs.append(info["run_id"])
+        cfg = load_config(
+            config, base_overrides(data, folder, split, config) + assignments(hp) + [f"train.seed={s}"]
+        )
+        return {k: history_model_scores(cfg, info["run_id"], split, hists[k]) for k in hists if k[1] in ats}
+
+    done = []
+    for cand, hp in zip(HISTORY_CANDIDATES, cands, strict=True):
+        scores = fit(hp, seeds[0], AT)
+        for at in AT:  # the scoring rule is a setting too: chosen on val with the pooling
+            v = ev(scores["val", at], "val")[f"ndcg@{K}"]
+            log(f"  two-tower-history {cand}, history at the {at} known row: val ndcg@{K} {v:.4f}")
+            done.append((v, hp, at, scores))
+    v, hp, at, first = max(done, key=lambda d: d[0])
+    tests = [first["test", at]] + [fit(hp, s, [at])["test", at] for s in seeds[1:]]
+    log(f"two-tower-history: chosen {hp}, history at the {at} known row")
+    return tests, v, {**hp, "history_at": at}, runs
+
+
+def format_history_aim(rows: dict[str, list[dict[str, float]]], aim: float = 1.10) -> str:
+    """The issue-19 aim on the random split: history Two-Tower / shipped Two-Tower, test nDCG@10 and Recall@10."""
+    from recsys.bench.quality import K
+
+    ratio = {
+        n: np.mean([r[n] for r in rows["two-tower-history"]]) / np.mean([r[n] for r in rows["two-tower"]])
+        for n in (f"ndcg@{K}", f"recall@{K}")
+    }
+    met = "met" if min(ratio.values()) >= aim else "NOT met"
+    return (f"  two-tower-history vs two-tower: nDCG@{K} {ratio[f'ndcg@{K}']:.3f}×, Recall@{K} "
+            f"{ratio[f'recall@{K}']:.3f}× (aim ≥ {aim:.2f}×: {met})")  # fmt: skip
