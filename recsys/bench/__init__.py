@@ -71,10 +71,13 @@ def quality(args: argparse.Namespace) -> None:
 
     argv, record = ["recsys", *sys.argv[1:]], args.record and not args.quick
     if args.protocol in ("random", "all"):
+        from recsys.bench import history_random
         from recsys.bench.quality import bench_quality
 
         with recorded("quality", argv, record):
-            bench_quality(quick=args.quick, split_name=args.split, config=args.ml100k_config)
+            bench_quality(
+                quick=args.quick, split_name=args.split, config=args.ml100k_config, history_row=history_random
+            )
     if args.protocol in ("loo", "all"):
         from recsys.bench.loo import bench_loo
 

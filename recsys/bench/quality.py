@@ -467,9 +467,15 @@ SPLIT_TITLES = {
 
 
 def bench_quality(
-    quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2), split_name: str = "random", config: str = SHIPPED
+    quick: bool = False,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    split_name: str = "random",
+    config: str = SHIPPED,
+    history_row: Any = None,
 ) -> str:
-    """Run the benchmark, print and return its table (also logged to MLflow, experiment bench-quality)."""
+    """Run the benchmark, print and return its table (also logged to MLflow, experiment bench-quality).
+    `history_row`: the module giving the history-aware Two-Tower row (recsys.bench.history_random: it
+    builds on this module, so it is handed in, not imported here); None leaves the row out."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     t0 = time.perf_counter()
 
@@ -521,11 +527,11 @@ def bench_quality(
         if recorded is not None and chosen["two-tower"] is not TT_GRID[recorded[0]]:
             log(f"val chose another candidate than VAL_CHOICE[{config!r}] records: update it and the config")
     order = ("popularity", "bpr-mf", "two-tower-default", "two-tower")
-    from recsys.bench.history_random import format_history_aim, history_two_tower
-
-    history: Any = "not run on this split (random only)"
-    if split_name == "random":  # issue 19: the chosen settings plus a pooled history (history_random.py)
-        history = history_two_tower(data, work, split, ev, chosen["two-tower"], seeds, config, log)
+    history: Any = "not run on this split (random only)" if history_row else "not asked for"
+    if split_name == "random" and history_row:  # issue 19: the chosen settings plus a pooled history
+        history = history_row.history_two_tower(
+            data, work, split, ev, chosen["two-tower"], seeds, config, log
+        )
         if not isinstance(history, str):
             finals["two-tower-history"], val["two-tower-history"], chosen["two-tower-history"] = history[:3]
             runs.extend(history[3])
@@ -538,7 +544,7 @@ def bench_quality(
           f"test mean ± std over seeds {list(seeds)} (two-tower-default: T 0.05, no L2, no prior; "
           f"seed 0 only)\n{table}", flush=True)  # fmt: skip
     print("Aim of issue 19 (ratios of test means):\n" + (
-        format_history_aim(rows) if "two-tower-history" in rows else f"  two-tower-history: {history}"
+        history_row.format_history_aim(rows) if "two-tower-history" in rows else f"  two-tower-history: {history}"
     ), flush=True)  # fmt: skip
     log_bench(
         table, rows, chosen, runs, {"quick": str(quick), "split": split_name, "config": config}, ablation

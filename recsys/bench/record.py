@@ -53,12 +53,12 @@ def _commit() -> str:
     return sha + ("+changes" if dirty else "")
 
 
-def header(title: str, argv: list[str], seconds: float) -> str:
+def header(title: str, argv: list[str], seconds: float, commit: str | None = None) -> str:
     """The first lines of a results file: command, date, commit, machine and its load."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
         f"# {title}: {' '.join(argv)}\n"
-        f"# measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit()}, "
+        f"# measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit or _commit()}, "
         f"{seconds:.0f} s\n"
         f"# machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; "
         f"load average at the end {load}\n"
@@ -86,6 +86,8 @@ def recorded(name: str, argv: list[str], enabled: bool, title: str | None = None
     if not enabled:
         yield record
         return
+    # The commit is read before the run: what is committed while it runs is not what it measured.
+    commit = _commit()
     tee, console, t0 = _Tee(sys.stdout), sys.stdout, time.perf_counter()
     sys.stdout = tee  # type: ignore[assignment]
     try:
@@ -99,7 +101,7 @@ def recorded(name: str, argv: list[str], enabled: bool, title: str | None = None
         shutil.copyfile(plot, kept)  # a plot the run said it wrote but did not is an error, not a gap
         body += f"# plot: {kept.name} (from {plot})\n"
     out = RESULTS / f"{name}.txt"
-    out.write_text(header(title or f"recsys bench {name}", argv, time.perf_counter() - t0) + body)
+    out.write_text(header(title or f"recsys bench {name}", argv, time.perf_counter() - t0, commit) + body)
     print(
         f"recorded: {out}" + "".join(f", {RESULTS / (name + p.suffix)}" for p in record.plots),
         file=sys.stderr,
