@@ -409,24 +409,44 @@ class BuiltModel:
 def build_model(run_id: str, uri: str | None = None, register: str | None = None) -> BuiltModel:
     """Log the serving model of Two-Tower run `run_id` into that run and register it as `register`
     (default `recsys-<config name>`; '' = do not register)."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
         artifacts, run = write_artifacts(run_id, uri, Path(tmp) / "artifacts")
         name = f"recsys-{run.cfg.name}" if register is None else register or None
-        mlflow.set_tracking_uri(run.tracking_uri)
-        example = pd.DataFrame({"user_id": [_first_user(artifacts[USERS_ART])], "k": [DEFAULT_K]})
-        with mlflow.start_run(run_id=run.run_id):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=str(MODEL_CODE),  # models-from-code: MLflow runs the file, pickles nothing
-                artifacts=artifacts,
-                code_paths=code_paths(Path(tmp) / "code", whole=ENCODER_ART in artifacts),
-                signature=signature(),
-                input_example=example,
-                pip_requirements=pip_requirements(ENCODER_ART in artifacts),
-                registered_model_name=name,
-            )
+        return log_served_model(
+            run, MODEL_NAME, MODEL_CODE, artifacts, Path(tmp), ENCODER_ART in artifacts, signature(), name
+        )
+
+
+def log_served_model(
+    run: Any,
+    model_name: str,
+    model_code: Path,
+    artifacts: dict[str, str],
+    tmp: Path,
+    whole: bool,
+    sig: Any,
+    register: str | None,
+    tags: dict[str, str] | None = None,
+) -> BuiltModel:
+    """Log a models-from-code pyfunc (`model_code`, `artifacts`, the serving code; `whole`: the whole
+    package, for models that run torch) into `run` (a TwoTowerRun), registered as `register` unless None."""
+    import mlflow
+
+    mlflow.set_tracking_uri(run.tracking_uri)
+    example = pd.DataFrame({"user_id": [_first_user(artifacts[USERS_ART])], "k": [DEFAULT_K]})
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(
+            name=model_name,
+            python_model=str(model_code),  # models-from-code: MLflow runs the file, pickles nothing
+            artifacts=artifacts,
+            code_paths=code_paths(tmp / "code", whole=whole),
+            signature=sig,
+            input_example=example,
+            pip_requirements=pip_requirements(whole),
+            registered_model_name=register,
+        )
+        for key, value in (tags or {}).items():
+            mlflow.set_tag(key, value)
     version = info.registered_model_version
     location = mlflow.get_logged_model(info.model_id).artifact_location
-    return BuiltModel(info.model_uri, name, None if version is None else str(version), location)
+    return BuiltModel(info.model_uri, register, None if version is None else str(version), location)

@@ -218,19 +218,10 @@ def build_two_stage(
 ) -> BuiltModel:
     """Log the two-stage model of Two-Tower run `run_id` and ranking run `ranker_run_id` into the
     Two-Tower run; register it as `register` (default `recsys-<config name>-two-stage`; '' = do not)."""
-    import mlflow
 
     from recsys.data.metadata import read_metadata
     from recsys.retrieval.rank import check_vocab, open_ranker
-    from recsys.retrieval.serve import (
-        DEFAULT_K,
-        USERS_ART,
-        BuiltModel,
-        _first_user,
-        code_paths,
-        pip_requirements,
-        write_artifacts,
-    )
+    from recsys.retrieval.serve import log_served_model, write_artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
         artifacts, run = write_artifacts(run_id, uri, Path(tmp) / "artifacts")
@@ -245,20 +236,7 @@ def build_two_stage(
         settings.write_text(json.dumps({"candidates": n, "ranker_run_id": ranker_run_id}) + "\n")
         artifacts[SETTINGS_ART] = str(settings)
         name = f"recsys-{run.cfg.name}-two-stage" if register is None else register or None
-        mlflow.set_tracking_uri(run.tracking_uri)
-        example = pd.DataFrame({"user_id": [_first_user(artifacts[USERS_ART])], "k": [DEFAULT_K]})
-        with mlflow.start_run(run_id=run.run_id):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=str(MODEL_CODE),
-                artifacts=artifacts,
-                code_paths=code_paths(Path(tmp) / "code", whole=True),  # the ranker needs the models
-                signature=signature(),
-                input_example=example,
-                pip_requirements=pip_requirements(encoder=True),
-                registered_model_name=name,
-            )
-            mlflow.set_tag("two_stage.ranker_run_id", ranker_run_id)
-    version = info.registered_model_version
-    location = mlflow.get_logged_model(info.model_id).artifact_location
-    return BuiltModel(info.model_uri, name, None if version is None else str(version), location)
+        return log_served_model(
+            run, MODEL_NAME, MODEL_CODE, artifacts, Path(tmp), True, signature(), name,
+            tags={"two_stage.ranker_run_id": ranker_run_id},
+        )  # fmt: skip
