@@ -39,12 +39,13 @@ def test_many_small_tasks_equal_file_prepare(
 ) -> None:
     """With 300 rows per task (2,000 rows: 7 tasks per row shuffle, writers of 4 blocks) the folder
     equals the file-based prepare's, its blocks come from several writer tasks, and the session's
-    spark.sql.shuffle.partitions is restored afterwards."""
+    settings (shuffle partitions, cached batch rows) are restored afterwards."""
     from recsys.data.prepare import prepare
     from recsys.data.spark_mds import prepare_dataframe
 
     monkeypatch.setattr(spark_tasks, "ROWS_PER_TASK", 300)
-    before = spark.conf.get("spark.sql.shuffle.partitions")
+    keys = (spark_tasks.SHUFFLE_PARTITIONS, spark_tasks.CACHE_BATCH)
+    before = [spark.conf.get(k) for k in keys]
     prepare(table_config(rows_parquet, tmp_path / "file", "random"), overwrite=False)
     prepare_dataframe(
         spark.read.parquet(str(rows_parquet)), table_config(rows_parquet, tmp_path / "spark", "random")
@@ -53,4 +54,4 @@ def test_many_small_tasks_equal_file_prepare(
     index = json.loads((tmp_path / "spark" / "train" / "index.json").read_text())
     parts = {s["raw_data"]["basename"].split("/")[0] for s in index["shards"]}
     assert len(parts) >= 4, parts
-    assert spark.conf.get("spark.sql.shuffle.partitions") == before
+    assert [spark.conf.get(k) for k in keys] == before

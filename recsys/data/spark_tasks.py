@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 # sparse ids, 13 dense values), what a task of a 1g local[2] driver sorted without trouble at 3M rows.
 ROWS_PER_TASK = 150_000
 SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
+# Rows per cached batch of a persisted frame. A DISK_ONLY frame is read back through Spark's Java
+# serializer, whose ObjectInputStream keeps every batch it read until the next stream reset (every
+# spark.serializer.objectStreamReset = 100 objects): with Spark's 10,000-row batches that is up to 1M
+# rows (~370 MB of staged rows) per task, which filled the 1g driver's heap at 10M rows. 1,000-row
+# batches bound it to ~100k rows (~37 MB) per task.
+CACHE_BATCH = "spark.sql.inMemoryColumnarStorage.batchSize"
+CACHE_BATCH_ROWS = 1_000
 
 
 def tasks_for(rows: int, rows_per_task: int | None = None) -> int:
@@ -38,12 +45,15 @@ def blocks_tasks(blocks: int, block_size: int, rows_per_task: int | None = None)
 @contextlib.contextmanager
 def shuffle_partitions_for(spark: SparkSession, rows: int) -> Iterator[int]:
     """Within the block, spark.sql.shuffle.partitions is at least `tasks_for(rows)` (the joins' and
-    groupBys' shuffles, planned when an action runs); the session's own value is restored after.
-    Adaptive execution still coalesces partitions that turn out small."""
-    before = spark.conf.get(SHUFFLE_PARTITIONS)
-    wanted = max(int(before or 200), tasks_for(rows))
+    groupBys' shuffles, planned when an action runs) and persisted frames are cached in batches of
+    CACHE_BATCH_ROWS rows; the session's own values are restored after. Adaptive execution still
+    coalesces partitions that turn out small."""
+    before = {key: spark.conf.get(key) for key in (SHUFFLE_PARTITIONS, CACHE_BATCH)}
+    wanted = max(int(before[SHUFFLE_PARTITIONS] or 200), tasks_for(rows))
     spark.conf.set(SHUFFLE_PARTITIONS, str(wanted))
+    spark.conf.set(CACHE_BATCH, str(CACHE_BATCH_ROWS))
     try:
         yield wanted
     finally:
-        spark.conf.set(SHUFFLE_PARTITIONS, before)
+        for key, value in before.items():
+            spark.conf.set(key, value)
