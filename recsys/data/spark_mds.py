@@ -37,6 +37,7 @@ Run as a program (the entry of the Spark Operator's SparkApplication, or `spark-
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ from recsys.data.spark_history import (
     with_history,
     write_empty_history_split,
 )
+from recsys.data.spark_tasks import blocks_tasks, shuffle_partitions_for, tasks_for
 from recsys.data.spark_window import filter_window, previous_vocabularies, size_of
 from recsys.errors import DataError, UserError
 
@@ -80,7 +82,6 @@ ROWS_STORAGE = "DISK_ONLY"  # a pyspark.StorageLevel name (pyspark is imported l
 # Vocabulary ids the driver holds at a time while writing vocab files (one fetched partition): a fixed
 # partition count, which adaptive execution does not coalesce into bigger fetches.
 VOCAB_IDS_PER_FETCH = 20_000
-BLOCKS_PER_TASK = 64  # blocks one writer task writes (bounds the number of partition folders)
 
 
 def source_columns(cfg: Config) -> TableSource:
@@ -244,8 +245,11 @@ def _ranked(
         .withColumn("_win", F.when(train, F.expr(f"_src div {int(window)}")).otherwise(F.lit(0)).cast("long"))
         .withColumn("_key", F.when(train, _shuffle_key_column(src, seed)).otherwise(src))
     )
-    # _pos: index in that order
-    ranked = _with_positions(by_order.orderBy(_SPLIT, "_win", "_key", "_src"), cached)
+    # _pos: index in that order. A range shuffle into tasks of ~ROWS_PER_TASK rows (orderBy would use
+    # spark.sql.shuffle.partitions: rows per task growing with the rows).
+    order = [_SPLIT, "_win", "_key", "_src"]
+    tasks = tasks_for(sum(counts.values()))
+    ranked = _with_positions(by_order.repartitionByRange(tasks, *order).sortWithinPartitions(*order), cached)
     idx = (F.col(_POS) - _offsets(counts, [S.TRAIN, S.VAL, S.TEST], F.col(_SPLIT))).cast("long")
     return ranked.select(
         _SPLIT,
@@ -344,6 +348,19 @@ def prepare_dataframe(
 ) -> Metadata:
     """Convert a Spark DataFrame (columns named by the `table` mapping in data.source) into
     data.prepared_dir exactly as `recsys data prepare` would; `remote` also uploads it (s3://, dbfs:/…)."""
+    with contextlib.ExitStack() as settings:  # session settings changed for the prepare, restored after
+        return _prepare(df, cfg, overwrite, remote, source_name, settings)
+
+
+def _prepare(
+    df: DataFrame,
+    cfg: Config,
+    overwrite: bool,
+    remote: str | None,
+    source_name: str | None,
+    settings: contextlib.ExitStack,
+) -> Metadata:
+    """prepare_dataframe's body; `settings` restores what it changes in the session when it ends."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -428,6 +445,8 @@ def prepare_dataframe(
         n -= n_bad
     if n == 0:
         raise DataError(f"{name}: no rows to prepare")
+    # From here on every shuffle of the rows (joins, counts, windows) has tasks of ~ROWS_PER_TASK rows.
+    settings.enter_context(shuffle_partitions_for(df.sparkSession, n))
     read_rows = n  # the source's good rows, window or not (as the file reader records them)
     in_window, window = filter_window(staged, cfg, ts_val is not None, n)
     if in_window is not staged:  # positions of the window's rows, as the file reader numbers them
@@ -535,7 +554,6 @@ def prepare_dataframe(
 
     from recsys.data.spark_blocks import write_blocks
 
-    shuffle_partitions = int(df.sparkSession.conf.get("spark.sql.shuffle.partitions") or 200)
     infos: dict[str, SplitInfo] = {}
     columns, history_length = mds_columns(cfg)
     dests: dict[int, Any] = {}
@@ -572,7 +590,7 @@ def prepare_dataframe(
             cached,
         ),
         {c: (d, None) if isinstance(d, str) else d for c, d in dests.items()},
-        tasks=max(1, min(math.ceil(num_blocks / BLOCKS_PER_TASK), shuffle_partitions)),
+        tasks=blocks_tasks(num_blocks, cfg.data.block_size),
         block_size=cfg.data.block_size,
         dense_dim=len(m.dense),
         sparse_dim=len(ids),
