@@ -618,6 +618,8 @@ def test_contract_env_matches_operator_source() -> None:
     assert master["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1" and master["RECSYS_JOB_NAME"] == "dlrm"
     assert pods[0].argv[1:] == [
         "-m",
+        "recsys.launch.elastic",  # torchrun with the pod's exit status (143 after a preemption)
+        "-m",
         "recsys",
         "train",
         "--config",
