@@ -168,6 +168,9 @@ class ServingState:
     popular_counts: np.ndarray  # their train counts (the fallback's score)
     exact: Any  # builds the exact index once, on first use (refills what an approximate one misses)
     encoder: Any = None  # HistoryEncoder of a run whose model reads histories, else None
+    # The history path's depth beyond k: the run's 99th-percentile seen count (search.first_depth),
+    # computed once at load, not on every request (a quantile over every user).
+    seen_depth: int = 0
 
 
 def load_state(artifacts: dict[str, str]) -> ServingState:
@@ -180,6 +183,8 @@ def load_state(artifacts: dict[str, str]) -> ServingState:
     seen = np.load(artifacts[SEEN_ART])
     counts = np.load(artifacts[POPULAR_ART])
     popular = np.argsort(-counts, kind="stable")  # ties: lower index position, as `recommend` does
+    from recsys.retrieval.search import first_depth
+
     index = ItemIndex.load(artifacts[INDEX_ART])
     return ServingState(
         index=index,
@@ -190,6 +195,7 @@ def load_state(artifacts: dict[str, str]) -> ServingState:
         popular_counts=counts[popular],
         exact=_exact_of(index),
         encoder=_load_encoder(artifacts),
+        seen_depth=first_depth(np.diff(seen["indptr"]), 0),
     )
 
 
@@ -224,8 +230,6 @@ def _answer_histories(
 ) -> tuple[np.ndarray, list[Any], list[Any], np.ndarray]:
     """(rows answered, items, scores, unknown item counts) of the rows with a history, through
     `recommend_histories`, the function `recsys recommend --history-file` uses."""
-    from recsys.retrieval.recommend import first_depth
-
     rows = np.array([j for j, h in enumerate(histories) if h is not None], np.int64)
     items, scores, unknown = [None] * len(users), [None] * len(users), np.zeros(len(users), np.int64)
     if not len(rows):
@@ -241,7 +245,7 @@ def _answer_histories(
     k = int(ks[rows].max())
     # The batch path's depth: k + the run's 99th-percentile seen count (a row's list must not depend
     # on the other rows of its request).
-    depth = k + first_depth(np.diff(state.seen[0]), 0)
+    depth = k + state.seen_depth
     s, found, unk = recommend_histories(
         state.encoder, state.index, state.seen, state.user_pos, [users[j] for j in rows],
         [histories[j] for j in rows], k, state.exact, depth,
