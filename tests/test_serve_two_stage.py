@@ -2,8 +2,11 @@
 (chaos TINY_RUN), a DCN ranker on its cross-fitted top-20 (`recsys data candidates`, 2 folds), built
 with `recsys serve build --ranker-run-id`. Checked: the served lists equal the batch
 `retrieve_and_rank` lists (items, order, ranker scores) in process, over real HTTP from
-`mlflow models serve`, and in a process where recsys is importable only from the model's code/;
-bad requests are 400s."""
+`mlflow models serve`, under MLServer (KServe's MLflow runtime, V2 protocol) in a virtualenv with only
+the model's requirements, and in a process where recsys is importable only from the model's code/;
+bad requests are 400s. A second pair (a history-pooling Two-Tower and a DLRM on sequence walks) serves
+requests carrying histories: in process against the retrieval stage's own lists, under MLServer against
+the in-process pyfunc (retrieve_and_rank takes no histories)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import pytest
 
 from recsys.chaos.serve_requests import TINY_RUN
 
-# Three tiny Two-Tower trainings, a 20-step ranker and two model builds: ~1.5 min on an idle 2-core machine.
+# Three tiny Two-Tower trainings, a 20-step ranker and two model builds: ~1.5 min on an idle 2-core machine;
+# the history pair ~1 min more; the MLServer test creates its ~5 GB virtualenv once (~10 min, then cached).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 N = 20

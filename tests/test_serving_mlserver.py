@@ -2,7 +2,9 @@
 KServe V2 REST protocol, in its own virtualenv: the model's pinned requirements, MLServer 1.7.1, the
 pandas 2 line KServe's runtime ships, and no recsys installed (its serving code travels with the model).
 
-The virtualenv is created once and cached under $RECSYS_TEST_ENVS or ~/.cache/recsys-test-envs (one
+The venv, server and V2 request helpers here also serve the two-stage model (tests/test_serve_two_stage.py,
+`two_stage_packages`: the model's torch stack, TorchRec --no-deps). The virtualenv is created once and
+cached under $RECSYS_TEST_ENVS or ~/.cache/recsys-test-envs (one
 folder per package set); the test is skipped, saying why, only when it cannot be created.
 """
 
