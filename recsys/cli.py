@@ -269,7 +269,10 @@ def _serve_render(args: argparse.Namespace) -> int:
         from recsys.retrieval.runs import tracking_uri
 
         args.storage_uri = storage_location(args.storage_uri, tracking_uri(args.tracking_uri))
-    render_to_file(_resolve(args), args, out=args.output)
+    from recsys.launch.kserve_two_stage import inference_service_for
+
+    cfg = _resolve(args)
+    render_to_file(cfg, args, out=args.output, doc=inference_service_for(cfg, args))
     return 0
 
 
@@ -633,6 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MLflow tracking URI resolving a models:/NAME@ALIAS --storage-uri",
     )
+    p.add_argument(
+        "--two-stage", action="store_true",
+        help="the model is `serve build --ranker-run-id`'s (retrieve → rank): name recsys-<config name>-two-stage, torch env",
+    )  # fmt: skip
+    p.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="torch intra-op threads per server worker (RECSYS_SERVE_TORCH_THREADS; --two-stage default 1)",
+    )  # fmt: skip
 
     p = add(
         sub,

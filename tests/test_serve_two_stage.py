@@ -2,8 +2,11 @@
 (chaos TINY_RUN), a DCN ranker on its cross-fitted top-20 (`recsys data candidates`, 2 folds), built
 with `recsys serve build --ranker-run-id`. Checked: the served lists equal the batch
 `retrieve_and_rank` lists (items, order, ranker scores) in process, over real HTTP from
-`mlflow models serve`, and in a process where recsys is importable only from the model's code/;
-bad requests are 400s."""
+`mlflow models serve`, under MLServer (KServe's MLflow runtime, V2 protocol) in a virtualenv with only
+the model's requirements, and in a process where recsys is importable only from the model's code/;
+bad requests are 400s. A second pair (a history-pooling Two-Tower and a DLRM on sequence walks) serves
+requests carrying histories: in process against the retrieval stage's own lists, under MLServer against
+the in-process pyfunc (retrieve_and_rank takes no histories)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import pytest
 
 from recsys.chaos.serve_requests import TINY_RUN
 
-# Three tiny Two-Tower trainings, a 20-step ranker and two model builds: ~1.5 min on an idle 2-core machine.
+# Three tiny Two-Tower trainings, a 20-step ranker and two model builds: ~1.5 min on an idle 2-core machine;
+# the history pair ~1 min more; the MLServer test creates its ~5 GB virtualenv once (~10 min, then cached).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 N = 20
@@ -82,6 +86,54 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return Built(uri, tt, ranker, model, users, root)
 
 
+def _download(uri: str, model_uri: str, dst: Path) -> Path:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+
+
+@pytest.fixture(scope="module")
+def built_history(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """A Two-Tower pooling each user's last items (mean; tests/test_sequential's walks), a DLRM with one
+    uniform negative per positive on the same walks, and their two-stage model at N (no `--register`)."""
+    from recsys.data.prepare import prepare
+    from recsys.retrieval.serve_two_stage import build_two_stage
+    from recsys.train import train
+    from tests.test_sequential import make_cfg, two_tower, write_walks
+
+    root = tmp_path_factory.mktemp("two-stage-history")
+    write_walks(root / "walks.csv")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    track = [
+        ("tracking.enabled", True),
+        ("tracking.uri", uri),
+        ("tracking.experiment", "test-two-stage-hist"),
+    ]
+    tt_cfg = make_cfg(root / "walks.csv", root / "tt", root / "tt-run", two_tower("mean"), *track,
+                      ("train.epochs", 2))  # fmt: skip
+    dlrm = {"kind": "dlrm", "dlrm": {"dense_arch_layers": [16], "over_arch_layers": [32, 1]}}
+    rk_cfg = make_cfg(root / "walks.csv", root / "rk", root / "rk-run", dlrm, *track, ("train.epochs", 1),
+                      ("data.negatives.per_positive", 1), ("data.history", None))  # fmt: skip
+    prepare(tt_cfg, overwrite=False)
+    prepare(rk_cfg, overwrite=False)
+    tt, ranker = train(tt_cfg, resume="never").run_id, train(rk_cfg, resume="never").run_id
+    model = _download(uri, build_two_stage(tt, ranker, uri, "", N).model_uri, root / "model")
+    users = (root / "tt" / "vocab" / "user.txt").read_text().splitlines()[1:11]
+    return Built(uri, tt, ranker, model, users, root)
+
+
+#: History requests: a known user with items of our choosing, strangers (one with unknown ids), an
+#: empty history, and a row without one (answered from its user id).
+HISTORY_ROWS = [
+    ("u1", ["i5", "i17", "i42"]),
+    ("stranger", ["i7"]),
+    ("stranger2", ["i9", "no-such-item", "i7", "also-unknown"]),
+    ("u3", []),
+    ("u2", None),
+]
+
+
 def _batch(b: Built, users: list[str], k: int) -> dict[str, tuple[list[str], list[float]]]:
     """user → (items, ranker scores) of batch `retrieve_and_rank` at N candidates."""
     from recsys.retrieval.rank import retrieve_and_rank
@@ -140,6 +192,82 @@ def test_two_stage_over_http_and_bad_requests_are_400(built: Built, tmp_path: Pa
         ]:
             status, text = post(f"{url}/invocations", json.dumps(payload).encode())
             assert status == 400 and expect in json.loads(text)["message"], (payload, status, text)
+
+
+def _history_frame(k: int = 10) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"user_id": [u for u, _ in HISTORY_ROWS], "k": k, "history": [h for _, h in HISTORY_ROWS]}
+    )
+
+
+def test_history_two_stage_reranks_the_retrieval_stages_history_lists(built_history: Built) -> None:
+    """By user id the lists equal batch retrieve_and_rank's; from a history (no batch counterpart in
+    retrieve_and_rank) each list is the retrieval stage's own top N for that history, re-ordered by the
+    ranker."""
+    import mlflow
+
+    from recsys.retrieval.serve import answer
+
+    model = mlflow.pyfunc.load_model(str(built_history.model))
+    users = built_history.users[:5]
+    _check(
+        model.predict(pd.DataFrame({"user_id": users, "k": 10})).to_dict("records"),
+        _batch(built_history, users, 10),
+    )
+    frame = _history_frame()
+    out = model.predict(frame)
+    retrieval = model.unwrap_python_model()._state.retrieval  # the served retrieval stage
+    top_n = answer(retrieval, list(frame["user_id"]), np.full(len(frame), N), list(frame["history"]))
+    for row, candidates in zip(out.to_dict("records"), top_n["items"], strict=True):
+        assert len(row["items"]) == 10 and [candidates[r - 1] for r in row["retrieval_ranks"]] == row["items"]
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+    assert list(out["unknown_items"]) == [0, 0, 2, 0, 0] and not out["fallback"].any()
+
+
+def test_two_stage_under_mlserver_answers_the_v2_protocol(
+    built: Built, built_history: Built, tmp_path: Path
+) -> None:
+    """KServe's MLflow runtime (MLServer + mlserver-mlflow, V2 protocol) in a virtualenv with the model's
+    own pins and no recsys (tests/test_serving_mlserver.py): by user id the same lists as batch
+    retrieve_and_rank; from a history the same rows as the pyfunc predicting in this process."""
+    import mlflow
+
+    from recsys.chaos.serve_requests import post
+    from tests.test_serving_mlserver import (
+        mlserver,
+        mlserver_venv,
+        two_stage_packages,
+        v2_columns,
+        v2_request,
+    )
+
+    venv = mlserver_venv(*two_stage_packages())
+    users, ks = [*built.users[:5], "nobody", built.users[0]], [10] * 6 + [3]
+    frame = _history_frame()
+    want = mlflow.pyfunc.load_model(str(built_history.model)).predict(frame)
+    with mlserver(venv, built.model, tmp_path / "by-id") as url:
+        status, text = post(f"{url}/infer", json.dumps(v2_request(users, ks)).encode())
+        assert status == 200, text
+        got = v2_columns(json.loads(text))
+        rows = [dict(zip(got, row, strict=True)) for row in zip(*got.values(), strict=True)]
+        _check(rows, _batch(built, users, 10))
+        assert [len(i) for i in got["items"]] == ks and got["fallback"] == [False] * 5 + [True, False]
+        # A history sent to a model whose retriever does not read one: the model's 400, not a 500.
+        status, text = post(f"{url}/infer", json.dumps(v2_request([users[0]], [5], [["1"]])).encode())
+        assert status == 400 and "does not read histories" in json.loads(text)["error"], (status, text)
+
+    with mlserver(venv, built_history.model, tmp_path / "history") as url:
+        body = v2_request(list(frame["user_id"]), list(frame["k"]), list(frame["history"]))
+        status, text = post(f"{url}/infer", json.dumps(body).encode())
+        assert status == 200, text
+        got = v2_columns(json.loads(text))
+        assert got["user_id"] == list(want["user_id"])
+        for column in ("items", "retrieval_ranks", "fallback", "unknown_items"):
+            assert got[column] == [list(v) if isinstance(v, list) else v for v in want[column].tolist()], (
+                column
+            )
+        for served, local in zip(got["scores"], want["scores"], strict=True):
+            np.testing.assert_allclose(served, local, rtol=1e-5)
 
 
 # Run in a fresh interpreter: the venv's editable recsys is taken off the import path before MLflow

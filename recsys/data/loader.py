@@ -22,6 +22,8 @@ import numpy as np
 # Module-level (not lazy) so the dataset and loader classes pickle into DataLoader workers.
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
+# to_batch lives apart, free of streaming: the two-stage served model scores with it (recsys.retrieval.rank).
+from recsys.data.batch import to_batch
 from recsys.data.lineage import train_folders
 from recsys.data.mds import BlockReader
 from recsys.data.metadata import SPLITS, Metadata, read_metadata
@@ -37,49 +39,6 @@ def _split_dir(prepared_dir: str | Path, split: str) -> Path:
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r} (have: {', '.join(SPLITS)})")
     return Path(prepared_dir) / split
-
-
-def to_batch(
-    label: np.ndarray,
-    dense: np.ndarray,
-    sparse_t: np.ndarray,
-    keys: list[str],
-    perm: np.ndarray | None = None,
-    history: tuple[np.ndarray, np.ndarray] | None = None,
-) -> Batch:
-    """Build a TorchRec Batch from rows; `sparse_t` is key-major [S, n]. One id per row per key;
-    with `history` ([n, L] items, [n] ranks; recsys.data.history) a last, jagged key `history`."""
-    import torch
-    from torchrec.datasets.utils import Batch
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    if perm is not None:
-        # one gather per array, straight into the layouts torch needs (KJT values are key-major)
-        # np.take is ~3x faster than fancy indexing here and yields C-contiguous results
-        label = np.take(label, perm)
-        dense = np.take(dense, perm, axis=0)
-        sparse_t = np.take(sparse_t, perm, axis=1)
-        if history is not None:
-            history = (np.take(history[0], perm, axis=0), np.take(history[1], perm))
-    n = len(label)
-    values = np.ascontiguousarray(sparse_t).reshape(-1)
-    # numpy's memset beats torch.ones here (torch's CPU fill goes through its thread pool)
-    lengths = np.ones(n * len(keys), dtype=np.int32)
-    if history is not None:
-        from recsys.data.history import jagged_history
-        from recsys.data.metadata import HISTORY_FEATURE
-
-        h_values, h_lengths = jagged_history(*history)
-        keys = [*keys, HISTORY_FEATURE]
-        values = np.concatenate([values.astype(np.int64, copy=False), h_values])
-        lengths = np.concatenate([lengths, h_lengths])
-    return Batch(
-        dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32).reshape(n, -1)),
-        sparse_features=KeyedJaggedTensor(
-            keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
-        ),
-        labels=torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32)),
-    )
 
 
 def _concat(blocks: list[dict[str, Any]], num_dense: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

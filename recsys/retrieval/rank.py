@@ -225,7 +225,7 @@ def score_pairs(
     `dense` [n, D]: the pairs' dense features (default: the constant one of sampled-negative rankers)."""
     import torch
 
-    from recsys.data.loader import to_batch
+    from recsys.data.batch import to_batch
 
     u, i = ranker_rows(ranker, users, items)
     if dense is None:
