@@ -1,10 +1,10 @@
-"""Ordered Spark rows → MDS block datasets, one MDSWriter per partition, blocks cut with numpy.
+"""Ordered Spark rows → MDS block datasets, one mds.SplitWriter per partition and split.
 
 The rows of all splits arrive with their split code, their index in the split's order and their block
 (index // block_size). One range shuffle on (split, block) puts every block whole in one partition,
 in order; a sort by index orders the rows inside. Each task then reads its partition as Arrow batches
-(`mapInArrow`), cuts block_size rows at a time with numpy and writes each block as one MDS sample
-under <split>/<partition>/; the driver merges the partitions' index.json files per split in partition
+(`mapInArrow`) and hands its rows to a SplitWriter (the file prepare's block writer), which writes each
+block of block_size rows as one MDS sample under <split>/<partition>/; the driver merges the partitions' index.json files per split in partition
 order (streaming's merge_index), so each split's blocks stay in order and only its last is short.
 
 This replaces a groupBy(block) + collect_list of row structs (rows boxed in the JVM, then unboxed
