@@ -281,3 +281,16 @@ def test_bad_batch_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     cfg = load_config("two_tower_synth", ["job.name=a-very-long-job-name-for-a-batch-recommend-x"])
     with pytest.raises(UserError, match="job.name"):
         render_batch_job(cfg, BatchJob("r", "u"), "pytorchjob", "/data/o", name="x" * 41)
+
+
+def test_spark_and_ray_users_refuse_null_ids_before_opening_the_run() -> None:
+    import pandas as pd
+
+    from recsys.retrieval.batch import _spark_batches, recommend_ray
+
+    # The run does not exist: the bad user must be named before anything tries to open it.
+    job = BatchJob("no-such-run", "sqlite:///unused.db")
+    with pytest.raises(UserError, match="recommend_spark users, in a batch: row 2: user is null"):
+        next(_spark_batches(job, iter([pd.DataFrame({"user": ["a", None]})])))
+    with pytest.raises(UserError, match="recommend_ray users: row 3: user is empty"):
+        recommend_ray(job, users=["a", "b", ""])

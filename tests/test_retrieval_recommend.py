@@ -320,6 +320,29 @@ def test_bad_users_files_k_and_exclude_are_one_line(tmp_path: Path, capsys: pyte
     assert "--exclude 'train,tests'" in _one_line_error([*base, "--exclude", "train,tests"], capsys)
 
 
+def test_users_files_refuse_null_and_empty_ids_naming_the_row(tmp_path: Path) -> None:
+    # Nothing is dropped: a null or empty user is one line naming the file and row (first data row = 1).
+    cases = {
+        "null.parquet": pa.table({"user": ["x", None, "y"]}),
+        "empty.parquet": pa.table({"user": ["x", "y", ""]}),
+    }
+    for name, table in cases.items():
+        pq.write_table(table, tmp_path / name)
+    (tmp_path / "empty.csv").write_text("user,other\n007,1\n,2\n")
+    (tmp_path / "blank.csv").write_text('user\n007\n" "\n')
+    pq.write_table(pa.table({"user": [7.0, 8.0]}), tmp_path / "float.parquet")
+    for name, expect in (
+        ("null.parquet", "row 2: user is null"),
+        ("empty.parquet", "row 3: user is empty"),
+        ("empty.csv", "row 2: user is empty"),
+        ("blank.csv", "row 2: user is blank"),
+        ("float.parquet", "column 'user' holds double values; write ids as text or integers"),
+    ):
+        with pytest.raises(UserError) as e:
+            read_users(tmp_path / name)
+        assert str(e.value).startswith(f"--users {tmp_path / name}: {expect}"), str(e.value)
+
+
 def test_users_files_keep_ids_as_text(tmp_path: Path) -> None:
     # Lines are split on "\n" only: \x1c, \x85, \u2028 … are part of an id (str.splitlines splits on them);
     # a Windows "\r" is not; an id is kept exactly as written; duplicates are dropped, order kept.
@@ -327,8 +350,10 @@ def test_users_files_keep_ids_as_text(tmp_path: Path) -> None:
     assert read_users(tmp_path / "u.txt") == ["007", " 42 ", "a\x1cb", "c\u2028d\x85e", "last"]
     (tmp_path / "u.csv").write_text("user,other\n007,1\n8,2\n")
     assert read_users(tmp_path / "u.csv") == ["007", "8"]
-    pq.write_table(pa.table({"user": ["x", None, "y"]}), tmp_path / "u.parquet")
+    pq.write_table(pa.table({"user": ["x", "y", "x"]}), tmp_path / "u.parquet")
     assert read_users(tmp_path / "u.parquet") == ["x", "y"]
+    pq.write_table(pa.table({"user": pa.array([7, 8], pa.int64())}), tmp_path / "i.parquet")
+    assert read_users(tmp_path / "i.parquet") == ["7", "8"]
     assert parse_exclude("train,val") == ("train", "val") and parse_exclude("none") == ()
     with pytest.raises(UserError):
         parse_exclude("")

@@ -7,6 +7,7 @@ histories refuses one with one line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,30 @@ def test_history_file_formats_order_by_time_and_name_bad_lines(tmp_path: Path) -
     with pytest.raises(UserError, match="no column"):
         (tmp_path / "n.csv").write_text("who,what\na,b\n")
         read_history_file(tmp_path / "n.csv")
+
+
+def test_history_file_keeps_ids_exact_and_refuses_null_or_empty_ones(tmp_path: Path) -> None:
+    from recsys.retrieval.history_users import read_history_file
+
+    # Ids are text: "007" stays "007" (not the number 7).
+    (tmp_path / "ids.csv").write_text("user,item\n007,010\n007,2\n")
+    assert read_history_file(tmp_path / "ids.csv") == (["007"], [["010", "2"]])
+    # A null or empty id, or a null timestamp, is refused naming the row: never dropped, never "None".
+    bad = {
+        "u.parquet": pd.DataFrame({"user": ["a", None], "item": ["x", "y"]}),
+        "i.parquet": pd.DataFrame({"user": ["a", "a"], "item": ["x", None]}),
+        "t.parquet": pd.DataFrame({"user": ["a", "a"], "item": ["x", "y"], "timestamp": [1.0, None]}),
+    }
+    for name, df in bad.items():
+        df.to_parquet(tmp_path / name)
+    (tmp_path / "e.csv").write_text("user,item\na,x\n,y\n")
+    expect = {"u.parquet": "user is null", "i.parquet": "item is null", "t.parquet": "timestamp is null"}
+    for name, what in {**expect, "e.csv": "user is empty"}.items():
+        with pytest.raises(UserError, match=re.escape(f"--history-file {tmp_path / name}: row 2: {what};")):
+            read_history_file(tmp_path / name)
+    for n, line in enumerate(('{"user": null, "history": ["x"]}', '{"user": "a", "history": ["x", ""]}')):
+        (tmp_path / f"{n}.jsonl").write_text(f'{{"user": "ok", "history": []}}\n{line}\n')
+    with pytest.raises(UserError, match=r"0.jsonl:2: user is null"):
+        read_history_file(tmp_path / "0.jsonl")
+    with pytest.raises(UserError, match=r"1.jsonl:2: history item 2 is empty"):
+        read_history_file(tmp_path / "1.jsonl")

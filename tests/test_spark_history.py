@@ -103,6 +103,28 @@ def test_spark_histories_equal_file_prepare(
     assert (train["history"][:, 0][train["history_rank"] >= L] == 0).any()  # an OOV item (row 0)
 
 
+@needs_spark
+@pytest.mark.slow
+def test_spark_empty_split_is_the_file_prepares_byte_for_byte(spark: Any, tmp_path: Path) -> None:
+    """A split with no rows (val_fraction 0, histories on) is written by mds.SplitWriter on both paths:
+    the same files, byte for byte."""
+    from recsys.data.prepare import prepare
+    from recsys.data.spark_mds import prepare_dataframe
+
+    src = write_events(tmp_path / "events.parquet", rows=300)
+    dirs = {"file": tmp_path / "file", "spark": tmp_path / "spark"}
+    cfgs = {}
+    for name, out in dirs.items():
+        cfg = history_config(src, out, "random", "ts")
+        split = cfg.data.split.model_copy(update={"val_fraction": 0.0})
+        cfgs[name] = cfg.model_copy(update={"data": cfg.data.model_copy(update={"split": split})})
+    prepare(cfgs["file"], overwrite=False)
+    meta = prepare_dataframe(spark.read.parquet(str(src)), cfgs["spark"])
+    assert meta.splits["val"].rows == 0 and meta.history_length == L
+    got = {k: {p.relative_to(v): p.read_bytes() for p in (v / "val").rglob("*")} for k, v in dirs.items()}
+    assert got["file"] == got["spark"] and list(got["file"]) == [Path("val/index.json")]
+
+
 def test_spark_history_refuses_what_the_file_path_refuses(tmp_path: Path) -> None:
     """No user column, or sampled negatives beside histories: one line naming the field, before Spark."""
     from recsys.data.spark_history import check_history

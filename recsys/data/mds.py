@@ -29,29 +29,10 @@ def write_split(
     on_block: Callable[[int], None] | None = None,
 ) -> int:
     """Write rows (label [n], dense [n, D], sparse [n, S]) as MDS blocks; returns the number of blocks."""
-    from streaming import MDSWriter
-
-    n = len(label)
-    label = np.ascontiguousarray(label, dtype=np.float32)
-    dense = np.ascontiguousarray(dense, dtype=np.float32)
-    if dense.shape[1] == 0:
-        # MDS cannot encode empty arrays: with no dense features the column holds one zero per row
-        # (see metadata.py); readers cut it back to the metadata's D = 0.
-        dense = np.zeros((n, 1), dtype=np.float32)
-    sparse = np.ascontiguousarray(sparse, dtype=np.int64)
-    blocks = 0
-    with MDSWriter(
-        out=str(out_dir), columns=MDS_COLUMNS, compression=compression, size_limit=size_limit
-    ) as writer:
-        for start in range(0, n, block_size):
-            stop = min(start + block_size, n)
-            writer.write(
-                {"label": label[start:stop], "dense": dense[start:stop], "sparse": sparse[start:stop]}
-            )
-            blocks += 1
-            if on_block is not None:
-                on_block(stop - start)
-    return blocks
+    writer = SplitWriter(out_dir, block_size, compression, size_limit, on_block)
+    writer.write(label, dense, sparse)
+    writer.close()
+    return writer.blocks
 
 
 class BlockReader:
@@ -112,8 +93,9 @@ class BlockReader:
 
 
 class SplitWriter:
-    """One split's MDS blocks written as rows arrive in pieces: the same blocks write_split gives on
-    all rows at once (a block holds `block_size` consecutive rows; only the last is short).
+    """One split's MDS blocks written as rows arrive in pieces (a block holds `block_size` consecutive
+    rows; only the last is short): the one block writer of every path (write_split, the file prepare,
+    the Spark prepare's tasks). A split with no rows is a writer closed at once.
 
     Blocks are encoded, compressed and written on a thread of their own (zstd and file writes release
     the GIL), so the three splits' writers overlap the caller's work; at most two pieces wait.
@@ -121,13 +103,16 @@ class SplitWriter:
 
     def __init__(
         self,
-        out_dir: str | Path,
+        out_dir: str | Path | tuple[str, str],
         block_size: int,
         compression: str | None,
         size_limit: int,
         on_block: Callable[[int], None] | None = None,
         history_length: int | None = None,
+        keep_local: bool = False,
     ) -> None:
+        """`out_dir`: a folder, or (local, remote) to upload as MDSWriter does (`keep_local` keeps the
+        local copy); `history_length`: None, or L when rows carry histories."""
         from concurrent.futures import Future, ThreadPoolExecutor
 
         from streaming import MDSWriter
@@ -136,7 +121,11 @@ class SplitWriter:
         self.history_length = history_length
         columns = MDS_COLUMNS if history_length is None else {**MDS_COLUMNS, **HISTORY_COLUMNS}
         self._writer = MDSWriter(
-            out=str(out_dir), columns=columns, compression=compression, size_limit=size_limit
+            out=out_dir if isinstance(out_dir, tuple) else str(out_dir),
+            columns=columns,
+            compression=compression,
+            size_limit=size_limit,
+            keep_local=keep_local,
         )
         self.block_size, self.on_block = block_size, on_block
         self._held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -155,7 +144,9 @@ class SplitWriter:
         """Append rows (label [n], dense [n, D], sparse [n, S]); full blocks are written in the background."""
         if not len(label):
             return
-        if dense.shape[1] == 0:  # see write_split: one zero per row stands for "no dense features"
+        if dense.shape[1] == 0:
+            # MDS cannot encode empty arrays: with no dense features the column holds one zero per row
+            # (see metadata.py); readers cut it back to the metadata's D = 0.
             dense = np.zeros((len(label), 1), dtype=np.float32)
         self.rows += len(label)
         self.positives += float(np.sum(label, dtype=np.float64))

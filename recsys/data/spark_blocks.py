@@ -1,10 +1,10 @@
-"""Ordered Spark rows → MDS block datasets, one MDSWriter per partition, blocks cut with numpy.
+"""Ordered Spark rows → MDS block datasets, one mds.SplitWriter per partition and split.
 
 The rows of all splits arrive with their split code, their index in the split's order and their block
 (index // block_size). One range shuffle on (split, block) puts every block whole in one partition,
 in order; a sort by index orders the rows inside. Each task then reads its partition as Arrow batches
-(`mapInArrow`), cuts block_size rows at a time with numpy and writes each block as one MDS sample
-under <split>/<partition>/; the driver merges the partitions' index.json files per split in partition
+(`mapInArrow`) and hands its rows to a SplitWriter (the file prepare's block writer), which writes each
+block of block_size rows as one MDS sample under <split>/<partition>/; the driver merges the partitions' index.json files per split in partition
 order (streaming's merge_index), so each split's blocks stay in order and only its last is short.
 
 This replaces a groupBy(block) + collect_list of row structs (rows boxed in the JVM, then unboxed
@@ -35,21 +35,6 @@ def _part_out(out: tuple[str, str | None], part: int) -> tuple[str, str | None]:
     return os.path.join(out[0], name), (f"{out[1].rstrip('/')}/{name}" if out[1] else None)
 
 
-def _sample(
-    label: np.ndarray, dense: np.ndarray, sparse: np.ndarray, sparse_dim: int, history_length: int | None
-) -> dict[str, np.ndarray]:
-    """One block as an MDS sample; the columns behind the first sparse_dim are history, then its rank."""
-    if history_length is None:
-        return {"label": label, "dense": dense, "sparse": sparse}
-    return {
-        "label": label,
-        "dense": dense,
-        "sparse": np.ascontiguousarray(sparse[:, :sparse_dim]),
-        "history": np.ascontiguousarray(sparse[:, sparse_dim:-1]),
-        "history_rank": np.ascontiguousarray(sparse[:, -1]),
-    }
-
-
 def write_partition(
     batches: Iterator[pa.RecordBatch],
     outs: dict[int, tuple[str, str | None]],
@@ -60,46 +45,35 @@ def write_partition(
     history_length: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """`mapInArrow` body: this partition's rows (sorted by split, then index; blocks whole) → one MDS
-    sample per block under outs[split]/<partition>; yields (split, partition, index.json paths)."""
+    sample per block under outs[split]/<partition> (mds.SplitWriter; `mds_kwargs`: its compression and
+    size_limit); yields (split, partition, index.json paths)."""
     import pyarrow as pa
     from pyspark import TaskContext
-    from streaming import MDSWriter
     from streaming.base.format.index import get_index_basename
 
+    from recsys.data.mds import SplitWriter
     from recsys.data.readers import log1p_dense
 
     part = TaskContext.get().partitionId()
     written: list[tuple[int, str, str]] = []
-    writer: Any = None
+    writer: SplitWriter | None = None
     split = -1
-    carry: list[np.ndarray] = []  # label, dense, sparse rows of the block being filled
 
-    def flush(final: bool) -> None:
-        """Write the full blocks in `carry` (and the short last one when `final`)."""
-        label, dense, sparse = carry
-        n = len(label)
-        stop = n if final else n - n % block_size
-        for s in range(0, stop, block_size):
-            e = min(s + block_size, stop)
-            writer.write(_sample(label[s:e], dense[s:e], sparse[s:e], sparse_dim, history_length))
-        carry[:] = [label[stop:], dense[stop:], sparse[stop:]]
-
-    def open_writer(code: int) -> Any:
+    def open_writer(code: int) -> SplitWriter:
         local, remote = _part_out(outs[code], part)
         shutil.rmtree(local, ignore_errors=True)  # a retried task starts over
         index = os.path.join(local, get_index_basename())
         written.append((code, index, f"{remote}/{get_index_basename()}" if remote else ""))
-        return MDSWriter(out=(local, remote) if remote else local, **mds_kwargs)
+        out = (local, remote) if remote else local
+        # keep_local: the driver merges the local index.json files.
+        return SplitWriter(out, block_size, history_length=history_length, keep_local=True, **mds_kwargs)
 
     for batch in batches:
         codes = batch.column(SPLIT).to_numpy()
         label = batch.column(LABEL).to_numpy().astype(np.float32)
         n = len(label)
-        if dense_dim:
-            raw = batch.column(DENSE).flatten().to_numpy(zero_copy_only=False)
-            dense = log1p_dense(raw.astype(np.float64).reshape(n, dense_dim))
-        else:  # MDS cannot encode empty arrays: one zero column, as mds.write_split does
-            dense = np.zeros((n, 1), dtype=np.float32)
+        raw = batch.column(DENSE).flatten().to_numpy(zero_copy_only=False)
+        dense = log1p_dense(raw.astype(np.float64).reshape(n, dense_dim))
         sparse = batch.column(SPARSE).flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         # With histories each row's sparse array ends with its L history values and its rank.
         sparse = sparse.reshape(n, sparse_dim + (0 if history_length is None else history_length + 1))
@@ -109,15 +83,12 @@ def write_partition(
             code = int(codes[s])
             if code != split:
                 if writer is not None:
-                    flush(final=True)
-                    writer.finish()
+                    writer.close()
                 split, writer = code, open_writer(code)
-                carry = [label[:0], dense[:0], sparse[:0]]
-            carry = [np.concatenate([a, b[s:e]]) for a, b in zip(carry, (label, dense, sparse), strict=True)]
-            flush(final=False)
+            assert writer is not None
+            writer.write(label[s:e], dense[s:e], sparse[s:e])
     if writer is not None:
-        flush(final=True)
-        writer.finish()
+        writer.close()
     yield pa.RecordBatch.from_pylist(
         [{"split": c, "part": part, "local": loc, "remote": rem} for c, loc, rem in written],
         schema=pa.schema(

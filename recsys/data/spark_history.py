@@ -11,12 +11,11 @@ One Window partitioned by the raw user id and ordered by (timestamp, position) g
 `collect_list` over rowsBetween(-L, -1) of the item row and `row_number` - 1. Spark sorts each user's
 events in its shuffle (spilling to disk as it must); nothing per row reaches the driver. The columns
 ride behind the sparse ones through the blocking (as in the file path's SplitWriter) and are split
-back into the `history`/`history_rank` MDS columns by the block writer (recsys.data.spark_blocks).
+back into the `history`/`history_rank` MDS columns by the block writer (recsys.data.mds.SplitWriter).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recsys.errors import UserError
@@ -69,23 +68,3 @@ def sparse_with_history(sparse: Column, cfg: Config) -> Column:
     from pyspark.sql import functions as F
 
     return F.concat(sparse, F.col(HISTORY))
-
-
-def mds_columns(cfg: Config) -> tuple[dict[str, str], int | None]:
-    """(MDS columns, history length) of the split writers: the history columns when data.history is set."""
-    from recsys.data.metadata import HISTORY_COLUMNS, MDS_COLUMNS
-
-    if cfg.data.history is None:
-        return dict(MDS_COLUMNS), None
-    return {**MDS_COLUMNS, **HISTORY_COLUMNS}, cfg.data.history.length
-
-
-def write_empty_history_split(target: Path, cfg: Config) -> None:
-    """An empty split with the history columns, as the file-based prepare writes it."""
-    from recsys.data.mds import SplitWriter
-
-    assert cfg.data.history is not None
-    d = cfg.data
-    SplitWriter(
-        target, d.block_size, d.compression, d.shard_size_limit, history_length=d.history.length
-    ).close()

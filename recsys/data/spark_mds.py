@@ -55,13 +55,7 @@ from recsys.data.metadata import (
     data_settings,
     write_metadata,
 )
-from recsys.data.spark_history import (
-    check_history,
-    mds_columns,
-    sparse_with_history,
-    with_history,
-    write_empty_history_split,
-)
+from recsys.data.spark_history import check_history, sparse_with_history, with_history
 from recsys.data.spark_tasks import blocks_tasks, shuffle_partitions_for, tasks_for
 from recsys.data.spark_window import filter_window, previous_vocabularies, size_of
 from recsys.errors import DataError, UserError
@@ -364,7 +358,7 @@ def _prepare(
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from recsys.data.mds import write_split
+    from recsys.data.mds import SplitWriter
     from recsys.data.prepare import check_output, vocab_file
 
     m = source_columns(cfg)
@@ -555,7 +549,7 @@ def _prepare(
     from recsys.data.spark_blocks import write_blocks
 
     infos: dict[str, SplitInfo] = {}
-    columns, history_length = mds_columns(cfg)
+    history_length = cfg.data.history.length if cfg.data.history is not None else None
     dests: dict[int, Any] = {}
     for split_name, code in zip(SPLITS, (S.TRAIN, S.VAL, S.TEST), strict=True):
         count, positives = stats.get(code, (0, 0))
@@ -563,18 +557,11 @@ def _prepare(
             rows=count, blocks=math.ceil(count / cfg.data.block_size), positives=positives
         )
         target = out / split_name
-        if count == 0 and cfg.data.history is not None:
-            write_empty_history_split(target, cfg)
-        elif count == 0:  # no rows reach a writer; an empty split is still a dataset
-            write_split(
-                target,
-                np.zeros(0, np.float32),
-                np.zeros((0, len(m.dense)), np.float32),
-                np.zeros((0, len(ids)), np.int64),
-                cfg.data.block_size,
-                cfg.data.compression,
-                cfg.data.shard_size_limit,
-            )
+        if count == 0:  # no rows reach a writer; an empty split is still a dataset
+            d = cfg.data
+            SplitWriter(
+                target, d.block_size, d.compression, d.shard_size_limit, history_length=history_length
+            ).close()
         else:
             dests[code] = (
                 str(target) if remote is None else (str(target), f"{remote.rstrip('/')}/{split_name}")
@@ -595,12 +582,7 @@ def _prepare(
         dense_dim=len(m.dense),
         sparse_dim=len(ids),
         history_length=history_length,
-        mds_kwargs={
-            "columns": columns,
-            "compression": cfg.data.compression,
-            "size_limit": cfg.data.shard_size_limit,
-            "keep_local": True,
-        },
+        mds_kwargs={"compression": cfg.data.compression, "size_limit": cfg.data.shard_size_limit},
     )
     for code, dest in dests.items():
         # Partition order is block order: the merged index keeps the split's blocks in order.

@@ -137,6 +137,8 @@ def pytorchjob(spec: JobSpec) -> dict[str, Any]:
         "metadata": {"labels": dict(spec.labels), "annotations": dict(spec.annotations)},
         "spec": {**_pod_spec_common(spec), "containers": [container], "volumes": _volumes(spec)},
     }
+    # OnFailure, not ExitCode: the operator's ExitCode retries (exit >= 128) escape runPolicy.backoffLimit
+    # and never stop (docs/guides/reliability.md, "Preemption").
     replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
     if spec.nodes > 1:
         replicas["Worker"] = {"replicas": spec.nodes - 1, "restartPolicy": "OnFailure", "template": template}

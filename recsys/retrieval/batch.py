@@ -272,9 +272,16 @@ def launch_torchrun(job: BatchJob, out: str, nproc: int) -> int:
 # ------------------------------------------------------------------------------------ Spark and Ray
 def _spark_batches(job: BatchJob, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     """mapInPandas body: the users of each Arrow batch → their rows."""
-    ret = retriever(job)
+    from recsys.retrieval.raw_ids import checked_ids
+
+    ret = None
     for batch in batches:
-        yield ret.recommend([str(u) for u in batch["user"]], job.k).to_pandas()
+        # A null user must not become the user "None"; checked first, so bad input fails before
+        # the run is opened.
+        users = checked_ids(batch["user"], "recommend_spark users, in a batch", "user")
+        if ret is None:
+            ret = retriever(job)
+        yield ret.recommend(users, job.k).to_pandas()
 
 
 def recommend_spark(
@@ -304,7 +311,9 @@ class RayRecommender:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Rows of the users of `batch` (a pyarrow table with column `user`)."""
-        users = [str(u) for u in batch.column("user").to_pylist()]
+        from recsys.retrieval.raw_ids import checked_ids
+
+        users = checked_ids(batch.column("user").to_pylist(), "recommend_ray users, in a batch", "user")
         return self.ret.recommend(users, self.job.k)
 
 
@@ -316,7 +325,9 @@ def recommend_ray(
     Uses the running Ray instance (ray.init / a cluster's), or starts a local one."""
     import ray
 
-    ids = user_list(job) if users is None else users
+    from recsys.retrieval.raw_ids import checked_ids
+
+    ids = user_list(job) if users is None else checked_ids(users, "recommend_ray users", "user")
     ds = ray.data.from_items([{"user": u} for u in ids])
     return ds.map_batches(
         RayRecommender,

@@ -190,11 +190,16 @@ def read_history_file(path: str | Path) -> tuple[list[str], list[list[str]]]:
         raise UserError(f"--history-file {path}: not found")
     if path.suffix in (".jsonl", ".json", ".ndjson"):
         return _read_jsonl(path)
+    import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
+    # Ids are exact strings ("007" is not 7): read those columns as text.
+    opts = pcsv.ConvertOptions(column_types={"user": pa.string(), "item": pa.string()})
     try:
-        table = pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path)
+        table = (
+            pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path, convert_options=opts)
+        )
     except Exception as e:  # noqa: BLE001 — pyarrow raises several types for an unreadable file
         raise UserError(f"--history-file {path}: cannot read it as Parquet/CSV ({e})") from None
     missing = [c for c in ("user", "item") if c not in table.column_names]
@@ -203,10 +208,17 @@ def read_history_file(path: str | Path) -> tuple[list[str], list[list[str]]]:
             f"--history-file {path}: no column(s) {', '.join(missing)} (columns: "
             f"{', '.join(table.column_names)}); expected user, item[, timestamp]"
         )
-    users = [str(u) for u in table.column("user").to_pylist()]
-    items = [str(i) for i in table.column("item").to_pylist()]
+    from recsys.retrieval.raw_ids import id_column
+
+    users, items = (id_column(table, c, f"--history-file {path}") for c in ("user", "item"))
     order = np.arange(len(users))
     if "timestamp" in table.column_names:
+        nulls = table.column("timestamp").is_null().to_numpy(zero_copy_only=False)
+        if nulls.any():
+            raise UserError(
+                f"--history-file {path}: row {int(np.argmax(nulls)) + 1}: timestamp is null; "
+                "give every row a timestamp, or leave the column out (rows then keep file order)"
+            )
         ts = np.asarray(table.column("timestamp").to_numpy(zero_copy_only=False))
         order = np.argsort(ts, kind="stable")  # ties keep file order
     out: dict[str, list[str]] = {}
@@ -232,9 +244,19 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[list[str]]]:
             raise UserError(
                 f'{path}:{n}: expected {{"user": "...", "history": ["item", ...]}} ({type(e).__name__}: {e})'
             ) from None
-        users.append(str(user))
-        histories.append([str(i) for i in hist])
+        users.append(_jsonl_id(user, path, n, "user"))
+        histories.append([_jsonl_id(i, path, n, f"history item {j}") for j, i in enumerate(hist, 1)])
     return users, histories
+
+
+def _jsonl_id(value: Any, path: Path, line: int, what: str) -> str:
+    """A JSON value as a raw id; null, "" or a non-id → one line naming the file, line and field."""
+    from recsys.retrieval.raw_ids import raw_id, why_not
+
+    rid = raw_id(value)
+    if rid is None:
+        raise UserError(f"{path}:{line}: {what} is {why_not(value)}; write it as a non-empty id")
+    return rid
 
 
 def request_seen(

@@ -67,9 +67,12 @@ def parse_exclude(spec: str) -> tuple[str, ...]:
 
 
 def _column(table: Any, path: Path) -> list[str]:
+    """Column `user` as raw ids; a null or empty user → one line naming the file and row."""
+    from recsys.retrieval.raw_ids import id_column
+
     if "user" not in table.column_names:
         raise UserError(f"--users {path}: no column 'user' (columns: {', '.join(table.column_names)})")
-    return [str(u) for u in table.column("user").to_pylist() if u is not None]
+    return id_column(table, "user", f"--users {path}")
 
 
 def _text_users(path: Path) -> list[str]:
@@ -101,7 +104,6 @@ def read_users(path: str | Path) -> list[str]:
             users = _text_users(path)
     except (OSError, UnicodeDecodeError, pa.ArrowException) as e:
         raise UserError(f"--users {path}: cannot read it ({type(e).__name__}: {e})") from None
-    users = [u for u in users if u]
     if not users:
         raise UserError(
             f"--users {path}: no user ids in it (one id per line, or a Parquet/CSV column 'user')"
