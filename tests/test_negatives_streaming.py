@@ -20,7 +20,6 @@ from recsys.config import config_from_dict
 from recsys.data import negative_buckets
 from recsys.data import splits as S
 from recsys.data.loader import read_split_arrays
-from recsys.data.metadata import read_metadata
 from recsys.data.prepare import prepare
 
 PER_POSITIVE = 3
