@@ -145,6 +145,16 @@ def test_rule_holds_on_the_rows_written(tmp_path: Path, monkeypatch: pytest.Monk
     ]
 
 
+def test_spark_prepare_refuses_negatives_instead_of_dropping_them(tmp_path: Path) -> None:
+    pytest.importorskip("pyspark")
+    from recsys.data.spark_mds import prepare_dataframe
+    from recsys.errors import UserError
+
+    cfg = _cfg(tmp_path / "r.parquet", tmp_path / "p")
+    with pytest.raises(UserError, match="data.negatives.per_positive: sampled negatives are added by"):
+        prepare_dataframe(None, cfg)  # type: ignore[arg-type]  # refused before the DataFrame is read
+
+
 # --------------------------------------------------------------------------------------- memory
 # Like tests/test_data_prepare_streaming.py's check: prepare in a child process, single-threaded,
 # its live numpy/Python peak (tracemalloc), Arrow's pool peak and peak RSS beyond the imports.
@@ -155,6 +165,8 @@ import streaming  # the MDS writer's imports (torch …) are not prepare's memor
 from recsys.config import config_from_dict
 from recsys.data import mds
 from recsys.data import prepare as P
+from recsys.data.readers import delimited
+delimited._CSV_BLOCK = 1 << 14  # Arrow's CSV read-ahead (~35 blocks) full at both sizes
 os.cpu_count = lambda: 1
 mds.SplitWriter._submit = lambda self, fn, *args: fn(*args)
 def rss(key):
@@ -195,6 +207,7 @@ def interactions_config(root: Path, users: int, per_user: int, items: int, chunk
             "chunk_rows": chunk_rows,
             "shuffle_window": chunk_rows,
             "shard_size_limit": 1 << 20,  # the MDS writer holds up to a shard per split in memory
+            "block_size": 8,
         },
         "model": {"kind": "dlrm", "embedding_dim": 8, "dlrm": {"dense_arch_layers": [8]}},
         "train": {"batch_size": 8},
