@@ -206,7 +206,7 @@ def interactions_config(root: Path, users: int, per_user: int, items: int, chunk
             "negatives": {"per_positive": 4, "seed": 0},
             "chunk_rows": chunk_rows,
             "shuffle_window": chunk_rows,
-            "shard_size_limit": 1 << 20,  # the MDS writer holds up to a shard per split in memory
+            "shard_size_limit": 1 << 18,  # the MDS writer holds up to a shard per split in memory
             "block_size": 8,
         },
         "model": {"kind": "dlrm", "embedding_dim": 8, "dlrm": {"dense_arch_layers": [8]}},
@@ -235,7 +235,7 @@ def negatives_peaks(config: dict, trace: bool = True) -> dict:
 def test_negatives_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
     """4x the rows (same users, items, chunk): the sampling's memory stays the same."""
     small, big = (
-        negatives_peaks(interactions_config(tmp_path, 600, per_user, 3000, 4000)) for per_user in (40, 160)
+        negatives_peaks(interactions_config(tmp_path, 600, per_user, 500, 4000)) for per_user in (40, 160)
     )
     assert small["rows"]["train"] * 3 < big["rows"]["train"]
     grown = {k: round(big[k] - small[k]) for k in ("live_kb", "arrow_kb", "rss_kb") if small[k] is not None}
@@ -244,3 +244,28 @@ def test_negatives_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
     assert grown["arrow_kb"] < 1024, f"Arrow's peak {why}"
     if small["rss_kb"] is not None:
         assert big["rss_kb"] < 1.15 * small["rss_kb"] + 24_000, f"peak RSS {why}"
+
+
+def main(sizes: list[int]) -> None:
+    """Print peak RSS beyond the imports of prepare with negatives off and on (per_positive 4) at
+    each size of synthetic_interactions (10,000 users, 20,000 items, 131,072-row chunks and shuffle
+    window, 8 MiB shards): `python -m tests.test_negatives_streaming 500000 2000000`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in sizes:
+            config = interactions_config(Path(tmp), 10_000, rows // 10_000, 20_000, 131_072)
+            config["data"]["shard_size_limit"] = 8 << 20
+            for per_positive in (0, 4):
+                config["data"]["negatives"]["per_positive"] = per_positive
+                r = negatives_peaks(config, trace=False)
+                rss = r["rss_kb"] / 1024 if r["rss_kb"] is not None else float("nan")
+                print(
+                    f"input ~{rows:,} rows, per_positive {per_positive}: {sum(r['rows'].values()):>10,} written, "
+                    f"peak RSS beyond imports {rss:7.1f} MiB  Arrow peak {r['arrow_kb'] / 1024:6.1f} MiB",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main([int(x) for x in sys.argv[1:]])
