@@ -24,6 +24,7 @@ step 2) and 16 B per negative (until prepare ends).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +38,7 @@ from recsys.data import vocab as V
 from recsys.data.negatives import draw_negatives, negative_keys
 
 if TYPE_CHECKING:
-    from recsys.config import Config, LabelConfig
+    from recsys.config import Config
     from recsys.data.hashing import TableMap
     from recsys.data.readers import Table
     from recsys.data.spill import ChunkSpill, SpilledChunk
@@ -147,13 +148,14 @@ class NegativeSampler:
         return f"negatives: {self.sampled:,} sampled rows (label 0) for {self.positives:,} positives"
 
     # ------------------------------------------------------------------------------ step 1
-    def sample(self, spill: ChunkSpill, maps: list[TableMap], rule: LabelConfig) -> None:
-        """Partition every spilled chunk's interactions by user bucket, then draw bucket by bucket."""
-        from recsys.data.prepare import binarize
-
+    def sample(
+        self, spill: ChunkSpill, maps: list[TableMap], labels_of: Callable[[SpilledChunk], np.ndarray]
+    ) -> None:
+        """Partition every spilled chunk's interactions by user bucket, then draw bucket by bucket;
+        `labels_of` gives a chunk's binary labels (pass 2's label rule)."""
         for i in range(spill.count):
             chunk = spill.read(i)
-            positive = binarize(chunk.label, chunk.assign, rule)[0] > 0
+            positive = labels_of(chunk) > 0
             self.positives += int(positive.sum())
             self._partition(chunk, positive, maps)
         for b in range(self.buckets):

@@ -422,7 +422,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
             label_info = label_info or binarize(first.label, np.zeros(0, np.int8), rule)[1]
             if negatives is not None:
                 _say(f"sampling negatives in {negatives.buckets} user buckets …")
-                negatives.sample(spill, maps, rule)
+                negatives.sample(spill, maps, lambda c: binarize(c.label, c.assign, rule)[0])
                 counted.notes.append(negatives.note)
             t_vocab, c_vocab = time.perf_counter(), time.process_time()
             facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
