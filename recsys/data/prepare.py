@@ -460,7 +460,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
     print(
         f"prepared {out}: "
         + ", ".join(f"{k} {v.rows} rows/{v.blocks} blocks" for k, v in infos.items())
-        + f"; {len(features)} sparse, {len(first.dense_names)} dense features"
+        + f"; {len(features)} sparse, {len(meta.dense_features)} dense features"
         + (f"; {bad} bad rows skipped" if bad else "")
         + (f"; {len(meta.read_notes)} read notes in metadata.json" if meta.read_notes else "")
         + f" (pass 1 {t_read - t0:.1f}s, vocab {t_vocab - t_read:.1f}s, pass 2 {t_write - t_vocab:.1f}s)"
