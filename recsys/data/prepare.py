@@ -9,7 +9,9 @@ each chunk encoded on disk (recsys.data.spill); pass 2 maps ids to embedding row
 splits. Val and test keep source order; train rows are shuffled within windows of
 `data.shuffle_window` source rows (splits.shuffle_keys of the split seed), so a block is a random
 sample of its window rather than a run of one user or one hour, and the output is the same whatever
-the chunk size (docs/data-at-scale.md).
+the chunk size (docs/data-at-scale.md). With data.negatives the sampled label-0 rows are drawn
+between the passes from the spill, user bucket by user bucket (recsys.data.negative_buckets), and
+pass 2 writes each right after its positive.
 
 Side features joined by the readers (user age, item genre slots, …) are ordinary sparse features with
 vocabularies fit on train like any other; metadata.json names which describe the user
