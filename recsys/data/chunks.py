@@ -8,8 +8,8 @@ the keys of its last 2n events and its count (recsys.data.last_events: memory gr
 not the rows), from which later passes decide each chunk's rows. Criteo/synthetic CTR TSVs and table
 CSV/Parquet files stream from disk; MovieLens,
 RecBole and Learning-from-Sets files (small, joined with side tables) are read whole once and cut
-into chunks. With data.negatives the whole table is in memory too (sampling looks at every
-interaction of a user).
+into chunks. data.negatives reads the same chunks: its sampling works on pass 1's spill, user
+bucket by user bucket (recsys.data.negative_buckets), so it adds memory per chunk and per item only.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Chunk:
     table: Table
     start: int
     assign: np.ndarray  # int8 per row: splits.TRAIN / VAL / TEST
-    labels: np.ndarray | None = None  # binary float32 labels when the source decided them (negatives)
+    labels: np.ndarray | None = None  # binary float32 labels when the source decided them
 
     @property
     def positions(self) -> np.ndarray:
@@ -82,7 +82,7 @@ class ChunkReader:
     rows) — recorded on the first pass only, so later passes do not hash the files again.
     """
 
-    def __init__(self, cfg: Config, given: tuple[Table, np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(self, cfg: Config) -> None:
         from recsys.data.synth import raw_dir_of
 
         self.cfg, self.raw_dir = cfg, raw_dir_of(cfg)
@@ -91,12 +91,11 @@ class ChunkReader:
         self.rows = 0
         self._passes = 0
         self._whole: dict[str, Table] = {}  # small sources read whole, by part
-        self._given = given  # (table, assign, labels) decided in memory (negatives)
         self._assign: LastEvents | None = None  # leave_last_n's per-user last events
         self.window = WindowFilter(cfg)  # data.window: rows outside [since, until) are not read on
         src, mode = cfg.data.source, cfg.data.split.mode
         self._days = 0
-        if given is None and src.kind != "presplit":
+        if src.kind != "presplit":
             if mode == "by_day":
                 self._days = _day_files(src, self.raw_dir)
                 if self._days < 3:
@@ -183,9 +182,6 @@ class ChunkReader:
     def __iter__(self) -> Iterator[Chunk]:
         first = self._passes == 0
         self._passes += 1
-        if self._given is not None:
-            yield from self._iter_given()
-            return
         if (
             self._assign is None
             and self.cfg.data.source.kind != "presplit"
@@ -208,13 +204,3 @@ class ChunkReader:
         self.window.check_not_empty()
         if sources is not None:
             self.sources, self.rows = sources, start
-
-    def _iter_given(self) -> Iterator[Chunk]:
-        assert self._given is not None
-        table, assign, labels = self._given
-        for start in range(0, table.rows, self.chunk_rows):
-            stop = min(start + self.chunk_rows, table.rows)
-            piece = slice_table(table, start, stop)
-            piece.notes = table.notes
-            yield Chunk(table=piece, start=start, assign=assign[start:stop], labels=labels[start:stop])
-        self.sources, self.rows = table.sources, table.rows

@@ -9,7 +9,9 @@ each chunk encoded on disk (recsys.data.spill); pass 2 maps ids to embedding row
 splits. Val and test keep source order; train rows are shuffled within windows of
 `data.shuffle_window` source rows (splits.shuffle_keys of the split seed), so a block is a random
 sample of its window rather than a run of one user or one hour, and the output is the same whatever
-the chunk size (docs/data-at-scale.md).
+the chunk size (docs/data-at-scale.md). With data.negatives the sampled label-0 rows are drawn
+between the passes from the spill, user bucket by user bucket (recsys.data.negative_buckets), and
+pass 2 writes each right after its positive.
 
 Side features joined by the readers (user age, item genre slots, …) are ordinary sparse features with
 vocabularies fit on train like any other; metadata.json names which describe the user
@@ -36,7 +38,7 @@ import numpy as np
 
 from recsys.data import splits as S
 from recsys.data import vocab as V
-from recsys.data.chunks import ChunkReader, _inner_source
+from recsys.data.chunks import ChunkReader
 from recsys.data.hashing import TableMap
 from recsys.data.history import (
     HistoryBuilder,
@@ -48,10 +50,12 @@ from recsys.data.history import (
 from recsys.data.lineage import Previous, owned_rows, window_info
 from recsys.data.mds import SplitWriter
 from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, data_settings, write_metadata
-from recsys.data.negatives import add_negatives
-from recsys.data.readers import Table, concat_tables, read_source
+from recsys.data.negative_buckets import NegativeSampler
+from recsys.data.negatives import CONST_DENSE
+from recsys.data.negatives import check_source as check_negatives
+from recsys.data.readers import Table
 from recsys.data.spill import ChunkSpill, SpilledChunk
-from recsys.data.window import WindowFilter, is_windowed
+from recsys.data.window import is_windowed
 from recsys.errors import UserError
 
 if TYPE_CHECKING:
@@ -95,48 +99,6 @@ def check_output(out: Path, overwrite: bool) -> None:
     if overwrite and out.is_dir():  # pass 1's spill of a run that was killed (see recsys.data.spill)
         for stale in out.glob(".spill-*"):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def read_with_split(cfg: Config, window: WindowFilter | None = None) -> tuple[Table, np.ndarray]:
-    """Read the configured source (the rows `window` keeps) and assign each to train (0), val (1) or test (2)."""
-    from recsys.data.synth import raw_dir_of
-
-    window = window or WindowFilter(cfg)
-
-    src, sp = cfg.data.source, cfg.data.split
-    skip = cfg.data.skip_bad_rows
-    if src.kind == "presplit":
-        parts = {"train": src.train, "val": src.val, "test": src.test}
-        tables, assign = [], []
-        for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)):
-            if parts[name] is None:
-                continue
-            t = window.apply(read_source(_inner_source(parts[name], f"data.source.{name}"), skip))
-            tables.append(t)
-            a = np.full(t.rows, code, dtype=np.int8)
-            if name == "train" and src.val is None:  # carve val out of train
-                a = S.random_split(t.rows, sp.val_fraction, 0.0, sp.seed)
-            assign.append(a)
-        window.check_not_empty()
-        return concat_tables(tables), np.concatenate(assign)
-    table = window.apply(read_source(src, skip, raw_dir_of(cfg)))
-    window.check_not_empty()
-    if sp.mode == "random":
-        return table, S.random_split(table.rows, sp.val_fraction, sp.test_fraction, sp.seed)
-    if sp.mode == "by_day":
-        if table.day is None:
-            raise UserError(
-                "data.split.mode by_day needs day files (data.source.kind criteo or synthetic_ctr)"
-            )
-        return table, S.by_day(table.day)
-    if sp.mode == "leave_last_n":
-        if table.user_feature is None:
-            raise UserError("data.split.mode leave_last_n needs a user column (data.source.user)")
-        if table.timestamp is None:
-            log.warning("no timestamp column: leave_last_n uses file order as time order")
-        users, _ = V.encode(table.sparse[table.sparse_names.index(table.user_feature)])
-        return table, S.leave_last_n(users, table.timestamp, sp.n)
-    raise UserError(f"data.split.mode {sp.mode!r} does not fit data.source.kind {src.kind!r}")
 
 
 def binarize(label: np.ndarray | None, assign: np.ndarray, cfg: LabelConfig) -> tuple[np.ndarray, dict]:
@@ -256,26 +218,35 @@ class _TrainWindow:
         self.current = -1
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, pos: np.ndarray, label: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> None:
-        """Buffer train rows at source positions `pos` (ascending); earlier windows are written first."""
+    def add(
+        self,
+        pos: np.ndarray,
+        label: np.ndarray,
+        dense: np.ndarray,
+        sparse: np.ndarray,
+        keys: np.ndarray | None = None,
+    ) -> None:
+        """Buffer train rows at source positions `pos` (ascending); earlier windows are written first.
+        Their shuffle keys are splits.shuffle_keys of the positions unless given (sampled negatives)."""
+        keys = S.shuffle_keys(self.seed, pos) if keys is None else keys
         win = pos // self.window
         if len(win) and win[0] == win[-1] == self.current:  # the common case: no copy by mask
-            self.parts.append((pos, label, dense, sparse))
+            self.parts.append((keys, label, dense, sparse))
             return
         for w in np.unique(win):
             if w != self.current:
                 self.flush()
                 self.current = int(w)
             m = win == w
-            self.parts.append((pos[m], label[m], dense[m], sparse[m]))
+            self.parts.append((keys[m], label[m], dense[m], sparse[m]))
 
     def flush(self) -> None:
-        """Write the buffered window ordered by shuffle key (splits.shuffle_keys of the positions)."""
+        """Write the buffered window ordered by shuffle key."""
         if not self.parts:
             return
-        pos, label, dense, sparse = (np.concatenate(c) for c in zip(*self.parts, strict=True))
+        keys, label, dense, sparse = (np.concatenate(c) for c in zip(*self.parts, strict=True))
         self.parts = []
-        order = np.argsort(S.shuffle_keys(self.seed, pos), kind="stable")
+        order = np.argsort(keys, kind="stable")
         step = 1 << 16  # gathered piece by piece: no second copy of the whole window
         for at in range(0, len(order), step):
             o = order[at : at + step]
@@ -307,8 +278,10 @@ def _write(
     pool: ThreadPoolExecutor,
     facts: _FactRows | None,
     history: HistoryBuilder | None = None,
+    negatives: NegativeSampler | None = None,
 ) -> dict[str, SplitInfo]:
-    """Pass 2: map every spilled chunk's ids to rows and route its rows to the split writers."""
+    """Pass 2: map every spilled chunk's ids to rows and route its rows to the split writers
+    (with `negatives`, each positive followed by its sampled rows)."""
     from tqdm import tqdm
 
     d = cfg.data
@@ -329,12 +302,17 @@ def _write(
             sparse = np.concatenate([sparse, *history_columns(history, chunk.start, chunk.rows)], axis=1)
         if facts is not None:
             facts.add(chunk.start, chunk.assign, labels)
-        for name, code in (("val", S.VAL), ("test", S.TEST)):
-            m = chunk.assign == code
-            writers[name].write(labels[m], chunk.dense[m], sparse[m])
-        m = chunk.assign == S.TRAIN
+        assign, dense, keys = chunk.assign, chunk.dense, None
         positions = np.arange(chunk.start, chunk.start + chunk.rows, dtype=np.int64)
-        train.add(positions[m], labels[m], chunk.dense[m], sparse[m])
+        if negatives is not None:
+            assign, labels, dense, sparse, positions, keys = negatives.extend(
+                chunk.start, assign, labels, dense, sparse
+            )
+        for name, code in (("val", S.VAL), ("test", S.TEST)):
+            m = assign == code
+            writers[name].write(labels[m], dense[m], sparse[m])
+        m = assign == S.TRAIN
+        train.add(positions[m], labels[m], dense[m], sparse[m], None if keys is None else keys[m])
         bar.update(chunk.rows)
     train.flush()
     for w in writers.values():
@@ -390,19 +368,6 @@ def _sparse_feature(name: str, table: TableMap) -> SparseFeature:
     return SparseFeature(name=name, num_embeddings=table.num_embeddings, vocab_file=vocab_file(name), **extra)
 
 
-def _reader(cfg: Config) -> tuple[ChunkReader, dict | None]:
-    """The chunk reader of cfg's source; with data.negatives, of the table decided in memory."""
-    if not cfg.data.negatives.per_positive:
-        return ChunkReader(cfg), None
-    window = WindowFilter(cfg)
-    table, assign = read_with_split(cfg, window)
-    labels, label_info = binarize(table.label, assign, cfg.data.label)
-    table, assign, labels = add_negatives(table, assign, labels, cfg.data.negatives)
-    reader = ChunkReader(cfg, given=(table, assign, labels))
-    reader.window = window  # what was kept was decided here, before the negatives
-    return reader, label_info
-
-
 def prepare(cfg: Config, overwrite: bool) -> Metadata:
     """Prepare cfg.data.source into cfg.data.prepared_dir in two streaming passes; returns the metadata."""
     from recsys.data.synth import SYNTH_JSON, raw_dir_of, raw_files, synthesize
@@ -429,7 +394,8 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
 
     t0, c0 = time.perf_counter(), time.process_time()
     _say(f"prepare {cfg.name}: pass 1 over the {src.kind} source (split, count ids on train) …")
-    reader, given_label_info = _reader(cfg)
+    check_negatives(cfg)
+    reader = ChunkReader(cfg)
     out.mkdir(parents=True, exist_ok=True)
     spill = ChunkSpill(out)
     # Features are independent; Arrow's hashing and numpy release the GIL.
@@ -446,19 +412,23 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
                 previous.check_schema(
                     first.sparse_names, first.dense_names, cfg, table_specs(cfg, first.sparse_names)
                 )
+            negatives = None
+            if cfg.data.negatives.per_positive:  # the catalogue, before the vocabularies fix the counters
+                negatives = NegativeSampler.start(cfg, first, counted.counters, spill, reader.rows)
             features, maps, grown = _save_vocabularies(
                 out, first.sparse_names, counted.counters, cfg, previous
             )
             if history is not None:
                 finish_history(history, maps[first.sparse_names.index(first.item_feature or "")])
-            if given_label_info is not None:  # labels decided with the negatives, in memory
-                rule, label_info = cfg.data.label, given_label_info
-            else:
-                rule, label_info = _label_rule(counted, cfg)
-                label_info = label_info or binarize(first.label, np.zeros(0, np.int8), rule)[1]
+            rule, label_info = _label_rule(counted, cfg)
+            label_info = label_info or binarize(first.label, np.zeros(0, np.int8), rule)[1]
+            if negatives is not None:
+                _say(f"sampling negatives in {negatives.buckets} user buckets …")
+                negatives.sample(spill, maps, lambda c: binarize(c.label, c.assign, rule)[0])
+                counted.notes.append(negatives.note)
             t_vocab, c_vocab = time.perf_counter(), time.process_time()
             facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
-            infos = _write(spill, reader.rows, maps, rule, out, cfg, pool, facts, history)
+            infos = _write(spill, reader.rows, maps, rule, out, cfg, pool, facts, history, negatives)
         finally:
             spill.close()
     t_write, c_write = time.perf_counter(), time.process_time()
@@ -469,7 +439,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
         name=cfg.name,
         kind=first.kind,
         block_size=cfg.data.block_size,
-        dense_features=first.dense_names,
+        dense_features=first.dense_names or ([CONST_DENSE] if cfg.data.negatives.per_positive else []),
         sparse_features=features,
         user_feature=first.user_feature,
         item_feature=first.item_feature,
@@ -492,7 +462,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
     print(
         f"prepared {out}: "
         + ", ".join(f"{k} {v.rows} rows/{v.blocks} blocks" for k, v in infos.items())
-        + f"; {len(features)} sparse, {len(first.dense_names)} dense features"
+        + f"; {len(features)} sparse, {len(meta.dense_features)} dense features"
         + (f"; {bad} bad rows skipped" if bad else "")
         + (f"; {len(meta.read_notes)} read notes in metadata.json" if meta.read_notes else "")
         + f" (pass 1 {t_read - t0:.1f}s, vocab {t_vocab - t_read:.1f}s, pass 2 {t_write - t_vocab:.1f}s)"

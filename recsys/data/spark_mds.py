@@ -371,6 +371,11 @@ def _prepare(
             "only, not yet on Spark; use exact tables here"
         )
     check_history(cfg, m)
+    if cfg.data.negatives.per_positive:  # not silently without them: metadata.json would record them
+        raise UserError(
+            "data.negatives.per_positive: sampled negatives are added by `recsys data prepare` only, "
+            "not on Spark; set it to 0 here, or prepare the interactions with `recsys data prepare`"
+        )
     sp, lab = cfg.data.split, cfg.data.label
 
     # ---- columns, in the file-based reader's order: user and item lead the sparse features

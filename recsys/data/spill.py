@@ -80,32 +80,37 @@ class ChunkSpill:
             w.write_table(table)
         self.count += 1
 
+    def read(self, i: int) -> SpilledChunk:
+        """Chunk i (0-based, in write order), left on disk."""
+        path = self.folder / f"{i:08d}.arrow"
+        with pa.memory_map(str(path), "r") as src:
+            table = pa.ipc.open_file(src).read_all()
+        meta = {k.decode(): int(v) for k, v in (table.schema.metadata or {}).items()}
+        n, dense_n = table.num_rows, meta["dense"]
+        dense = np.empty((n, dense_n), np.float32)
+        for d in range(dense_n):
+            dense[:, d] = table.column(f"dense_{d}").to_numpy()
+        encoded = []
+        for j in range(meta["sparse"]):
+            arr = table.column(f"sparse_{j}").combine_chunks()
+            k = len(arr.dictionary)
+            codes = arr.indices.fill_null(k).to_numpy().astype(np.int32, copy=False)
+            encoded.append(encoded_from_dictionary(codes, arr.dictionary))
+        names = table.column_names
+        return SpilledChunk(
+            start=meta["start"],
+            assign=table.column("assign").to_numpy(),
+            label=table.column("label").to_numpy() if "label" in names else None,
+            given=table.column("given").to_numpy() if "given" in names else None,
+            dense=dense,
+            encoded=encoded,
+        )
+
     def __iter__(self) -> Iterator[SpilledChunk]:
         for i in range(self.count):
-            path = self.folder / f"{i:08d}.arrow"
-            with pa.memory_map(str(path), "r") as src:
-                table = pa.ipc.open_file(src).read_all()
-            path.unlink()
-            meta = {k.decode(): int(v) for k, v in (table.schema.metadata or {}).items()}
-            n, dense_n = table.num_rows, meta["dense"]
-            dense = np.empty((n, dense_n), np.float32)
-            for d in range(dense_n):
-                dense[:, d] = table.column(f"dense_{d}").to_numpy()
-            encoded = []
-            for j in range(meta["sparse"]):
-                arr = table.column(f"sparse_{j}").combine_chunks()
-                k = len(arr.dictionary)
-                codes = arr.indices.fill_null(k).to_numpy().astype(np.int32, copy=False)
-                encoded.append(encoded_from_dictionary(codes, arr.dictionary))
-            names = table.column_names
-            yield SpilledChunk(
-                start=meta["start"],
-                assign=table.column("assign").to_numpy(),
-                label=table.column("label").to_numpy() if "label" in names else None,
-                given=table.column("given").to_numpy() if "given" in names else None,
-                dense=dense,
-                encoded=encoded,
-            )
+            chunk = self.read(i)
+            (self.folder / f"{i:08d}.arrow").unlink()
+            yield chunk
 
     def close(self) -> None:
         """Remove the folder and whatever is left in it."""

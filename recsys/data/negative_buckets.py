@@ -1,0 +1,264 @@
+"""`data.negatives` in `recsys data prepare`, in memory bounded by data.chunk_rows and the items.
+
+Between pass 1 (ids counted, chunks spilled: recsys.data.spill) and pass 2 (rows mapped and
+written), prepare samples the negatives (the rule: recsys.data.negatives) in two steps:
+
+1. partition: every spilled chunk's interactions (position, split, positive?, user id, the item's
+   catalogue index) go to a key file sorted by bucket = hash(user id) mod B, B = ⌈rows /
+   data.chunk_rows⌉, so a bucket holds every row of its users and about one chunk of rows; each
+   catalogue item's table rows (item id and item side features) of its last train row are kept
+   (per-item state, [items, 1 + item side features] int64);
+2. sample: bucket by bucket, the bucket's slices of every key file are gathered, its users'
+   (user, item) pairs with their earliest split built, and the negatives drawn (keyed by position,
+   so the draws do not depend on B or the chunks); each bucket's negatives (position, draw k,
+   catalogue index), sorted by position, go to a file.
+
+Pass 2 then takes, for each chunk, its positives' negatives from every bucket file (a binary search
+in the memory-mapped position column) and writes each negative right after its positive (train rows
+shuffled within windows as usual, a negative keyed apart: negatives.negative_keys).
+
+Disk, in the spill folder: ~20 B + the user id's bytes per interaction (key files, removed after
+step 2) and 16 B per negative (until prepare ends).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys.data import splits as S
+from recsys.data import vocab as V
+from recsys.data.negatives import draw_negatives, negative_keys
+
+if TYPE_CHECKING:
+    from recsys.config import Config
+    from recsys.data.hashing import TableMap
+    from recsys.data.readers import Table
+    from recsys.data.spill import ChunkSpill, SpilledChunk
+
+#: Interactions per bucket (None: data.chunk_rows); tests set it to show buckets do not change the output.
+ROWS_PER_BUCKET: int | None = None
+_HASH_SLICE = 1 << 16  # user ids hashed per step (bounds the padded byte matrix)
+
+
+def string_hashes(arr: pa.Array) -> np.ndarray:
+    """A uint64 per string of `arr` (no nulls) from its bytes: equal strings, equal hashes."""
+    arr = arr.cast(pa.string())
+    out = np.empty(len(arr), np.uint64)
+    for at in range(0, len(arr), _HASH_SLICE):
+        part = arr.slice(at, _HASH_SLICE)
+        n = len(part)
+        offs = np.frombuffer(part.buffers()[1], np.int32, n + 1, part.offset * 4).astype(np.int64)
+        lens = np.diff(offs)
+        width = max(8, int(-(-int(lens.max(initial=0)) // 8) * 8))
+        data = np.frombuffer(part.buffers()[2], np.uint8) if part.buffers()[2] else np.zeros(0, np.uint8)
+        cols = np.arange(width)
+        inside = cols[None, :] < lens[:, None]
+        padded = np.zeros((n, width), np.uint8)
+        padded[inside] = data[(offs[:-1, None] + cols[None, :])[inside]]
+        words = padded.view("<u8")
+        h = S.mix64(0, lens.astype(np.uint64))
+        for w in range(words.shape[1]):
+            h = S.mix64(0, h ^ words[:, w])
+        out[at : at + n] = h
+    return out
+
+
+def _catalogue(counter: V.IdCounter) -> pa.Array:
+    """The items with a train row, ordered by raw id (so the order does not depend on chunking)."""
+    ids, counts = counter.seen()
+    ids = ids.filter(pa.array(counts > 0)).cast(pa.string())
+    return ids.take(pc.sort_indices(ids))
+
+
+def _read(path: Path) -> pa.Table:
+    """A spill file, memory-mapped (only the pages used are read)."""
+    with pa.memory_map(str(path), "r") as src:
+        return pa.ipc.open_file(src).read_all()
+
+
+def _write(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+
+
+def _between(table: pa.Table, column: str, lo: int, hi: int) -> dict[str, np.ndarray | pa.Array]:
+    """Copies of the rows whose (sorted) `column` is in [lo, hi): numeric columns as numpy."""
+    keys = table.column(column).to_numpy()
+    a, b = (int(x) for x in np.searchsorted(keys, [lo, hi]))
+    part = table.slice(a, b - a)
+    return {
+        name: part.column(name).combine_chunks()
+        if pa.types.is_string(part.schema.field(name).type)
+        else part.column(name).to_numpy().copy()
+        for name in part.column_names
+    }
+
+
+@dataclass
+class NegativeSampler:
+    """Negatives of one prepare: the catalogue, each item's table rows, and the bucket files."""
+
+    folder: Path
+    per_positive: int
+    seed: int
+    shuffle_seed: int
+    buckets: int
+    user_col: int
+    item_cols: list[int]  # the item feature, then its side features (their sparse columns)
+    catalogue: pa.Array
+    item_rows: np.ndarray = field(init=False)  # int64 [items, len(item_cols)]: values of the last train row
+    key_files: list[Path] = field(default_factory=list)
+    positives: int = 0
+    sampled: int = 0
+
+    def __post_init__(self) -> None:
+        self.item_rows = np.zeros((len(self.catalogue), len(self.item_cols)), np.int64)
+
+    @classmethod
+    def start(
+        cls, cfg: Config, first: Table, counters: list[V.IdCounter], spill: ChunkSpill, rows: int
+    ) -> NegativeSampler:
+        """Take the catalogue from pass 1's item counter (before the vocabularies are fixed from it)."""
+        names = first.sparse_names
+        item = names.index(first.item_feature or "")
+        item_cols = [item, *(names.index(n) for n in first.item_side)]
+        per_bucket = ROWS_PER_BUCKET or cfg.data.chunk_rows
+        return cls(
+            folder=spill.folder,
+            per_positive=cfg.data.negatives.per_positive,
+            seed=cfg.data.negatives.seed,
+            shuffle_seed=cfg.data.split.seed,
+            buckets=max(1, math.ceil(rows / per_bucket)),
+            user_col=names.index(first.user_feature or ""),
+            item_cols=item_cols,
+            catalogue=_catalogue(counters[item]),
+        )
+
+    @property
+    def note(self) -> str:
+        """The read note metadata.json keeps of the sampling."""
+        return f"negatives: {self.sampled:,} sampled rows (label 0) for {self.positives:,} positives"
+
+    # ------------------------------------------------------------------------------ step 1
+    def sample(
+        self, spill: ChunkSpill, maps: list[TableMap], labels_of: Callable[[SpilledChunk], np.ndarray]
+    ) -> None:
+        """Partition every spilled chunk's interactions by user bucket, then draw bucket by bucket;
+        `labels_of` gives a chunk's binary labels (pass 2's label rule)."""
+        for i in range(spill.count):
+            chunk = spill.read(i)
+            positive = labels_of(chunk) > 0
+            self.positives += int(positive.sum())
+            self._partition(chunk, positive, maps)
+        for b in range(self.buckets):
+            self._sample_bucket(b)
+        for path in self.key_files:
+            path.unlink()
+
+    def _partition(self, chunk: SpilledChunk, positive: np.ndarray, maps: list[TableMap]) -> None:
+        users, items = chunk.encoded[self.user_col], chunk.encoded[self.item_cols[0]]
+        k = len(items.dictionary)
+        cat_of = np.full(k + 1, -1, np.int32)  # the last slot: missing item
+        if k:
+            found = pc.index_in(items.dictionary.cast(pa.string()), value_set=self.catalogue)
+            cat_of[:k] = found.fill_null(-1).to_numpy()
+        item_cat = cat_of[items.codes]
+        self._observe_items(chunk, item_cat, maps)
+        rows = np.flatnonzero((users.codes != users.missing) & (items.codes != items.missing))
+        bucket_of = (string_hashes(users.dictionary) % np.uint64(self.buckets)).astype(np.int32)
+        bucket = bucket_of[users.codes[rows]]
+        order = np.argsort(bucket, kind="stable")
+        rows, bucket = rows[order], bucket[order]
+        table = pa.table(
+            {
+                "bucket": bucket,
+                "pos": chunk.start + rows.astype(np.int64),
+                "split": chunk.assign[rows],
+                "positive": positive[rows],
+                "user": users.dictionary.cast(pa.string()).take(pa.array(users.codes[rows])),
+                "item": item_cat[rows],
+            }
+        )
+        path = self.folder / f"neg-keys-{len(self.key_files):08d}.arrow"
+        _write(path, table)
+        self.key_files.append(path)
+
+    def _observe_items(self, chunk: SpilledChunk, item_cat: np.ndarray, maps: list[TableMap]) -> None:
+        """Each catalogue item's table rows of its latest train row so far (chunks come in order)."""
+        train = np.flatnonzero((chunk.assign == S.TRAIN) & (item_cat >= 0))[::-1]
+        if not len(train):
+            return
+        cats, first = np.unique(item_cat[train], return_index=True)
+        last = train[first]
+        for col, j in enumerate(self.item_cols):
+            enc = chunk.encoded[j]
+            sub = V.Encoded(enc.codes[last], enc.dictionary, enc.sort_keys, enc.width)
+            self.item_rows[cats, col] = maps[j].rows_encoded(sub)
+
+    # ------------------------------------------------------------------------------ step 2
+    def _sample_bucket(self, b: int) -> None:
+        parts = [_between(_read(p), "bucket", b, b + 1) for p in self.key_files]
+        pos = np.concatenate([p["pos"] for p in parts]) if parts else np.zeros(0, np.int64)
+        users = V.encode_column(pa.chunked_array([p["user"] for p in parts], pa.string()))
+        src, k, cand = draw_negatives(
+            users.codes.astype(np.int64),
+            np.concatenate([p["item"] for p in parts]).astype(np.int64),
+            np.concatenate([p["split"] for p in parts]),
+            np.concatenate([p["positive"] for p in parts]),
+            pos,
+            len(self.catalogue),
+            self.per_positive,
+            self.seed,
+        )
+        del users, parts
+        self.sampled += len(src)
+        out = pa.table({"pos": pos[src], "k": k.astype(np.int32), "item": cand.astype(np.int32)})
+        _write(self.folder / f"neg-{b:06d}.arrow", out)
+
+    # ------------------------------------------------------------------------------ pass 2
+    def _of_chunk(self, start: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(position, k, catalogue index) of the negatives of rows start..start+rows-1, in order."""
+        parts = [
+            _between(_read(self.folder / f"neg-{b:06d}.arrow"), "pos", start, start + rows)
+            for b in range(self.buckets)
+        ]
+        pos, k, item = (np.concatenate([p[c] for p in parts]) for c in ("pos", "k", "item"))
+        order = np.lexsort((k, pos))
+        return pos[order], k[order], item[order]
+
+    def extend(
+        self, start: int, assign: np.ndarray, labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A chunk's rows with each positive's negatives right behind it: (assign, labels, dense,
+        sparse, positions, train shuffle keys), all in that order."""
+        n = len(assign)
+        pos, k, item = self._of_chunk(start, n)
+        rel = pos - start
+        neg_sparse = sparse[rel]
+        neg_sparse[:, self.item_cols] = self.item_rows[item].astype(sparse.dtype)
+        if dense.shape[1] == 0:  # DLRM's dense arch needs an input: a constant one acts as a learned bias
+            dense = np.ones((n, 1), np.float32)
+        own = np.arange(start, start + n, dtype=np.int64)
+        order = np.argsort(np.concatenate([own, pos]), kind="stable")  # a positive, then its negatives
+        keys = np.concatenate(
+            [
+                S.shuffle_keys(self.shuffle_seed, own),
+                negative_keys(self.shuffle_seed, pos, k, self.per_positive),
+            ]
+        )
+        return (
+            np.concatenate([assign, assign[rel]])[order],
+            np.concatenate([labels, np.zeros(len(rel), labels.dtype)])[order],
+            np.concatenate([dense, dense[rel]])[order],
+            np.concatenate([sparse, neg_sparse])[order],
+            np.concatenate([own, pos])[order],
+            keys[order],
+        )

@@ -1,0 +1,271 @@
+"""data.negatives through streaming prepare (recsys.data.negative_buckets): the same files whatever
+data.chunk_rows and the number of user buckets; the sampling rule holds on the rows written; the
+memory does not grow with the rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys.config import config_from_dict
+from recsys.data import negative_buckets
+from recsys.data import splits as S
+from recsys.data.loader import read_split_arrays
+from recsys.data.prepare import prepare
+
+PER_POSITIVE = 3
+
+
+def _interactions(path: Path, rows: int, seed: int) -> pa.Table:
+    """60 users, popular items (zipf over 150): users hit their own items often, so draws are redrawn."""
+    rng = np.random.default_rng(seed)
+    tbl = pa.table(
+        {
+            "user": pa.array([f"u{x}" for x in rng.integers(0, 60, rows)]),
+            "item": pa.array([f"i{x}" for x in rng.zipf(1.3, rows) % 150]),
+            "rating": pa.array(rng.integers(1, 6, rows).astype(float)),
+            "ts": pa.array(rng.integers(0, 40, rows).astype(float)),
+            "ctx": pa.array([f"c{x}" for x in rng.integers(0, 5, rows)]),
+        }
+    )
+    pq.write_table(tbl, path, row_group_size=100)
+    return tbl
+
+
+def _cfg(path: Path, out: Path, **data: object):  # noqa: ANN202
+    src = {
+        "kind": "table", "path": str(path), "label": "rating", "user": "user", "item": "item",
+        "timestamp": "ts", "sparse": ["ctx"],
+    }  # fmt: skip
+    d = {
+        "source": src,
+        "prepared_dir": str(out),
+        "block_size": 4,
+        "negatives": {"per_positive": PER_POSITIVE, "seed": 5},
+        "label": {"mode": "threshold", "threshold": 2},  # rating 1: label-0 interactions, no negatives
+        **data,
+    }
+    return config_from_dict(
+        {
+            "name": "t",
+            "data": d,
+            "model": {"kind": "dlrm", "embedding_dim": 8, "dlrm": {"dense_arch_layers": [8]}},
+            "train": {"batch_size": 8},
+            "eval": {"batch_size": 8},
+        }
+    )
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("split", [{"mode": "random"}, {"mode": "leave_last_n", "n": 2}])
+def test_same_files_whatever_chunks_and_buckets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: dict
+) -> None:
+    """chunk_rows × rows per bucket: (50, chunk), (97, 13), (all, all) → byte-identical folders."""
+    path = tmp_path / "r.parquet"
+    _interactions(path, 1200, seed=1)
+    outs = []
+    for chunk, per_bucket in ((50, None), (97, 13), (10**9, None)):
+        monkeypatch.setattr(negative_buckets, "ROWS_PER_BUCKET", per_bucket)
+        cfg = _cfg(path, tmp_path / f"c{chunk}", chunk_rows=chunk, split=split, shuffle_window=64)
+        prepare(cfg, overwrite=False)
+        outs.append(_files(Path(cfg.data.prepared_dir)))
+    assert any(k.endswith(".mds") or k.endswith(".zstd") for k in outs[0])
+    for other in outs[1:]:
+        assert sorted(other) == sorted(outs[0])
+        for k in outs[0]:
+            assert other[k] == outs[0][k], f"{k} differs with the chunk or bucket size"
+
+
+def test_rule_holds_on_the_rows_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every negative: an item of the train catalogue, never an item its user has a row with in its
+    split or an earlier one; PER_POSITIVE of them per positive of each user and split; train
+    negatives may be a user's later (val/test) items."""
+    monkeypatch.setattr(negative_buckets, "ROWS_PER_BUCKET", 70)
+    path = tmp_path / "r.parquet"
+    tbl = _interactions(path, 1500, seed=2)
+    cfg = _cfg(path, tmp_path / "p", chunk_rows=111)
+    meta = prepare(cfg, overwrite=False)
+    out = Path(cfg.data.prepared_dir)
+    vocab = {n: (out / "vocab" / f"{n}.txt").read_text().splitlines() for n in ("user", "item")}
+    ui, ii = meta.sparse_index("user"), meta.sparse_index("item")
+
+    # The source rows, as (user, item) ids, with their split and label.
+    users, items = tbl["user"].to_pylist(), tbl["item"].to_pylist()
+    assign = S.random_split(len(users), 0.1, 0.1, 0)
+    label = tbl["rating"].to_numpy() >= 2
+    earliest: dict[tuple[str, str], int] = {}
+    for u, i, s in zip(users, items, assign, strict=True):
+        earliest[(u, i)] = min(earliest.get((u, i), 9), int(s))
+    catalogue = {i for i, s in zip(items, assign, strict=True) if s == S.TRAIN}
+    known = {n: set(v[1:]) for n, v in vocab.items()}  # ids only in val/test are written as row 0
+    written = [
+        (u if u in known["user"] else vocab["user"][0], i if i in known["item"] else vocab["item"][0])
+        for u, i in zip(users, items, strict=True)
+    ]
+    source_keys = {(u, i, int(s), bool(y)) for (u, i), s, y in zip(written, assign, label, strict=True)}
+
+    later_items = 0
+    for name, code in (("train", S.TRAIN), ("val", S.VAL), ("test", S.TEST)):
+        a = read_split_arrays(out, name, meta)
+        rows = Counter(
+            (vocab["user"][u], vocab["item"][i], code, bool(y))
+            for u, i, y in zip(a["sparse"][:, ui], a["sparse"][:, ii], a["label"], strict=True)
+        )
+        # Negatives are the label-0 rows that are no source row: a source row of the same (user,
+        # item, split) would itself forbid that negative.
+        negatives = Counter({k: n for k, n in rows.items() if not k[3] and k not in source_keys})
+        assert negatives, f"no negatives in {name}"
+        for u, i, s, _ in negatives:
+            assert i in catalogue, f"negative {i} of {u} has no train row"
+            assert earliest.get((u, i), 9) > s, f"negative {i} of {u} in {name} is an interaction"
+            later_items += (u, i) in earliest
+        per_user = Counter()
+        for (u, _, _, _), n in negatives.items():
+            per_user[u] += n
+        positives = Counter(u for u, s, y in zip(users, assign, label, strict=True) if s == code and y)
+        assert per_user == Counter({u: PER_POSITIVE * n for u, n in positives.items()})
+        assert meta.splits[name].positives == sum(positives.values())
+    assert later_items > 0  # train negatives look only at train: some are the user's val/test items
+    notes = [n for n in meta.read_notes if n.startswith("negatives:")]
+    assert notes == [
+        f"negatives: {PER_POSITIVE * int(label.sum()):,} sampled rows (label 0) for {int(label.sum()):,} positives"
+    ]
+
+
+def test_spark_prepare_refuses_negatives_instead_of_dropping_them(tmp_path: Path) -> None:
+    pytest.importorskip("pyspark")
+    from recsys.data.spark_mds import prepare_dataframe
+    from recsys.errors import UserError
+
+    cfg = _cfg(tmp_path / "r.parquet", tmp_path / "p")
+    with pytest.raises(UserError, match="data.negatives.per_positive: sampled negatives are added by"):
+        prepare_dataframe(None, cfg)  # type: ignore[arg-type]  # refused before the DataFrame is read
+
+
+# --------------------------------------------------------------------------------------- memory
+# Like tests/test_data_prepare_streaming.py's check: prepare in a child process, single-threaded,
+# its live numpy/Python peak (tracemalloc), Arrow's pool peak and peak RSS beyond the imports.
+_CHILD = """
+import json, os, sys, tracemalloc
+import pyarrow as pa
+import streaming  # the MDS writer's imports (torch …) are not prepare's memory
+from recsys.config import config_from_dict
+from recsys.data import mds
+from recsys.data import prepare as P
+from recsys.data.readers import delimited
+delimited._CSV_BLOCK = 1 << 14  # Arrow's CSV read-ahead (~35 blocks) full at both sizes
+os.cpu_count = lambda: 1
+mds.SplitWriter._submit = lambda self, fn, *args: fn(*args)
+def rss(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key))
+cfg = config_from_dict(json.loads(sys.argv[1]))
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS: the peak of prepare alone
+    before = rss("VmRSS")
+except OSError:  # a kernel or sandbox that refuses: no RSS figure
+    before = None
+if os.environ.get("TRACE") == "1":
+    tracemalloc.start()
+meta = P.prepare(cfg, overwrite=True)
+print(json.dumps({
+    "live_kb": tracemalloc.get_traced_memory()[1] / 1024,
+    "arrow_kb": pa.default_memory_pool().max_memory() / 1024,
+    "rss_kb": None if before is None else rss("VmHWM") - before,
+    "vocab": [f.num_embeddings for f in meta.sparse_features],
+    "rows": {k: v.rows for k, v in meta.splits.items()},
+}))
+"""
+
+
+def interactions_config(root: Path, users: int, per_user: int, items: int, chunk_rows: int) -> dict:
+    """A synthetic_interactions config with 4 negatives per positive (for the memory figures)."""
+    return {
+        "name": "negmem",
+        "data": {
+            "source": {
+                "kind": "synthetic_interactions", "num_users": users, "num_items": items,
+                "interactions_per_user": per_user,
+            },
+            "raw_dir": str(root / f"raw{per_user}"),
+            "prepared_dir": str(root / f"p{per_user}"),
+            "split": {"mode": "random"},
+            "label": {"mode": "all_positive"},
+            "negatives": {"per_positive": 4, "seed": 0},
+            "chunk_rows": chunk_rows,
+            "shuffle_window": chunk_rows,
+            "shard_size_limit": 1 << 18,  # the MDS writer holds up to a shard per split in memory
+            "block_size": 8,
+        },
+        "model": {"kind": "dlrm", "embedding_dim": 8, "dlrm": {"dense_arch_layers": [8]}},
+        "train": {"batch_size": 8},
+        "eval": {"batch_size": 8},
+    }  # fmt: skip
+
+
+def negatives_peaks(config: dict, trace: bool = True) -> dict:
+    """Memory figures of one prepare of `config` (its raw data generated first, in this process)."""
+    from recsys.data.synth import synthesize
+
+    synthesize(config_from_dict(config), overwrite=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(config)],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MALLOC_ARENA_MAX": "1", "TRACE": "1" if trace else "0"},
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_negatives_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
+    """4x the rows (same users, items, chunk): the sampling's memory stays the same."""
+    small, big = (
+        negatives_peaks(interactions_config(tmp_path, 600, per_user, 500, 4000)) for per_user in (40, 160)
+    )
+    assert small["rows"]["train"] * 3 < big["rows"]["train"]
+    grown = {k: round(big[k] - small[k]) for k in ("live_kb", "arrow_kb", "rss_kb") if small[k] is not None}
+    why = f"grew with rows (KiB): {grown}; {small} vs {big}"
+    assert grown["live_kb"] < 1024, f"numpy/Python peak {why}"
+    assert grown["arrow_kb"] < 1024, f"Arrow's peak {why}"
+    if small["rss_kb"] is not None:
+        assert big["rss_kb"] < 1.15 * small["rss_kb"] + 24_000, f"peak RSS {why}"
+
+
+def main(sizes: list[int]) -> None:
+    """Print peak RSS beyond the imports of prepare with negatives off and on (per_positive 4) at
+    each size of synthetic_interactions (10,000 users, 20,000 items, 131,072-row chunks and shuffle
+    window, 8 MiB shards): `python -m tests.test_negatives_streaming 500000 2000000`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in sizes:
+            config = interactions_config(Path(tmp), 10_000, rows // 10_000, 20_000, 131_072)
+            config["data"]["shard_size_limit"] = 8 << 20
+            for per_positive in (0, 4):
+                config["data"]["negatives"]["per_positive"] = per_positive
+                r = negatives_peaks(config, trace=False)
+                rss = r["rss_kb"] / 1024 if r["rss_kb"] is not None else float("nan")
+                print(
+                    f"input ~{rows:,} rows, per_positive {per_positive}: {sum(r['rows'].values()):>10,} written, "
+                    f"peak RSS beyond imports {rss:7.1f} MiB  Arrow peak {r['arrow_kb'] / 1024:6.1f} MiB",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main([int(x) for x in sys.argv[1:]])
