@@ -26,6 +26,8 @@ what a random split knows when scoring is a set of parts. An experiment outside 
 histories rewritten to the user's other train items, last L; scored with every known item) reached val
 0.2677 at L 50 and 0.2670 at L 200 — level with the Two-Tower, not 1.10× above it: the user-id
 embedding already carries what the known items say. No setting of the product reached the aim on val.
+Test, 3 seeds, val's choice (attention, first known row), after the fix: nDCG@10 0.2330 ± 0.0050 vs the
+Two-Tower's 0.3253 ± 0.0018 (0.716×; Recall@10 0.822×).
 """
 
 from __future__ import annotations
