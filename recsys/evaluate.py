@@ -110,7 +110,10 @@ def user_histories(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([U, L] item rows left-aligned, [U] lengths) per user row: the history of the user's earliest
     row of `split` (what was known before it), else (split None, or no row there) the full known
-    history — the last L items of every split, the latest row's own item included (what is exported)."""
+    history — the last L items before and of the user's latest row in its latest part, that row's own
+    item included (what is exported). A row's history holds its own and earlier parts only
+    (recsys.data.history), so the latest part's latest row sees every part; on a random split the
+    user's rows of earlier parts that come after it in time are in no stored history and not in it."""
     assert meta.history_length is not None
     L = meta.history_length
     uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
@@ -121,7 +124,8 @@ def user_histories(
     ranks = np.concatenate([a["history_rank"] for a in parts])
     rows = np.concatenate([a["history"] for a in parts])
     items = np.concatenate([a["sparse"][:, ic] for a in parts])
-    last = np.lexsort((ranks, users))  # per user, the last entry is its latest row
+    part = np.concatenate([np.full(len(a["history_rank"]), k) for k, a in enumerate(parts)])
+    last = np.lexsort((ranks, part, users))  # per user, the last entry: its latest row of its latest part
     latest = last[np.r_[users[last][1:] != users[last][:-1], True]]
     for r in latest:  # one row per user: the full history is its history and its own item
         n = min(int(ranks[r]), L)

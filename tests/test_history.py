@@ -10,7 +10,7 @@ import pytest
 
 from recsys.config import Config, config_from_dict
 from recsys.data.loader import iter_eval_batches, make_train_loader, read_split_arrays
-from recsys.data.metadata import read_metadata, read_vocab
+from recsys.data.metadata import SPLITS, read_metadata, read_vocab
 from recsys.data.prepare import prepare
 from recsys.errors import UserError
 
@@ -27,13 +27,27 @@ def write_events(path: Path, rows: int = 300, seed: int = 5) -> list[tuple[str, 
     return events
 
 
-def reference(events: list[tuple[str, str, int]]) -> list[list[str]]:
-    """Per line: the user's items on lines strictly earlier in (ts, line) order, last L, oldest first."""
+def reference(events: list[tuple[str, str, int]], parts: np.ndarray | None = None) -> list[list[str]]:
+    """Per line: the user's items on lines strictly earlier in (ts, line) order, last L, oldest first —
+    with `parts` (split codes per line), only lines of the line's part or an earlier one (train < val <
+    test); without, every earlier line (the rule before parts were known to data.history)."""
+    part = np.zeros(len(events), np.int8) if parts is None else parts
     out = []
     for k, (u, _, t) in enumerate(events):
-        earlier = [(t2, k2, i2) for k2, (u2, i2, t2) in enumerate(events) if u2 == u and (t2, k2) < (t, k)]
+        earlier = [
+            (t2, k2, i2)
+            for k2, (u2, i2, t2) in enumerate(events)
+            if u2 == u and (t2, k2) < (t, k) and part[k2] <= part[k]
+        ]
         out.append([i for _, _, i in sorted(earlier)][-L:])
     return out
+
+
+def random_parts(n: int) -> np.ndarray:
+    """The split codes make_cfg's random split gives lines 0..n-1."""
+    from recsys.data import splits as S
+
+    return S.random_split(n, 0.2, 0.2, 1)
 
 
 def make_cfg(src: Path, out: Path, chunk_rows: int = 1000, model: dict | None = None) -> Config:
@@ -81,7 +95,7 @@ def _raw_histories(cfg: Config, split: str) -> tuple[list[str], list[list[str]]]
 
 def test_histories_match_the_reference_no_self_no_future_ties_by_line(prepared) -> None:  # noqa: ANN001
     cfg, events = prepared
-    ref = reference(events)
+    ref = reference(events, random_parts(len(events)))
     meta = read_metadata(cfg.data.prepared_dir)
     assert meta.history_length == L
     # Every item is its line's own id, so a row's line is known from its item (when in the vocabulary).
@@ -112,16 +126,87 @@ def test_histories_match_the_reference_no_self_no_future_ties_by_line(prepared) 
 def test_val_test_rows_keep_their_lengths(prepared) -> None:  # noqa: ANN001
     """val/test keep source order: their ranks are the reference's history sizes, line by line."""
     cfg, events = prepared
-    sizes = [
-        sum(1 for k2, (u2, _, t2) in enumerate(events) if u2 == u and (t2, k2) < (t, k))
-        for k, (u, _, t) in enumerate(events)
-    ]
     from recsys.data import splits as S
 
-    assign = S.random_split(len(events), 0.2, 0.2, 1)
+    assign = random_parts(len(events))
+    sizes = [
+        sum(1 for k2, (u2, _, t2) in enumerate(events) if u2 == u and (t2, k2) < (t, k) and assign[k2] <= a)
+        for k, ((u, _, t), a) in enumerate(zip(events, assign, strict=True))
+    ]
     for split, code in (("val", S.VAL), ("test", S.TEST)):
         ranks = read_split_arrays(cfg.data.prepared_dir, split)["history_rank"].tolist()
         assert ranks == [s for s, a in zip(sizes, assign, strict=True) if a == code]
+
+
+def test_no_train_row_sees_a_val_or_test_item_on_a_random_split(prepared) -> None:  # noqa: ANN001
+    """The leak data.history closes: a train row's history holds train items only, never one of its
+    user's val/test rows. Every line has its own item, so the vocabulary (train items) tells the parts
+    apart: a val/test item is <OOV>, and train histories have none while val/test ones do."""
+    from recsys.data import splits as S
+
+    cfg, events = prepared
+    oov = {split: sum(i == "<OOV>" for h in _raw_histories(cfg, split)[1] for i in h) for split in SPLITS}
+    items = sum(len(h) for h in _raw_histories(cfg, "train")[1])
+    assert items > 500 and oov["train"] == 0 and oov["val"] > 0 and oov["test"] > 0
+    # and the data has what the rule removes: train rows with earlier val/test events of their user
+    assign = random_parts(len(events))
+    leaky = [any(assign[int(i[1:])] != S.TRAIN for i in h) for h in reference(events)]
+    assert sum(x for x, a in zip(leaky, assign, strict=True) if a == S.TRAIN) > 100
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_leave_last_n_histories_are_those_of_every_earlier_event(tmp_path: Path, n: int) -> None:
+    """On leave_last_n no earlier event is in a later part: the histories are the rule before parts
+    (every earlier event), row for row, the val/test rows' included."""
+    events = write_events(tmp_path / "events.csv")
+    d = make_cfg(tmp_path / "events.csv", tmp_path / "prep", chunk_rows=37).model_dump(mode="json")
+    d["data"]["split"] = {"mode": "leave_last_n", "n": n}
+    cfg = config_from_dict(d)
+    prepare(cfg, overwrite=False)
+    ref = reference(events)
+    meta = read_metadata(cfg.data.prepared_dir)
+    vocab = read_vocab(cfg.data.prepared_dir, meta.sparse_features[meta.sparse_index("item")])
+    users = read_vocab(cfg.data.prepared_dir, meta.sparse_features[meta.sparse_index("user")])
+    # A line is known by (user, events of the user before it): val/test items are <OOV> here.
+    line_of = {}
+    for k, (u, _, t) in enumerate(events):
+        line_of[u, sum(1 for k2, (u2, _, t2) in enumerate(events) if u2 == u and (t2, k2) < (t, k))] = k
+    rows = 0
+    for split in SPLITS:
+        a = read_split_arrays(cfg.data.prepared_dir, split, meta)
+        for user, hist, rank in zip(a["sparse"][:, 0], a["history"], a["history_rank"], strict=True):
+            want = [i if i in vocab else "<OOV>" for i in ref[line_of[users[user], int(rank)]]]
+            assert [vocab[r] for r in hist[: min(int(rank), L)]] == want, (split, users[user], rank)
+            rows += 1
+    assert rows == len(events) and meta.splits["val"].rows == meta.splits["test"].rows == 12 * n
+
+
+def test_parts_in_time_order_change_nothing_in_the_builder() -> None:
+    """HistoryBuilder with parts that follow time per user (a time or day split) gives the output of
+    every row seen as train (the rule before parts), byte for byte; a random assignment does not."""
+    import pyarrow as pa
+
+    from recsys.data.history import HistoryBuilder
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    users, items, ts = rng.integers(0, 40, n), rng.integers(0, 300, n), rng.integers(0, 200, n).astype(float)
+    by_time = np.digitize(ts, [150, 175]).astype(np.int8)  # train < 150 ≤ val < 175 ≤ test
+
+    def built(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        b = HistoryBuilder(L, n)
+        for at in range(0, n, 700):  # chunks, as prepare feeds them
+            cut = slice(at, at + 700)
+            b.observe(pa.chunked_array([users[cut].astype(str)]), pa.chunked_array([items[cut].astype(str)]),
+                      ts[cut], parts[cut])  # fmt: skip
+        b.finish(np.arange(len(b.item_ids())) + 1)
+        return b.rows(0, n)
+
+    before = built(np.zeros(n, np.int8))
+    after = built(by_time)
+    assert all(np.array_equal(x, y) for x, y in zip(before, after, strict=True))
+    mixed = built(rng.integers(0, 3, n).astype(np.int8))
+    assert not np.array_equal(before[1], mixed[1])
 
 
 def test_chunking_does_not_change_the_output(prepared, tmp_path: Path) -> None:  # noqa: ANN001

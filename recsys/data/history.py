@@ -1,20 +1,29 @@
 """Per-interaction histories for `recsys data prepare` (data.history): each row's previous ≤ L items.
 
 A row's history is its user's items strictly earlier in time, ties broken by file order (an earlier
-line is earlier), as item-vocabulary rows, oldest first and most recent last. Pass 1 records, per row,
-the user and item (codes in order of first appearance over the whole input) and the timestamp;
-after the vocabularies are fixed, `finish` orders each user's events and keeps, per row, the
-position of the user's previous event and the row's rank among the user's events; pass 2 asks
-`rows(start, n)` for each chunk's histories by walking back L steps.
+line is earlier), as item-vocabulary rows, oldest first and most recent last — of the parts known to
+the row's part only (KNOWN_PARTS): parts are ordered train < val < test, and a row sees the events of
+its own part and of earlier parts, never those of a later one. On a random split a train row's history
+so holds train items only (never a val/test item of its user, which early stopping and the test
+metrics score), a val row's train and val items, a test row's all; on leave_last_n no earlier event
+is in a later part, so the rule changes nothing there.
 
-Memory: about 40 bytes a row while ordering (user, item, time, previous event, rank and the sort's
-permutation), so prepare refuses inputs beyond data.history.max_rows with a message pointing at the
-Spark path (recsys.data.spark_history builds the same columns on the executors). Rows without a user get an empty history and
-are in no one's history; rows without a timestamp column use file order as time.
+Pass 1 records, per row, the user and item (codes in order of first appearance over the whole input),
+the timestamp and the part; after the vocabularies are fixed, `finish` orders each user's events and
+keeps, per row and per part P, the position of the user's previous event that a row of P may see, and
+the row's rank (how many events its history may draw on); pass 2 asks `rows(start, n)` for each
+chunk's histories by walking back L steps along the chain of the row's own part.
+
+Memory (tracemalloc at 2M rows, 2026-12-07): pass 1 keeps 25 bytes a row (user, item, time, part);
+ordering peaks ~81 bytes a row above that, as before the part rule; pass 2 keeps 21 (three int32
+chains, int32 rank and item row, the part; 24 before, with one int64 chain) below 2^31 rows. So prepare
+refuses inputs beyond data.history.max_rows with a message pointing at the Spark path
+(recsys.data.spark_history builds the same columns on the executors). Rows without a user get an
+empty history and are in no one's history; rows without a timestamp column use file order as time.
 
 MDS columns written beside label/dense/sparse (see recsys.data.metadata):
     history       int64 [n, L]  item rows, oldest first, left-aligned; zero beyond the row's length
-    history_rank  int64 [n]     events of the user before this one (untruncated); length = min(rank, L)
+    history_rank  int64 [n]     the user's earlier events of known parts (untruncated); length = min(rank, L)
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys.data.splits import TEST, TRAIN, VAL
 from recsys.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,6 +51,11 @@ SPARK_PATH = (
     "`python -m recsys.data.spark_mds --config CONFIG` under spark-submit, or "
     "`recsys render --data-prep spark --config CONFIG` for the Spark Operator"
 )
+
+
+#: Parts whose earlier events a row of each part sees: its own and the ones before it (train < val < test).
+KNOWN_PARTS = {TRAIN: (TRAIN,), VAL: (TRAIN, VAL), TEST: (TRAIN, VAL, TEST)}
+PARTS = len(KNOWN_PARTS)
 
 
 class _GlobalCodes:
@@ -66,14 +81,19 @@ class HistoryBuilder:
     def __init__(self, length: int, max_rows: int) -> None:
         self.length, self.max_rows = length, max_rows
         self._users, self._items = _GlobalCodes(), _GlobalCodes()
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]] = []
         self.rows_seen = 0
-        self._item_row: np.ndarray | None = None  # int64 [rows]: the row's item as a vocabulary row
-        self._prev: np.ndarray | None = None  # int64 [rows]: position of the user's previous event, -1
-        self._rank: np.ndarray | None = None  # int64 [rows]: the user's events before this one
+        self._item_row: np.ndarray | None = None  # [rows]: the row's item as a vocabulary row
+        self._part: np.ndarray | None = None  # int8 [rows]: the row's part (splits.TRAIN/VAL/TEST)
+        # [PARTS, rows]: per part P, the position of the user's previous event a row of P sees (-1: none);
+        # row P is read only at rows of parts ≤ P, the ones on the chain of a P row's history
+        self._prev: np.ndarray | None = None
+        self._rank: np.ndarray | None = None  # [rows]: the user's earlier events the row's part sees
 
-    def observe(self, user: pa.ChunkedArray, item: pa.ChunkedArray, timestamp: np.ndarray | None) -> None:
-        """Record one chunk's users, items and timestamps (rows in file order)."""
+    def observe(
+        self, user: pa.ChunkedArray, item: pa.ChunkedArray, timestamp: np.ndarray | None, part: np.ndarray
+    ) -> None:
+        """Record one chunk's users, items, timestamps and parts (splits.TRAIN/VAL/TEST; rows in file order)."""
         self.rows_seen += len(user)
         if self.rows_seen > self.max_rows:
             raise UserError(
@@ -82,13 +102,19 @@ class HistoryBuilder:
                 f"or {SPARK_PATH}"
             )
         ts = None if timestamp is None else np.asarray(timestamp, np.float64)
-        self._parts.append((self._users.add(user), self._items.add(item), ts))
+        part = np.asarray(part, np.int8)
+        if len(part) != len(user) or (len(part) and (part.min() < 0 or part.max() >= PARTS)):
+            raise ValueError(
+                f"history: {len(part)} part codes in 0..{PARTS - 1} expected for {len(user)} rows"
+            )
+        self._parts.append((self._users.add(user), self._items.add(item), ts, part))
 
     def finish(self, item_rows_of: np.ndarray) -> None:
         """Order every user's events; `item_rows_of[code]` is the vocabulary row of item code `code`
         (see `item_ids`); afterwards the recorded codes are dropped."""
         users = np.concatenate([p[0] for p in self._parts]) if self._parts else np.zeros(0, np.int64)
         items = np.concatenate([p[1] for p in self._parts]) if self._parts else np.zeros(0, np.int64)
+        parts = np.concatenate([p[3] for p in self._parts]) if self._parts else np.zeros(0, np.int8)
         times = [p[2] for p in self._parts]
         self._parts = []
         n = len(users)
@@ -98,20 +124,29 @@ class HistoryBuilder:
         else:
             log.warning("data.history: no timestamp column; file order is time order")
             ts = pos.astype(np.float64)
-        self._item_row = np.where(items >= 0, item_rows_of[np.maximum(items, 0)], 0).astype(np.int64)
-        del items
+        # Positions and ranks fit int32 below 2^31 rows (the default max_rows is far below): half the memory.
+        index = np.int32 if n < 2**31 - 1 else np.int64
+        row = np.where(items >= 0, item_rows_of[np.maximum(items, 0)], 0)
+        self._item_row = row.astype(np.int32 if row.size == 0 or row.max() < 2**31 - 1 else np.int64)
+        del items, row
         order = np.lexsort((pos, ts, users))  # by user, then time, then file position
-        u = users[order]
-        same = np.zeros(n, bool)
-        same[1:] = u[1:] == u[:-1]
-        same &= u >= 0  # rows without a user are nobody's history
-        prev = np.full(n, -1, np.int64)
-        prev[order[same]] = order[np.flatnonzero(same) - 1]
-        starts = np.flatnonzero(~same)
-        group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
-        rank = np.empty(n, np.int64)
-        rank[order] = np.arange(n) - group_start
-        self._prev, self._rank = prev, rank
+        del pos, ts
+        u, p_sorted = users[order], parts[order]
+        del users
+        prev = np.full((PARTS, n), -1, index)
+        rank = np.zeros(n, index)
+        for part in range(PARTS):
+            seen = np.isin(p_sorted, KNOWN_PARTS[part])  # the events a row of `part` may see, in user order
+            sel, su = order[seen], u[seen]
+            same = np.zeros(len(sel), bool)
+            same[1:] = su[1:] == su[:-1]
+            same &= su >= 0  # rows without a user are nobody's history
+            prev[part, sel[same]] = sel[np.flatnonzero(same) - 1]
+            starts = np.flatnonzero(~same)
+            within = np.arange(len(sel)) - np.repeat(starts, np.diff(np.r_[starts, len(sel)]))
+            mine = p_sorted[seen] == part
+            rank[sel[mine]] = within[mine]
+        self._prev, self._rank, self._part = prev, rank, parts
 
     def item_ids(self) -> pa.Array:
         """Raw item ids by item code (what `finish` maps to rows)."""
@@ -120,19 +155,21 @@ class HistoryBuilder:
     def rows(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(history int64 [n, L], history_rank int64 [n]) of rows start .. start + n - 1."""
         assert self._prev is not None and self._rank is not None and self._item_row is not None
+        assert self._part is not None
         L = self.length
-        rank = self._rank[start : start + n]
+        rank = self._rank[start : start + n].astype(np.int64)
         lengths = np.minimum(rank, L)
         out = np.zeros((n, L), np.int64)
-        at = self._prev[start : start + n]
-        for back in range(L):  # back = 0: the most recent earlier event
+        part = self._part[start : start + n]
+        at = self._prev[part, np.arange(start, start + n)].astype(np.int64)
+        for back in range(L):  # back = 0: the most recent earlier event; each row on its part's chain
             has = lengths > back
             if not has.any():
                 break
             rows = np.flatnonzero(has)
             out[rows, lengths[rows] - 1 - back] = self._item_row[at[rows]]
-            at = np.where(has, self._prev[np.maximum(at, 0)], -1)
-        return out, rank.copy()
+            at = np.where(has, self._prev[part, np.maximum(at, 0)], -1)
+        return out, rank
 
 
 # ------------------------------------------------------------------------ prepare's calls (one line each)
@@ -149,8 +186,8 @@ def new_history_builder(cfg: Config) -> HistoryBuilder | None:
     return HistoryBuilder(h.length, h.max_rows)
 
 
-def observe_chunk(history: HistoryBuilder, table: Table) -> None:
-    """Pass 1: record one chunk of the source (it must have user and item columns)."""
+def observe_chunk(history: HistoryBuilder, table: Table, assign: np.ndarray) -> None:
+    """Pass 1: record one chunk of the source (it must have user and item columns) and its rows' parts."""
     if table.user_feature is None or table.item_feature is None:
         raise UserError(
             f"data.history: the {table.kind} source has no user/item columns (data.source.user/item)"
@@ -160,6 +197,7 @@ def observe_chunk(history: HistoryBuilder, table: Table) -> None:
         table.sparse[names.index(table.user_feature)],
         table.sparse[names.index(table.item_feature)],
         table.timestamp,
+        assign,
     )
 
 

@@ -16,7 +16,7 @@ Every MDS sample has three columns, all numpy arrays with the block's rows first
 With data.history (recsys.data.history) a sample has two more columns:
     history       int64   [n, L]     the user's previous items (item rows, strictly earlier in time, ties
                                      by file order), oldest first, left-aligned, zero beyond the length
-    history_rank  int64   [n]        the user's events before this row; the history's length is min(rank, L)
+    history_rank  int64   [n]        the user's earlier events of known parts (recsys.data.history); length min(rank, L)
 The loader streams them as the jagged KeyedJaggedTensor feature `history` (HISTORY_FEATURE).
 
 Interaction data (Two-Tower) uses the same layout: its sparse features include the user and item

@@ -192,7 +192,7 @@ def _count(
                 done.all_labels.add(t.label)
         spill.write(SpilledChunk(chunk.start, chunk.assign, t.label, chunk.labels, t.dense, encoded))
         if history is not None:
-            observe_chunk(history, t)
+            observe_chunk(history, t, chunk.assign)
         bar.update(t.rows)
     bar.close()
     if done is None:
