@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -123,7 +125,7 @@ def image(engine: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     cached = _docker("image", "inspect", IMAGE, check=False).returncode == 0
     FIGURES["stand-in base"] = f"{_script('standin-base.sh', logs)[0]:.0f} s"
     FIGURES["wheelhouse"] = f"{_script('wheelhouse.sh', logs)[0]:.0f} s"
-    took, _ = _script("build.sh", logs, env={"OFFLINE": "1", "CPU_IMAGE": IMAGE})
+    took, _ = _script("build.sh", logs, env={"OFFLINE": "1", "ONLY": "cpu", "CPU_IMAGE": IMAGE})
     FIGURES["image build"] = f"{took:.0f} s ({'over a cached image' if cached else 'no image before'})"
     # Earlier builds of this tag, now untagged: only their own top layers, but they pile up.
     _docker("image", "prune", "-f", "--filter", "label=org.recsys.image=trainer-cpu", check=False)
@@ -457,3 +459,106 @@ def test_trainjob_containers_train_to_completion(
     assert 0.0 <= run["metrics"]["test/recall_at_10"] <= 1.0, run["metrics"]
     log = ps.logs[pods[0].name][0].read_text(errors="replace")
     assert "sharding plan (world size 2)" in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------------- the Spark image
+# images/trainer/Dockerfile.spark on the CPU image above, and the SparkApplication's driver pod as a
+# container of it (tests/spark_containers.py says what Spark's Kubernetes backend would have set up).
+SPARK_IMAGE = os.environ.get("RECSYS_TEST_SPARK_IMAGE", "recsys-test/trainer:spark")
+
+
+@pytest.fixture(scope="module")
+def spark_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The Spark image from the committed Dockerfile.spark, FROM the CPU image (Java from Debian's mirror)."""
+    logs = tmp_path_factory.mktemp("spark-build")
+    env = {"OFFLINE": "1", "ONLY": "spark", "CPU_IMAGE": image, "SPARK_IMAGE": SPARK_IMAGE}
+    FIGURES["spark image build"] = f"{_script('build.sh', logs, env=env)[0]:.0f} s"
+    _docker("image", "prune", "-f", "--filter", "label=org.recsys.image=trainer-spark", check=False)
+    sizes = [
+        int(_docker("image", "inspect", "--format", "{{.Size}}", i).stdout) for i in (SPARK_IMAGE, image)
+    ]
+    FIGURES["spark image"] = f"+{(sizes[0] - sizes[1]) / 1e6:.0f} MB over the CPU image"
+    return SPARK_IMAGE
+
+
+def test_spark_image_java_user_and_entrypoint(spark_image: str) -> None:
+    """Java 17, uid 1000, SPARK_HOME = pyspark's folder, Spark's entrypoint contract; other commands pass."""
+    cfg = json.loads(_docker("image", "inspect", "--format", "{{json .Config}}", spark_image).stdout)
+    assert cfg["User"] == "1000:1000"
+    assert cfg["Entrypoint"] == ["/usr/bin/tini", "-s", "--", "/opt/entrypoint.sh"]
+    assert cfg["Cmd"] == ["recsys", "--help"]
+    assert "SPARK_HOME=/opt/venv/lib/python3.11/site-packages/pyspark" in cfg["Env"]
+    no_net = ["--read-only", "--network", "none"]
+    r = _run(spark_image, no_net, ["bash", "-c", "id -u; java -version 2>&1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    uid, java = r.stdout.split("\n", 1)
+    assert uid == "1000" and 'openjdk version "17.' in java, r.stdout
+    r = _run(spark_image, no_net, [])  # the default command, through the entrypoint's pass-through
+    assert r.returncode == 0 and "usage: recsys" in r.stdout, r.stderr[-2000:]
+    # An executor started without the env Spark's backend sets says which variable, not a Java trace.
+    r = _run(spark_image, no_net, ["executor"])
+    assert r.returncode == 64 and "SPARK_DRIVER_URL is not set" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_spark_driver_container_prepares_as_the_local_prepare(spark_image: str, tmp_path: Path) -> None:
+    """The rendered SparkApplication's driver pod, run by the entrypoint's `driver` branch with
+    --master local[2], writes the MDS folder that `recsys data prepare` writes from the same rows."""
+    from spark_containers import (
+        SPARK_CONF_DIR,
+        driver_args,
+        driver_service,
+        properties_text,
+        role_pod,
+        write_rows_parquet,
+    )
+    from test_spark import assert_same_prepared, table_config
+
+    from recsys.config import dump_config
+    from recsys.launch.spark_app import render_objects
+
+    # As a user writes it: local `data/…` paths, which the rendered ConfigMap maps onto the data PVC.
+    sizes = {"job__spark__driver_memory": "1g", "job__spark__executor_memory": "1g"}
+    cfg = table_config(Path("data/raw/rows.parquet"), Path("data/prepared/spark-eq"), "random", **sizes)
+    cm, app = render_objects(cfg)
+    pvc = tmp_path / "pvc"
+    rows = write_rows_parquet(pvc / cfg.job.data_pvc / "raw" / "rows.parquet")
+    conf = tmp_path / "spark-conf"
+    conf.mkdir()
+    (conf / "spark.properties").write_text(properties_text(app, "k8s://https://kubernetes.default.svc:443"))
+
+    pod_spec, c = role_pod(app, "driver")
+    opts = security_options(pod_spec, c)
+    opts += volume_options(pod_spec, c, {cm["metadata"]["name"]: cm}, pvc, tmp_path / "driver")
+    # No network: the pod's /etc/hosts entry (the kubelet maps the pod's hostname to its IP) and the
+    # driver Service's name (spark.driver.host) both lead to the loopback the driver binds to.
+    host = f"{app['metadata']['name']}-driver"
+    opts += ["--network", "none", "--hostname", host, "--add-host", f"{host}:127.0.0.1"]
+    opts += ["--add-host", f"{driver_service(app)}:127.0.0.1", "-v", f"{conf}:{SPARK_CONF_DIR}:ro"]
+    env = {**CPU_ENV, "SPARK_DRIVER_BIND_ADDRESS": "127.0.0.1", "SPARK_CONF_DIR": SPARK_CONF_DIR}
+    opts += [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+    # The pod's args, but for the master: local[2] on the command line overrides the properties' k8s://.
+    first, *rest = driver_args(app)
+    t0 = time.monotonic()
+    r = _run(spark_image, opts, [first, "--master", "local[2]", *rest], timeout=900)
+    FIGURES["spark driver container"] = f"{time.monotonic() - t0:.0f} s"
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+
+    local = tmp_path / "local"
+    local_cfg = table_config(rows, local / "prepared", "random", **sizes)
+    (tmp_path / "local.yaml").write_text(dump_config(local_cfg))
+    p = subprocess.run(
+        [sys.executable, "-m", "recsys", "data", "prepare", "--config", str(tmp_path / "local.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    # The metadata records the source path as each prepare read it: the same file, under /data in the
+    # pod. Compare a copy with that one field set to the host path; everything else must be equal.
+    spark_out = tmp_path / "from-driver"
+    shutil.copytree(pvc / cfg.job.data_pvc / "prepared" / "spark-eq", spark_out)
+    meta = json.loads((spark_out / "metadata.json").read_text())
+    assert meta["settings"]["source"]["path"] == "/data/raw/rows.parquet", meta["settings"]["source"]
+    meta["settings"]["source"]["path"] = str(rows)
+    (spark_out / "metadata.json").write_text(json.dumps(meta))
+    assert_same_prepared(local / "prepared", spark_out)
