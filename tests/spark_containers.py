@@ -100,3 +100,55 @@ def driver_args(app: dict[str, Any]) -> list[str]:
         spec["mainApplicationFile"],
         *spec["arguments"],
     ]
+
+
+def executor_memory_env(memory: str) -> str:
+    """SPARK_EXECUTOR_MEMORY as Spark's backend writes it: the heap in MiB (`1g` → `1024m`)."""
+    units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+    return f"{int(float(memory[:-1]) * units[memory[-1].lower()])}m"
+
+
+def executor_java_opts(props: dict[str, str]) -> list[str]:
+    """SPARK_JAVA_OPT_<n> values of an executor pod: the driver's spark.executor.extraJavaOptions (Spark
+    adds the Java module opens to it at start) split into options, then -D for the settings an executor
+    needs before it can talk to the driver (RPC, network, authentication, TLS)."""
+    import shlex
+
+    opts = shlex.split(props.get("spark.executor.extraJavaOptions", ""))
+    startup = ("spark.rpc", "spark.network", "spark.ssl", "spark.auth")
+    secret = "spark.authenticate.secret"
+    opts += [f"-D{k}={v}" for k, v in sorted(props.items()) if k.startswith(startup) and k != secret]
+    return opts
+
+
+def executor_env(
+    app: dict[str, Any], props: dict[str, str], app_id: str, executor_id: int, host: str
+) -> dict[str, str]:
+    """The env Spark's driver puts on executor pod `executor_id` (BasicExecutorFeatureStep), with `host`
+    (a name the network resolves) where the pod's IP would be."""
+    spec = app["spec"]["executor"]
+    env = {
+        "SPARK_DRIVER_URL": f"spark://CoarseGrainedScheduler@{driver_service(app)}:{DRIVER_PORT}",
+        "SPARK_EXECUTOR_CORES": str(spec["cores"]),
+        "SPARK_EXECUTOR_MEMORY": executor_memory_env(spec["memory"]),
+        "SPARK_APPLICATION_ID": app_id,
+        "SPARK_EXECUTOR_ID": str(executor_id),
+        "SPARK_RESOURCE_PROFILE_ID": "0",
+        "SPARK_EXECUTOR_POD_IP": host,
+        "SPARK_EXECUTOR_POD_NAME": host,
+        "SPARK_LOCAL_DIRS": app["spec"]["sparkConf"]["spark.local.dir"],
+    }
+    for i, opt in enumerate(executor_java_opts(props)):
+        env[f"SPARK_JAVA_OPT_{i}"] = opt
+    return env
+
+
+# Asked inside the driver container: its application id and Spark properties, from the REST API of the
+# driver's UI (port 4040), once the application is up.
+DRIVER_PROPERTIES_SCRIPT = """
+import json, urllib.request as u
+base = "http://127.0.0.1:4040/api/v1/applications"
+(app,) = json.load(u.urlopen(base, timeout=5))
+env = json.load(u.urlopen(f"{base}/{app['id']}/environment", timeout=5))
+print(json.dumps({"id": app["id"], "props": dict(env["sparkProperties"])}))
+"""
