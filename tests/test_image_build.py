@@ -12,7 +12,11 @@ What this does, with the same scripts a user calls (images/README.md):
   `--internal` network (see "pods as containers" below): the DLRM PyTorchJob (master + worker; the master
   killed after its first checkpoint, both restarted per restartPolicy, resuming the same MLflow run) and the
   Two-Tower TrainJob (2 nodes, PET_* env only), each to FINISHED in an MLflow server running on that network
-  as manifests/base/mlflow.yaml describes it.
+  as manifests/base/mlflow.yaml describes it;
+- then images/trainer/Dockerfile.spark on that image (`ONLY=spark images/build.sh`: Java 17, our Spark entrypoint)
+  and the rendered SparkApplication's pods as its containers: the driver (`driver` branch, --master local[2])
+  and, separately, a driver with two executor containers (`executor` branch), each preparing a table into the
+  same MDS folder as `recsys data prepare` (tests/spark_containers.py: what Spark's Kubernetes backend sets).
 It skips, in one line, only where an engine cannot be had at all (not root, no apt-get); everywhere else a
 broken image, build or run fails it. Figures (per phase, image size) are printed at the end of the module.
 """
