@@ -33,7 +33,7 @@ test-fast: install ## unit tests only (no multi-process, no slow end-to-end)
 	$(PY) -m pytest -q -m "not slow and not dist and not spark" tests
 
 .PHONY: test-image
-test-image: install ## the image tier alone: Docker engine, stand-in base, CPU image build, the synthetic jobs' pods as containers (timings: README "Image tier")
+test-image: install ## the image tier alone: Docker engine, stand-in base, CPU image build, the synthetic jobs' pods as containers, the Spark image and its driver/executor pods as containers (timings: README "Image tier")
 	$(PY) -m pytest -q -p no:cacheprovider -m image tests/test_image_build.py
 
 lint: install ## ruff check + format check
@@ -92,7 +92,7 @@ bench-spark-scale: install ## Spark prepare of 10M Criteo-layout rows on local[2
 manifests: install ## regenerate the generated Kubernetes manifests (manifests/*-job.yaml, *-trainjob.yaml, manifests/synth/) from the shipped configs
 	$(PY) -m recsys.launch.manifests
 
-image: ## build the trainer images (CUDA + CPU) with docker; says so when no Docker engine answers (IMAGE=…, PUSH=1, ONLY=cpu; OFFLINE=1: CPU image without registries)
+image: ## build the trainer images (CUDA, CPU, Spark on CPU) with docker; says so when no Docker engine answers (IMAGE=…, PUSH=1, ONLY=cpu|cuda|spark; OFFLINE=1: CPU + Spark images without registries)
 	bash images/build.sh
 
 .PHONY: docs docs-reference docs-serve

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Build the trainer images (`make image`): the CUDA image and its CPU variant, from the repository root.
-#   IMAGE=registry.example.com/recsys/trainer:0.1.0 images/build.sh      # CPU variant gets the -cpu tag suffix
-#   PUSH=1 images/build.sh                                               # push both after building
-#   ONLY=cpu images/build.sh                                             # one of them: cpu | cuda
+# Build the trainer images (`make image`): the CUDA image, its CPU variant and the Spark image on the CPU one,
+# from the repository root.
+#   IMAGE=registry.example.com/recsys/trainer:0.1.0 images/build.sh      # -cpu / -spark tag suffixes for the others
+#   PUSH=1 images/build.sh                                               # push what was built
+#   ONLY=cpu images/build.sh                                             # one of them: cpu | cuda | spark
 #   WHEELHOUSE=DIR images/build.sh                  # CPU image from a local wheel folder (images/wheelhouse.sh)
-#   OFFLINE=1 images/build.sh                       # CPU image with no registry at all, as tests/test_image_build.py does
+#   OFFLINE=1 images/build.sh                       # CPU, then Spark image, with no registry (tests/test_image_build.py)
+#   ONLY=spark images/build.sh                      # the Spark image (-spark tag) on an existing CPU image
 #   BASE_IMAGE=REF images/build.sh                  # CPU image on another base than the digest-pinned default
-# OFFLINE=1 means: ONLY=cpu, the classic builder (DOCKER_BUILDKIT=0: BuildKit would fetch its Dockerfile
-# frontend from Docker Hub), a stand-in base under the base's tag (images/standin-base.sh; a local image cannot
+# The Spark image (Dockerfile.spark, tag ${IMAGE}-spark) is the CPU image plus Java 17 from Debian's mirror and
+# Spark's Kubernetes entrypoint; it is built FROM the CPU tag, so after it.
+# OFFLINE=1 means: the CPU image and then the Spark image (ONLY=cpu or ONLY=spark for one), the classic builder
+# (DOCKER_BUILDKIT=0: BuildKit would fetch its Dockerfile frontend from Docker Hub), a stand-in base under the base's tag (images/standin-base.sh; a local image cannot
 # have the registry's digest, so BASE_IMAGE is that tag), and the locked files collected by this machine's pip
 # (images/wheelhouse.sh). The Dockerfiles are the ones a user builds;
 # only build args change where pip takes packages from.
@@ -20,6 +24,7 @@ cd "$(dirname "$0")/.."
 
 IMAGE="${IMAGE:-ghcr.io/recsys/trainer:0.1.0}"
 CPU_IMAGE="${CPU_IMAGE:-${IMAGE}-cpu}"
+SPARK_IMAGE="${SPARK_IMAGE:-${IMAGE}-spark}"
 DOCKER="${DOCKER:-docker}"
 ONLY="${ONLY:-}"
 WHEELHOUSE="${WHEELHOUSE:-}"
@@ -27,7 +32,7 @@ WHEELHOUSE="${WHEELHOUSE:-}"
 WHEELHOUSE_PORT="${WHEELHOUSE_PORT:-38765}"
 BASE_IMAGE="${BASE_IMAGE:-}"
 if [[ "${OFFLINE:-0}" == "1" ]]; then
-  ONLY=cpu
+  ONLY="${ONLY:-cpu,spark}"
   # The stand-in's tag: the Dockerfile's digest-pinned default without its @sha256:… part.
   BASE_IMAGE="${BASE_IMAGE:-$(sed -n 's/^ARG BASE_IMAGE=\([^@[:space:]]*\).*/\1/p' images/trainer/Dockerfile.cpu | head -n 1)}"
   WHEELHOUSE="${WHEELHOUSE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/recsys/wheelhouse}"
@@ -43,7 +48,7 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   echo "            start one (images/engine.sh, or point DOCKER_HOST at one) to build $IMAGE and $CPU_IMAGE" >&2
   exit 3
 fi
-if [[ "${OFFLINE:-0}" == "1" ]]; then
+if [[ "${OFFLINE:-0}" == "1" && "$ONLY" != "spark" ]]; then
   bash images/standin-base.sh "$BASE_IMAGE"
   bash images/wheelhouse.sh "$WHEELHOUSE"
 fi
@@ -109,17 +114,28 @@ build_cuda() {
     -f images/trainer/Dockerfile -t "$IMAGE" -
 }
 
+build_spark() {
+  echo "building $SPARK_IMAGE (Spark, on $CPU_IMAGE)"
+  # Only the Dockerfile and the entrypoint are read; Java comes from the base's Debian mirror.
+  tar -c images/trainer/Dockerfile.spark images/trainer/spark-entrypoint.sh |
+    "$DOCKER" build --force-rm --build-arg "GIT_SHA=$GIT_SHA" --build-arg "CPU_IMAGE=$CPU_IMAGE" \
+      --label org.recsys.image=trainer-spark -f images/trainer/Dockerfile.spark -t "$SPARK_IMAGE" -
+}
+
 case "$ONLY" in
-  "") build_cuda && build_cpu ;;
+  "") build_cuda && build_cpu && build_spark ;;
   cpu) build_cpu ;;
   cuda) build_cuda ;;
+  spark) build_spark ;;
+  cpu,spark) build_cpu && build_spark ;;
   *)
-    echo "make image: ONLY=$ONLY: expected cpu or cuda" >&2
+    echo "make image: ONLY=$ONLY: expected cpu, cuda, spark or cpu,spark" >&2
     exit 2
     ;;
 esac
 if [[ "${PUSH:-0}" == "1" ]]; then
-  [[ "$ONLY" == "cpu" ]] || "$DOCKER" push "$IMAGE"
-  [[ "$ONLY" == "cuda" ]] || "$DOCKER" push "$CPU_IMAGE"
+  [[ "$ONLY" != "" && "$ONLY" != "cuda" ]] || "$DOCKER" push "$IMAGE"
+  [[ "$ONLY" != "" && "$ONLY" != cpu* ]] || "$DOCKER" push "$CPU_IMAGE"
+  [[ "$ONLY" != "" && "$ONLY" != *spark ]] || "$DOCKER" push "$SPARK_IMAGE"
 fi
-echo "built ${ONLY:-cuda and cpu} image(s); render jobs for them with: recsys render --set job.image=…"
+echo "built ${ONLY:-cuda, cpu and spark} image(s); render jobs for them with: recsys render --set job.image=…"

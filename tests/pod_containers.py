@@ -83,7 +83,9 @@ def volume_options(
         elif "emptyDir" in vol:
             size = vol["emptyDir"].get("sizeLimit")
             extra = f",size={docker_quantity(size)}" if size else ""
-            opts += ["--tmpfs", f"{path}:uid={sc['runAsUser']},gid={gid},mode=1777{extra}"]
+            # exec: an emptyDir is not mounted noexec (docker's --tmpfs is); Spark's snappy-java loads
+            # the native library it unpacks into /tmp.
+            opts += ["--tmpfs", f"{path}:uid={sc['runAsUser']},gid={gid},mode=1777,exec{extra}"]
         else:
             raise AssertionError(f"no docker equivalent written for volume {vol}")
     return opts

@@ -12,7 +12,11 @@ What this does, with the same scripts a user calls (images/README.md):
   `--internal` network (see "pods as containers" below): the DLRM PyTorchJob (master + worker; the master
   killed after its first checkpoint, both restarted per restartPolicy, resuming the same MLflow run) and the
   Two-Tower TrainJob (2 nodes, PET_* env only), each to FINISHED in an MLflow server running on that network
-  as manifests/base/mlflow.yaml describes it.
+  as manifests/base/mlflow.yaml describes it;
+- then images/trainer/Dockerfile.spark on that image (`ONLY=spark images/build.sh`: Java 17, our Spark entrypoint)
+  and the rendered SparkApplication's pods as its containers: the driver (`driver` branch, --master local[2])
+  and, separately, a driver with two executor containers (`executor` branch), each preparing a table into the
+  same MDS folder as `recsys data prepare` (tests/spark_containers.py: what Spark's Kubernetes backend sets).
 It skips, in one line, only where an engine cannot be had at all (not root, no apt-get); everywhere else a
 broken image, build or run fails it. Figures (per phase, image size) are printed at the end of the module.
 """
@@ -22,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -123,7 +129,7 @@ def image(engine: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     cached = _docker("image", "inspect", IMAGE, check=False).returncode == 0
     FIGURES["stand-in base"] = f"{_script('standin-base.sh', logs)[0]:.0f} s"
     FIGURES["wheelhouse"] = f"{_script('wheelhouse.sh', logs)[0]:.0f} s"
-    took, _ = _script("build.sh", logs, env={"OFFLINE": "1", "CPU_IMAGE": IMAGE})
+    took, _ = _script("build.sh", logs, env={"OFFLINE": "1", "ONLY": "cpu", "CPU_IMAGE": IMAGE})
     FIGURES["image build"] = f"{took:.0f} s ({'over a cached image' if cached else 'no image before'})"
     # Earlier builds of this tag, now untagged: only their own top layers, but they pile up.
     _docker("image", "prune", "-f", "--filter", "label=org.recsys.image=trainer-cpu", check=False)
@@ -457,3 +463,209 @@ def test_trainjob_containers_train_to_completion(
     assert 0.0 <= run["metrics"]["test/recall_at_10"] <= 1.0, run["metrics"]
     log = ps.logs[pods[0].name][0].read_text(errors="replace")
     assert "sharding plan (world size 2)" in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------------- the Spark image
+# images/trainer/Dockerfile.spark on the CPU image above, and the SparkApplication's driver pod as a
+# container of it (tests/spark_containers.py says what Spark's Kubernetes backend would have set up).
+SPARK_IMAGE = os.environ.get("RECSYS_TEST_SPARK_IMAGE", "recsys-test/trainer:spark")
+
+
+@pytest.fixture(scope="module")
+def spark_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The Spark image from the committed Dockerfile.spark, FROM the CPU image (Java from Debian's mirror)."""
+    logs = tmp_path_factory.mktemp("spark-build")
+    env = {"OFFLINE": "1", "ONLY": "spark", "CPU_IMAGE": image, "SPARK_IMAGE": SPARK_IMAGE}
+    FIGURES["spark image build"] = f"{_script('build.sh', logs, env=env)[0]:.0f} s"
+    _docker("image", "prune", "-f", "--filter", "label=org.recsys.image=trainer-spark", check=False)
+    sizes = [
+        int(_docker("image", "inspect", "--format", "{{.Size}}", i).stdout) for i in (SPARK_IMAGE, image)
+    ]
+    FIGURES["spark image"] = f"+{(sizes[0] - sizes[1]) / 1e6:.0f} MB over the CPU image"
+    return SPARK_IMAGE
+
+
+def test_spark_image_java_user_and_entrypoint(spark_image: str) -> None:
+    """Java 17, uid 1000, SPARK_HOME = pyspark's folder, Spark's entrypoint contract; other commands pass."""
+    cfg = json.loads(_docker("image", "inspect", "--format", "{{json .Config}}", spark_image).stdout)
+    assert cfg["User"] == "1000:1000"
+    assert cfg["Entrypoint"] == ["/usr/bin/tini", "-s", "--", "/opt/entrypoint.sh"]
+    assert cfg["Cmd"] == ["recsys", "--help"]
+    assert "SPARK_HOME=/opt/venv/lib/python3.11/site-packages/pyspark" in cfg["Env"]
+    no_net = ["--read-only", "--network", "none"]
+    r = _run(spark_image, no_net, ["bash", "-c", "id -u; java -version 2>&1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    uid, java = r.stdout.split("\n", 1)
+    assert uid == "1000" and 'openjdk version "17.' in java, r.stdout
+    r = _run(spark_image, no_net, [])  # the default command, through the entrypoint's pass-through
+    assert r.returncode == 0 and "usage: recsys" in r.stdout, r.stderr[-2000:]
+    # An executor started without the env Spark's backend sets says which variable, not a Java trace.
+    r = _run(spark_image, no_net, ["executor"])
+    assert r.returncode == 64 and "SPARK_DRIVER_URL is not set" in r.stderr, (r.returncode, r.stderr)
+
+
+# As a user writes it: local `data/…` paths, which the rendered ConfigMap maps onto the data PVC.
+# A few shuffle partitions, as tests/test_spark.py uses for its tiny data: with Spark's default 200 the
+# 2,000 rows made hundreds of near-empty tasks (the driver container took 326 s at load ~14).
+SPARK_SIZES: dict[str, Any] = {
+    "job__spark__driver_memory": "1g",
+    "job__spark__executor_memory": "1g",
+    "job__spark__spark_conf": {"spark.sql.shuffle.partitions": "4"},
+}
+SPARK_PREPARED = "data/prepared/spark-eq"
+
+
+class SparkApp:
+    """A rendered SparkApplication of a small table config, its PVC folder with the rows, and the driver
+    pod's spark.properties (as Spark's backend would mount it), under `root`."""
+
+    def __init__(self, root: Path, **overrides: Any) -> None:
+        from spark_containers import properties_text, write_rows_parquet
+        from test_spark import table_config
+
+        from recsys.launch.spark_app import render_objects
+
+        cfg = table_config(
+            Path("data/raw/rows.parquet"), Path(SPARK_PREPARED), "random", **SPARK_SIZES, **overrides
+        )
+        self.root, self.cfg = root, cfg
+        self.cm, self.app = render_objects(cfg)
+        self.name = self.app["metadata"]["name"]
+        self.pvc = root / "pvc"
+        self.rows = write_rows_parquet(self.pvc / cfg.job.data_pvc / "raw" / "rows.parquet")
+        self.conf = root / "spark-conf"
+        self.conf.mkdir()
+        props = properties_text(self.app, "k8s://https://kubernetes.default.svc:443")
+        (self.conf / "spark.properties").write_text(props)
+
+    def pod_options(self, role: str, pod_dir: str, env: dict[str, str]) -> list[str]:
+        """docker run options of a driver/executor pod: its securityContexts, volumes and `env`."""
+        from spark_containers import SPARK_CONF_DIR, role_pod
+
+        pod_spec, c = role_pod(self.app, role)
+        opts = security_options(pod_spec, c)
+        opts += volume_options(
+            pod_spec, c, {self.cm["metadata"]["name"]: self.cm}, self.pvc, self.root / pod_dir
+        )
+        env = {**CPU_ENV, **env}
+        if role == "driver":
+            opts += ["-v", f"{self.conf}:{SPARK_CONF_DIR}:ro"]
+            env["SPARK_CONF_DIR"] = SPARK_CONF_DIR
+        return opts + [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+
+    def assert_equals_local_prepare(self) -> None:
+        """The prepared folder on the PVC equals `recsys data prepare` of the same rows and settings."""
+        from test_spark import assert_same_prepared, table_config
+
+        from recsys.config import dump_config
+
+        local = self.root / "local"
+        local_cfg = table_config(self.rows, local / "prepared", "random", **SPARK_SIZES)
+        (self.root / "local.yaml").write_text(dump_config(local_cfg))
+        p = subprocess.run(
+            [sys.executable, "-m", "recsys", "data", "prepare", "--config", str(self.root / "local.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        # The metadata records the source path as each prepare read it: the same file, under /data in
+        # the pod. Compare a copy with that one field set to the host path; everything else must be equal.
+        spark_out = self.root / "from-spark"
+        shutil.copytree(self.pvc / self.cfg.job.data_pvc / SPARK_PREPARED.removeprefix("data/"), spark_out)
+        meta = json.loads((spark_out / "metadata.json").read_text())
+        assert meta["settings"]["source"]["path"] == "/data/raw/rows.parquet", meta["settings"]["source"]
+        meta["settings"]["source"]["path"] = str(self.rows)
+        (spark_out / "metadata.json").write_text(json.dumps(meta))
+        assert_same_prepared(local / "prepared", spark_out)
+
+
+def test_spark_driver_container_prepares_as_the_local_prepare(spark_image: str, tmp_path: Path) -> None:
+    """The rendered SparkApplication's driver pod, run by the entrypoint's `driver` branch with
+    --master local[2], writes the MDS folder that `recsys data prepare` writes from the same rows."""
+    from spark_containers import driver_args, driver_service
+
+    sa = SparkApp(tmp_path)
+    opts = sa.pod_options("driver", "driver", {"SPARK_DRIVER_BIND_ADDRESS": "127.0.0.1"})
+    # No network: the pod's /etc/hosts entry (the kubelet maps the pod's hostname to its IP) and the
+    # driver Service's name (spark.driver.host) both lead to the loopback the driver binds to.
+    host = f"{sa.name}-driver"
+    opts += ["--network", "none", "--hostname", host, "--add-host", f"{host}:127.0.0.1"]
+    opts += ["--add-host", f"{driver_service(sa.app)}:127.0.0.1"]
+    # The pod's args, but for the master: local[2] on the command line overrides the properties' k8s://.
+    first, *rest = driver_args(sa.app)
+    t0 = time.monotonic()
+    r = _run(spark_image, opts, [first, "--master", "local[2]", *rest], timeout=900)
+    FIGURES["spark driver container"] = f"{time.monotonic() - t0:.0f} s"
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    sa.assert_equals_local_prepare()
+
+
+def _driver_properties(container: str, proc: subprocess.Popen, timeout: float = 300) -> dict[str, Any]:
+    """The running driver's application id and Spark properties (its UI's REST API, asked inside it),
+    once `docker run` (`proc`) has created the container and the application is up."""
+    from spark_containers import DRIVER_PROPERTIES_SCRIPT
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = _docker("exec", container, "python", "-c", DRIVER_PROPERTIES_SCRIPT, check=False)
+        if r.returncode == 0:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.communicate()[0]
+            pytest.fail(f"the Spark driver did not come up (exit {proc.returncode}):\n{out[-4000:]}")
+        time.sleep(3)
+
+
+def test_spark_executor_containers_run_the_prepare(
+    spark_image: str, pod_network: str, tmp_path: Path
+) -> None:
+    """The entrypoint's `executor` branch: two executor containers, started with the env Spark's driver
+    puts on executor pods, register with a driver container and run every task of the prepare; the
+    output equals the local prepare. No API server creates them here: the driver's master is
+    `local-cluster[0,…]` (a standalone master with no workers, inside the driver), so only these
+    executors can run its tasks."""
+    from spark_containers import driver_args, driver_service, executor_env
+
+    sa = SparkApp(tmp_path, job__spark__executor_instances=2, job__spark__executor_cores=1)
+    host, svc = f"{sa.name}-driver", driver_service(sa.app)
+    driver = f"recsys-test-{os.getpid()}-spark-driver"
+    # Bound to all addresses: a pod binds its IP, which docker assigns only at start.
+    opts = sa.pod_options("driver", "driver", {"SPARK_DRIVER_BIND_ADDRESS": "0.0.0.0"})
+    opts += ["--name", driver, "--label", LABEL, "--network", pod_network, "--hostname", host]
+    opts += ["--network-alias", host, "--network-alias", svc]
+    first, *rest = driver_args(sa.app)
+    # local-cluster[workers, cores, MiB]: the in-driver master must allow the executor memory (1g).
+    master = "local-cluster[0,1,1024]"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        ["docker", "run", *opts, spark_image, first, "--master", master, *rest],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    executors = []
+    try:
+        found = _driver_properties(driver, proc)
+        for i in (1, 2):
+            name = f"{sa.name}-exec-{i}"
+            env = executor_env(sa.app, found["props"], found["id"], i, name)
+            ex_opts = sa.pod_options("executor", f"exec-{i}", env)
+            ex_opts += ["--name", f"{driver}-exec-{i}", "--label", LABEL, "--network", pod_network]
+            ex_opts += ["--hostname", name, "--network-alias", name]
+            _docker("run", "-d", *ex_opts, spark_image, "executor")
+            executors.append(f"{driver}-exec-{i}")
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+        ex_logs = {e: _docker("logs", e, check=False) for e in executors}
+        for c in [driver, *executors]:
+            _docker("rm", "-f", c, check=False)
+    FIGURES["spark driver + 2 executor containers"] = f"{time.monotonic() - t0:.0f} s"
+    assert proc.returncode == 0, out[-6000:]
+    for i in (1, 2):
+        assert re.search(rf"Registered executor .* with ID {i}\b", out), out[-4000:]
+        log = ex_logs[f"{driver}-exec-{i}"]
+        assert "Running task" in log.stdout + log.stderr, (log.stdout + log.stderr)[-3000:]
+    sa.assert_equals_local_prepare()

@@ -15,6 +15,8 @@ from recsys.launch.jobspec import RUN_AS_USER
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = [REPO / "images/trainer/Dockerfile", REPO / "images/trainer/Dockerfile.cpu"]
+# The Spark image extends the CPU one (its own checks below); every Dockerfile is linted.
+SPARK_DOCKERFILE = REPO / "images/trainer/Dockerfile.spark"
 
 
 def _hadolint() -> str:
@@ -26,7 +28,7 @@ def _hadolint() -> str:
     )
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, SPARK_DOCKERFILE], ids=lambda p: p.name)
 def test_hadolint_clean(dockerfile: Path) -> None:
     r = subprocess.run([_hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -207,3 +209,89 @@ def test_lock_script_drops_the_development_tools(tmp_path: Path) -> None:
     req = tmp_path / "req.txt"
     req.write_text("# comment\ntorch==2.14.1\npytest\nruff>=0.5  # lint\nPyYAML\nhadolint_bin==2.15.1\n")
     assert lock.runtime_requirements(req) == ["torch==2.14.1", "PyYAML"]
+
+
+def test_spark_image_extends_the_cpu_image_under_the_tag_the_sparkapplication_names() -> None:
+    """Dockerfile.spark: FROM the CPU image's tag (a build arg, as images/build.sh passes it), Debian
+    packages pinned, user 1000 at the end, Spark's entrypoint; build.sh tags it as job.spark.image says."""
+    from recsys.config.job import SparkAppConfig
+
+    text = SPARK_DOCKERFILE.read_text()
+    build = (REPO / "images/build.sh").read_text()
+    image = re.search(r'^IMAGE="\$\{IMAGE:-([^}]+)\}"', build, flags=re.M).group(1)
+    assert re.search(r'^SPARK_IMAGE="\$\{SPARK_IMAGE:-\$\{IMAGE\}-spark\}"', build, flags=re.M)
+    assert SparkAppConfig().image == f"{image}-spark"
+    assert re.search(rf"^ARG CPU_IMAGE={re.escape(image)}-cpu$", text, flags=re.M)
+    assert re.findall(r"^FROM (\S+)", text, flags=re.M) == ["${CPU_IMAGE}"]
+    # Every apt package with an exact version (hadolint's DL3008 says the same).
+    for pkg in ("openjdk-17-jre-headless", "tini"):
+        assert re.search(rf'"{pkg}=\$\{{\w+\}}"', text), pkg
+    users = re.findall(r"^USER (\S+)", text, flags=re.M)
+    assert users[-1] == f"{RUN_AS_USER}:{RUN_AS_USER}"
+    assert 'ENTRYPOINT ["/usr/bin/tini", "-s", "--", "/opt/entrypoint.sh"]' in text
+    assert "COPY images/trainer/spark-entrypoint.sh /opt/entrypoint.sh" in text
+    # The classic builder has no COPY --chmod: the script carries its mode from git.
+    assert (REPO / "images/trainer/spark-entrypoint.sh").stat().st_mode & 0o111
+
+
+def test_spark_entrypoint_names_what_is_missing() -> None:
+    """driver/executor without the env Spark's backend sets fail in one line naming the variable."""
+    script = REPO / "images/trainer/spark-entrypoint.sh"
+    fake_home = REPO / "images"  # any folder without bin/spark-submit
+    r = subprocess.run(
+        ["bash", str(script), "driver"], capture_output=True, text=True, env={"SPARK_HOME": str(fake_home)}
+    )
+    assert r.returncode == 64 and "has no bin/spark-submit" in r.stderr, r.stderr
+    import pyspark
+
+    env = {"SPARK_HOME": str(Path(pyspark.__file__).parent), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(["bash", str(script), "driver"], capture_output=True, text=True, env=env)
+    assert r.returncode == 64 and "driver: SPARK_DRIVER_BIND_ADDRESS is not set" in r.stderr, r.stderr
+    r = subprocess.run(["bash", str(script), "executor"], capture_output=True, text=True, env=env)
+    assert r.returncode == 64 and "executor: SPARK_DRIVER_URL is not set" in r.stderr, r.stderr
+    r = subprocess.run(
+        ["bash", str(script), "echo", "passed", "through"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0 and r.stdout == "passed through\n", r.stderr
+
+
+def test_spark_entrypoint_executor_command(tmp_path: Path) -> None:
+    """The executor branch starts KubernetesExecutorBackend with the SPARK_* env as its arguments and the
+    SPARK_JAVA_OPT_<n> options in the order of n (10 after 9), values with spaces kept whole."""
+    import pyspark
+
+    java = tmp_path / "jdk" / "bin" / "java"
+    java.parent.mkdir(parents=True)
+    java.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    java.chmod(0o755)
+    env = {
+        "SPARK_HOME": str(Path(pyspark.__file__).parent),
+        "JAVA_HOME": str(tmp_path / "jdk"),
+        "PATH": "/usr/bin:/bin",
+        "SPARK_DRIVER_URL": "spark://CoarseGrainedScheduler@driver-svc:7078",
+        "SPARK_EXECUTOR_ID": "3",
+        "SPARK_EXECUTOR_CORES": "2",
+        "SPARK_EXECUTOR_MEMORY": "1g",
+        "SPARK_APPLICATION_ID": "spark-abc",
+        "SPARK_EXECUTOR_POD_IP": "10.0.0.7",
+        "SPARK_EXECUTOR_POD_NAME": "app-exec-3",
+        "SPARK_CONF_DIR": "/opt/spark/conf",
+        **{f"SPARK_JAVA_OPT_{i}": f"-Dopt{i}=a b" for i in range(11)},
+    }
+    r = subprocess.run(
+        ["bash", str(REPO / "images/trainer/spark-entrypoint.sh"), "executor"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    argv = r.stdout.splitlines()
+    assert argv[:11] == [f"-Dopt{i}=a b" for i in range(11)]
+    assert argv[11:13] == ["-Xms1g", "-Xmx1g"]
+    assert argv[13] == "-cp" and argv[14] == f"/opt/spark/conf:{env['SPARK_HOME']}/jars/*"
+    assert argv[15:] == [
+        "org.apache.spark.scheduler.cluster.k8s.KubernetesExecutorBackend",
+        *("--driver-url", env["SPARK_DRIVER_URL"], "--executor-id", "3", "--cores", "2"),
+        *("--app-id", "spark-abc", "--hostname", "10.0.0.7", "--resourceProfileId", "0"),
+        *("--podName", "app-exec-3"),
+    ]
