@@ -101,3 +101,19 @@ def test_bench_prints_the_figure_per_size_and_its_spread(
     assert "Criteo cardinalities: peak RSS max/min 1.00, beyond imports and vocabularies max/min 1.00" in out
     assert "capped at 50: peak RSS max/min 1.00, beyond imports and vocabularies max/min 1.00" in out
     assert (tmp_path / "plot.png").is_file()
+
+
+def test_summary_also_gives_the_spread_over_sizes_whose_window_fills() -> None:
+    """A size whose train rows do not fill a shuffle window holds less in pass 2: the summary says so."""
+    from recsys.bench.prepare_scale import _summary
+
+    def fig(rows: int, train: int, peak: float) -> dict:
+        phase = {"peak_rss_mb": peak, "vocab_mb": 0.0}
+        return {"rows": rows, "train_rows": train, "shuffle_window": 100, "peak_rss_mb": peak,
+                "rss_before_prepare_mb": 0.0, "phases": {"pass 2": phase}}  # fmt: skip
+
+    text = _summary([fig(150, 50, 500.0), fig(600, 200, 1000.0), fig(2400, 800, 1100.0)], "s")
+    assert text == (
+        "s: peak RSS max/min 2.20, beyond imports and vocabularies max/min 2.20 "
+        "(1.10 over the sizes whose shuffle window fills: 600, 2,400 rows)"
+    )

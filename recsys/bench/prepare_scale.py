@@ -167,6 +167,8 @@ def _child(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "rows": sum(s.rows for s in meta.splits.values()),
+                "train_rows": meta.splits["train"].rows,
+                "shuffle_window": args.shuffle_window,
                 "wall_s": wall,
                 "cpu_s": cpu,
                 "peak_rss_mb": peak,
@@ -267,17 +269,32 @@ def _print_figures(fig: dict) -> None:
         f"{name} {p['peak_rss_mb']:,.0f} MB peak, vocabulary state {p['vocab_mb']:,.0f} MB"
         for name, p in fig["phases"].items()
     )
-    print(f"{'':>14}beyond imports and vocabularies: {beyond[0]:,.0f} MB (in {beyond[1]}; {per})", flush=True)
+    note = "" if window_full(fig) else f"; shuffle window not full: {fig['train_rows']:,} train rows"
+    print(
+        f"{'':>14}beyond imports and vocabularies: {beyond[0]:,.0f} MB (in {beyond[1]}; {per}{note})",
+        flush=True,
+    )
+
+
+def window_full(fig: dict) -> bool:
+    """Whether the run's train rows filled a shuffle window (by_day: train is the first day file, so a
+    smaller run buffers fewer train rows in pass 2, and its RSS is below the bound the larger runs hit)."""
+    return fig["train_rows"] >= fig["shuffle_window"]
 
 
 def _summary(figures: list[dict], what: str) -> str:
-    """max/min of peak RSS and of the RSS beyond imports and vocabularies over the sizes of one series."""
+    """max/min of peak RSS and of the RSS beyond imports and vocabularies over the sizes of one series
+    (and, beyond the vocabularies, over the sizes whose shuffle window filled, when that leaves two)."""
     rss = [f["peak_rss_mb"] for f in figures]
     text = f"{what}: peak RSS max/min {max(rss) / min(rss):.2f}"
     beyond = [beyond_vocabularies(f) for f in figures]
     if all(beyond):
         values = [b[0] for b in beyond]
         text += f", beyond imports and vocabularies max/min {max(values) / min(values):.2f}"
+        full = [b[0] for f, b in zip(figures, beyond, strict=True) if window_full(f)]
+        if 1 < len(full) < len(figures):
+            sizes = ", ".join(f"{f['rows']:,}" for f in figures if window_full(f))
+            text += f" ({max(full) / min(full):.2f} over the sizes whose shuffle window fills: {sizes} rows)"
     return text
 
 
