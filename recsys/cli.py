@@ -855,6 +855,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=10_000, help="users searched per measurement (recommend)")
     p.add_argument("--sizes", default="1e6,4e6,16e6", help="prepare-scale: row counts, comma-separated")
     p.add_argument(
+        "--cap",
+        type=int,
+        default=None,
+        help="prepare-scale: also run the sizes on data with every feature capped at CAP distinct ids",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="quality, funnel: 1 seed, a one-point grid, few epochs (a smoke run); continuous: 3 epochs per run",

@@ -32,7 +32,7 @@ def main(args: argparse.Namespace, record: Record | None = None) -> int:
     elif args.what == "prepare-scale":
         from recsys.bench.prepare_scale import PLOT, bench_prepare_scale, parse_sizes
 
-        bench_prepare_scale(parse_sizes(args.sizes))
+        bench_prepare_scale(parse_sizes(args.sizes), cap=args.cap)
         record.keep(PLOT)
     elif args.what == "spark-scale":
         from recsys.bench.spark_scale import bench_spark_scale

@@ -7,6 +7,14 @@ the vocabularies grow the way Criteo's do). Each prepare runs in a child process
 recsys.bench.prepare_scale --child …`), which reports its own wall time and peak RSS
 (getrusage ru_maxrss). Every size runs with the same data.chunk_rows and data.shuffle_window, so
 what grows with the rows is the vocabularies: their ids and counts are printed beside the RSS.
+
+"Beyond imports and vocabularies" is the figure the aim is about (RSS flat as rows grow, beyond the
+vocabularies): the child resets the kernel's peak-RSS mark (/proc/self/clear_refs) as each phase of
+prepare starts (pass 1, fixing the vocabularies, pass 2), reads the phase's peak as it ends, and
+subtracts the RSS after imports and the bytes the vocabulary state held in that phase (the id
+counters' and tables' own arrays, recsys.data.memory); the figure is the largest of the three phases.
+`--cap N` runs a second kind of data, every feature capped at N distinct ids, so the vocabularies
+stop growing and RSS itself should stay flat.
 """
 
 from __future__ import annotations
@@ -78,15 +86,16 @@ def write_criteo_tsv(path: Path, rows: int, seed: int, chunk: int = 500_000, cap
     tmp.rename(path)
 
 
-def dataset(rows: int, days: int = 3) -> list[Path]:
-    """The generated day files of a `rows`-row dataset (written once, reused by later runs)."""
-    out = BENCH_DIR / f"raw_{rows}"
+def dataset(rows: int, days: int = 3, cap: int | None = None) -> list[Path]:
+    """The generated day files of a `rows`-row dataset (written once, reused by later runs); `cap`
+    bounds every feature's distinct ids (see write_criteo_tsv)."""
+    out = BENCH_DIR / (f"raw_{rows}" if cap is None else f"raw_{rows}_cap{cap}")
     per_day = [rows // days + (1 if d < rows % days else 0) for d in range(days)]
     files = [out / f"day_{d}.tsv" for d in range(days)]
     for d, (f, n) in enumerate(zip(files, per_day, strict=True)):
         if not f.is_file():
             t = time.perf_counter()
-            write_criteo_tsv(f, n, seed=rows * 31 + d)
+            write_criteo_tsv(f, n, seed=rows * 31 + d, cap=cap)
             print(f"generated {f} ({n:,} rows) in {time.perf_counter() - t:.1f}s (not timed)", flush=True)
     return files
 
@@ -113,40 +122,82 @@ def _config(files: list[Path], prepared: Path, chunk_rows: int, shuffle_window: 
     )
 
 
+def _status_kb(key: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: now, VmHWM: the peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _reset_peak() -> bool:
+    """Set the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _child(args: argparse.Namespace) -> None:
-    """Prepare one dataset in this process; print one JSON line with time and peak RSS."""
+    """Prepare one dataset in this process; print one JSON line with time, peak RSS and, per phase,
+    peak RSS and the vocabulary state's bytes."""
     import streaming  # noqa: F401  (the MDS writer's import: torch etc., not prepare's memory)
 
     from recsys.data import prepare as P
 
     files = [Path(f) for f in args.files.split(",")]
     cfg = _config(files, Path(args.prepared), args.chunk_rows, args.shuffle_window)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    phases: dict[str, dict[str, float]] = {}
+
+    def phase_end(phase: str, vocab_bytes: int) -> None:
+        phases[phase] = {"peak_rss_mb": _status_kb("VmHWM") / 1024, "vocab_mb": vocab_bytes / 2**20}
+        _reset_peak()
+
+    # Once the mark is reset, getrusage's ru_maxrss follows it too: the peak is the phases' largest.
+    per_phase = sys.platform.startswith("linux") and _reset_peak()
+    base = _status_kb("VmRSS") if per_phase else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t, c = time.perf_counter(), time.process_time()
-    meta = P.prepare(cfg, overwrite=True)
+    meta = P.prepare(cfg, overwrite=True, on_phase=phase_end if per_phase else None)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if per_phase:
+        peak = max(p["peak_rss_mb"] for p in phases.values())
     vocab = sum(f.num_embeddings for f in meta.sparse_features)
     print(
         json.dumps(
             {
                 "rows": sum(s.rows for s in meta.splits.values()),
+                "train_rows": meta.splits["train"].rows,
+                "shuffle_window": args.shuffle_window,
                 "wall_s": wall,
                 "cpu_s": cpu,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak,
                 "rss_before_prepare_mb": base / 1024,
                 "vocab_rows": vocab,
                 "timings": P.LAST_TIMINGS,
+                "phases": phases,
             }
         ),
         flush=True,
     )
 
 
-def run_one(rows: int, chunk_rows: int, shuffle_window: int) -> dict:
+def beyond_vocabularies(fig: dict) -> tuple[float, str] | None:
+    """Peak RSS beyond the imports and the vocabulary state (MB, the largest over the phases) and the
+    phase it was in; None when the child could not measure per phase."""
+    if not fig.get("phases"):
+        return None
+    base = fig["rss_before_prepare_mb"]
+    beyond = {name: p["peak_rss_mb"] - base - p["vocab_mb"] for name, p in fig["phases"].items()}
+    phase = max(beyond, key=beyond.__getitem__)
+    return beyond[phase], phase
+
+
+def run_one(rows: int, chunk_rows: int, shuffle_window: int, cap: int | None = None) -> dict:
     """Generate (once) and prepare a `rows`-row dataset in a child process; returns its figures."""
     import shutil
 
-    files = dataset(rows)
+    files = dataset(rows, cap=cap)
     load_before = os.getloadavg()[0]
     prepared = BENCH_DIR / f"prepared_{rows}"
     cmd = [
@@ -162,8 +213,8 @@ def run_one(rows: int, chunk_rows: int, shuffle_window: int) -> dict:
     return fig
 
 
-def plot(figures: list[dict], path: Path) -> None:
-    """PNG of peak RSS and rows/s against rows."""
+def plot(figures: list[dict], path: Path, capped: list[dict] | None = None) -> None:
+    """PNG of peak RSS (total, less the vocabularies, after imports) and rows/s against rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,10 +223,18 @@ def plot(figures: list[dict], path: Path) -> None:
     rows = [f["rows"] / 1e6 for f in figures]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(rows, [f["peak_rss_mb"] for f in figures], "o-", label="peak RSS")
+    beyond = [beyond_vocabularies(f) for f in figures]
+    if all(beyond):
+        pairs = zip(figures, beyond, strict=True)
+        less = [f["rss_before_prepare_mb"] + x[0] for f, x in pairs]
+        a.plot(rows, less, "^-", label="peak RSS less the vocabularies")
+    if capped:
+        label = f"peak RSS, ids capped at {capped[0]['cap']:,} a feature"
+        a.plot([f["rows"] / 1e6 for f in capped], [f["peak_rss_mb"] for f in capped], "v:", label=label)
     a.plot(rows, [f["rss_before_prepare_mb"] for f in figures], "s--", label="RSS after imports")
     a.set(xlabel="rows (millions)", ylabel="MB", title="recsys data prepare: peak RSS", xscale="log")
     a.set_ylim(bottom=0)
-    a.legend()
+    a.legend(fontsize="small")
     b.plot(rows, [f["rows"] / f["wall_s"] / 1e3 for f in figures], "o-", label="rows/s (wall)")
     # Per CPU-second: what the code costs, whatever else the machine runs (wall rows/s is the load's figure).
     b.plot(rows, [f["rows"] / f["cpu_s"] / 1e3 for f in figures], "s--", label="rows per CPU-second")
@@ -190,32 +249,79 @@ def plot(figures: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def bench_prepare_scale(
-    sizes: list[int], chunk_rows: int = 262_144, shuffle_window: int = 1_048_576
-) -> list[dict]:
-    """Run the scale benchmark for each row count and print its figures; returns them."""
-    figures = []
-    for rows in sizes:
-        fig = run_one(rows, chunk_rows, shuffle_window)
-        figures.append(fig)
-        t = fig["timings"]
-        print(
-            f"{fig['rows']:>12,} rows ({fig['raw_mb']:,.0f} MB TSV): {fig['rows'] / fig['wall_s']:>9,.0f} rows/s "
-            f"wall, {fig['rows'] / fig['cpu_s']:,.0f} rows per CPU-second ({fig['cpu_s']:.1f} CPU-s in "
-            f"{fig['wall_s']:.1f} s; pass 1 {t['read_cpu']:.1f}, vocab {t['vocab_cpu']:.1f}, pass 2 "
-            f"{t['write_cpu']:.1f} CPU-s), peak RSS {fig['peak_rss_mb']:,.0f} MB (after imports "
-            f"{fig['rss_before_prepare_mb']:,.0f} MB), vocabularies {fig['vocab_rows']:,} ids; "
-            f"load average {fig['load'][0]:.1f} before, {fig['load'][1]:.1f} after",
-            flush=True,
-        )
-    png = PLOT
-    plot(figures, png)
+def _print_figures(fig: dict) -> None:
+    """The lines of one size: throughput and peak RSS, then the RSS beyond imports and vocabularies."""
+    t = fig["timings"]
+    print(
+        f"{fig['rows']:>12,} rows ({fig['raw_mb']:,.0f} MB TSV): {fig['rows'] / fig['wall_s']:>9,.0f} rows/s "
+        f"wall, {fig['rows'] / fig['cpu_s']:,.0f} rows per CPU-second ({fig['cpu_s']:.1f} CPU-s in "
+        f"{fig['wall_s']:.1f} s; pass 1 {t['read_cpu']:.1f}, vocab {t['vocab_cpu']:.1f}, pass 2 "
+        f"{t['write_cpu']:.1f} CPU-s), peak RSS {fig['peak_rss_mb']:,.0f} MB (after imports "
+        f"{fig['rss_before_prepare_mb']:,.0f} MB), vocabularies {fig['vocab_rows']:,} ids; "
+        f"load average {fig['load'][0]:.1f} before, {fig['load'][1]:.1f} after",
+        flush=True,
+    )
+    beyond = beyond_vocabularies(fig)
+    if beyond is None:
+        print(f"{'':>14}beyond imports and vocabularies: not measured (/proc/self/clear_refs refused)")
+        return
+    per = "; ".join(
+        f"{name} {p['peak_rss_mb']:,.0f} MB peak, vocabulary state {p['vocab_mb']:,.0f} MB"
+        for name, p in fig["phases"].items()
+    )
+    note = "" if window_full(fig) else f"; shuffle window not full: {fig['train_rows']:,} train rows"
+    print(
+        f"{'':>14}beyond imports and vocabularies: {beyond[0]:,.0f} MB (in {beyond[1]}; {per}{note})",
+        flush=True,
+    )
+
+
+def window_full(fig: dict) -> bool:
+    """Whether the run's train rows filled a shuffle window (by_day: train is the first day file, so a
+    smaller run buffers fewer train rows in pass 2, and its RSS is below the bound the larger runs hit)."""
+    return fig["train_rows"] >= fig["shuffle_window"]
+
+
+def _summary(figures: list[dict], what: str) -> str:
+    """max/min of peak RSS and of the RSS beyond imports and vocabularies over the sizes of one series
+    (and, beyond the vocabularies, over the sizes whose shuffle window filled, when that leaves two)."""
     rss = [f["peak_rss_mb"] for f in figures]
+    text = f"{what}: peak RSS max/min {max(rss) / min(rss):.2f}"
+    beyond = [beyond_vocabularies(f) for f in figures]
+    if all(beyond):
+        values = [b[0] for b in beyond]
+        text += f", beyond imports and vocabularies max/min {max(values) / min(values):.2f}"
+        full = [b[0] for f, b in zip(figures, beyond, strict=True) if window_full(f)]
+        if 1 < len(full) < len(figures):
+            sizes = ", ".join(f"{f['rows']:,}" for f in figures if window_full(f))
+            text += f" ({max(full) / min(full):.2f} over the sizes whose shuffle window fills: {sizes} rows)"
+    return text
+
+
+def bench_prepare_scale(
+    sizes: list[int], chunk_rows: int = 262_144, shuffle_window: int = 1_048_576, cap: int | None = None
+) -> list[dict]:
+    """Run the scale benchmark for each row count and print its figures; with `cap`, a second series
+    on data whose features have at most `cap` distinct ids. Returns the figures (both series)."""
+    figures, capped = [], []
+    for rows in sizes:
+        figures.append(run_one(rows, chunk_rows, shuffle_window))
+        _print_figures(figures[-1])
+    if cap is not None:
+        print(f"\nthe same sizes, every feature capped at {cap:,} distinct ids (vocabularies stop growing):")
+        for rows in sizes:
+            capped.append({**run_one(rows, chunk_rows, shuffle_window, cap), "cap": cap})
+            _print_figures(capped[-1])
+    png = PLOT
+    plot(figures, png, capped)
+    series = [_summary(figures, "Criteo cardinalities")]
+    if capped:
+        series.append(_summary(capped, f"capped at {cap:,}"))
     print(
         f"\nprepare scale: chunk_rows {chunk_rows:,}, shuffle_window {shuffle_window:,}, {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f}; peak RSS max/min {max(rss) / min(rss):.2f}; plot {png}"
+        f"load average {os.getloadavg()[0]:.1f}; {'; '.join(series)}; plot {png}"
     )
-    return figures
+    return figures + capped
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -233,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--chunk-rows", type=int, default=262_144)
     p.add_argument("--shuffle-window", type=int, default=1_048_576)
+    p.add_argument("--cap", type=int, help="also run the sizes with every feature capped at CAP distinct ids")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     p.add_argument("--prepared", help=argparse.SUPPRESS)
@@ -240,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child(args)
     else:
-        bench_prepare_scale(parse_sizes(args.rows), args.chunk_rows, args.shuffle_window)
+        bench_prepare_scale(parse_sizes(args.rows), args.chunk_rows, args.shuffle_window, args.cap)
     return 0
 
 

@@ -49,6 +49,7 @@ from recsys.data.history import (
 )
 from recsys.data.lineage import Previous, owned_rows, window_info
 from recsys.data.mds import SplitWriter
+from recsys.data.memory import PhaseHook, tables_bytes
 from recsys.data.metadata import SPLITS, Metadata, SparseFeature, SplitInfo, data_settings, write_metadata
 from recsys.data.negative_buckets import NegativeSampler
 from recsys.data.negatives import CONST_DENSE
@@ -325,11 +326,17 @@ def _write(
 
 
 def _save_vocabularies(
-    out: Path, names: list[str], counters: list[V.IdCounter], cfg: Config, previous: Previous | None = None
+    out: Path,
+    names: list[str],
+    counters: list[V.IdCounter],
+    cfg: Config,
+    previous: Previous | None = None,
+    held: list[int] | None = None,
 ) -> tuple[list[SparseFeature], list[TableMap], dict[str, tuple[int, int]]]:
     """Fix each feature's table from its train counts (exact, capped or managed-collision: model.tables)
     and write vocab/<feature>.txt; returns the metadata entries, the id → value maps of pass 2 and,
-    growing `previous`'s vocabularies, the rows (inherited, added) per feature."""
+    growing `previous`'s vocabularies, the rows (inherited, added) per feature. With `held`, appends
+    the vocabulary state's bytes after each table (counters not yet fixed + tables fixed)."""
     (out / "vocab").mkdir(exist_ok=True)
     specs = table_specs(cfg, names)
     features, maps, grown = [], [], {}
@@ -339,6 +346,8 @@ def _save_vocabularies(
         V.save_ids(out / vocab_file(name), table.ids)
         features.append(_sparse_feature(name, table))
         maps.append(table)
+        if held is not None:
+            held.append(tables_bytes(counters, maps))
         if before is not None:
             owned = owned_rows(features[-1], table.ids)
             grown[name] = (len(before), owned - len(before))
@@ -368,8 +377,12 @@ def _sparse_feature(name: str, table: TableMap) -> SparseFeature:
     return SparseFeature(name=name, num_embeddings=table.num_embeddings, vocab_file=vocab_file(name), **extra)
 
 
-def prepare(cfg: Config, overwrite: bool) -> Metadata:
-    """Prepare cfg.data.source into cfg.data.prepared_dir in two streaming passes; returns the metadata."""
+def prepare(cfg: Config, overwrite: bool, on_phase: PhaseHook | None = None) -> Metadata:
+    """Prepare cfg.data.source into cfg.data.prepared_dir in two streaming passes; returns the metadata.
+
+    `on_phase(phase, vocab_bytes)` is called as pass 1, the vocabularies and pass 2 end (the benchmark
+    reads peak RSS there; recsys.data.memory says what vocab_bytes counts)."""
+    phase_end = on_phase or (lambda phase, vocab_bytes: None)
     from recsys.data.synth import SYNTH_JSON, raw_dir_of, raw_files, synthesize
 
     out = Path(cfg.data.prepared_dir)
@@ -404,6 +417,7 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
             history = new_history_builder(cfg)
             counted = _count(reader, cfg, pool, spill, history)
             t_read, c_read = time.perf_counter(), time.process_time()
+            phase_end("pass 1", tables_bytes(counted.counters))  # counters only grow: largest now
             first = counted.first
             _say(
                 f"read {reader.rows:,} rows in {t_read - t0:.1f}s; fixing {len(first.sparse)} vocabularies …"
@@ -415,8 +429,9 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
             negatives = None
             if cfg.data.negatives.per_positive:  # the catalogue, before the vocabularies fix the counters
                 negatives = NegativeSampler.start(cfg, first, counted.counters, spill, reader.rows)
+            held = [tables_bytes(counted.counters)]
             features, maps, grown = _save_vocabularies(
-                out, first.sparse_names, counted.counters, cfg, previous
+                out, first.sparse_names, counted.counters, cfg, previous, held
             )
             if history is not None:
                 finish_history(history, maps[first.sparse_names.index(first.item_feature or "")])
@@ -428,10 +443,12 @@ def prepare(cfg: Config, overwrite: bool) -> Metadata:
                 counted.notes.append(negatives.note)
             t_vocab, c_vocab = time.perf_counter(), time.process_time()
             facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
+            phase_end("vocabularies", max(held))
             infos = _write(spill, reader.rows, maps, rule, out, cfg, pool, facts, history, negatives)
         finally:
             spill.close()
     t_write, c_write = time.perf_counter(), time.process_time()
+    phase_end("pass 2", tables_bytes(counted.counters, maps))  # fixed tables: the same all pass 2
 
     LAST_TIMINGS.update(read=t_read - t0, vocab=t_vocab - t_read, write=t_write - t_vocab)
     LAST_TIMINGS.update(read_cpu=c_read - c0, vocab_cpu=c_vocab - c_read, write_cpu=c_write - c_vocab)
