@@ -166,3 +166,14 @@ def test_bench_quality_loo_quick_smoke(tmp_path: Path, ml100k_recbole: Path) -> 
     pop = LooEvaluator(data.split)(popularity_scores(data.split), "test")
     assert rows["popularity"] == pytest.approx([pop["hr@10"], pop["ndcg@10"], pop["mrr@10"]], abs=6e-5)
     assert "Aims of issue 19" in proc.stdout
+
+
+def test_sequential_candidates_load_on_the_shipped_config() -> None:
+    """Every candidate of the sequential row is a valid --set list for the shipped sequential config
+    (a renamed field would otherwise drop the row as 'not available in this build')."""
+    from recsys.bench.loo import SEQUENTIAL, SEQUENTIAL_CANDIDATES, unavailable
+    from recsys.bench.quality import assignments
+
+    assert SEQUENTIAL_CANDIDATES
+    for hp in SEQUENTIAL_CANDIDATES:
+        assert unavailable(SEQUENTIAL, assignments(hp)) is None, hp

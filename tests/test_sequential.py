@@ -68,6 +68,11 @@ SAMPLED = {
     "kind": "sequential",
     "sequential": {"layers": 1, "heads": 2, "dropout": 0.1, "num_uniform_negatives": 16},
 }
+#: The HSTU block (pointwise SiLU attention, gated), sampled softmax so resume covers the negatives too.
+HSTU = {
+    "kind": "sequential",
+    "sequential": {"block": "hstu", "layers": 2, "heads": 2, "dropout": 0.1, "num_uniform_negatives": 16},
+}
 
 
 def two_tower(pooling: str) -> dict:
@@ -87,6 +92,7 @@ def walks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.mark.parametrize(
     "name,model,bar",
     [("sequential full softmax", SEQUENTIAL, 0.5), ("sequential sampled softmax", SAMPLED, 0.5),
+     ("sequential hstu", HSTU, 0.5),
      ("two-tower attention", two_tower("attention"), 0.5),
      ("two-tower mean", two_tower("mean"), 0.2)],  # the mean dilutes the last item with 4 random ones
 )  # fmt: skip
@@ -103,25 +109,27 @@ def test_history_models_train_past_popularity(
 
 
 @pytest.mark.slow
-def test_sequential_resumes_exactly_from_a_mid_run_checkpoint(walks, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("model", [SAMPLED, HSTU], ids=["sasrec", "hstu"])
+def test_sequential_resumes_exactly_from_a_mid_run_checkpoint(walks, tmp_path: Path, model: dict) -> None:  # noqa: ANN001
     from recsys.checkpoint import complete_checkpoints
     from recsys.train import train
 
     src, prep = walks
     every = ("train.checkpoint.every_steps", 7)
-    ref = train(make_cfg(src, prep, tmp_path / "ref", SAMPLED, every, ("train.epochs", 3)), resume="never")
-    part = make_cfg(src, prep, tmp_path / "res", SAMPLED, every, ("train.epochs", 3), ("train.max_steps", 14))
+    ref = train(make_cfg(src, prep, tmp_path / "ref", model, every, ("train.epochs", 3)), resume="never")
+    part = make_cfg(src, prep, tmp_path / "res", model, every, ("train.epochs", 3), ("train.max_steps", 14))
     assert train(part, resume="never").steps == 14 < ref.steps
     (run_dir,) = (tmp_path / "res" / "ckpt").glob("run-*")
     step = [c for c in complete_checkpoints(run_dir) if c.step == 14][0]
-    full = make_cfg(src, prep, tmp_path / "res", SAMPLED, every, ("train.epochs", 3))
+    full = make_cfg(src, prep, tmp_path / "res", model, every, ("train.epochs", 3))
     res = train(full, resume=str(step.path))
     assert res.resumed_from == 14 and res.steps == ref.steps
     for k in ("loss", "hitrate@10", "ndcg@10", "auroc"):
         assert res.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-5, abs=1e-6), k
 
 
-def test_exported_user_vectors_come_from_the_full_history(walks, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("model", [SEQUENTIAL, HSTU], ids=["sasrec", "hstu"])
+def test_exported_user_vectors_come_from_the_full_history(walks, tmp_path: Path, model: dict) -> None:  # noqa: ANN001
     """user_histories(split=None) is each user's last L items over every split (the test item
     included); with a split, the history before that user's first row there."""
     from recsys.data.loader import read_split_arrays
@@ -130,7 +138,7 @@ def test_exported_user_vectors_come_from_the_full_history(walks, tmp_path: Path)
     from recsys.models.task import build_task
 
     src, prep = walks
-    cfg = make_cfg(src, prep, tmp_path, SEQUENTIAL)
+    cfg = make_cfg(src, prep, tmp_path, model)
     meta = read_metadata(prep)
     arrays = read_all_splits(cfg, meta)
     users = read_vocab(prep, meta.sparse_features[meta.sparse_index("user")])
@@ -168,3 +176,25 @@ def test_warm_start_of_a_history_model_is_refused_with_one_line(walks, tmp_path:
     child = make_cfg(src, prep, tmp_path / "child", SEQUENTIAL, *short, ("train.init_from", str(ckpt)))
     with pytest.raises(UserError, match="item.*not available for models reading data.history"):
         train(child, resume="never")
+
+
+def test_hstu_encoder_reads_only_the_valid_history(walks, tmp_path: Path) -> None:  # noqa: ANN001
+    """block: hstu builds the HSTU encoder; a user's vector does not change with what sits after its
+    last item (padding, or later events), and does change with its items."""
+    from recsys.data.metadata import read_metadata
+    from recsys.models.hstu import HSTUEncoder
+    from recsys.models.task import build_task
+
+    src, prep = walks
+    cfg = make_cfg(src, prep, tmp_path, HSTU)
+    task = build_task(cfg, read_metadata(prep), ebc_device="cpu", training=False).eval()
+    enc = task.model.history
+    assert isinstance(enc, HSTUEncoder)
+    torch.manual_seed(0)
+    x, lengths = torch.randn(3, L, 16), torch.tensor([0, 2, L])
+    after = x.clone()
+    after[0], after[1, 2:] = 7.0, -3.0  # user 0 has no items, user 1 two: the rest is not theirs
+    assert torch.allclose(enc(x, lengths, None), enc(after, lengths, None), atol=1e-6)
+    changed = x.clone()
+    changed[1, 0] = torch.randn(16)  # its older item (a constant shift would vanish in LayerNorm)
+    assert not torch.allclose(enc(x, lengths, None)[1], enc(changed, lengths, None)[1])

@@ -65,6 +65,11 @@ class SequentialConfig(Strict):
     """SASRec-style sequential retrieval: causal self-attention over the history gives the user vector."""
 
     layers: int = Field(2, ge=1, description="Transformer blocks.")
+    block: Literal["sasrec", "hstu"] = Field(
+        "sasrec",
+        description="sasrec: pre-norm softmax attention + feed-forward; hstu: pointwise SiLU attention "
+        "with a relative position bias, gated (ff_mult unused).",
+    )
     heads: int = Field(1, ge=1, description="Attention heads (a divisor of model.embedding_dim).")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings, attention and feed-forward.")
     ff_mult: int = Field(1, ge=1, description="Feed-forward width as a multiple of model.embedding_dim.")

@@ -261,12 +261,17 @@ def build_sequential(
 ) -> nn.Module:
     """model.kind sequential: a causal Transformer over the history is the user tower, the item table
     (shared with the history) the item tower; sampled (log-Q) or full softmax on dot products."""
+    from recsys.models.hstu import HSTUEncoder
     from recsys.models.sequence import CausalEncoder
     from recsys.models.two_tower import TwoTower, TwoTowerTask
 
     sq, dim = cfg.model.sequential, cfg.model.embedding_dim
     length, keys = _history_meta(cfg, meta)
-    encoder = CausalEncoder(dim, length, sq.layers, sq.heads, sq.dropout, sq.ff_mult, dense_device)
+    encoder: nn.Module
+    if sq.block == "hstu":
+        encoder = HSTUEncoder(dim, length, sq.layers, sq.heads, sq.dropout, dense_device)
+    else:
+        encoder = CausalEncoder(dim, length, sq.layers, sq.heads, sq.dropout, sq.ff_mult, dense_device)
     model = TwoTower(
         None,
         [],
