@@ -38,7 +38,8 @@ def _cfg(tmp_path: Path, name: str, source: dict, **data: object):  # noqa: ANN2
     )
 
 
-def _files(root: Path) -> dict[str, bytes]:
+def folder_files(root: Path) -> dict[str, bytes]:
+    """Every file under `root` by relative path, with its bytes (byte-equality of prepared folders)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -50,7 +51,7 @@ def assert_same_output(
     for c in chunks:
         cfg = _cfg(tmp_path, f"c{c}", source, chunk_rows=c, **data)
         prepare(cfg, overwrite=False)
-        outs.append(_files(Path(cfg.data.prepared_dir)))
+        outs.append(folder_files(Path(cfg.data.prepared_dir)))
     first = outs[0]
     assert any(k.endswith(".mds") or k.endswith(".zstd") for k in first)
     for other in outs[1:]:

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_data_prepare_streaming import folder_files
 
 from recsys.config import config_from_dict
 from recsys.data import negative_buckets
@@ -65,10 +66,6 @@ def _cfg(path: Path, out: Path, **data: object):  # noqa: ANN202
     )
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("split", [{"mode": "random"}, {"mode": "leave_last_n", "n": 2}])
 def test_same_files_whatever_chunks_and_buckets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, split: dict
@@ -81,7 +78,7 @@ def test_same_files_whatever_chunks_and_buckets(
         monkeypatch.setattr(negative_buckets, "ROWS_PER_BUCKET", per_bucket)
         cfg = _cfg(path, tmp_path / f"c{chunk}", chunk_rows=chunk, split=split, shuffle_window=64)
         prepare(cfg, overwrite=False)
-        outs.append(_files(Path(cfg.data.prepared_dir)))
+        outs.append(folder_files(Path(cfg.data.prepared_dir)))
     assert any(k.endswith(".mds") or k.endswith(".zstd") for k in outs[0])
     for other in outs[1:]:
         assert sorted(other) == sorted(outs[0])

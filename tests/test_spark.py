@@ -43,30 +43,9 @@ def spark() -> Any:
 def rows_parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Interaction rows with every awkward case: null dense values, null and rare ids, int ids,
     negative counts, timestamp ties; written once as Parquet for both converters."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from spark_containers import write_rows_parquet
 
-    rng = np.random.default_rng(1)
-    n = 2000
-    d1 = rng.exponential(3, n)
-    d1[rng.random(n) < 0.1] = np.nan
-    c1 = [f"c{v:x}" for v in rng.zipf(1.3, n) % 400]
-    for i in np.flatnonzero(rng.random(n) < 0.05):
-        c1[i] = None
-    table = pa.table(
-        {
-            "user_id": pa.array([f"u{u}" for u in rng.integers(0, 100, n)]),
-            "item_id": pa.array((rng.zipf(1.5, n) % 200).astype(np.int64)),
-            "rating": pa.array(rng.integers(1, 6, n).astype(np.float64)),
-            "ts": pa.array(rng.integers(0, 500, n).astype(np.int64)),
-            "d1": pa.array(d1),
-            "d2": pa.array(rng.integers(-2, 50, n).astype(np.int32)),
-            "c1": pa.array(c1, type=pa.string()),
-        }
-    )
-    path = tmp_path_factory.mktemp("spark_rows") / "rows.parquet"
-    pq.write_table(table, path)
-    return path
+    return write_rows_parquet(tmp_path_factory.mktemp("spark_rows") / "rows.parquet")
 
 
 def table_config(parquet: Path, prepared: Path, split: str, **extra: Any) -> Config:
