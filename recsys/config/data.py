@@ -67,8 +67,8 @@ class HistoryConfig(Strict):
     max_rows: int = Field(
         50_000_000,
         gt=0,
-        description="Most input rows prepare orders in memory (~20 bytes a row while the histories are "
-        "built); beyond it prepare stops and points at the Spark path, which builds them on the executors.",
+        description="Most input rows prepare orders in memory (~110 bytes a row at the peak of ordering "
+        "the histories); beyond it prepare stops and points at the Spark path, which builds them on the executors.",
     )
 
 

@@ -45,7 +45,7 @@ SYNTH = [
     Target("manifests/synth/two-tower-trainjob.yaml", "two_tower_synth", "trainjob", SYNTH_GPU_SIZE),
 ]
 # The Spark prepare of the flagship Criteo data as a Spark Operator SparkApplication (`--data-prep spark`): the
-# same config with a `table` source over a Parquet copy of train.txt (docs/spark-data-prep.md makes it).
+# same config with a `table` source over a Parquet copy of train.txt (docs/guides/spark-data-prep.md makes it).
 CRITEO_PARQUET = (
     "data.source={kind: table, path: data/raw/criteo/train.parquet, label: label, "
     f"dense: [{', '.join(f'I{i}' for i in range(1, 14))}], sparse: [{', '.join(f'C{i}' for i in range(1, 27))}]}}"

@@ -153,7 +153,7 @@ def render_text(cfg: Config, generated_by: str, path: str) -> str:
         f"# ConfigMap {name}-config holds the resolved config, mounted at {CONFIG_PATH}; PVC {cfg.job.data_pvc} at /data",
         "# on the driver and every executor (ReadWriteMany: executors write the shards, the driver the index/vocab).",
         f"# Needs the Kubeflow Spark Operator (v2) watching namespace {ns}, its ServiceAccount {spark.service_account},",
-        f"# and image {spark.image} (recsys + Java 17 + Spark's entrypoint; see docs/spark-data-prep.md).",
+        f"# and image {spark.image} (recsys + Java 17 + Spark's entrypoint; see docs/guides/spark-data-prep.md).",
         f"# Apply: kubectl apply -f {path}",
         f"# Check: kubectl -n {ns} get sparkapplication {name} -w",
         f"# Logs:  kubectl -n {ns} logs -f {name}-driver",
