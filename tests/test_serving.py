@@ -133,6 +133,7 @@ def test_built_model_serves_over_http_like_recommend(
             ({"dataframe_records": [{"k": 5}]}, "missing column 'user_id'"),
             ({"dataframe_records": [{"user_id": known[0], "k": 2.5}]}, "k must be an integer"),
             ({"dataframe_records": [{"user_id": known[0], "k": "ten"}]}, "k must be an integer"),
+            ({"dataframe_records": [{"user_id": "", "k": 5}]}, "user_id is empty or blank in row(s) [0]"),
         ]:
             status, body = _post(f"{url}/invocations", payload)
             assert 400 <= status < 500, (payload, status, body)
@@ -163,6 +164,8 @@ def test_parse_requests_accepts_rows_and_defaults_k() -> None:
         ({"user_id": ["a"], "k": ["ten"]}, "k must be an integer"),
         ({"user_id": ["a"], "k": [True]}, "k must be an integer"),
         ({"user_id": [None], "k": [3]}, "user_id is empty"),
+        ({"user_id": ["a", ""], "k": [3, 3]}, "user_id is empty or blank in row(s) [1]"),
+        ({"user_id": [" "], "k": [3]}, "user_id is empty or blank in row(s) [0]"),
         ({"user_id": [42], "k": [3]}, "user_id must be a string; got [42]"),
         ({"user_id": [["a"]], "k": [3]}, "user_id must be a string"),
         ({"user_id": ["a"], "k": ["5"]}, "k must be an integer"),  # a string is not read as a number
