@@ -288,4 +288,5 @@ def test_serve_render_cli_writes_a_validated_file(tmp_path: Path) -> None:
     (doc,) = [d for d in yaml.safe_load_all(text) if d]
     assert doc["kind"] == "InferenceService" and doc["metadata"]["name"] == "tt"
     assert doc["metadata"]["namespace"] == load_config("two_tower_synth").job.namespace
-    assert main([*argv[:-1], "models:/recsys-two-tower/1", "-o", str(out)]) == 2  # not a storage URI
+    # runs:/ is no storage URI and not resolved (models:/NAME/VERSION now is: test_kserve_two_stage.py).
+    assert main([*argv[:-1], "runs:/0123abcd/retrieval", "-o", str(out)]) == 2
