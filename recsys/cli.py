@@ -262,9 +262,10 @@ def _serve_build(args: argparse.Namespace) -> int:
 
 def _serve_render(args: argparse.Namespace) -> int:
     from recsys.launch.kserve import render_to_file
-    from recsys.promotion.registry import parse_alias_uri
+    from recsys.promotion.registry import parse_alias_uri, parse_version_uri
 
-    if parse_alias_uri(args.storage_uri):  # models:/NAME@ALIAS → the files of the version it points at
+    # models:/NAME@ALIAS or models:/NAME/VERSION → the files of that version (KServe reads no models:/).
+    if parse_alias_uri(args.storage_uri) or parse_version_uri(args.storage_uri):
         from recsys.promotion.registry import storage_location
         from recsys.retrieval.runs import tracking_uri
 
@@ -624,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage-uri",
         required=True,
-        help="where the model files are: s3://…, gs://…, pvc://<claim>/<path>, or models:/NAME@ALIAS (resolved)",
+        help="where the model files are: s3://…, gs://…, pvc://<claim>/<path>, or models:/NAME@ALIAS or "
+        "models:/NAME/VERSION (resolved)",
     )
     p.add_argument("--name", default=None, help="InferenceService name (default: recsys-<config name>)")
     p.add_argument("--namespace", default=None, help="namespace (default: job.namespace)")
@@ -634,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow tracking URI resolving a models:/NAME@ALIAS --storage-uri",
+        help="MLflow tracking URI resolving a models:/NAME@ALIAS or models:/NAME/VERSION --storage-uri",
     )
     p.add_argument(
         "--two-stage", action="store_true",

@@ -1,7 +1,8 @@
 """`recsys serve render --two-stage`: the InferenceService of the two-stage model (retrieve → rank in one
 pyfunc) is validated against kserve's V1beta1InferenceService models like the retrieval one, named after
 the two-stage registered model, with RECSYS_SERVE_TORCH_THREADS in the predictor's container and the
-storageUri of the two-stage model version (given, or resolved from models:/NAME@ALIAS)."""
+storageUri of the two-stage model version (given, or resolved from models:/NAME@ALIAS or
+models:/NAME/VERSION)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,33 @@ def test_storage_uri_of_the_two_stage_version_from_its_alias(tmp_path: Path) -> 
     assert main([*argv, "-o", str(out)]) == 0
     (doc,) = [d for d in yaml.safe_load_all(out.read_text()) if d]
     assert doc["spec"]["predictor"]["model"]["storageUri"] == STORAGE
+
+
+def test_storage_uri_of_a_version_by_its_number(
+    tmp_path: Path, mlflow_server: str, capsys: pytest.CaptureFixture
+) -> None:
+    """models:/NAME/VERSION (what `serve build` prints; its two-stage versions get no alias) resolves on a
+    real MLflow server to that version's files, for the retrieval and the two-stage render; a version
+    that does not exist is one line naming it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_server)
+    files = {}
+    for name in ("recsys-test-render-version", "recsys-test-render-version-two-stage"):
+        client.create_registered_model(name)
+        for v in (1, 2):  # the version named (1) is rendered, not the latest (2)
+            files[name, v] = f"s3://models/{name}/{v}"
+            client.create_model_version(name, source=files[name, v])
+    for name, extra in [
+        ("recsys-test-render-version", ()),
+        ("recsys-test-render-version-two-stage", ("--two-stage",)),
+    ]:
+        out = tmp_path / f"{name}.yaml"
+        argv = [*RENDER, "--storage-uri", f"models:/{name}/1", "--tracking-uri", mlflow_server, *extra]
+        assert main([*argv, "-o", str(out)]) == 0
+        (doc,) = [d for d in yaml.safe_load_all(out.read_text()) if d]
+        assert doc["spec"]["predictor"]["model"]["storageUri"] == files[name, 1]
+    capsys.readouterr()
+    argv = [*RENDER, "--storage-uri", "models:/recsys-test-render-version/7", "--tracking-uri", mlflow_server]
+    assert main([*argv, "-o", str(tmp_path / "none.yaml")]) == 2
+    assert "registered model 'recsys-test-render-version' has no version 7" in capsys.readouterr().err

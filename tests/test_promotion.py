@@ -172,6 +172,9 @@ def test_serving_commands_resolve_the_champion_alias(
     # The test server stores files under mlflow-artifacts:/, which KServe cannot download: one line naming it.
     assert main([*render, "--storage-uri", alias, "-o", str(tmp_path / "isvc.yaml")]) == 2
     assert location in capsys.readouterr().err
+    # The version by its number resolves to the same files (two-stage versions get no alias).
+    assert main([*render, "--storage-uri", f"models:/{name}/1", "-o", str(tmp_path / "isvc.yaml")]) == 2
+    assert location in capsys.readouterr().err
     assert main([*render, "--storage-uri", f"models:/{name}@nope"]) == 2
     assert "has alias 'nope'" in capsys.readouterr().err
 

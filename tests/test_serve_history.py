@@ -147,6 +147,10 @@ def test_history_requests_over_http(
             f"{url}/invocations", {"dataframe_records": [{"user_id": "u1", "history": "i7"}]}
         )
         assert 400 <= status < 500 and "must be a list of item ids" in body["message"], body
+        # An item that is no id is refused naming the row and item, not counted as unknown.
+        records = [{"user_id": "u1", "history": ["i7"]}, {"user_id": "u2", "history": ["i7", True]}]
+        status, body = _post(f"{url}/invocations", {"dataframe_records": records})
+        assert 400 <= status < 500 and "history in row 1: item 2 is True" in body["message"], body
     finally:
         stop_process_group(proc)
 
@@ -227,6 +231,32 @@ def test_a_history_model_loads_where_recsys_is_not_installed(
     want = mlflow.pyfunc.load_model(str(local)).predict(pd.DataFrame(request))
     assert [r["items"] for r in got["rows"]] == [list(x) for x in want["items"]]
     assert [r["unknown_items"] for r in got["rows"]] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("history", "expect"),
+    [
+        (["i1", ""], "item 2 is empty"),
+        (["  "], "item 1 is blank"),
+        ([None, "i1"], "item 1 is null"),
+        (["i1", True], "item 2 is True (a bool)"),
+        (["i1", np.False_], "item 2 is np.False_ (a bool)"),
+        ([2.0], "item 1 is 2.0 (a float)"),
+        (["i1", float("nan")], "item 2 is null"),
+    ],
+)
+def test_a_request_history_item_that_is_no_id_is_a_400(history: list, expect: str) -> None:
+    """null, "", blank, bool and float items are refused naming row and item (they would be counted as
+    unknown items); text and integer ids are kept as their text."""
+    from recsys.retrieval.serve import BadRequest, parse_histories
+
+    good = pd.DataFrame({"user_id": ["a", "b"], "history": [["x", 7, np.int64(8)], None]})
+    assert parse_histories(good) == [["x", "7", "8"], None]
+    bad = pd.DataFrame({"user_id": ["a", "b"], "history": [["x"], history]})
+    with pytest.raises(BadRequest) as e:
+        parse_histories(bad)
+    assert f"history in row 1: {expect}" in e.value.message, e.value.message
+    assert e.value.get_http_status_code() == 400
 
 
 def test_history_file_formats_order_by_time_and_name_bad_lines(tmp_path: Path) -> None:

@@ -133,6 +133,7 @@ def test_built_model_serves_over_http_like_recommend(
             ({"dataframe_records": [{"k": 5}]}, "missing column 'user_id'"),
             ({"dataframe_records": [{"user_id": known[0], "k": 2.5}]}, "k must be an integer"),
             ({"dataframe_records": [{"user_id": known[0], "k": "ten"}]}, "k must be an integer"),
+            ({"dataframe_records": [{"user_id": "", "k": 5}]}, "user_id is empty or blank in row(s) [0]"),
         ]:
             status, body = _post(f"{url}/invocations", payload)
             assert 400 <= status < 500, (payload, status, body)
@@ -163,6 +164,8 @@ def test_parse_requests_accepts_rows_and_defaults_k() -> None:
         ({"user_id": ["a"], "k": ["ten"]}, "k must be an integer"),
         ({"user_id": ["a"], "k": [True]}, "k must be an integer"),
         ({"user_id": [None], "k": [3]}, "user_id is empty"),
+        ({"user_id": ["a", ""], "k": [3, 3]}, "user_id is empty or blank in row(s) [1]"),
+        ({"user_id": [" "], "k": [3]}, "user_id is empty or blank in row(s) [0]"),
         ({"user_id": [42], "k": [3]}, "user_id must be a string; got [42]"),
         ({"user_id": [["a"]], "k": [3]}, "user_id must be a string"),
         ({"user_id": ["a"], "k": ["5"]}, "k must be an integer"),  # a string is not read as a number
@@ -285,4 +288,5 @@ def test_serve_render_cli_writes_a_validated_file(tmp_path: Path) -> None:
     (doc,) = [d for d in yaml.safe_load_all(text) if d]
     assert doc["kind"] == "InferenceService" and doc["metadata"]["name"] == "tt"
     assert doc["metadata"]["namespace"] == load_config("two_tower_synth").job.namespace
-    assert main([*argv[:-1], "models:/recsys-two-tower/1", "-o", str(out)]) == 2  # not a storage URI
+    # runs:/ is no storage URI and not resolved (models:/NAME/VERSION now is: test_kserve_two_stage.py).
+    assert main([*argv[:-1], "runs:/0123abcd/retrieval", "-o", str(out)]) == 2

@@ -31,7 +31,8 @@ def _check_storage_uri(uri: str) -> None:
     if not uri.startswith(STORAGE_SCHEMES):
         raise UserError(
             f"--storage-uri {uri!r}: KServe reads model files from {', '.join(STORAGE_SCHEMES)}; "
-            "copy the registered version's files there (mlflow artifacts download -u models:/NAME/V)"
+            "copy the registered version's files there (mlflow artifacts download -u models:/NAME/V) "
+            "and pass their location"
         )
 
 

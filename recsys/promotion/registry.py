@@ -14,12 +14,19 @@ from recsys.errors import UserError
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[A-Za-z0-9_\-]+)$")
+_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[0-9]+)$")
 
 
 def parse_alias_uri(uri: str) -> tuple[str, str] | None:
     """(name, alias) of `models:/NAME@ALIAS`; None for anything else."""
     m = _ALIAS_URI.match(uri)
     return (m["name"], m["alias"]) if m else None
+
+
+def parse_version_uri(uri: str) -> tuple[str, str] | None:
+    """(name, version number) of `models:/NAME/VERSION`; None for anything else."""
+    m = _VERSION_URI.match(uri)
+    return (m["name"], m["version"]) if m else None
 
 
 @dataclass
@@ -64,6 +71,26 @@ def resolve_alias(uri: str, tracking_uri: str) -> RegisteredVersion:
     return version
 
 
+def resolve_version(uri: str, tracking_uri: str) -> RegisteredVersion:
+    """The version `models:/NAME/VERSION` names, or the one `models:/NAME@ALIAS` points at; a UserError
+    naming what is missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    parsed = parse_version_uri(uri)
+    if parsed is None:
+        return resolve_alias(uri, tracking_uri)
+    try:
+        return _as_registered(mlflow.MlflowClient(tracking_uri).get_model_version(*parsed))
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise
+    raise UserError(
+        f"{uri}: registered model {parsed[0]!r} has no version {parsed[1]} in {tracking_uri}; use a "
+        "version `recsys serve build` printed (registered as NAME version N)"
+    )
+
+
 def run_of(run_or_alias: str, tracking_uri: str) -> str:
     """A run id as given, or the training run of the version `models:/NAME@ALIAS` points at."""
     if not run_or_alias.startswith("models:/"):
@@ -75,10 +102,11 @@ def run_of(run_or_alias: str, tracking_uri: str) -> str:
 
 
 def storage_location(uri: str, tracking_uri: str) -> str:
-    """Where the files of the version `models:/NAME@ALIAS` are stored (what KServe downloads)."""
+    """Where the files of the version `models:/NAME@ALIAS` or `models:/NAME/VERSION` are stored (what
+    KServe downloads)."""
     import mlflow
 
-    version = resolve_alias(uri, tracking_uri)
+    version = resolve_version(uri, tracking_uri)
     return str(
         mlflow.MlflowClient(tracking_uri).get_model_version_download_uri(version.name, version.version)
     )

@@ -13,9 +13,10 @@ and needs no installed recsys — only the pip requirements recorded in the mode
 
 `predict` answers one row per request row: user_id, items (best first), scores, fallback (True: the
 user is unknown and got the most popular items). It searches with `search_unseen`, the function
-`recsys recommend` uses, so a served list equals the batch one. Bad input (no user_id, a wrong type,
-k outside 1..MAX_K, more than MAX_ROWS rows) raises `BadRequest`, which `mlflow models serve` and
-MLServer both answer with HTTP 400 and the message (docs/serving.md).
+`recsys recommend` uses, so a served list equals the batch one. Bad input (no user_id, an empty one,
+a wrong type, k outside 1..MAX_K, more than MAX_ROWS rows, a history item that is no id) raises
+`BadRequest`, which `mlflow models serve` and MLServer both answer with HTTP 400 and the message
+(docs/guides/serving.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from recsys.retrieval.raw_ids import raw_id, why_not
 
 try:  # present where KServe's MLflow runtime (MLServer) serves the model
     from mlserver.errors import MLServerError as _ServerError
@@ -60,6 +63,7 @@ SERVING_CODE = (
     "errors.py",
     "retrieval/__init__.py",
     "retrieval/index.py",
+    "retrieval/raw_ids.py",
     "retrieval/recommend.py",
     "retrieval/runs.py",
     "retrieval/search.py",
@@ -125,6 +129,10 @@ def parse_requests(df: Any) -> tuple[list[str], np.ndarray]:
     not_str = users.map(lambda u: not isinstance(u, str)).to_numpy(dtype=bool)
     if not_str.any():
         raise _bad(f"user_id must be a string; got {_some(users[not_str].tolist())}")
+    # "" or "  " would be an unknown user silently answered with the popularity list.
+    blank = users.map(lambda u: raw_id(u) is None).to_numpy(dtype=bool)
+    if blank.any():
+        raise _bad(f"user_id is empty or blank in row(s) {_some(np.flatnonzero(blank).tolist())}")
     k = df["k"] if "k" in df.columns else pd.Series(DEFAULT_K, index=df.index)
     # A record without k (NaN once records become a frame) gets the default, like a frame without k.
     k = k.astype(object).where(k.notna(), DEFAULT_K)
@@ -147,13 +155,28 @@ def parse_histories(df: pd.DataFrame) -> list[list[str] | None] | None:
     for row, h in enumerate(df["history"]):
         if h is None or (isinstance(h, float) and math.isnan(h)):
             out.append(None)
-        elif isinstance(h, list | tuple | np.ndarray) and all(isinstance(i, str | int) for i in h):
-            out.append([str(i) for i in h])
+        elif isinstance(h, list | tuple | np.ndarray):
+            out.append(_history_ids(h, row))
         else:
             raise _bad(
                 f"history in row {row} must be a list of item ids (most recent last); got {repr(h)[:60]}"
             )
     return out
+
+
+def _history_ids(history: Any, row: int) -> list[str]:
+    """One request row's history as raw ids (`raw_ids.raw_id`: text or an integer's digits); a null,
+    empty, blank, bool or float item → 400 naming the row and the item (it would count as unknown)."""
+    ids = []
+    for n, item in enumerate(history, 1):
+        rid = raw_id(item)
+        if rid is None:
+            raise _bad(
+                f"history in row {row}: item {n} is {why_not(item)}; send item ids as non-empty text "
+                "(or integers)"
+            )
+        ids.append(rid)
+    return ids
 
 
 @dataclass
