@@ -152,6 +152,24 @@ def tower_embeddings(
 ) -> dict[str, Any]:
     """All user and item rows' embeddings from a plain TwoTower: {'user': [U, E], 'item': [I, E]};
     a model reading histories takes each user row's from `histories` (see user_histories)."""
+    # In eval mode whatever mode the caller left: a freshly built task trains, and its dropout would
+    # make every user vector a random draw (issue 19: the bench's val nDCG@10 read low, differently per
+    # call). The caller's mode is restored.
+    was_training = model.training
+    model.eval()
+    try:
+        return _tower_embeddings(model, meta, arrays, histories)
+    finally:
+        model.train(was_training)
+
+
+def _tower_embeddings(
+    model: nn.Module,
+    meta: Metadata,
+    arrays: list[dict[str, np.ndarray]],
+    histories: tuple[torch.Tensor, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """tower_embeddings' work, the model already in eval mode."""
     tt = model.model if hasattr(model, "model") else model
     names = [f.name for f in meta.sparse_features]
     out = {}

@@ -53,9 +53,10 @@ SEQUENTIAL = "movielens_100k_sequential"
 # candidate names the fields searched. From val-only runs at seed 0 (2026-12-07, patience 3, up to 20
 # epochs; trainer val nDCG@10 by epoch): the shipped settings rose 0.101, 0.109, 0.114 (epoch 3, the old
 # setting), 0.118, 0.121, 0.129, 0.126, 0.129 (best, epoch 8), 0.126, 0.127, 0.124 (stopped); dropout 0.5
-# trailed at every epoch (0.091, 0.108, 0.105, 0.107, 0.110: dropped); block hstu peaked at 0.129 (epoch 7)
-# too, but its restored best scored val 0.117 in the bench's own evaluation against 0.122 for sasrec, so it
-# is no candidate (it does not help at this scale). One candidate keeps the row at ~3 × 10 epochs.
+# trailed at every epoch (0.091, 0.108, 0.105, 0.107, 0.110: dropped); block hstu peaked at 0.1286 (epoch
+# 7) against 0.1289, no better, so it is no candidate (it does not help at this scale; the bench's own
+# 0.117 vs 0.122 then was scored with dropout on, issue 19, since fixed). One candidate keeps the row at
+# ~3 × 10 epochs.
 SEQUENTIAL_CANDIDATES: list[dict[str, Any]] = [
     {"train.epochs": 20, "model.sequential.dropout": 0.2, "model.sequential.block": "sasrec"},
 ]
