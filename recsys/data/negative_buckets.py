@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from recsys.data import splits as S
 from recsys.data import vocab as V
+from recsys.data.hashing import id_hashes
 from recsys.data.negatives import draw_negatives, negative_keys
 
 if TYPE_CHECKING:
@@ -45,30 +46,6 @@ if TYPE_CHECKING:
 
 #: Interactions per bucket (None: data.chunk_rows); tests set it to show buckets do not change the output.
 ROWS_PER_BUCKET: int | None = None
-_HASH_SLICE = 1 << 16  # user ids hashed per step (bounds the padded byte matrix)
-
-
-def string_hashes(arr: pa.Array) -> np.ndarray:
-    """A uint64 per string of `arr` (no nulls) from its bytes: equal strings, equal hashes."""
-    arr = arr.cast(pa.string())
-    out = np.empty(len(arr), np.uint64)
-    for at in range(0, len(arr), _HASH_SLICE):
-        part = arr.slice(at, _HASH_SLICE)
-        n = len(part)
-        offs = np.frombuffer(part.buffers()[1], np.int32, n + 1, part.offset * 4).astype(np.int64)
-        lens = np.diff(offs)
-        width = max(8, int(-(-int(lens.max(initial=0)) // 8) * 8))
-        data = np.frombuffer(part.buffers()[2], np.uint8) if part.buffers()[2] else np.zeros(0, np.uint8)
-        cols = np.arange(width)
-        inside = cols[None, :] < lens[:, None]
-        padded = np.zeros((n, width), np.uint8)
-        padded[inside] = data[(offs[:-1, None] + cols[None, :])[inside]]
-        words = padded.view("<u8")
-        h = S.mix64(0, lens.astype(np.uint64))
-        for w in range(words.shape[1]):
-            h = S.mix64(0, h ^ words[:, w])
-        out[at : at + n] = h
-    return out
 
 
 def _catalogue(counter: V.IdCounter) -> pa.Array:
@@ -173,7 +150,9 @@ class NegativeSampler:
         item_cat = cat_of[items.codes]
         self._observe_items(chunk, item_cat, maps)
         rows = np.flatnonzero((users.codes != users.missing) & (items.codes != items.missing))
-        bucket_of = (string_hashes(users.dictionary) % np.uint64(self.buckets)).astype(np.int32)
+        bucket_of = (id_hashes(users.dictionary.cast(pa.string()).to_pylist()) % self.buckets).astype(
+            np.int32
+        )
         bucket = bucket_of[users.codes[rows]]
         order = np.argsort(bucket, kind="stable")
         rows, bucket = rows[order], bucket[order]
