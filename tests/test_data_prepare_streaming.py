@@ -26,11 +26,15 @@ ALL = 10**9  # every row in one chunk: the in-memory mode
 
 
 def _cfg(tmp_path: Path, name: str, source: dict, **data: object):  # noqa: ANN202
-    d = {"source": source, "prepared_dir": str(tmp_path / name), "block_size": 4, **data}
+    return dlrm_cfg({"source": source, "prepared_dir": str(tmp_path / name), "block_size": 4, **data})
+
+
+def dlrm_cfg(data: dict):  # noqa: ANN201
+    """A tiny DLRM config around a `data` section (prepare tests)."""
     return config_from_dict(
         {
             "name": "t",
-            "data": d,
+            "data": data,
             "model": {"kind": "dlrm", "embedding_dim": 8, "dlrm": {"dense_arch_layers": [8]}},
             "train": {"batch_size": 8},
             "eval": {"batch_size": 8},

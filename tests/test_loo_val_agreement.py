@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from recsys.bench.quality import Split
-from tests.test_sequential import SEQUENTIAL, make_cfg, write_walks
+from tests.test_sequential import SEQUENTIAL, make_cfg, prepared_walks
 
 #: Heavy dropout, so a vector computed in training mode is far from the eval-mode one.
 DROPPY = {**SEQUENTIAL, "sequential": {**SEQUENTIAL["sequential"], "dropout": 0.5}}
@@ -20,12 +20,7 @@ DROPPY = {**SEQUENTIAL, "sequential": {**SEQUENTIAL["sequential"], "dropout": 0.
 
 @pytest.fixture(scope="module")
 def walks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from recsys.data.prepare import prepare
-
-    d = tmp_path_factory.mktemp("walks")
-    write_walks(d / "walks.csv")
-    prepare(make_cfg(d / "walks.csv", d / "prep", d, DROPPY), overwrite=False)
-    return d / "walks.csv", d / "prep"
+    return prepared_walks(tmp_path_factory, DROPPY)
 
 
 def walks_split(src: Path) -> Split:

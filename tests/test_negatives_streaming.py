@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_prepare_streaming import folder_files
+from test_data_prepare_streaming import dlrm_cfg, folder_files
 
 from recsys.config import config_from_dict
 from recsys.data import negative_buckets
@@ -55,15 +55,7 @@ def _cfg(path: Path, out: Path, **data: object):  # noqa: ANN202
         "label": {"mode": "threshold", "threshold": 2},  # rating 1: label-0 interactions, no negatives
         **data,
     }
-    return config_from_dict(
-        {
-            "name": "t",
-            "data": d,
-            "model": {"kind": "dlrm", "embedding_dim": 8, "dlrm": {"dense_arch_layers": [8]}},
-            "train": {"batch_size": 8},
-            "eval": {"batch_size": 8},
-        }
-    )
+    return dlrm_cfg(d)
 
 
 @pytest.mark.parametrize("split", [{"mode": "random"}, {"mode": "leave_last_n", "n": 2}])

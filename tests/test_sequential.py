@@ -82,9 +82,14 @@ def two_tower(pooling: str) -> dict:
 
 @pytest.fixture(scope="module")
 def walks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return prepared_walks(tmp_path_factory, SEQUENTIAL)
+
+
+def prepared_walks(tmp_path_factory: pytest.TempPathFactory, model: dict) -> tuple[Path, Path]:
+    """(walks.csv, its prepared folder) for `model`, in a fresh temporary folder."""
     d = tmp_path_factory.mktemp("walks")
     write_walks(d / "walks.csv")
-    prepare(make_cfg(d / "walks.csv", d / "prep", d, SEQUENTIAL), overwrite=False)
+    prepare(make_cfg(d / "walks.csv", d / "prep", d, model), overwrite=False)
     return d / "walks.csv", d / "prep"
 
 
