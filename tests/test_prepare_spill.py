@@ -34,11 +34,11 @@ def test_spill_round_trip_every_index_width(tmp_path: Path, distinct: int) -> No
     dense = rng.random((rows, 3)).astype(np.float32)
     spill = ChunkSpill(tmp_path)
     try:
-        spill.write(SpilledChunk(17, assign, label, None, dense, encoded))
+        spill.write(SpilledChunk(17, assign, label, dense, encoded))
         (back,) = list(spill)
     finally:
         spill.close()
-    assert back.start == 17 and back.given is None
+    assert back.start == 17
     np.testing.assert_array_equal(back.assign, assign)
     np.testing.assert_array_equal(back.label, label)
     np.testing.assert_array_equal(back.dense, dense)

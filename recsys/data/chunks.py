@@ -41,7 +41,6 @@ class Chunk:
     table: Table
     start: int
     assign: np.ndarray  # int8 per row: splits.TRAIN / VAL / TEST
-    labels: np.ndarray | None = None  # binary float32 labels when the source decided them
 
     @property
     def positions(self) -> np.ndarray:

@@ -185,13 +185,13 @@ def _count(
         train = chunk.assign == S.TRAIN
         encoded = list(pool.map(V.IdCounter.add, done.counters, t.sparse, [train] * len(t.sparse)))
         done.notes.extend(n for n in t.notes if n not in done.notes)
-        if chunk.labels is None and t.label is not None:
+        if t.label is not None:
             if cfg.data.label.mode == "as_is":
                 binarize(t.label, chunk.assign, cfg.data.label)  # raises on non-0/1 labels, here in pass 1
             elif cfg.data.label.mode == "mean":
                 done.train_labels.add(t.label[train])
                 done.all_labels.add(t.label)
-        spill.write(SpilledChunk(chunk.start, chunk.assign, t.label, chunk.labels, t.dense, encoded))
+        spill.write(SpilledChunk(chunk.start, chunk.assign, t.label, t.dense, encoded))
         if history is not None:
             observe_chunk(history, t, chunk.assign)
         bar.update(t.rows)
@@ -297,7 +297,7 @@ def _write(
     narrow = all(m.max_value < 2**31 - 1 for m in maps)
     dtype = np.int32 if narrow else np.int64
     for chunk in spill:
-        labels = chunk.given if chunk.given is not None else binarize(chunk.label, chunk.assign, rule)[0]
+        labels = binarize(chunk.label, chunk.assign, rule)[0]
         sparse = _mapped(maps, chunk.encoded, chunk.rows, dtype, pool)
         if history is not None:  # history columns ride behind the sparse ones (SplitWriter splits them)
             sparse = np.concatenate([sparse, *history_columns(history, chunk.start, chunk.rows)], axis=1)

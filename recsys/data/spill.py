@@ -32,7 +32,6 @@ class SpilledChunk:
     start: int
     assign: np.ndarray  # int8 [n]
     label: np.ndarray | None  # raw float64 labels (None: the source has none)
-    given: np.ndarray | None  # binary float32 labels the source decided (negatives)
     dense: np.ndarray  # float32 [n, D]
     encoded: list[Encoded]
 
@@ -62,8 +61,6 @@ class ChunkSpill:
         cols: dict[str, pa.Array] = {"assign": pa.array(chunk.assign)}
         if chunk.label is not None:
             cols["label"] = pa.array(chunk.label)
-        if chunk.given is not None:
-            cols["given"] = pa.array(chunk.given)
         for i in range(chunk.dense.shape[1]):
             cols[f"dense_{i}"] = pa.array(np.ascontiguousarray(chunk.dense[:, i]))
         for j, enc in enumerate(chunk.encoded):
@@ -101,7 +98,6 @@ class ChunkSpill:
             start=meta["start"],
             assign=table.column("assign").to_numpy(),
             label=table.column("label").to_numpy() if "label" in names else None,
-            given=table.column("given").to_numpy() if "given" in names else None,
             dense=dense,
             encoded=encoded,
         )
