@@ -638,9 +638,21 @@ def test_spark_executor_containers_run_the_prepare(
     first, *rest = driver_args(sa.app)
     # local-cluster[workers, cores, MiB]: the in-driver master must allow the executor memory (1g).
     master = "local-cluster[0,1,1024]"
+    # A standalone master starts the job once one executor registers (Kubernetes waits for 80 %), and
+    # the locality wait then keeps later stages on the executor that holds their shuffle input: at this
+    # size one executor could run every task. Wait for both executors' 2 cores and give tasks to
+    # whichever is free, so the stages with several tasks (the MDS write) use both.
+    wait_for_both = [
+        "--conf",
+        "spark.cores.max=2",
+        "--conf",
+        "spark.scheduler.minRegisteredResourcesRatio=1.0",
+    ]
+    wait_for_both += ["--conf", "spark.scheduler.maxRegisteredResourcesWaitingTime=600s"]
+    wait_for_both += ["--conf", "spark.locality.wait=0s"]
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        ["docker", "run", *opts, spark_image, first, "--master", master, *rest],
+        ["docker", "run", *opts, spark_image, first, "--master", master, *wait_for_both, *rest],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
