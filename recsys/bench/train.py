@@ -193,7 +193,7 @@ def _full(cfg: Any) -> tuple[list[tuple[float, float]], list[tuple[str, float, f
     update (after the step, before that step's logging: logging lands in the next step's interval),
     and (part, end, seconds) events of the parts the bare loop lacks: loader, progress bar, the loss
     all-reduce and MLflow metric logging."""
-    from recsys import distributed, tracking
+    from recsys import distributed, stop_vote, tracking
     from recsys import train as train_mod
     from recsys import trainer as trainer_mod
     from recsys.data import loader as loader_mod
@@ -237,7 +237,8 @@ def _full(cfg: Any) -> tuple[list[tuple[float, float]], list[tuple[str, float, f
         (loader_mod.BatchLoader, "__iter__", timed_iter),
         (distributed, "all_reduce_sum", timed("allreduce", distributed.all_reduce_sum)),
         # the per-batch "did any rank get SIGTERM?" agreement (a gloo all-reduce from 2 ranks on)
-        (distributed, "any_rank", timed("preempt", distributed.any_rank)),
+        (stop_vote.StopVote, "cast", timed("preempt", stop_vote.StopVote.cast)),
+        (stop_vote.StopVote, "settle", timed("preempt", stop_vote.StopVote.settle)),
         (tracking.MlflowTracker, "log_metrics", timed("mlflow", tracking.MlflowTracker.log_metrics)),
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
