@@ -19,7 +19,7 @@ full path's extras measured directly on rank 0's training thread (loader, progre
 all-reduce, the per-batch SIGTERM agreement, MLflow, extra GC) as a share of its step time — the
 figure machine load cannot swamp — peak RSS per rank (VmHWM, reset before each run) and CPU-seconds
 per rank of the timed steps (the per-step table shows rank 0's beside its wall ms: CPU time of every
-thread, which load on the other cores inflates far less than wall time).
+thread, less exposed to load than wall time, though contention inflates it too).
 OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waits cost up to 20x on a loaded machine.
 """
 
@@ -371,7 +371,7 @@ def summarize(result: dict, steps: int) -> dict[str, dict[str, Any]]:
             "cpu_s": [statistics.median(r["cpu_s"] for r in recs if r["rank"] == k) for k in range(world)],
             "run_s": statistics.median(r["run_s"] for r in recs if r["rank"] == 0),
             "step_ms": 1000 * statistics.median(r["seconds"] for r in recs if r["rank"] == 0) / steps,
-            # process CPU (every thread) per step: what machine load on other cores barely moves
+            # process CPU (every thread) per step: less exposed to machine load than wall time
             "cpu_ms": 1000 * statistics.median(r["cpu_s"] for r in recs if r["rank"] == 0) / steps,
             "parts_ms": {
                 p: 1000 * statistics.median(r["parts"][p] for r in recs if r["rank"] == 0) / steps
