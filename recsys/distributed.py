@@ -151,15 +151,6 @@ def control_group() -> Any:
     return None
 
 
-def any_rank(flag: bool, group: Any) -> bool:
-    """True on every rank when `flag` is true on at least one (over `group` from control_group())."""
-    if group is None:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
-
-
 def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place and return it."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,7 +1,8 @@
 """SIGTERM (pod preemption, eviction, torchrun shutting its workers down) → checkpoint, then exit 143.
 
 The handler only sets a flag; the Trainer polls it at every batch it hands the pipeline and, once any
-rank has it, every rank stops at the same step (the pipeline drains), saves and exits. A watchdog ends
+rank has it, every rank stops at the same step (the pipeline drains; the ranks vote asynchronously, so
+that is at most one batch after the signal: recsys.stop_vote), saves and exits. A watchdog ends
 the process after train.checkpoint.preempt_grace_s even if that never happens (a hung peer): the
 checkpoint is then the previous one, never a half-written one (see recsys.checkpoint).
 """

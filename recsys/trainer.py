@@ -384,14 +384,18 @@ class Trainer:
         self._window = (0.0, 0, now)
 
     def _segment_batches(self, it: Iterator[Any], n: int) -> Iterator[Any]:
-        """Up to `n` batches of `it`; fewer when a rank got SIGTERM (every rank stops at the same one)."""
-        from recsys.distributed import any_rank
+        """Up to `n` batches of `it`; fewer when a rank got SIGTERM (every rank stops at the same one,
+        at most one batch after the signal: the vote is read a batch after it starts)."""
+        from recsys.stop_vote import StopVote
 
+        vote = StopVote(self._control)
         for batch in itertools.islice(it, n):
-            if any_rank(self._guard is not None and self._guard.requested, self._control):
+            if vote.cast(self._guard is not None and self._guard.requested):
                 self.preempted = True
                 return
             yield batch
+        if vote.settle():  # the signal came during the segment's last batch
+            self.preempted = True
 
     def _run_segment(self, it: Iterator[Any], stop: int, bar: _Progress, t0: float, start: int) -> None:
         seg = self._segment_batches(it, stop - self.step)

@@ -16,8 +16,10 @@ step WARMUP to the end of step WARMUP+steps (per-step timestamps; the full path'
 progress-bar update, which runs once per step on every rank), the slowest rank's time counts.
 Printed: median samples/s over repetitions, the median of the per-repetition full/bare ratios, the
 full path's extras measured directly on rank 0's training thread (loader, progress bar, loss
-all-reduce, MLflow, extra GC) as a share of its step time — the figure machine load cannot swamp —
-peak RSS per rank (VmHWM, reset before each run) and CPU-seconds per rank of the timed steps.
+all-reduce, the per-batch SIGTERM agreement, MLflow, extra GC) as a share of its step time — the
+figure machine load cannot swamp — peak RSS per rank (VmHWM, reset before each run) and CPU-seconds
+per rank of the timed steps (the per-step table shows rank 0's beside its wall ms: CPU time of every
+thread, less exposed to load than wall time, though contention inflates it too).
 OMP_WAIT_POLICY=PASSIVE: OpenMP spin-waits cost up to 20x on a loaded machine.
 """
 
@@ -39,7 +41,7 @@ from typing import Any
 BENCH_DIR = Path(".bench/train")
 WARMUP = 5
 BATCH = 2048
-PARTS = ("loader", "progress", "allreduce", "mlflow", "gc")
+PARTS = ("loader", "progress", "allreduce", "preempt", "mlflow", "gc")
 _CONFIG_NAME = {"dlrm": "dlrm_synth", "two_tower": "two_tower_synth"}
 
 
@@ -191,7 +193,7 @@ def _full(cfg: Any) -> tuple[list[tuple[float, float]], list[tuple[str, float, f
     update (after the step, before that step's logging: logging lands in the next step's interval),
     and (part, end, seconds) events of the parts the bare loop lacks: loader, progress bar, the loss
     all-reduce and MLflow metric logging."""
-    from recsys import distributed, tracking
+    from recsys import distributed, stop_vote, tracking
     from recsys import train as train_mod
     from recsys import trainer as trainer_mod
     from recsys.data import loader as loader_mod
@@ -234,6 +236,9 @@ def _full(cfg: Any) -> tuple[list[tuple[float, float]], list[tuple[str, float, f
         (trainer_mod._Progress, "update", update),
         (loader_mod.BatchLoader, "__iter__", timed_iter),
         (distributed, "all_reduce_sum", timed("allreduce", distributed.all_reduce_sum)),
+        # the per-batch "did any rank get SIGTERM?" agreement (a gloo all-reduce from 2 ranks on)
+        (stop_vote.StopVote, "cast", timed("preempt", stop_vote.StopVote.cast)),
+        (stop_vote.StopVote, "settle", timed("preempt", stop_vote.StopVote.settle)),
         (tracking.MlflowTracker, "log_metrics", timed("mlflow", tracking.MlflowTracker.log_metrics)),
     ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
@@ -366,6 +371,8 @@ def summarize(result: dict, steps: int) -> dict[str, dict[str, Any]]:
             "cpu_s": [statistics.median(r["cpu_s"] for r in recs if r["rank"] == k) for k in range(world)],
             "run_s": statistics.median(r["run_s"] for r in recs if r["rank"] == 0),
             "step_ms": 1000 * statistics.median(r["seconds"] for r in recs if r["rank"] == 0) / steps,
+            # process CPU (every thread) per step: less exposed to machine load than wall time
+            "cpu_ms": 1000 * statistics.median(r["cpu_s"] for r in recs if r["rank"] == 0) / steps,
             "parts_ms": {
                 p: 1000 * statistics.median(r["parts"][p] for r in recs if r["rank"] == 0) / steps
                 for p in PARTS
@@ -465,10 +472,13 @@ def _table(rows: list[dict], steps: int) -> str:
 
 
 def _parts_table(rows: list[dict]) -> str:
-    """Markdown table: rank 0's median ms per timed step, bare vs full, and the full path's extras."""
+    """Markdown table: rank 0's median wall and CPU ms per timed step, bare vs full, and the full
+    path's extras (wall ms on the training thread)."""
     lines = [
-        "| model | ranks | step ms bare | step ms full | " + " | ".join(f"{p} ms" for p in PARTS) + " |",
-        "|" + "---|" * (4 + len(PARTS)),
+        "| model | ranks | step ms bare | step ms full | CPU ms bare | CPU ms full | "
+        + " | ".join(f"{p} ms" for p in PARTS)
+        + " |",
+        "|" + "---|" * (6 + len(PARTS)),
     ]
     for r in rows:
         parts = " | ".join(
@@ -477,7 +487,8 @@ def _parts_table(rows: list[dict]) -> str:
             for p in PARTS
         )
         lines.append(
-            f"| {r['model']} | {r['ranks']} | {r['bare']['step_ms']:.0f} | {r['full']['step_ms']:.0f} | {parts} |"
+            f"| {r['model']} | {r['ranks']} | {r['bare']['step_ms']:.0f} | {r['full']['step_ms']:.0f} | "
+            f"{r['bare']['cpu_ms']:.0f} | {r['full']['cpu_ms']:.0f} | {parts} |"
         )
     return "\n".join(lines)
 
