@@ -32,3 +32,6 @@ def test_train_scale_two_ranks_column_wise_with_checkpoint_and_resume(tmp_path: 
     assert ck["resumed_from"] == 2 * CKPT_EVERY
     assert ck["after_resume_steps"] == [2 * CKPT_EVERY + 3], "the resumed run went on to its end"
     assert ck["blocked_first_s"] > 0 and ck["load_s"] > 0
+    assert not any((tmp_path / "checkpoints").rglob("*")), (
+        "measured checkpoints are removed (6.3 GiB each at full size)"
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -255,6 +256,8 @@ def bench_train_scale(
             sets = scale_overrides(root, prepared, steps, shardings[0] if shardings else "table_wise")
             ckpt_dir = (root / "checkpoints" / time.strftime("%Y%m%d-%H%M%S") / f"w{nproc}").resolve()
             ckpts.append(bench_checkpoint_at_scale(nproc, sets, ckpt_dir, async_save))
+            # 6.3 GiB a checkpoint at full size, and every run writes new ones: measured, they go.
+            shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
             print(json.dumps(ckpts[-1]), flush=True)
         print("\n" + checkpoint_table(ckpts))
     return {"throughput": rows, "checkpoint": ckpts}
