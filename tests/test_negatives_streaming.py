@@ -134,6 +134,60 @@ def test_rule_holds_on_the_rows_written(tmp_path: Path, monkeypatch: pytest.Monk
     ]
 
 
+def test_each_negatives_file_is_opened_once_per_phase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 chunks x 8 user buckets: every bucket's and chunk's file is written once and read once
+    (B + C opens per step, not B x C: reading a bucket's slice from every chunk's file, or a chunk's
+    negatives from every bucket's file, would open 64 files per step)."""
+    opened: Counter = Counter()
+
+    def counting(fn):  # noqa: ANN001, ANN202
+        def run(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if Path(str(path)).name.startswith("neg"):
+                opened[fn.__name__] += 1
+            return fn(path, *args, **kwargs)
+
+        return run
+
+    for owner, name in ((pa, "memory_map"), (pa, "OSFile"), (os, "open"), (np, "fromfile")):
+        monkeypatch.setattr(owner, name, counting(getattr(owner, name)))
+    path = tmp_path / "r.parquet"
+    _interactions(path, 800, seed=3)
+    prepare(_cfg(path, tmp_path / "p", chunk_rows=100), overwrite=False)  # 8 chunks, 8 buckets
+    assert sum(opened.values()) <= 2 * (8 + 8), f"negatives files opened {dict(opened)}"
+    assert opened["memory_map"] == 8, f"each bucket's file read once: {dict(opened)}"
+    assert opened["fromfile"] == 8, f"each chunk's negatives read once: {dict(opened)}"
+
+
+_LIMITED = """
+import resource, sys
+from recsys.data.negative_files import HEADROOM, ensure_open_files
+from recsys.errors import UserError
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (HEADROOM + 10, hard))
+ensure_open_files(500)  # the soft limit is raised towards the hard one
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 500 + HEADROOM)
+resource.setrlimit(resource.RLIMIT_NOFILE, (HEADROOM + 10, HEADROOM + 10))  # a low hard limit
+try:
+    ensure_open_files(500)
+except UserError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX open-file limits")
+def test_open_file_limit_is_raised_or_names_chunk_rows() -> None:
+    """The soft limit is raised to fit one file per bucket or chunk; a hard limit too low for them
+    is one line naming data.chunk_rows."""
+    out = subprocess.run(
+        [sys.executable, "-c", _LIMITED], check=True, stdout=subprocess.PIPE, text=True
+    ).stdout.splitlines()
+    assert out[0] == "True"
+    assert out[1].startswith("data.chunk_rows: sampling negatives keeps 500 files open at once")
+    assert "raise data.chunk_rows" in out[1]
+
+
 def test_spark_prepare_refuses_negatives_instead_of_dropping_them(tmp_path: Path) -> None:
     pytest.importorskip("pyspark")
     from recsys.data.spark_mds import prepare_dataframe
@@ -256,5 +310,62 @@ def main(sizes: list[int]) -> None:
                 )
 
 
+_PHASES = """
+import json, resource, sys, time
+from recsys.data import negative_buckets as NB
+from recsys.data import prepare as P
+from recsys.config import config_from_dict
+took = {"sample_s": 0.0, "sample_cpu_s": 0.0, "pass2_lookup_s": 0.0, "pass2_lookup_cpu_s": 0.0}
+def timed(fn, key):
+    def run(*args, **kwargs):
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            took[key + "_s"] += time.perf_counter() - t
+            took[key + "_cpu_s"] += time.process_time() - c
+    return run
+NB.NegativeSampler.sample = timed(NB.NegativeSampler.sample, "sample")
+NB.NegativeSampler._of_chunk = timed(NB.NegativeSampler._of_chunk, "pass2_lookup")
+t = time.perf_counter()
+P.prepare(config_from_dict(json.loads(sys.argv[1])), overwrite=True)
+took["prepare_s"] = time.perf_counter() - t
+took["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(took))
+"""
+
+
+def phases(sizes: list[int], chunk_rows: int) -> None:
+    """Print the negatives phases' wall and CPU time (sampling between the passes, pass 2's lookups)
+    and the process's peak RSS at each size, with small chunks so that there are hundreds of chunks
+    and buckets: `python -m tests.test_negatives_streaming --phases 16384 2000000 8000000`."""
+    import tempfile
+
+    from recsys.data.synth import synthesize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in sizes:
+            config = interactions_config(Path(tmp), 10_000, rows // 10_000, 20_000, chunk_rows)
+            config["data"]["shard_size_limit"] = 8 << 20
+            synthesize(config_from_dict(config), overwrite=True)
+            out = subprocess.run(
+                [sys.executable, "-c", _PHASES, json.dumps(config)],
+                check=True,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            chunks = -(-rows // chunk_rows)
+            print(
+                f"~{rows:,} rows, chunk_rows {chunk_rows:,} ({chunks} chunks and buckets): sampling "
+                f"{r['sample_s']:.1f} s ({r['sample_cpu_s']:.1f} CPU-s), pass-2 lookups {r['pass2_lookup_s']:.1f} s "
+                f"({r['pass2_lookup_cpu_s']:.1f} CPU-s), prepare {r['prepare_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+
+
 if __name__ == "__main__":
-    main([int(x) for x in sys.argv[1:]])
+    if sys.argv[1:2] == ["--phases"]:
+        phases([int(x) for x in sys.argv[3:]], int(sys.argv[2]))
+    else:
+        main([int(x) for x in sys.argv[1:]])

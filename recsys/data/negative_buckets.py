@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from recsys.data import splits as S
 from recsys.data import vocab as V
 from recsys.data.hashing import id_hashes
+from recsys.data.negative_files import NEGATIVE, ChunkFiles, KeyStreams, ensure_open_files
 from recsys.data.negatives import draw_negatives, negative_keys
 
 if TYPE_CHECKING:
@@ -55,30 +56,6 @@ def _catalogue(counter: V.IdCounter) -> pa.Array:
     return ids.take(pc.sort_indices(ids))
 
 
-def _read(path: Path) -> pa.Table:
-    """A spill file, memory-mapped (only the pages used are read)."""
-    with pa.memory_map(str(path), "r") as src:
-        return pa.ipc.open_file(src).read_all()
-
-
-def _write(path: Path, table: pa.Table) -> None:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-
-
-def _between(table: pa.Table, column: str, lo: int, hi: int) -> dict[str, np.ndarray | pa.Array]:
-    """Copies of the rows whose (sorted) `column` is in [lo, hi): numeric columns as numpy."""
-    keys = table.column(column).to_numpy()
-    a, b = (int(x) for x in np.searchsorted(keys, [lo, hi]))
-    part = table.slice(a, b - a)
-    return {
-        name: part.column(name).combine_chunks()
-        if pa.types.is_string(part.schema.field(name).type)
-        else part.column(name).to_numpy().copy()
-        for name in part.column_names
-    }
-
-
 @dataclass
 class NegativeSampler:
     """Negatives of one prepare: the catalogue, each item's table rows, and the bucket files."""
@@ -92,7 +69,7 @@ class NegativeSampler:
     item_cols: list[int]  # the item feature, then its side features (their sparse columns)
     catalogue: pa.Array
     item_rows: np.ndarray = field(init=False)  # int64 [items, len(item_cols)]: values of the last train row
-    key_files: list[Path] = field(default_factory=list)
+    chunks: ChunkFiles | None = None  # the negatives' files, one per spilled chunk (after sample)
     positives: int = 0
     sampled: int = 0
 
@@ -130,17 +107,28 @@ class NegativeSampler:
     ) -> None:
         """Partition every spilled chunk's interactions by user bucket, then draw bucket by bucket;
         `labels_of` gives a chunk's binary labels (pass 2's label rule)."""
-        for i in range(spill.count):
-            chunk = spill.read(i)
-            positive = labels_of(chunk) > 0
-            self.positives += int(positive.sum())
-            self._partition(chunk, positive, maps)
-        for b in range(self.buckets):
-            self._sample_bucket(b)
-        for path in self.key_files:
-            path.unlink()
+        ensure_open_files(max(self.buckets, spill.count))
+        keys = KeyStreams(self.folder, self.buckets)
+        starts: list[int] = []
+        try:
+            for i in range(spill.count):
+                chunk = spill.read(i)
+                positive = labels_of(chunk) > 0
+                self.positives += int(positive.sum())
+                starts.append(chunk.start)
+                keys.append(self._partition(chunk, positive, maps))
+        finally:
+            keys.close()
+        self.chunks = ChunkFiles(self.folder, starts)
+        try:
+            for b in range(self.buckets):
+                self.chunks.append(self._sample_bucket(keys.path(b)))
+                keys.path(b).unlink(missing_ok=True)
+        finally:
+            self.chunks.close()
 
-    def _partition(self, chunk: SpilledChunk, positive: np.ndarray, maps: list[TableMap]) -> None:
+    def _partition(self, chunk: SpilledChunk, positive: np.ndarray, maps: list[TableMap]) -> pa.Table:
+        """The chunk's interactions as (bucket, pos, split, positive, user, item), sorted by bucket."""
         users, items = chunk.encoded[self.user_col], chunk.encoded[self.item_cols[0]]
         k = len(items.dictionary)
         cat_of = np.full(k + 1, -1, np.int32)  # the last slot: missing item
@@ -166,9 +154,7 @@ class NegativeSampler:
                 "item": item_cat[rows],
             }
         )
-        path = self.folder / f"neg-keys-{len(self.key_files):08d}.arrow"
-        _write(path, table)
-        self.key_files.append(path)
+        return table
 
     def _observe_items(self, chunk: SpilledChunk, item_cat: np.ndarray, maps: list[TableMap]) -> None:
         """Each catalogue item's table rows of its latest train row so far (chunks come in order)."""
@@ -183,35 +169,37 @@ class NegativeSampler:
             self.item_rows[cats, col] = maps[j].rows_encoded(sub)
 
     # ------------------------------------------------------------------------------ step 2
-    def _sample_bucket(self, b: int) -> None:
-        parts = [_between(_read(p), "bucket", b, b + 1) for p in self.key_files]
-        pos = np.concatenate([p["pos"] for p in parts]) if parts else np.zeros(0, np.int64)
-        users = V.encode_column(pa.chunked_array([p["user"] for p in parts], pa.string()))
+    def _sample_bucket(self, path: Path) -> np.ndarray:
+        """The negatives of one bucket's users as NEGATIVE records, sorted by position."""
+        if not path.exists():  # no chunk had a row of its users
+            return np.empty(0, NEGATIVE)
+        with pa.memory_map(str(path), "r") as src:
+            part = pa.ipc.open_stream(src).read_all()
+        pos = part.column("pos").to_numpy()
+        users = V.encode_column(pa.chunked_array(part.column("user").chunks, pa.string()))
         src, k, cand = draw_negatives(
             users.codes.astype(np.int64),
-            np.concatenate([p["item"] for p in parts]).astype(np.int64),
-            np.concatenate([p["split"] for p in parts]),
-            np.concatenate([p["positive"] for p in parts]),
+            part.column("item").to_numpy().astype(np.int64),
+            part.column("split").to_numpy(),
+            part.column("positive").to_numpy(),
             pos,
             len(self.catalogue),
             self.per_positive,
             self.seed,
         )
-        del users, parts
+        del users, part
         self.sampled += len(src)
-        out = pa.table({"pos": pos[src], "k": k.astype(np.int32), "item": cand.astype(np.int32)})
-        _write(self.folder / f"neg-{b:06d}.arrow", out)
+        out = np.empty(len(src), NEGATIVE)
+        out["pos"], out["k"], out["item"] = pos[src], k, cand
+        return out
 
     # ------------------------------------------------------------------------------ pass 2
     def _of_chunk(self, start: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position, k, catalogue index) of the negatives of rows start..start+rows-1, in order."""
-        parts = [
-            _between(_read(self.folder / f"neg-{b:06d}.arrow"), "pos", start, start + rows)
-            for b in range(self.buckets)
-        ]
-        pos, k, item = (np.concatenate([p[c] for p in parts]) for c in ("pos", "k", "item"))
-        order = np.lexsort((k, pos))
-        return pos[order], k[order], item[order]
+        neg = self.chunks.read(self.chunks.chunk_of(start))
+        order = np.lexsort((neg["k"], neg["pos"]))
+        neg = neg[order]
+        return neg["pos"], neg["k"].astype(np.int32), neg["item"].astype(np.int32)
 
     def extend(
         self, start: int, assign: np.ndarray, labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray
