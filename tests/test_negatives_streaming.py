@@ -325,19 +325,27 @@ def timed(fn, key):
             took[key + "_s"] += time.perf_counter() - t
             took[key + "_cpu_s"] += time.process_time() - c
     return run
-NB.NegativeSampler.sample = timed(NB.NegativeSampler.sample, "sample")
+def rss(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key))
+def sample(self, *args):
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS: the peak from sampling on
+    took["rss_before_kb"] = rss("VmRSS")
+    return timed(sample_all, "sample")(self, *args)
+sample_all = NB.NegativeSampler.sample
+NB.NegativeSampler.sample = sample
 NB.NegativeSampler._of_chunk = timed(NB.NegativeSampler._of_chunk, "pass2_lookup")
 t = time.perf_counter()
 P.prepare(config_from_dict(json.loads(sys.argv[1])), overwrite=True)
 took["prepare_s"] = time.perf_counter() - t
-took["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+took["peak_rss_mb"] = (rss("VmHWM") - took["rss_before_kb"]) / 1024
+took["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(took))
 """
 
 
 def phases(sizes: list[int], chunk_rows: int) -> None:
     """Print the negatives phases' wall and CPU time (sampling between the passes, pass 2's lookups)
-    and the process's peak RSS at each size, with small chunks so that there are hundreds of chunks
+    and the peak RSS from sampling to prepare's end (beyond the RSS when sampling starts) at each size, with small chunks so that there are hundreds of chunks
     and buckets: `python -m tests.test_negatives_streaming --phases 16384 2000000 8000000`."""
     import tempfile
 
@@ -359,7 +367,8 @@ def phases(sizes: list[int], chunk_rows: int) -> None:
             print(
                 f"~{rows:,} rows, chunk_rows {chunk_rows:,} ({chunks} chunks and buckets): sampling "
                 f"{r['sample_s']:.1f} s ({r['sample_cpu_s']:.1f} CPU-s), pass-2 lookups {r['pass2_lookup_s']:.1f} s "
-                f"({r['pass2_lookup_cpu_s']:.1f} CPU-s), prepare {r['prepare_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                f"({r['pass2_lookup_cpu_s']:.1f} CPU-s), prepare {r['prepare_s']:.1f} s, peak RSS from sampling on "
+                f"{r['peak_rss_mb']:.0f} MiB beyond its start",
                 flush=True,
             )
 
