@@ -311,19 +311,20 @@ def main(sizes: list[int]) -> None:
 
 
 _PHASES = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 from recsys.data import negative_buckets as NB
 from recsys.data import prepare as P
 from recsys.config import config_from_dict
 took = {"sample_s": 0.0, "sample_cpu_s": 0.0, "pass2_lookup_s": 0.0, "pass2_lookup_cpu_s": 0.0}
 def timed(fn, key):
     def run(*args, **kwargs):
-        t, c = time.perf_counter(), time.process_time()
+        t, c, sys0 = time.perf_counter(), time.process_time(), os.times().system
         try:
             return fn(*args, **kwargs)
         finally:
             took[key + "_s"] += time.perf_counter() - t
             took[key + "_cpu_s"] += time.process_time() - c
+            took[key + "_sys_s"] = took.get(key + "_sys_s", 0.0) + os.times().system - sys0
     return run
 def rss(key):
     return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key))
@@ -366,15 +367,66 @@ def phases(sizes: list[int], chunk_rows: int) -> None:
             chunks = -(-rows // chunk_rows)
             print(
                 f"~{rows:,} rows, chunk_rows {chunk_rows:,} ({chunks} chunks and buckets): sampling "
-                f"{r['sample_s']:.1f} s ({r['sample_cpu_s']:.1f} CPU-s), pass-2 lookups {r['pass2_lookup_s']:.1f} s "
-                f"({r['pass2_lookup_cpu_s']:.1f} CPU-s), prepare {r['prepare_s']:.1f} s, peak RSS from sampling on "
+                f"{r['sample_s']:.1f} s ({r['sample_cpu_s']:.1f} CPU-s, {r['sample_sys_s']:.1f} in the kernel), pass-2 lookups "
+                f"{r['pass2_lookup_s']:.1f} s ({r['pass2_lookup_cpu_s']:.1f} CPU-s, {r['pass2_lookup_sys_s']:.1f} in the kernel), prepare {r['prepare_s']:.1f} s, peak RSS from sampling on "
                 f"{r['peak_rss_mb']:.0f} MiB beyond its start",
                 flush=True,
             )
 
 
+def appends(chunks: int) -> None:
+    """Print the cost of the B x C small appends at 1B rows and data.chunk_rows 262,144 (B = C =
+    3,815), from `chunks` synthetic chunks and buckets: `python -m tests.test_negatives_streaming
+    --appends 6`."""
+    import tempfile
+    import time
+
+    from recsys.data.negative_files import NEGATIVE, ChunkFiles, KeyStreams, ensure_open_files
+
+    b = c = 3815
+    n, rng = 262_144, np.random.default_rng(0)
+    ensure_open_files(b)
+    with tempfile.TemporaryDirectory() as tmp:
+        keys, took = KeyStreams(Path(tmp), b), []
+        for i in range(chunks):
+            users = pa.array([f"user{x}" for x in rng.integers(0, 10**8, n)])
+            table = pa.table(
+                {
+                    "bucket": np.sort(rng.integers(0, b, n)).astype(np.int32),
+                    "pos": np.arange(i * n, (i + 1) * n),
+                    "split": np.zeros(n, np.int8),
+                    "positive": np.ones(n, bool),
+                    "user": users,
+                    "item": rng.integers(0, 10**6, n).astype(np.int32),
+                }
+            )
+            t = time.perf_counter()
+            keys.append(table)
+            took.append(time.perf_counter() - t)
+        keys.close()
+        step1 = float(np.mean(took[1:]))
+        for path in Path(tmp).glob("neg-keys-*"):
+            path.unlink()
+        files, took = ChunkFiles(Path(tmp), list(range(0, c * n, n))), []
+        for _ in range(chunks):
+            neg = np.zeros(4 * n, NEGATIVE)
+            neg["pos"] = np.sort(rng.integers(0, c * n, 4 * n))
+            t = time.perf_counter()
+            files.append(neg)
+            took.append(time.perf_counter() - t)
+        files.close()
+        step2 = float(np.mean(took[1:]))
+    print(
+        f"step 1: {1e3 * step1:.0f} ms per chunk into {b:,} bucket streams, x {c:,} chunks = {step1 * c / 60:.1f} min; "
+        f"step 2: {1e3 * step2:.0f} ms per bucket (4 negatives a row) into {c:,} chunk files, "
+        f"x {b:,} buckets = {step2 * b / 60:.1f} min"
+    )
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--phases"]:
+    if sys.argv[1:2] == ["--appends"]:
+        appends(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["--phases"]:
         phases([int(x) for x in sys.argv[3:]], int(sys.argv[2]))
     else:
         main([int(x) for x in sys.argv[1:]])
