@@ -88,8 +88,13 @@ class ChunkFiles:
         return self.folder / f"neg-{c:06d}.bin"
 
     def chunk_of(self, start: int) -> int:
-        """The index of the chunk whose rows start at `start`."""
-        return int(np.searchsorted(self.starts, start))
+        """The index of the chunk whose rows start at `start` (pass 2 reads the chunks pass 1 spilled)."""
+        c = int(np.searchsorted(self.starts, start))
+        if c == len(self.starts) or self.starts[c] != start:
+            raise RuntimeError(
+                f"no spilled chunk starts at row {start}: pass 2's chunks differ from pass 1's"
+            )
+        return c
 
     def append(self, neg: np.ndarray) -> None:
         """Append a bucket's negatives (NEGATIVE records sorted by position) to their chunks' files."""
