@@ -258,19 +258,26 @@ def interactions_config(root: Path, users: int, per_user: int, items: int, chunk
     }  # fmt: skip
 
 
-def negatives_peaks(config: dict, trace: bool = True) -> dict:
-    """Memory figures of one prepare of `config` (its raw data generated first, in this process)."""
+def _child_figures(script: str, config: dict, env: dict | None = None) -> dict:
+    """Generate `config`'s raw data (in this process), run `script` on it in a fresh process and
+    return its last stdout line, a JSON object."""
     from recsys.data.synth import synthesize
 
     synthesize(config_from_dict(config), overwrite=True)
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(config)],
+        [sys.executable, "-c", script, json.dumps(config)],
         check=True,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "MALLOC_ARENA_MAX": "1", "TRACE": "1" if trace else "0"},
+        env=env,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def negatives_peaks(config: dict, trace: bool = True) -> dict:
+    """Memory figures of one prepare of `config` (its raw data generated first, in this process)."""
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "TRACE": "1" if trace else "0"}
+    return _child_figures(_CHILD, config, env)
 
 
 @pytest.mark.slow
@@ -292,7 +299,7 @@ def test_negatives_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
 def main(sizes: list[int]) -> None:
     """Print peak RSS beyond the imports of prepare with negatives off and on (per_positive 4) at
     each size of synthetic_interactions (10,000 users, 20,000 items, 131,072-row chunks and shuffle
-    window, 8 MiB shards): `python -m tests.test_negatives_streaming 500000 2000000`."""
+    window, 8 MiB shards): `PYTHONPATH=.:tests python -m tests.test_negatives_streaming 500000 2000000`."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -347,23 +354,14 @@ print(json.dumps(took))
 def phases(sizes: list[int], chunk_rows: int) -> None:
     """Print the negatives phases' wall and CPU time (sampling between the passes, pass 2's lookups)
     and the peak RSS from sampling to prepare's end (beyond the RSS when sampling starts) at each size, with small chunks so that there are hundreds of chunks
-    and buckets: `python -m tests.test_negatives_streaming --phases 16384 2000000 8000000`."""
+    and buckets: `PYTHONPATH=.:tests python -m tests.test_negatives_streaming --phases 16384 2000000 8000000`."""
     import tempfile
-
-    from recsys.data.synth import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         for rows in sizes:
             config = interactions_config(Path(tmp), 10_000, rows // 10_000, 20_000, chunk_rows)
             config["data"]["shard_size_limit"] = 8 << 20
-            synthesize(config_from_dict(config), overwrite=True)
-            out = subprocess.run(
-                [sys.executable, "-c", _PHASES, json.dumps(config)],
-                check=True,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = _child_figures(_PHASES, config)
             chunks = -(-rows // chunk_rows)
             print(
                 f"~{rows:,} rows, chunk_rows {chunk_rows:,} ({chunks} chunks and buckets): sampling "
@@ -376,8 +374,8 @@ def phases(sizes: list[int], chunk_rows: int) -> None:
 
 def appends(chunks: int) -> None:
     """Print the cost of the B x C small appends at 1B rows and data.chunk_rows 262,144 (B = C =
-    3,815), from `chunks` synthetic chunks and buckets: `python -m tests.test_negatives_streaming
-    --appends 6`."""
+    3,815), from `chunks` synthetic chunks and buckets: `PYTHONPATH=.:tests python -m
+    tests.test_negatives_streaming --appends 6`."""
     import tempfile
     import time
 
