@@ -153,7 +153,8 @@ def _child(args: argparse.Namespace) -> None:
         phases[phase] = {"peak_rss_mb": _status_kb("VmHWM") / 1024, "vocab_mb": vocab_bytes / 2**20}
         _reset_peak()
 
-    # Once the mark is reset, getrusage's ru_maxrss follows it too: the peak is the phases' largest.
+    # Once the mark is reset, the peak is the phases' largest VmHWM. Not getrusage's ru_maxrss: after
+    # vfork + exec it keeps the parent's peak, which would hide a child below it.
     per_phase = sys.platform.startswith("linux") and _reset_peak()
     base = _status_kb("VmRSS") if per_phase else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t, c = time.perf_counter(), time.process_time()

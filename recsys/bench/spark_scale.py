@@ -91,6 +91,18 @@ def bench_config(parquet: Path, prepared: Path) -> dict[str, Any]:
     }
 
 
+def _own_peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM where Linux has it. Not getrusage's ru_maxrss: a child
+    started by vfork + exec (Python's subprocess) inherits its parent's peak there, so a bench parent
+    that generated the data would set the child's figure."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _jvm_peak_rss(parent: int) -> int:
     """Peak RSS (bytes, VmHWM) of the java processes started by `parent` (the Spark driver JVM)."""
     peak = 0
@@ -156,7 +168,7 @@ def run_prepare(config_path: Path) -> dict[str, Any]:
         "seconds": wall,
         "cpu_seconds": cpu,
         "jvm_peak_rss": jvm,
-        "python_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "python_peak_rss": _own_peak_rss(),
         "vocab_rows": sum(f.num_embeddings for f in meta.sparse_features),
         "splits": {k: v.rows for k, v in meta.splits.items()},
     }
