@@ -318,7 +318,7 @@ def main(sizes: list[int]) -> None:
 
 
 _PHASES = """
-import json, os, resource, sys, time
+import json, os, sys, time
 from recsys.data import negative_buckets as NB
 from recsys.data import prepare as P
 from recsys.config import config_from_dict
@@ -346,7 +346,6 @@ t = time.perf_counter()
 P.prepare(config_from_dict(json.loads(sys.argv[1])), overwrite=True)
 took["prepare_s"] = time.perf_counter() - t
 took["peak_rss_mb"] = (rss("VmHWM") - took["rss_before_kb"]) / 1024
-took["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(took))
 """
 
