@@ -95,11 +95,10 @@ def _own_peak_rss() -> int:
     """This process's peak RSS in bytes: VmHWM where Linux has it. Not getrusage's ru_maxrss: a child
     started by vfork + exec (Python's subprocess) inherits its parent's peak there, so a bench parent
     that generated the data would set the child's figure."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    from recsys.bench.prepare_scale import _status_kb
+
+    if Path("/proc/self/status").exists():
+        return _status_kb("VmHWM") * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
