@@ -151,13 +151,14 @@ def test_bench_quality_quick_smoke(tmp_path: Path, ml100k_recbole: Path) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"^(popularity|bpr-mf|two-tower\S*)\s+(.*)$", line)
+        m = re.match(r"^(popularity|bpr-mf|ease|two-tower\S*)\s+(.*)$", line)
         if m and "±" in line:
             rows[m.group(1)] = [float(x) for x in re.findall(r"\d+\.\d+(?= ±)", m.group(2))]
-    assert set(rows) == {"popularity", "bpr-mf", "two-tower-default", "two-tower", "two-tower-history"}, (
-        proc.stdout
-    )
+    names = {"popularity", "bpr-mf", "two-tower-default", "two-tower", "ease", "two-tower-history"}
+    assert set(rows) == names, proc.stdout
     assert re.search(r"two-tower-history vs two-tower: nDCG@10 [\d.]+×, Recall@10 [\d.]+×", proc.stdout)
+    # EASE is deterministic and needs no epochs, so even --quick gives its full figure (λ 300 on val)
+    assert re.search(r"ease: chosen λ 300\b", proc.stdout) and abs(rows["ease"][0] - 0.3458) < 5e-5, rows
     for values in rows.values():
         assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
     # The popularity row against numpy: its test recall and precision@10 lie within what any order of

@@ -11,6 +11,9 @@ Ranking: the full catalogue of the 1,682 items; each user's train items are remo
 when scoring test). Items without a train interaction can be scored by no model (popularity 0, no
 learned row): they are ranked last for every model, and a held-out item among them counts as a miss.
 
+Beside them, a reference row: EASE (recsys/bench/ease.py), a closed-form model that reads nothing but
+each user's known items — what a history reader can be expected to reach on this split.
+
 Every model yields a [users, items] score matrix in raw-id order and ONE function (`ranking_metrics`)
 turns it into nDCG/Recall/Precision/MAP@10. Settings are chosen on val (seed 0); test is scored once,
 at the end, for the chosen settings, over seeds 0, 1, 2 (mean ± std).
@@ -459,6 +462,16 @@ def format_table(rows: dict[str, list[dict[str, float]]], val: dict[str, float])
     return "\n".join(lines)
 
 
+def ease_reference(rows: dict[str, list[dict[str, float]]]) -> str:
+    """The line putting EASE (a model that reads only each user's known items) beside the Two-Tower."""
+    ratio = {
+        n: float(np.mean([r[n] for r in rows["ease"]]) / np.mean([r[n] for r in rows["two-tower"]]))
+        for n in (f"ndcg@{K}", f"recall@{K}")
+    }
+    return (f"  reference, ease vs two-tower: nDCG@{K} {ratio[f'ndcg@{K}']:.3f}×, Recall@{K} "
+            f"{ratio[f'recall@{K}']:.3f}× (what reading the known items alone reaches)")  # fmt: skip
+
+
 SPLITS = {"random": random_split_of, "leave-last": leave_last_split}
 SPLIT_TITLES = {
     "random": "random 80/10/10 split of the ratings (seed 0)",
@@ -526,7 +539,11 @@ def bench_quality(
         recorded = VAL_CHOICE.get(config)
         if recorded is not None and chosen["two-tower"] is not TT_GRID[recorded[0]]:
             log(f"val chose another candidate than VAL_CHOICE[{config!r}] records: update it and the config")
-    order = ("popularity", "bpr-mf", "two-tower-default", "two-tower")
+    order = ("popularity", "bpr-mf", "two-tower-default", "two-tower", "ease")
+    from recsys.bench.ease import ease_row  # a reference row: deterministic, one fit serves every seed
+
+    test_ease, val["ease"], lam = ease_row(split, ev, log)
+    finals["ease"], chosen["ease"] = [test_ease] * len(seeds), {"lambda": lam}
     history: Any = "not run on this split (random only)" if history_row else "not asked for"
     if split_name == "random" and history_row:  # issue 19: the chosen settings plus a pooled history
         history = history_row.history_two_tower(
@@ -546,6 +563,7 @@ def bench_quality(
     print("Aim of issue 19 (ratios of test means):\n" + (
         history_row.format_history_aim(rows) if "two-tower-history" in rows else f"  two-tower-history: {history}"
     ), flush=True)  # fmt: skip
+    print(ease_reference(rows), flush=True)
     log_bench(
         table, rows, chosen, runs, {"quick": str(quick), "split": split_name, "config": config}, ablation
     )

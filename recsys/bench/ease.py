@@ -1,0 +1,64 @@
+"""EASE (Steck, WWW 2019), a reference row of `recsys bench quality`: what reading a user's known items can reach.
+
+EASE is a linear item-to-item model fit in closed form: B = argmin ‖X − XB‖² + λ‖B‖², diag(B) = 0,
+over the users × items matrix X of known interactions; a user's scores are their row of X times B.
+It reads nothing but the set of items each user is known to have interacted with — which is exactly
+what a history-reading Two-Tower sees on a random split — and it is among the strongest models of
+that kind on MovieLens. So its ratio to the Two-Tower bounds what issue 19's history-aware Two-Tower
+can be expected to reach there (the aim is ≥ 1.10×).
+
+Protocol, as every row of the bench: scoring val, X holds the train rows; scoring test, X holds train
+and val (what is known then; the Two-Tower's user vectors never saw val). λ is chosen on val.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: The ridge strengths tried on val (ML-100K's best is in the middle of this range).
+LAMBDAS = (50.0, 100.0, 200.0, 300.0, 500.0, 800.0, 1200.0)
+
+
+def ease_weights(known: torch.Tensor, lam: float) -> torch.Tensor:
+    """[I, I] item-to-item weights of EASE fit on the [U, I] 0/1 matrix `known`, ridge `lam`."""
+    x = known.double()
+    gram = x.T @ x + lam * torch.eye(x.shape[1], dtype=torch.float64)
+    inv = torch.linalg.inv(gram)
+    weights = -inv / torch.diag(inv)  # the closed form with the zero-diagonal constraint
+    return weights.fill_diagonal_(0.0)
+
+
+def ease_scores(split: Any, part: str, lam: float) -> torch.Tensor:
+    """[U, I] EASE scores for scoring `part` of a bench Split: fit on (and read from) the parts known then."""
+    known = split.mask("train") | (split.mask("val") if part == "test" else False)
+    return (known.double() @ ease_weights(known, lam)).float()
+
+
+def ease_row(split: Any, ev: Any, log: Any) -> tuple[torch.Tensor, float, float]:
+    """(test scores, val nDCG@10, λ) of EASE with λ chosen on val among LAMBDAS."""
+    from recsys.bench.quality import K
+
+    vals = {lam: ev(ease_scores(split, "val", lam), "val")[f"ndcg@{K}"] for lam in LAMBDAS}
+    for lam, v in vals.items():
+        log(f"  ease λ {lam:g}: val ndcg@{K} {v:.4f}")
+    lam = max(vals, key=lambda x: vals[x])
+    log(f"ease: chosen λ {lam:g}")
+    return ease_scores(split, "test", lam), vals[lam], lam
+
+
+def main() -> None:
+    """`python -m recsys.bench.ease`: EASE's row of `recsys bench quality` alone (seconds, not an hour)."""
+    from recsys.bench.quality import Evaluator, K, fetch_ml100k, random_split_of
+
+    split = random_split_of(fetch_ml100k() / "ml-100k.inter")
+    ev = Evaluator(split)
+    scores, val, lam = ease_row(split, ev, print)
+    test = ev(scores, "test")
+    print(f"ease on ML-100K's random 80/10/10 split (seed 0), λ {lam:g}: val ndcg@{K} {val:.4f}; test "
+          + ", ".join(f"{n} {v:.4f}" for n, v in test.items()))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
