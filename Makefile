@@ -58,7 +58,7 @@ bench-train: install ## samples/s of DLRM and Two-Tower, 1 and 2 ranks, beside a
 	$(PY) -m recsys bench train --record
 
 bench-train-scale: install ## DLRM 26 tables × 1M × dim 64 (~6.6 GB): recsys train vs the bare loop, 1/2 ranks, table-/column-wise; async checkpoint and resume at that size (~15 GB peak)
-	$(PY) -m recsys bench train-scale --steps 10 --reps 3 --record
+	$(PY) -m recsys bench train-scale --steps 10 --reps 5 --record
 
 bench-checkpoint: install ## DLRM checkpoint size, save time blocking the loop (sync/async), load time, resume vs cold start, 1 and 2 ranks
 	$(PY) -m recsys bench checkpoint --record
