@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.bench.peak_rss import reset_peak, status_kb
+
 BENCH_DIR = Path(".bench/scale")
 PLOT = BENCH_DIR / "prepare_scale.png"  # `--record` copies it to docs/benchmarks/results/prepare-scale.png
 
@@ -122,22 +124,6 @@ def _config(files: list[Path], prepared: Path, chunk_rows: int, shuffle_window: 
     )
 
 
-def _status_kb(key: str) -> int:
-    """A field of /proc/self/status in KiB (VmRSS: now, VmHWM: the peak since the last reset)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def _reset_peak() -> bool:
-    """Set the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _child(args: argparse.Namespace) -> None:
     """Prepare one dataset in this process; print one JSON line with time, peak RSS and, per phase,
     peak RSS and the vocabulary state's bytes."""
@@ -150,13 +136,13 @@ def _child(args: argparse.Namespace) -> None:
     phases: dict[str, dict[str, float]] = {}
 
     def phase_end(phase: str, vocab_bytes: int) -> None:
-        phases[phase] = {"peak_rss_mb": _status_kb("VmHWM") / 1024, "vocab_mb": vocab_bytes / 2**20}
-        _reset_peak()
+        phases[phase] = {"peak_rss_mb": status_kb("VmHWM") / 1024, "vocab_mb": vocab_bytes / 2**20}
+        reset_peak()
 
     # Once the mark is reset, the peak is the phases' largest VmHWM. Not getrusage's ru_maxrss: after
     # vfork + exec it keeps the parent's peak, which would hide a child below it.
-    per_phase = sys.platform.startswith("linux") and _reset_peak()
-    base = _status_kb("VmRSS") if per_phase else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    per_phase = sys.platform.startswith("linux") and reset_peak()
+    base = status_kb("VmRSS") if per_phase else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t, c = time.perf_counter(), time.process_time()
     meta = P.prepare(cfg, overwrite=True, on_phase=phase_end if per_phase else None)
     wall, cpu = time.perf_counter() - t, time.process_time() - c

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from recsys.bench.peak_rss import status_kb
+
 DENSE = [f"I{i}" for i in range(1, 14)]
 SPARSE = [f"C{i}" for i in range(1, 27)]
 # Id-space sizes per sparse column: Criteo-like spread, a few large spaces (joined by shuffle, beyond
@@ -95,10 +97,8 @@ def _own_peak_rss() -> int:
     """This process's peak RSS in bytes: VmHWM where Linux has it. Not getrusage's ru_maxrss: a child
     started by vfork + exec (Python's subprocess) inherits its parent's peak there, so a bench parent
     that generated the data would set the child's figure."""
-    from recsys.bench.prepare_scale import _status_kb
-
     if Path("/proc/self/status").exists():
-        return _status_kb("VmHWM") * 1024
+        return status_kb("VmHWM") * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -113,10 +113,8 @@ def _jvm_peak_rss(parent: int) -> int:
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             if ppid != parent or b"java" not in (d / "cmdline").read_bytes():
                 continue
-            for line in (d / "status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except (OSError, ValueError, IndexError):
+            peak = max(peak, status_kb("VmHWM", d.name) * 1024)
+        except (OSError, ValueError, IndexError, StopIteration):
             continue
     return peak
 

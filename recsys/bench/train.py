@@ -30,13 +30,14 @@ import gc
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from recsys.bench.peak_rss import reset_peak, status_kb
 
 BENCH_DIR = Path(".bench/train")
 WARMUP = 5
@@ -115,18 +116,6 @@ def _configs(root: Path, steps: int, max_ranks: int) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------------- per process
-def _peak_mib() -> float:
-    """This process's peak RSS (VmHWM) since the last `_reset_peak()`, MiB."""
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024  # type: ignore[union-attr]
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5), so each run's peak is its own."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _bare_batches(cfg: Any, rank: int, world: int, n: int) -> list[Any]:
     """`n` distinct in-memory Batches of this rank: consecutive slices of the prepared train split
     (same shape, layout and id distribution as the loader's; nothing is reused across steps, since
@@ -287,7 +276,7 @@ def _worker(model: str, steps: int, reps: int, overrides: list[str]) -> None:
             batches = _bare_batches(cfg, env.rank, env.world_size, n) if mode == "bare" else None
             gc.collect()
             barrier()
-            _reset_peak()
+            reset_peak()
             start = time.perf_counter()
             gc_events.clear()
             stamps, events = (_bare(cfg, batches), []) if batches is not None else _full(cfg)
@@ -304,7 +293,7 @@ def _worker(model: str, steps: int, reps: int, overrides: list[str]) -> None:
                     "cpu_s": c1 - c0,
                     "run_s": time.perf_counter() - start,
                     "parts": {p: sum(d for q, e, d in events if q == p and t0 < e <= t1) for p in PARTS},
-                    "peak_mib": _peak_mib(),
+                    "peak_mib": status_kb("VmHWM") / 1024,
                 }
             )
             del batches

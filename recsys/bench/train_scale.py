@@ -121,7 +121,7 @@ def _ckpt_worker(phase: str, overrides: list[str]) -> None:
 
     from recsys import checkpoint
     from recsys.bench.checkpoint import _patched_run
-    from recsys.bench.train import _peak_mib, _reset_peak
+    from recsys.bench.peak_rss import reset_peak, status_kb
     from recsys.config import load_config
     from recsys.distributed import barrier, init_distributed
 
@@ -137,7 +137,7 @@ def _ckpt_worker(phase: str, overrides: list[str]) -> None:
         waits.append(time.perf_counter() - t)
 
     checkpoint.Checkpointer.wait = wait  # type: ignore[method-assign]
-    _reset_peak()
+    reset_peak()
     try:
         if phase == "save":
             cfg = load_config("dlrm_synth", [*overrides, f"train.max_steps={2 * CKPT_EVERY}"])
@@ -149,7 +149,7 @@ def _ckpt_worker(phase: str, overrides: list[str]) -> None:
             run["resumed_from"] = int(last.name.removeprefix("step-"))
     finally:
         checkpoint.Checkpointer.wait = orig_wait  # type: ignore[method-assign]
-    run["waits"], run["peak_mib"] = waits, _peak_mib()
+    run["waits"], run["peak_mib"] = waits, status_kb("VmHWM") / 1024
     barrier()
     if env.is_main:
         last = _complete(root)[-1]
