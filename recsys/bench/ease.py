@@ -36,29 +36,12 @@ def ease_scores(split: Any, part: str, lam: float) -> torch.Tensor:
     return (known.double() @ ease_weights(known, lam)).float()
 
 
-def ease_row(split: Any, ev: Any, log: Any) -> tuple[torch.Tensor, float, float]:
-    """(test scores, val nDCG@10, λ) of EASE with λ chosen on val among LAMBDAS."""
-    from recsys.bench.quality import K
-
-    vals = {lam: ev(ease_scores(split, "val", lam), "val")[f"ndcg@{K}"] for lam in LAMBDAS}
+def ease_row(split: Any, ev: Any, log: Any, metric: str = "ndcg@10") -> tuple[torch.Tensor, float, float]:
+    """(test scores, val `metric`, λ) of EASE with λ chosen on val `metric` among LAMBDAS; `ev` is the
+    bench's Evaluator (handed in: this module stays a leaf that recsys.bench.quality imports)."""
+    vals = {lam: ev(ease_scores(split, "val", lam), "val")[metric] for lam in LAMBDAS}
     for lam, v in vals.items():
-        log(f"  ease λ {lam:g}: val ndcg@{K} {v:.4f}")
+        log(f"  ease λ {lam:g}: val {metric} {v:.4f}")
     lam = max(vals, key=lambda x: vals[x])
     log(f"ease: chosen λ {lam:g}")
     return ease_scores(split, "test", lam), vals[lam], lam
-
-
-def main() -> None:
-    """`python -m recsys.bench.ease`: EASE's row of `recsys bench quality` alone (seconds, not an hour)."""
-    from recsys.bench.quality import Evaluator, K, fetch_ml100k, random_split_of
-
-    split = random_split_of(fetch_ml100k() / "ml-100k.inter")
-    ev = Evaluator(split)
-    scores, val, lam = ease_row(split, ev, print)
-    test = ev(scores, "test")
-    print(f"ease on ML-100K's random 80/10/10 split (seed 0), λ {lam:g}: val ndcg@{K} {val:.4f}; test "
-          + ", ".join(f"{n} {v:.4f}" for n, v in test.items()))  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

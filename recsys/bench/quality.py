@@ -542,7 +542,7 @@ def bench_quality(
     order = ("popularity", "bpr-mf", "two-tower-default", "two-tower", "ease")
     from recsys.bench.ease import ease_row  # a reference row: deterministic, one fit serves every seed
 
-    test_ease, val["ease"], lam = ease_row(split, ev, log)
+    test_ease, val["ease"], lam = ease_row(split, ev, log, f"ndcg@{K}")
     finals["ease"], chosen["ease"] = [test_ease] * len(seeds), {"lambda": lam}
     history: Any = "not run on this split (random only)" if history_row else "not asked for"
     if split_name == "random" and history_row:  # issue 19: the chosen settings plus a pooled history
@@ -620,3 +620,23 @@ def log_bench(
     for r in runs:
         client.set_tag(r, "mlflow.parentRunId", tracker.run_id)
     print(f"MLflow: {uri}, experiment bench-quality, run {tracker.run_id}", flush=True)
+
+
+def ease_alone() -> None:
+    """`python -m recsys.bench.quality --ease`: the bench's `ease` row alone (seconds, not an hour)."""
+    from recsys.bench.ease import ease_row
+
+    split = random_split_of(fetch_ml100k() / "ml-100k.inter")
+    ev = Evaluator(split)
+    scores, val, lam = ease_row(split, ev, print, f"ndcg@{K}")
+    test = ev(scores, "test")
+    print(f"ease on ML-100K's random 80/10/10 split (seed 0), λ {lam:g}: val ndcg@{K} {val:.4f}; test "
+          + ", ".join(f"{n} {v:.4f}" for n, v in test.items()))  # fmt: skip
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--ease"]:
+        raise SystemExit(
+            "usage: python -m recsys.bench.quality --ease   (the whole bench: recsys bench quality)"
+        )
+    ease_alone()
