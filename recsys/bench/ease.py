@@ -17,17 +17,10 @@ from typing import Any
 
 import torch
 
+from recsys.retrieval.item_item import ease_weights
+
 #: The ridge strengths tried on val (ML-100K's best is in the middle of this range).
 LAMBDAS = (50.0, 100.0, 200.0, 300.0, 500.0, 800.0, 1200.0)
-
-
-def ease_weights(known: torch.Tensor, lam: float) -> torch.Tensor:
-    """[I, I] item-to-item weights of EASE fit on the [U, I] 0/1 matrix `known`, ridge `lam`."""
-    x = known.double()
-    gram = x.T @ x + lam * torch.eye(x.shape[1], dtype=torch.float64)
-    inv = torch.linalg.inv(gram)
-    weights = -inv / torch.diag(inv)  # the closed form with the zero-diagonal constraint
-    return weights.fill_diagonal_(0.0)
 
 
 def ease_scores(split: Any, part: str, lam: float) -> torch.Tensor:
