@@ -140,33 +140,90 @@ def test_val_and_test_rows_come_from_the_served_run_without_seen_items(built: Bu
         assert pos == scored & held and pos
 
 
-def test_the_folder_loads_in_the_trainer_and_serves_the_features_it_was_trained_on(built: Built) -> None:
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_the_folder_loads_in_the_trainer_and_serves_the_features_it_was_trained_on(
+    built: Built, split: str
+) -> None:
     from recsys.data.loader import read_split_arrays
     from recsys.data.metadata import read_metadata
     from recsys.retrieval.candidates import DENSE
-    from recsys.retrieval.rank import open_ranker, pair_dense
+    from recsys.retrieval.item_item import ITEM_ITEM_DENSE
+    from recsys.retrieval.rank import known_history, open_ranker, pair_dense
     from recsys.retrieval.recommend import open_retriever
 
     meta = read_metadata(built.rk_cfg.data.prepared_dir)
-    assert tuple(meta.dense_features) == DENSE and meta.label["retriever_run_id"] == built.tt
+    # The shipped config turns the item-to-item (EASE) features on.
+    assert (
+        tuple(meta.dense_features) == DENSE + ITEM_ITEM_DENSE and meta.label["retriever_run_id"] == built.tt
+    )
     assert meta.splits["train"].rows == len(built.cands.rows["train"].label)
     ranker = open_ranker(built.ranker, built.uri)
-    val = read_split_arrays(built.rk_cfg.data.prepared_dir, "val", meta)
-    # Rows written for val are the served run's lists: the features serving computes must be the same.
-    ret = open_retriever(built.tt, built.uri, ("train",))
-    r = built.cands.rows["val"]
+    written_rows = read_split_arrays(built.rk_cfg.data.prepared_dir, split, meta)
+    # Rows written for val (test) are the served run's lists: the features serving computes must be the
+    # same, the user's known items being what the list excludes (test: train and val).
+    exclude = ("train", "val") if split == "test" else ("train",)
+    ret = open_retriever(built.tt, built.uri, exclude)
+    r = built.cands.rows[split]
     vocab_u = _vocab(built.tt_cfg.data.prepared_dir, meta, "user_id")
     users = [vocab_u[u] for u in np.unique(r.user)[:10]]
     table = ret.recommend(users, TOP_N)
-    dense = pair_dense(table, ranker, np.ones(table.num_rows, bool))
+    history = known_history(ranker, built.tt_cfg.data.prepared_dir, built.cands.meta, exclude)
+    dense = pair_dense(table, ranker, np.ones(table.num_rows, bool), history)
+    assert dense is not None and dense.shape[1] == len(meta.dense_features)
     uc, ic = meta.sparse_index("user_id"), meta.sparse_index("item_id")
     u_rows = np.array([ranker.user_row[x] for x in table.column("user").to_pylist()])
     i_rows = np.array([ranker.item_row[x] for x in table.column("item").to_pylist()])
-    written = {
-        (a, b): d for a, b, d in zip(val["sparse"][:, uc], val["sparse"][:, ic], val["dense"], strict=True)
-    }
+    sparse = written_rows["sparse"]
+    written = {(a, b): d for a, b, d in zip(sparse[:, uc], sparse[:, ic], written_rows["dense"], strict=True)}
     for a, b, d in zip(u_rows, i_rows, dense, strict=True):
-        np.testing.assert_allclose(written[(a, b)], d, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(written[(a, b)], d, rtol=1e-5, atol=1e-5)
+    assert np.abs(dense[:, -2]).max() > 0  # the EASE score varies within the lists
+
+
+def _ease_z(x: np.ndarray, lam: float, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """EASE scores of (user, item) rows from the 0/1 matrix x, z-scored per user (numpy, on its own)."""
+    g = x.T @ x + lam * np.eye(x.shape[1])
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    s = (x[users] * b[:, items].T).sum(1)
+    out = np.zeros(len(s))
+    for user in np.unique(users):
+        m = users == user
+        out[m] = (s[m] - s[m].mean()) / s[m].std()
+    return out
+
+
+def test_fold_rows_item_item_feature_is_fit_on_the_other_folds_only(built: Built) -> None:
+    from recsys.data.loader import read_split_arrays
+    from recsys.retrieval.candidates import fold_of
+    from recsys.retrieval.item_item import ITEM_ITEM_DENSE
+
+    c = built.cands
+    meta, prepared = c.meta, built.tt_cfg.data.prepared_dir
+    uc, ic = meta.sparse_index("user_id"), meta.sparse_index("item_id")
+    train = read_split_arrays(prepared, "train", meta)["sparse"]
+    folds = fold_of(len(train), 2, built.rk_cfg.data.candidates.seed)
+    nu, ni = meta.sparse_features[uc].num_embeddings, meta.sparse_features[ic].num_embeddings
+    lam = built.rk_cfg.data.candidates.item_item_lambda
+    assert lam is not None
+    col = len(c.rows["train"].dense[0]) - len(ITEM_ITEM_DENSE)  # item_item_z
+    r = c.rows["train"]
+    for k in range(2):
+        x = np.zeros((nu, ni))
+        x[train[folds != k, uc], train[folds != k, ic]] = 1.0  # fold k's rows are its labels: never here
+        mine = r.fold == k
+        expect = _ease_z(x, lam, r.user[mine], r.item[mine])
+        np.testing.assert_allclose(r.dense[mine, col], expect, rtol=1e-3, atol=1e-3)
+
+
+def test_item_item_above_max_items_is_refused_naming_the_field(built: Built) -> None:
+    from recsys.retrieval.candidates import candidate_rows
+
+    cfg = built.rk_cfg.model_copy(deep=True)
+    cfg.data.candidates.item_item_max_items = 10
+    with pytest.raises(UserError, match=r"data\.candidates\.item_item_max_items \(10\)"):
+        candidate_rows(cfg, built.tt, built.uri, built.cands.fold_runs)
 
 
 def test_funnel_evaluation_runs_on_the_candidate_ranker(built: Built) -> None:

@@ -58,6 +58,17 @@ class CandidatesConfig(Strict):
         description="Cross-fitting folds of the train rows: one retriever per fold, trained on the rest.",
     )
     seed: int = Field(0, description="Seed of the train rows' fold assignment.")
+    item_item_lambda: float | None = Field(
+        None,
+        gt=0,
+        description="EASE ridge λ of the item-to-item history features (z-scored EASE score and its rank "
+        "in the user's list); null: off.",
+    )
+    item_item_max_items: int = Field(
+        20_000,
+        gt=0,
+        description="Most items the item-to-item fit accepts (it holds and inverts I × I float64 matrices).",
+    )
 
 
 class HistoryConfig(Strict):

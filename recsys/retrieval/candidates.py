@@ -77,14 +77,18 @@ class History:
     indptr: np.ndarray  # int64 [U+1]: CSR of each user's train items
     items: np.ndarray  # int64: item rows
     sim: np.ndarray  # float32 [I, I]: cosine of the item columns of the user × item matrix, diagonal 0
+    ease: np.ndarray | None = None  # float32 [I, I]: EASE weights (data.candidates.item_item_lambda), or None
 
 
-def history_of(sparse: np.ndarray, uc: int, ic: int, nu: int, ni: int) -> History:
-    """History of the train rows `sparse` (a retriever's training data).
+def history_of(sparse: np.ndarray, uc: int, ic: int, nu: int, ni: int, lam: float | None = None) -> History:
+    """History of the train rows `sparse` (a retriever's training data); EASE weights fit on the same
+    rows when `lam` (data.candidates.item_item_lambda) is given.
 
     Counts are relative to the mean, so a fold retriever (trained on (K-1)/K of the rows) and the
     served one give features on the same scale. The item × item table is dense ([I, I] float32): an
     ML-100K-sized feature (11 MB there)."""
+    from recsys.retrieval.item_item import fit_ease
+
     n = max(len(sparse), 1)
     user = np.bincount(sparse[:, uc], minlength=nu).astype(np.float32) * (nu - 1) / n
     item = np.bincount(sparse[:, ic], minlength=ni).astype(np.float32) * (ni - 1) / n
@@ -97,7 +101,25 @@ def history_of(sparse: np.ndarray, uc: int, ic: int, nu: int, ni: int) -> Histor
     norm = np.sqrt(np.maximum(np.diag(co), 1.0))
     sim = co / norm[:, None] / norm[None, :]
     np.fill_diagonal(sim, 0.0)
-    return History(user, item, indptr, cols.astype(np.int64), sim.astype(np.float32))
+    ease = None if lam is None else fit_ease(rows, cols, nu, ni, lam)
+    return History(user, item, indptr, cols.astype(np.int64), sim.astype(np.float32), ease)
+
+
+def with_known(hist: History, sparse: np.ndarray, uc: int, ic: int, nu: int, ni: int) -> History:
+    """`hist` with each user's items read from the rows `sparse` instead (e.g. train and val when the
+    lists being scored exclude both): the items a user is known to have when the list is built."""
+    from dataclasses import replace
+
+    keys = np.unique(_pair_keys(sparse[:, uc], sparse[:, ic], ni))
+    indptr = np.r_[0, np.bincount(keys // ni, minlength=nu).cumsum()].astype(np.int64)
+    return replace(hist, indptr=indptr, items=(keys % ni).astype(np.int64))
+
+
+def dense_names(hist: History) -> tuple[str, ...]:
+    """Dense feature names of candidate rows scored with `hist` (DENSE, then the item-to-item ones)."""
+    from recsys.retrieval.item_item import ITEM_ITEM_DENSE
+
+    return DENSE if hist.ease is None else DENSE + ITEM_ITEM_DENSE
 
 
 def knn_features(u: np.ndarray, i: np.ndarray, hist: History) -> np.ndarray:
@@ -131,7 +153,12 @@ def dense_features(
         ],
         axis=1,
     )
-    return np.concatenate([base, knn_features(u, i, hist)], axis=1).astype(np.float32)
+    parts = [base, knn_features(u, i, hist)]
+    if hist.ease is not None:
+        from recsys.retrieval.item_item import item_item_features
+
+        parts.append(item_item_features(user_code, u, i, hist.indptr, hist.items, hist.ease))
+    return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 def feature_tables(meta: Metadata, arrays: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -357,6 +384,11 @@ def candidate_rows(
     uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
     nu, ni = meta.sparse_features[uc].num_embeddings, meta.sparse_features[ic].num_embeddings
     tables = feature_tables(meta, list(arrays.values()))  # checks the columns before any training
+    lam = spec.item_item_lambda
+    if lam is not None:
+        from recsys.retrieval.item_item import check_items
+
+        check_items(ni, spec.item_item_max_items)
     folds = fold_of(len(train["label"]), spec.folds, spec.seed)
     ids = fold_runs_of(run, fold_runs, spec.folds) or train_fold_retrievers(
         run, prepared, meta, train, folds, Path(f"{cfg.data.prepared_dir}-folds")
@@ -365,14 +397,18 @@ def candidate_rows(
     for k, rid in enumerate(ids):
         held = folds == k
         users, positives = _held_out(train["sparse"][held], train["label"][held], uc, ic, ni)
-        hist = history_of(train["sparse"][~held], uc, ic, nu, ni)
+        hist = history_of(train["sparse"][~held], uc, ic, nu, ni, lam)  # what fold k's retriever saw
         parts.append(score_candidates(open_retriever(rid, uri), users, positives, spec.top_n, hist, k))
     rows = {"train": _concat(parts)}
-    hist = history_of(train["sparse"], uc, ic, nu, ni)
+    hist = history_of(train["sparse"], uc, ic, nu, ni, lam)
     for split, exclude in (("val", ("train",)), ("test", ("train", "val"))):
         users, positives = _held_out(arrays[split]["sparse"], arrays[split]["label"], uc, ic, ni)
         ret = open_retriever(run_id, uri, exclude)
-        rows[split] = score_candidates(ret, users, positives, spec.top_n, hist, -1)
+        # A user's known items are those the list excludes (test: train and val), as at serving.
+        known = np.concatenate([arrays[s]["sparse"] for s in exclude])
+        rows[split] = score_candidates(
+            ret, users, positives, spec.top_n, with_known(hist, known, uc, ic, nu, ni), -1
+        )
     return Candidates(run, meta, rows, ids, tables, hist)
 
 
@@ -405,7 +441,7 @@ def build_candidates(
         update={
             "name": cfg.name,
             "block_size": cfg.data.block_size,
-            "dense_features": list(DENSE),
+            "dense_features": list(dense_names(c.history)),
             "splits": infos,
             "label": label,
             "read_notes": [*c.meta.read_notes, note],
@@ -457,22 +493,28 @@ def save_tables(folder: Path, user_table: np.ndarray, item_table: np.ndarray, hi
     for name, a in (("user_features", user_table), ("item_features", item_table),
                     *_history_arrays(hist)):  # fmt: skip
         np.save(folder / f"{name}.npy", a)
-    (folder / "README").write_text(json.dumps({"dense": list(DENSE)}) + "\n")
+    (folder / "README").write_text(json.dumps({"dense": list(dense_names(hist))}) + "\n")
 
 
 def _history_arrays(hist: History) -> list[tuple[str, np.ndarray]]:
-    return [("history_" + f, getattr(hist, f)) for f in History.__dataclass_fields__]
+    fields = [(f, getattr(hist, f)) for f in History.__dataclass_fields__]
+    return [("history_" + f, a) for f, a in fields if a is not None]  # ease: only when fit
 
 
 def load_tables(prepared: str | Path) -> tuple[np.ndarray, np.ndarray, History]:
     """(user feature rows, item feature rows, History) saved by `save_tables` in a candidates folder."""
     folder = Path(prepared, TABLES_DIR)
     names = ["user_features", "item_features", *(f"history_{f}" for f in History.__dataclass_fields__)]
+    optional = {"history_ease"}  # written only by a build with data.candidates.item_item_lambda
     try:
-        a = {n: np.load(folder / f"{n}.npy") for n in names}
+        a = {
+            n: np.load(folder / f"{n}.npy")
+            for n in names
+            if n not in optional or Path(folder, f"{n}.npy").exists()
+        }
     except OSError as e:
         raise UserError(
             f"{folder}: {e.strerror or e}; rebuild the ranker data: recsys data candidates --overwrite …"
         ) from None
-    hist = History(**{f: a[f"history_{f}"] for f in History.__dataclass_fields__})
+    hist = History(**{f: a.get(f"history_{f}") for f in History.__dataclass_fields__})
     return a["user_features"], a["item_features"], hist

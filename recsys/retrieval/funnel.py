@@ -78,7 +78,14 @@ def evaluate_funnel(
     import tempfile
 
     from recsys.errors import UserError
-    from recsys.retrieval.rank import check_vocab, open_ranker, rerank, retrieval_data, score_table
+    from recsys.retrieval.rank import (
+        check_vocab,
+        known_history,
+        open_ranker,
+        rerank,
+        retrieval_data,
+        score_table,
+    )
     from recsys.retrieval.recommend import recommend
 
     kmax = max(ks)
@@ -103,7 +110,7 @@ def evaluate_funnel(
         f"retrieval/{k}": v
         for k, v in list_metrics(_lists(table, user_row, item_row, nu, kmax), sets, list(ks), ni).items()
     }
-    scores = score_table(table, ranker)
+    scores = score_table(table, ranker, known_history(ranker, prepared, meta, exclude))
     for n in sorted(set(candidates)):
         ranked = rerank(table, scores, kmax, n)
         lists = _lists(ranked, user_row, item_row, nu, kmax)

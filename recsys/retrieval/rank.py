@@ -107,6 +107,7 @@ def _check_features(run_id: str, meta: Metadata) -> tuple[list[int], list[int]]:
     """Column indices of the user's and of the item's features; every feature must be one of them."""
     from recsys.data.negatives import CONST_DENSE
     from recsys.retrieval.candidates import DENSE, LABEL_MODE
+    from recsys.retrieval.item_item import ITEM_ITEM_DENSE
 
     if meta.user_feature is None or meta.item_feature is None:
         raise UserError(f"--ranker-run-id {run_id}: trained on data without user/item columns")
@@ -114,7 +115,10 @@ def _check_features(run_id: str, meta: Metadata) -> tuple[list[int], list[int]]:
     user = [names.index(n) for n in [meta.user_feature, *meta.user_side_features]]
     item = [names.index(n) for n in [meta.item_feature, *meta.item_side_features]]
     other = [n for j, n in enumerate(names) if j not in user + item]
-    candidates = meta.label.get("mode") == LABEL_MODE and tuple(meta.dense_features) == DENSE
+    candidates = meta.label.get("mode") == LABEL_MODE and tuple(meta.dense_features) in (
+        DENSE,
+        DENSE + ITEM_ITEM_DENSE,
+    )
     dense = [] if candidates else [n for n in meta.dense_features if n != CONST_DENSE]
     if other or dense:
         raise UserError(
@@ -249,22 +253,26 @@ def score_pairs(
     return out
 
 
-def score_table(table: pa.Table, ranker: Ranker) -> np.ndarray:
-    """Ranker probabilities of a recommendation table's rows (NaN for fallback rows, kept as retrieved)."""
+def score_table(table: pa.Table, ranker: Ranker, history: Any = None) -> np.ndarray:
+    """Ranker probabilities of a recommendation table's rows (NaN for fallback rows, kept as retrieved);
+    `history` (a candidates.History, default the ranker's) says each user's known items."""
     fallback = table.column("fallback").to_numpy(zero_copy_only=False)
     scores = np.full(table.num_rows, np.nan, np.float32)
     warm = np.flatnonzero(~fallback)
     users = np.asarray(table.column("user").to_pylist(), dtype=object)
     items = np.asarray(table.column("item").to_pylist(), dtype=object)
-    scores[warm] = score_pairs(ranker, users[warm], items[warm], pair_dense(table, ranker, ~fallback))
+    dense = pair_dense(table, ranker, ~fallback, history)
+    scores[warm] = score_pairs(ranker, users[warm], items[warm], dense)
     return scores
 
 
-def pair_dense(table: pa.Table, ranker: Ranker, rows: np.ndarray) -> np.ndarray | None:
+def pair_dense(table: pa.Table, ranker: Ranker, rows: np.ndarray, history: Any = None) -> np.ndarray | None:
     """Dense features of a recommendation table's `rows` (bool mask) as a candidates ranker was trained
-    on them (retrieval score and rank from the list, history counts from its folder); None otherwise."""
+    on them (retrieval score and rank from the list, history counts from its folder; each user's known
+    items from `history`, default the folder's train items); None otherwise."""
     if ranker.history is None:
         return None
+    history = history or ranker.history
     import pyarrow.compute as pc
 
     from recsys.retrieval.candidates import dense_features
@@ -275,7 +283,21 @@ def pair_dense(table: pa.Table, ranker: Ranker, rows: np.ndarray) -> np.ndarray 
     users = np.asarray(table.column("user").to_pylist(), dtype=object)[rows]
     items = np.asarray(table.column("item").to_pylist(), dtype=object)[rows]
     u, i = ranker_rows(ranker, users, items)
-    return dense_features(code, score, rank, u, i, ranker.history)
+    return dense_features(code, score, rank, u, i, history)
+
+
+def known_history(ranker: Ranker, prepared: str, meta: Metadata, exclude: tuple[str, ...]) -> Any:
+    """The ranker's History with each user's known items = their rows in the `exclude` splits of the
+    retrieval data (the items the lists leave out, e.g. train and val for test); None for other rankers."""
+    if ranker.history is None or tuple(exclude) == ("train",):
+        return ranker.history  # its folder keeps the train items
+    from recsys.data.loader import read_split_arrays
+    from recsys.retrieval.candidates import with_known
+
+    sparse = [read_split_arrays(prepared, s, meta)["sparse"] for s in exclude]
+    uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
+    nu, ni = len(ranker.history.user), len(ranker.history.item)
+    return with_known(ranker.history, np.concatenate(sparse), uc, ic, nu, ni)
 
 
 def rerank(table: pa.Table, scores: np.ndarray, k: int, candidates: int | None = None) -> pa.Table:
@@ -352,7 +374,8 @@ def retrieve_and_rank(
     ranker = open_ranker(ranker_run_id, run.tracking_uri, ranker_overrides)
     check_vocab(ranker, run_id, prepared, meta)
     rec = recommend(run_id, run.tracking_uri, users, candidates, exclude, None, config, overrides)
-    table = rerank(rec.table, score_table(rec.table, ranker), k)
+    history = known_history(ranker, prepared, meta, exclude)
+    table = rerank(rec.table, score_table(rec.table, ranker, history), k)
     if out is not None:
         import pyarrow.parquet as pq
 
