@@ -18,7 +18,10 @@ that never saw that interaction:
   vocabularies (vocab/ is copied, rows are the same). Dense (`DENSE`): the retrieval score, its gap to
   the user's top score, log rank, the user's and the item's train-row counts relative to the mean
   (log1p), and the mean and max item-to-item cosine of the candidate with the user's train items —
-  all from the scoring retriever's train rows. The folder also keeps, under `ranker/`, the served
+  all from the scoring retriever's train rows; with `data.candidates.item_item_lambda`, also the EASE
+  item-to-item score z-scored and ranked within the user's list (recsys.retrieval.item_item), its
+  weights fit on those same rows. A val (test) row's user items are those its list excludes: train
+  (train and val). The folder also keeps, under `ranker/`, the served
   retriever's feature and count tables, so scoring any (user, item) later needs no other folder.
 
 Holds the retriever data's splits in memory (as `recsys evaluate` does); ML-100K-sized data.

@@ -5,8 +5,9 @@
   or on the retriever's own candidates (`recsys data candidates`, movielens_100k_candidate_ranker).
   Every one of its sparse features must describe the user or the item (id or side feature), and its
   dense features may only be the constant one prepare adds, or the candidate features
-  (recsys.retrieval.candidates.DENSE: retrieval score, gap, rank and history counts, computed here
-  from the retrieved list and the tables its folder keeps); such a ranker serves only the retrieval
+  (recsys.retrieval.candidates.DENSE: retrieval score, gap, rank and history counts, and optionally
+  the EASE item-to-item ones, computed here from the retrieved list, the tables its folder keeps and
+  each user's seen items); such a ranker serves only the retrieval
   run whose candidates it was trained on.
 - A pair's feature row: the user's features and the item's features as they appear in the ranker's
   prepared data (last row seen), mapped by raw id. The retrieval data's users and items must all be in
