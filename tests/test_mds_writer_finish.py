@@ -11,9 +11,9 @@ from recsys.data.mds import BlockReader, SplitWriter
 
 
 def test_close_never_sleeps_on_the_upload_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MDSWriter.finish() sleeps 1 s while the last shard's upload is still queued (it nearly always is,
-    right after queueing it): a fixed second of every prepare. close() drains the queue first; the split
-    reads back whole."""
+    """MDSWriter.finish() sleeps 1 s while the last shard's upload is still queued (right after queueing
+    it, whenever the upload thread has not had the GIL yet): 0 to 3 s of a prepare. close() drains the
+    queue first; the split reads back whole."""
     import streaming.base.format.base.writer as base
     from streaming import MDSWriter
 

@@ -196,9 +196,10 @@ class SplitWriter:
         w = self._writer
         if w.new_samples:
             # MDSWriter.finish() writes the last shard, queues its upload, and then sleeps a whole
-            # second whenever that upload has not yet left the queue (a race it nearly always loses):
-            # 1 s of a 4 s prepare of 1M rows. So the last shard is written here, and the queue is
-            # drained (a no-op task behind the uploads, FIFO) before finish() looks at it.
+            # second whenever that upload has not yet left the queue, a race with the upload thread for
+            # the GIL: 0 to 3 s (one per split, closed in turn) of a ~3.5 s prepare of 1M rows. So the
+            # last shard is written here, and the queue drained (a no-op task behind the uploads, FIFO)
+            # before finish() looks at it.
             w.flush_shard()
             w._reset_cache()
         w.executor.submit(lambda: None).result()
