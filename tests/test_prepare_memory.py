@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def test_bench_prints_the_figure_per_size_and_its_spread(
         assert all(p["peak_rss_mb"] >= fig["rss_before_prepare_mb"] * 0.9 for p in phases.values())
     assert figures[1]["vocab_rows"] <= 26 * 51  # the cap holds
     assert out.count("beyond imports and vocabularies: ") == 2
+    passes = r"pass 1 [\d.]+ in [\d.]+ s, vocab [\d.]+ in [\d.]+ s, pass 2 [\d.]+ in [\d.]+ s\)"
+    assert len(re.findall(passes, out)) == 2  # CPU-seconds and wall seconds of each phase
     assert "Criteo cardinalities: peak RSS max/min 1.00, beyond imports and vocabularies max/min 1.00" in out
     assert "capped at 50: peak RSS max/min 1.00, beyond imports and vocabularies max/min 1.00" in out
     assert (tmp_path / "plot.png").is_file()

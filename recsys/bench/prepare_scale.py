@@ -242,8 +242,8 @@ def _print_figures(fig: dict) -> None:
     print(
         f"{fig['rows']:>12,} rows ({fig['raw_mb']:,.0f} MB TSV): {fig['rows'] / fig['wall_s']:>9,.0f} rows/s "
         f"wall, {fig['rows'] / fig['cpu_s']:,.0f} rows per CPU-second ({fig['cpu_s']:.1f} CPU-s in "
-        f"{fig['wall_s']:.1f} s; pass 1 {t['read_cpu']:.1f}, vocab {t['vocab_cpu']:.1f}, pass 2 "
-        f"{t['write_cpu']:.1f} CPU-s), peak RSS {fig['peak_rss_mb']:,.0f} MB (after imports "
+        f"{fig['wall_s']:.1f} s; pass 1 {t['read_cpu']:.1f} in {t['read']:.1f} s, vocab {t['vocab_cpu']:.1f} in "
+        f"{t['vocab']:.1f} s, pass 2 {t['write_cpu']:.1f} in {t['write']:.1f} s), peak RSS {fig['peak_rss_mb']:,.0f} MB (after imports "
         f"{fig['rss_before_prepare_mb']:,.0f} MB), vocabularies {fig['vocab_rows']:,} ids; "
         f"load average {fig['load'][0]:.1f} before, {fig['load'][1]:.1f} after",
         flush=True,

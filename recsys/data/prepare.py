@@ -162,6 +162,7 @@ class _Counted:
     notes: list[str]
     train_labels: _ExactSum
     all_labels: _ExactSum
+    train_end: int = 0  # one past the position of the last train row: pass 2 flushes its window there
 
 
 def _count(
@@ -183,6 +184,8 @@ def _count(
             counters = [V.IdCounter() for _ in t.sparse]
             done = _Counted(t, counters, [], _ExactSum(), _ExactSum())
         train = chunk.assign == S.TRAIN
+        if train.any():
+            done.train_end = chunk.start + len(train) - int(np.argmax(train[::-1]))
         encoded = list(pool.map(V.IdCounter.add, done.counters, t.sparse, [train] * len(t.sparse)))
         done.notes.extend(n for n in t.notes if n not in done.notes)
         if t.label is not None:
@@ -280,9 +283,11 @@ def _write(
     facts: _FactRows | None,
     history: HistoryBuilder | None = None,
     negatives: NegativeSampler | None = None,
+    train_end: int = 0,
 ) -> dict[str, SplitInfo]:
     """Pass 2: map every spilled chunk's ids to rows and route its rows to the split writers
-    (with `negatives`, each positive followed by its sampled rows)."""
+    (with `negatives`, each positive followed by its sampled rows); the train rows buffered for the
+    shuffle are written once the chunks pass `train_end` (pass 1's last train row) or at the end."""
     from tqdm import tqdm
 
     d = cfg.data
@@ -314,6 +319,8 @@ def _write(
             writers[name].write(labels[m], dense[m], sparse[m])
         m = assign == S.TRAIN
         train.add(positions[m], labels[m], dense[m], sparse[m], None if keys is None else keys[m])
+        if chunk.start + chunk.rows >= train_end:  # no train rows follow: written now, not in pass 2's tail
+            train.flush()
         bar.update(chunk.rows)
     train.flush()
     for w in writers.values():
@@ -444,7 +451,9 @@ def prepare(cfg: Config, overwrite: bool, on_phase: PhaseHook | None = None) -> 
             t_vocab, c_vocab = time.perf_counter(), time.process_time()
             facts = _FactRows.open(raw_dir_of(cfg) / SYNTH_JSON, reader.rows) if synthetic else None
             phase_end("vocabularies", max(held))
-            infos = _write(spill, reader.rows, maps, rule, out, cfg, pool, facts, history, negatives)
+            infos = _write(
+                spill, reader.rows, maps, rule, out, cfg, pool, facts, history, negatives, counted.train_end
+            )
         finally:
             spill.close()
     t_write, c_write = time.perf_counter(), time.process_time()
