@@ -142,22 +142,22 @@ def test_each_negatives_file_is_opened_once_per_phase(
     negatives from every bucket's file, would open 64 files per step)."""
     opened: Counter = Counter()
 
-    def counting(fn):  # noqa: ANN001, ANN202
+    def counting(fn, name: str):  # noqa: ANN001, ANN202
         def run(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
             if Path(str(path)).name.startswith("neg"):
-                opened[fn.__name__] += 1
+                opened[name] += 1
             return fn(path, *args, **kwargs)
 
         return run
 
     for owner, name in ((pa, "memory_map"), (pa, "OSFile"), (os, "open"), (np, "fromfile")):
-        monkeypatch.setattr(owner, name, counting(getattr(owner, name)))
+        monkeypatch.setattr(owner, name, counting(getattr(owner, name), name))
     path = tmp_path / "r.parquet"
     _interactions(path, 800, seed=3)
     prepare(_cfg(path, tmp_path / "p", chunk_rows=100), overwrite=False)  # 8 chunks, 8 buckets
     assert sum(opened.values()) <= 2 * (8 + 8), f"negatives files opened {dict(opened)}"
-    assert opened["memory_map"] == 8, f"each bucket's file read once: {dict(opened)}"
-    assert opened["fromfile"] == 8, f"each chunk's negatives read once: {dict(opened)}"
+    assert opened["open"] == 8 + 8, f"each bucket's and chunk's file written once: {dict(opened)}"
+    assert opened["fromfile"] == 8 + 8, f"each bucket's and chunk's file read once: {dict(opened)}"
 
 
 _LIMITED = """
@@ -378,27 +378,21 @@ def appends(chunks: int) -> None:
     import tempfile
     import time
 
-    from recsys.data.negative_files import NEGATIVE, ChunkFiles, KeyStreams, ensure_open_files
+    from recsys.data.negative_files import KEY, NEGATIVE, ChunkFiles, KeyFiles, ensure_open_files
 
     b = c = 3815
     n, rng = 262_144, np.random.default_rng(0)
     ensure_open_files(b)
     with tempfile.TemporaryDirectory() as tmp:
-        keys, took = KeyStreams(Path(tmp), b), []
+        keys, took = KeyFiles(Path(tmp), b), []
         for i in range(chunks):
-            users = pa.array([f"user{x}" for x in rng.integers(0, 10**8, n)])
-            table = pa.table(
-                {
-                    "bucket": np.sort(rng.integers(0, b, n)).astype(np.int32),
-                    "pos": np.arange(i * n, (i + 1) * n),
-                    "split": np.zeros(n, np.int8),
-                    "positive": np.ones(n, bool),
-                    "user": users,
-                    "item": rng.integers(0, 10**6, n).astype(np.int32),
-                }
-            )
+            records = np.zeros(n, KEY)
+            records["pos"] = np.arange(i * n, (i + 1) * n)
+            records["user_lo"], records["user_hi"] = rng.integers(0, 2**63, (2, n), dtype=np.uint64)
+            records["item"] = rng.integers(0, 10**6, n)
+            bucket = np.sort(rng.integers(0, b, n)).astype(np.int32)
             t = time.perf_counter()
-            keys.append(table)
+            keys.append(records, bucket)
             took.append(time.perf_counter() - t)
         keys.close()
         step1 = float(np.mean(took[1:]))
@@ -414,7 +408,7 @@ def appends(chunks: int) -> None:
         files.close()
         step2 = float(np.mean(took[1:]))
     print(
-        f"step 1: {1e3 * step1:.0f} ms per chunk into {b:,} bucket streams, x {c:,} chunks = {step1 * c / 60:.1f} min; "
+        f"step 1: {1e3 * step1:.0f} ms per chunk into {b:,} bucket files, x {c:,} chunks = {step1 * c / 60:.1f} min; "
         f"step 2: {1e3 * step2:.0f} ms per bucket (4 negatives a row) into {c:,} chunk files, "
         f"x {b:,} buckets = {step2 * b / 60:.1f} min"
     )
