@@ -318,20 +318,25 @@ def main(sizes: list[int]) -> None:
 
 
 _PHASES = """
-import json, os, sys, time
+import json, os, resource, sys, time
 from recsys.data import negative_buckets as NB
 from recsys.data import prepare as P
 from recsys.config import config_from_dict
 took = {"sample_s": 0.0, "sample_cpu_s": 0.0, "pass2_lookup_s": 0.0, "pass2_lookup_cpu_s": 0.0}
+def kernel():  # this thread's: pass 2's MDS writer threads run beside the lookups
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_stime
+def writes():
+    return next(int(x.split()[1]) for x in open("/proc/self/io") if x.startswith("syscw"))
 def timed(fn, key):
     def run(*args, **kwargs):
-        t, c, sys0 = time.perf_counter(), time.process_time(), os.times().system
+        t, c, sys0, w = time.perf_counter(), time.thread_time(), kernel(), writes()
         try:
             return fn(*args, **kwargs)
         finally:
             took[key + "_s"] += time.perf_counter() - t
-            took[key + "_cpu_s"] += time.process_time() - c
-            took[key + "_sys_s"] = took.get(key + "_sys_s", 0.0) + os.times().system - sys0
+            took[key + "_cpu_s"] += time.thread_time() - c
+            took[key + "_sys_s"] = took.get(key + "_sys_s", 0.0) + kernel() - sys0
+            took[key + "_writes"] = took.get(key + "_writes", 0) + writes() - w
     return run
 def rss(key):
     return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key))
@@ -351,9 +356,10 @@ print(json.dumps(took))
 
 
 def phases(sizes: list[int], chunk_rows: int) -> None:
-    """Print the negatives phases' wall and CPU time (sampling between the passes, pass 2's lookups)
-    and the peak RSS from sampling to prepare's end (beyond the RSS when sampling starts) at each size, with small chunks so that there are hundreds of chunks
-    and buckets: `PYTHONPATH=.:tests python -m tests.test_negatives_streaming --phases 16384 2000000 8000000`."""
+    """Print the negatives phases' wall and CPU time of the thread that runs them (sampling between the
+    passes, pass 2's lookups; pass 2's MDS writer threads run beside the lookups), the write calls
+    while sampling and the peak RSS from sampling to prepare's end (beyond the RSS when sampling
+    starts) at each size, with small chunks so that there are hundreds of chunks and buckets: `PYTHONPATH=.:tests python -m tests.test_negatives_streaming --phases 16384 2000000 8000000`."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -364,7 +370,8 @@ def phases(sizes: list[int], chunk_rows: int) -> None:
             chunks = -(-rows // chunk_rows)
             print(
                 f"~{rows:,} rows, chunk_rows {chunk_rows:,} ({chunks} chunks and buckets): sampling "
-                f"{r['sample_s']:.1f} s ({r['sample_cpu_s']:.1f} CPU-s, {r['sample_sys_s']:.1f} in the kernel), pass-2 lookups "
+                f"{r['sample_s']:.1f} s ({r['sample_cpu_s']:.1f} CPU-s, {r['sample_sys_s']:.1f} in the kernel, "
+                f"{r['sample_writes']:,} write calls), pass-2 lookups "
                 f"{r['pass2_lookup_s']:.1f} s ({r['pass2_lookup_cpu_s']:.1f} CPU-s, {r['pass2_lookup_sys_s']:.1f} in the kernel), prepare {r['prepare_s']:.1f} s, peak RSS from sampling on "
                 f"{r['peak_rss_mb']:.0f} MiB beyond its start",
                 flush=True,
