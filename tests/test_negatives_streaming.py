@@ -142,22 +142,22 @@ def test_each_negatives_file_is_opened_once_per_phase(
     negatives from every bucket's file, would open 64 files per step)."""
     opened: Counter = Counter()
 
-    def counting(fn):  # noqa: ANN001, ANN202
+    def counting(fn, name: str):  # noqa: ANN001, ANN202
         def run(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
             if Path(str(path)).name.startswith("neg"):
-                opened[fn.__name__] += 1
+                opened[name] += 1
             return fn(path, *args, **kwargs)
 
         return run
 
     for owner, name in ((pa, "memory_map"), (pa, "OSFile"), (os, "open"), (np, "fromfile")):
-        monkeypatch.setattr(owner, name, counting(getattr(owner, name)))
+        monkeypatch.setattr(owner, name, counting(getattr(owner, name), name))
     path = tmp_path / "r.parquet"
     _interactions(path, 800, seed=3)
     prepare(_cfg(path, tmp_path / "p", chunk_rows=100), overwrite=False)  # 8 chunks, 8 buckets
     assert sum(opened.values()) <= 2 * (8 + 8), f"negatives files opened {dict(opened)}"
-    assert opened["memory_map"] == 8, f"each bucket's file read once: {dict(opened)}"
-    assert opened["fromfile"] == 8, f"each chunk's negatives read once: {dict(opened)}"
+    assert opened["open"] == 8 + 8, f"each bucket's and chunk's file written once: {dict(opened)}"
+    assert opened["fromfile"] == 8 + 8, f"each bucket's and chunk's file read once: {dict(opened)}"
 
 
 _LIMITED = """
@@ -318,20 +318,25 @@ def main(sizes: list[int]) -> None:
 
 
 _PHASES = """
-import json, os, sys, time
+import json, os, resource, sys, time
 from recsys.data import negative_buckets as NB
 from recsys.data import prepare as P
 from recsys.config import config_from_dict
 took = {"sample_s": 0.0, "sample_cpu_s": 0.0, "pass2_lookup_s": 0.0, "pass2_lookup_cpu_s": 0.0}
+def kernel():  # this thread's: pass 2's MDS writer threads run beside the lookups
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_stime
+def writes():
+    return next(int(x.split()[1]) for x in open("/proc/self/io") if x.startswith("syscw"))
 def timed(fn, key):
     def run(*args, **kwargs):
-        t, c, sys0 = time.perf_counter(), time.process_time(), os.times().system
+        t, c, sys0, w = time.perf_counter(), time.thread_time(), kernel(), writes()
         try:
             return fn(*args, **kwargs)
         finally:
             took[key + "_s"] += time.perf_counter() - t
-            took[key + "_cpu_s"] += time.process_time() - c
-            took[key + "_sys_s"] = took.get(key + "_sys_s", 0.0) + os.times().system - sys0
+            took[key + "_cpu_s"] += time.thread_time() - c
+            took[key + "_sys_s"] = took.get(key + "_sys_s", 0.0) + kernel() - sys0
+            took[key + "_writes"] = took.get(key + "_writes", 0) + writes() - w
     return run
 def rss(key):
     return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key))
@@ -351,9 +356,10 @@ print(json.dumps(took))
 
 
 def phases(sizes: list[int], chunk_rows: int) -> None:
-    """Print the negatives phases' wall and CPU time (sampling between the passes, pass 2's lookups)
-    and the peak RSS from sampling to prepare's end (beyond the RSS when sampling starts) at each size, with small chunks so that there are hundreds of chunks
-    and buckets: `PYTHONPATH=.:tests python -m tests.test_negatives_streaming --phases 16384 2000000 8000000`."""
+    """Print the negatives phases' wall and CPU time of the thread that runs them (sampling between the
+    passes, pass 2's lookups; pass 2's MDS writer threads run beside the lookups), the write calls
+    while sampling and the peak RSS from sampling to prepare's end (beyond the RSS when sampling
+    starts) at each size, with small chunks so that there are hundreds of chunks and buckets: `PYTHONPATH=.:tests python -m tests.test_negatives_streaming --phases 16384 2000000 8000000`."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -364,7 +370,8 @@ def phases(sizes: list[int], chunk_rows: int) -> None:
             chunks = -(-rows // chunk_rows)
             print(
                 f"~{rows:,} rows, chunk_rows {chunk_rows:,} ({chunks} chunks and buckets): sampling "
-                f"{r['sample_s']:.1f} s ({r['sample_cpu_s']:.1f} CPU-s, {r['sample_sys_s']:.1f} in the kernel), pass-2 lookups "
+                f"{r['sample_s']:.1f} s ({r['sample_cpu_s']:.1f} CPU-s, {r['sample_sys_s']:.1f} in the kernel, "
+                f"{r['sample_writes']:,} write calls), pass-2 lookups "
                 f"{r['pass2_lookup_s']:.1f} s ({r['pass2_lookup_cpu_s']:.1f} CPU-s, {r['pass2_lookup_sys_s']:.1f} in the kernel), prepare {r['prepare_s']:.1f} s, peak RSS from sampling on "
                 f"{r['peak_rss_mb']:.0f} MiB beyond its start",
                 flush=True,
@@ -378,27 +385,21 @@ def appends(chunks: int) -> None:
     import tempfile
     import time
 
-    from recsys.data.negative_files import NEGATIVE, ChunkFiles, KeyStreams, ensure_open_files
+    from recsys.data.negative_files import KEY, NEGATIVE, ChunkFiles, KeyFiles, ensure_open_files
 
     b = c = 3815
     n, rng = 262_144, np.random.default_rng(0)
     ensure_open_files(b)
     with tempfile.TemporaryDirectory() as tmp:
-        keys, took = KeyStreams(Path(tmp), b), []
+        keys, took = KeyFiles(Path(tmp), b), []
         for i in range(chunks):
-            users = pa.array([f"user{x}" for x in rng.integers(0, 10**8, n)])
-            table = pa.table(
-                {
-                    "bucket": np.sort(rng.integers(0, b, n)).astype(np.int32),
-                    "pos": np.arange(i * n, (i + 1) * n),
-                    "split": np.zeros(n, np.int8),
-                    "positive": np.ones(n, bool),
-                    "user": users,
-                    "item": rng.integers(0, 10**6, n).astype(np.int32),
-                }
-            )
+            records = np.zeros(n, KEY)
+            records["pos"] = np.arange(i * n, (i + 1) * n)
+            records["user_lo"], records["user_hi"] = rng.integers(0, 2**63, (2, n), dtype=np.uint64)
+            records["item"] = rng.integers(0, 10**6, n)
+            bucket = np.sort(rng.integers(0, b, n)).astype(np.int32)
             t = time.perf_counter()
-            keys.append(table)
+            keys.append(records, bucket)
             took.append(time.perf_counter() - t)
         keys.close()
         step1 = float(np.mean(took[1:]))
@@ -414,7 +415,7 @@ def appends(chunks: int) -> None:
         files.close()
         step2 = float(np.mean(took[1:]))
     print(
-        f"step 1: {1e3 * step1:.0f} ms per chunk into {b:,} bucket streams, x {c:,} chunks = {step1 * c / 60:.1f} min; "
+        f"step 1: {1e3 * step1:.0f} ms per chunk into {b:,} bucket files, x {c:,} chunks = {step1 * c / 60:.1f} min; "
         f"step 2: {1e3 * step2:.0f} ms per bucket (4 negatives a row) into {c:,} chunk files, "
         f"x {b:,} buckets = {step2 * b / 60:.1f} min"
     )

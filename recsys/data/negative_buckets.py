@@ -3,12 +3,13 @@
 Between pass 1 (ids counted, chunks spilled: recsys.data.spill) and pass 2 (rows mapped and
 written), prepare samples the negatives (the rule: recsys.data.negatives) in two steps:
 
-1. partition: every spilled chunk's interactions (position, split, positive?, user id, the item's
-   catalogue index) are appended to one Arrow IPC stream per bucket = hash(user id) mod B, B = ⌈rows
-   / data.chunk_rows⌉, so a bucket holds every row of its users and about one chunk of rows; each
-   catalogue item's table rows (item id and item side features) of its last train row are kept
-   (per-item state, [items, 1 + item side features] int64);
-2. sample: bucket by bucket, the bucket's one file is read, its users' (user, item) pairs with their
+1. partition: every spilled chunk's interactions (position, split, positive?, the user id's 128-bit
+   hash, the item's catalogue index: 32 B KEY records) are appended to one file per bucket =
+   hash(user id) mod B, B = ⌈rows / data.chunk_rows⌉, so a bucket holds every row of its users and
+   about one chunk of rows; each catalogue item's table rows (item id and item side features) of its
+   last train row are kept (per-item state, [items, 1 + item side features] int64);
+2. sample: bucket by bucket, the bucket's one file is read, its users told apart by their id hash (a
+   collision among 10^12 distinct users has probability ~10^-15), their (user, item) pairs with their
    earliest split built, and the negatives drawn (keyed by position, so the draws do not depend on
    B or the chunks); each bucket's negatives (position, draw k, catalogue index: 16 B records,
    sorted by position) are cut at the chunks' first positions and appended to one raw file per chunk.
@@ -21,15 +22,16 @@ Opens: B + C files in all (C spilled chunks), each written and read once (recsys
 a bucket's slice of every chunk, or a chunk's negatives from every bucket, would be B × C opens
 (~14.5M at 1B rows and the default chunk_rows: hours). Each phase keeps its B (then C) files open,
 unbuffered, so memory does not grow with them; the open-file soft limit is raised to fit them, and a
-hard limit too low is refused naming data.chunk_rows. A file is memory-mapped only while it is read,
-so the touched pages of the others never count in RSS.
+hard limit too low is refused naming data.chunk_rows. A file is read whole only when it is used.
+What remains B × C is one os.write per (chunk, bucket) and per (bucket, chunk) slice.
 
-Disk, in the spill folder: ~20 B + the user id's bytes per interaction (key files, each removed once
-its bucket is sampled) and 16 B per negative (each chunk's file removed once pass 2 has read it).
+Disk, in the spill folder: 32 B per interaction (key files, each removed once its bucket is sampled)
+and 16 B per negative (each chunk's file removed once pass 2 has read it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,8 +44,7 @@ import pyarrow.compute as pc
 
 from recsys.data import splits as S
 from recsys.data import vocab as V
-from recsys.data.hashing import id_hashes
-from recsys.data.negative_files import NEGATIVE, ChunkFiles, KeyStreams, ensure_open_files
+from recsys.data.negative_files import KEY, NEGATIVE, ChunkFiles, KeyFiles, ensure_open_files
 from recsys.data.negatives import draw_negatives, negative_keys
 
 if TYPE_CHECKING:
@@ -54,6 +55,15 @@ if TYPE_CHECKING:
 
 #: Interactions per bucket (None: data.chunk_rows); tests set it to show buckets do not change the output.
 ROWS_PER_BUCKET: int | None = None
+
+
+def user_hashes(ids: pa.Array) -> np.ndarray:
+    """The 128-bit BLAKE2b of each id (uint64 [len(ids), 2]): what tells a bucket's users apart."""
+    digests = b"".join(
+        hashlib.blake2b(v.encode("utf-8"), digest_size=16, person=b"recsys-user").digest()
+        for v in ids.cast(pa.string()).to_pylist()
+    )
+    return np.frombuffer(digests, "<u8").reshape(len(ids), 2)
 
 
 def _catalogue(counter: V.IdCounter) -> pa.Array:
@@ -115,7 +125,7 @@ class NegativeSampler:
         """Partition every spilled chunk's interactions by user bucket, then draw bucket by bucket;
         `labels_of` gives a chunk's binary labels (pass 2's label rule)."""
         ensure_open_files(max(self.buckets, spill.count))
-        keys = KeyStreams(self.folder, self.buckets)
+        keys = KeyFiles(self.folder, self.buckets)
         starts: list[int] = []
         try:
             for i in range(spill.count):
@@ -123,19 +133,20 @@ class NegativeSampler:
                 positive = labels_of(chunk) > 0
                 self.positives += int(positive.sum())
                 starts.append(chunk.start)
-                keys.append(self._partition(chunk, positive, maps))
+                keys.append(*self._partition(chunk, positive, maps))
         finally:
             keys.close()
         self.chunks = ChunkFiles(self.folder, starts)
         try:
             for b in range(self.buckets):
-                self.chunks.append(self._sample_bucket(keys.path(b)))
-                keys.path(b).unlink(missing_ok=True)
+                self.chunks.append(self._sample_bucket(keys.read(b)))
         finally:
             self.chunks.close()
 
-    def _partition(self, chunk: SpilledChunk, positive: np.ndarray, maps: list[TableMap]) -> pa.Table:
-        """The chunk's interactions as (bucket, pos, split, positive, user, item), sorted by bucket."""
+    def _partition(
+        self, chunk: SpilledChunk, positive: np.ndarray, maps: list[TableMap]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk's interactions as KEY records sorted by user bucket, and each record's bucket."""
         users, items = chunk.encoded[self.user_col], chunk.encoded[self.item_cols[0]]
         k = len(items.dictionary)
         cat_of = np.full(k + 1, -1, np.int32)  # the last slot: missing item
@@ -145,23 +156,18 @@ class NegativeSampler:
         item_cat = cat_of[items.codes]
         self._observe_items(chunk, item_cat, maps)
         rows = np.flatnonzero((users.codes != users.missing) & (items.codes != items.missing))
-        bucket_of = (id_hashes(users.dictionary.cast(pa.string()).to_pylist()) % self.buckets).astype(
-            np.int32
-        )
-        bucket = bucket_of[users.codes[rows]]
-        order = np.argsort(bucket, kind="stable")
+        hashes = user_hashes(users.dictionary)
+        bucket = (hashes[:, 0] % np.uint64(self.buckets)).astype(np.int32)[users.codes[rows]]
+        order = np.argsort(bucket, kind="stable")  # stable: a bucket's rows stay in position order
         rows, bucket = rows[order], bucket[order]
-        table = pa.table(
-            {
-                "bucket": bucket,
-                "pos": chunk.start + rows.astype(np.int64),
-                "split": chunk.assign[rows],
-                "positive": positive[rows],
-                "user": users.dictionary.cast(pa.string()).take(pa.array(users.codes[rows])),
-                "item": item_cat[rows],
-            }
-        )
-        return table
+        user = hashes[users.codes[rows]]
+        records = np.zeros(len(rows), KEY)  # zeros: the padding bytes written are zero too
+        records["pos"] = chunk.start + rows.astype(np.int64)
+        records["user_lo"], records["user_hi"] = user[:, 0], user[:, 1]
+        records["item"] = item_cat[rows]
+        records["split"] = chunk.assign[rows]
+        records["positive"] = positive[rows]
+        return records, bucket
 
     def _observe_items(self, chunk: SpilledChunk, item_cat: np.ndarray, maps: list[TableMap]) -> None:
         """Each catalogue item's table rows of its latest train row so far (chunks come in order)."""
@@ -176,19 +182,22 @@ class NegativeSampler:
             self.item_rows[cats, col] = maps[j].rows_encoded(sub)
 
     # ------------------------------------------------------------------------------ step 2
-    def _sample_bucket(self, path: Path) -> np.ndarray:
-        """The negatives of one bucket's users as NEGATIVE records, sorted by position."""
-        if not path.exists():  # no chunk had a row of its users
+    def _sample_bucket(self, part: np.ndarray) -> np.ndarray:
+        """The negatives of one bucket's users (its KEY records, in position order) as NEGATIVE
+        records, sorted by position."""
+        if not len(part):  # no chunk had a row of its users
             return np.empty(0, NEGATIVE)
-        with pa.memory_map(str(path), "r") as src:
-            part = pa.ipc.open_stream(src).read_all()
-        pos = part.column("pos").to_numpy()
-        users = V.encode_column(pa.chunked_array(part.column("user").chunks, pa.string()))
+        pos = part["pos"]
+        # A code per distinct 128-bit user hash (draw_negatives only compares users for equality).
+        order = np.lexsort((part["user_lo"], part["user_hi"]))
+        lo, hi = part["user_lo"][order], part["user_hi"][order]
+        users = np.empty(len(part), np.int64)
+        users[order] = np.cumsum(np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]) - 1
         src, k, cand = draw_negatives(
-            users.codes.astype(np.int64),
-            part.column("item").to_numpy().astype(np.int64),
-            part.column("split").to_numpy(),
-            part.column("positive").to_numpy(),
+            users,
+            part["item"].astype(np.int64),
+            part["split"],
+            part["positive"],
             pos,
             len(self.catalogue),
             self.per_positive,
