@@ -87,16 +87,23 @@ def _pairs(sparse: np.ndarray, uc: int, ic: int) -> set[tuple[int, int]]:
     return set(map(tuple, sparse[:, [uc, ic]].tolist()))
 
 
-def test_train_rows_are_each_fold_retrievers_top_n_and_never_its_training_pairs(built: Built) -> None:
+def _train_folds(built: Built) -> tuple[Any, Any, Any, int, int, np.ndarray, np.ndarray]:
+    """(candidates, metadata, the retriever's prepared folder, user and item columns, its train sparse
+    ids, each train row's fold)."""
     from recsys.data.loader import read_split_arrays
     from recsys.retrieval.candidates import fold_of
-    from recsys.retrieval.recommend import open_retriever
 
     c = built.cands
     meta, prepared = c.meta, built.tt_cfg.data.prepared_dir
     uc, ic = meta.sparse_index("user_id"), meta.sparse_index("item_id")
     train = read_split_arrays(prepared, "train", meta)["sparse"]
-    folds = fold_of(len(train), 2, built.rk_cfg.data.candidates.seed)
+    return c, meta, prepared, uc, ic, train, fold_of(len(train), 2, built.rk_cfg.data.candidates.seed)
+
+
+def test_train_rows_are_each_fold_retrievers_top_n_and_never_its_training_pairs(built: Built) -> None:
+    from recsys.retrieval.recommend import open_retriever
+
+    c, meta, prepared, uc, ic, train, folds = _train_folds(built)
     vocab_u = _vocab(prepared, meta, "user_id")
     item_row = {raw: row for row, raw in enumerate(_vocab(prepared, meta, "item_id"))}
     r = c.rows["train"]
@@ -195,15 +202,9 @@ def _ease_z(x: np.ndarray, lam: float, users: np.ndarray, items: np.ndarray) -> 
 
 
 def test_fold_rows_item_item_feature_is_fit_on_the_other_folds_only(built: Built) -> None:
-    from recsys.data.loader import read_split_arrays
-    from recsys.retrieval.candidates import fold_of
     from recsys.retrieval.item_item import ITEM_ITEM_DENSE
 
-    c = built.cands
-    meta, prepared = c.meta, built.tt_cfg.data.prepared_dir
-    uc, ic = meta.sparse_index("user_id"), meta.sparse_index("item_id")
-    train = read_split_arrays(prepared, "train", meta)["sparse"]
-    folds = fold_of(len(train), 2, built.rk_cfg.data.candidates.seed)
+    c, meta, prepared, uc, ic, train, folds = _train_folds(built)
     nu, ni = meta.sparse_features[uc].num_embeddings, meta.sparse_features[ic].num_embeddings
     lam = built.rk_cfg.data.candidates.item_item_lambda
     assert lam is not None
