@@ -25,10 +25,15 @@ ITEM_ITEM_DENSE = ("item_item_z", "item_item_log_rank")
 
 def ease_weights(known: torch.Tensor, lam: float) -> torch.Tensor:
     """[I, I] item-to-item weights of EASE fit on the [U, I] 0/1 matrix `known`, ridge `lam` (float64)."""
+    x = known.double()
+    return ease_from_gram(x.T @ x, lam)
+
+
+def ease_from_gram(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """[I, I] EASE weights from the float64 item co-occurrence counts XᵀX (`gram`, changed in place)."""
     import torch
 
-    x = known.double()
-    gram = x.T @ x + lam * torch.eye(x.shape[1], dtype=torch.float64)
+    gram += lam * torch.eye(gram.shape[0], dtype=torch.float64)
     inv = torch.linalg.inv(gram)
     weights = -inv / torch.diag(inv)  # the closed form with the zero-diagonal constraint
     return weights.fill_diagonal_(0.0)
@@ -45,13 +50,26 @@ def check_items(num_items: int, max_items: int) -> None:
         )
 
 
-def fit_ease(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, lam: float) -> np.ndarray:
-    """float32 [I, I] EASE weights fit on the (user row, item row) pairs given (duplicates count once)."""
+def fit_ease(
+    users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, lam: float, block: int = 0
+) -> np.ndarray:
+    """float32 [I, I] EASE weights fit on the (user row, item row) pairs given (duplicates count once).
+    XᵀX is summed over `block` users at a time (0: ~1 GiB of float64 a block): memory I × I plus one
+    block, never users × items."""
     import torch
 
-    x = torch.zeros(num_users, num_items, dtype=torch.float64)
-    x[torch.from_numpy(users.astype(np.int64)), torch.from_numpy(items.astype(np.int64))] = 1.0
-    return ease_weights(x, lam).float().numpy()
+    block = min(block or max(1, (1 << 27) // max(num_items, 1)), max(num_users, 1))
+    gram = torch.zeros(num_items, num_items, dtype=torch.float64)
+    order = np.argsort(users, kind="stable")
+    users, items = users[order].astype(np.int64), items[order].astype(np.int64)
+    cuts = np.searchsorted(users, np.arange(0, num_users + block, block))
+    for lo, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        if a == b:
+            continue
+        x = torch.zeros(block, num_items, dtype=torch.float64)
+        x[torch.from_numpy(users[a:b] - lo * block), torch.from_numpy(items[a:b])] = 1.0
+        gram += x.T @ x
+    return ease_from_gram(gram, lam).float().numpy()
 
 
 def item_item_features(
