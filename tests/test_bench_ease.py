@@ -40,15 +40,15 @@ def test_test_scores_read_train_and_val_val_scores_train_only() -> None:
     assert ease_scores(split, "test", 1.0)[3, 2] > val[3, 2]
 
 
-def test_product_fit_from_pairs_equals_the_dense_fit_in_any_user_block() -> None:
-    """recsys.retrieval.item_item.fit_ease sums XᵀX over blocks of users from (user, item) pairs, with
-    duplicates counted once: the same weights as the dense fit, whatever the block."""
-    from recsys.retrieval.item_item import fit_ease
+def test_ranker_history_ease_equals_the_dense_fit_on_its_rows() -> None:
+    """The candidate ranker's EASE weights (recsys.retrieval.candidates.history_of, from the co-occurrence
+    counts it builds for its cosine features; duplicate pairs counted once) equal the dense fit."""
+    from recsys.retrieval.candidates import history_of
 
     rng = np.random.default_rng(1)
-    users, items = rng.integers(0, 50, 400), rng.integers(0, 12, 400)  # many duplicate pairs
+    sparse = np.stack([rng.integers(0, 50, 400), rng.integers(0, 12, 400)], 1)  # many duplicate pairs
     dense = torch.zeros(50, 12, dtype=torch.bool)
-    dense[users, items] = True
-    want = ease_weights(dense, 3.0).float().numpy()
-    for block in (0, 1, 7, 50):
-        assert np.abs(fit_ease(users, items, 50, 12, 3.0, block) - want).max() < 1e-6, block
+    dense[sparse[:, 0], sparse[:, 1]] = True
+    got = history_of(sparse, 0, 1, 50, 12, 3.0).ease
+    assert got is not None and np.abs(got - ease_weights(dense, 3.0).float().numpy()).max() < 1e-6
+    assert history_of(sparse, 0, 1, 50, 12).ease is None

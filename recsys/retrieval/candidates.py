@@ -90,8 +90,6 @@ def history_of(sparse: np.ndarray, uc: int, ic: int, nu: int, ni: int, lam: floa
     Counts are relative to the mean, so a fold retriever (trained on (K-1)/K of the rows) and the
     served one give features on the same scale. The item × item table is dense ([I, I] float32): an
     ML-100K-sized feature (11 MB there)."""
-    from recsys.retrieval.item_item import fit_ease
-
     n = max(len(sparse), 1)
     user = np.bincount(sparse[:, uc], minlength=nu).astype(np.float32) * (nu - 1) / n
     item = np.bincount(sparse[:, ic], minlength=ni).astype(np.float32) * (ni - 1) / n
@@ -104,8 +102,18 @@ def history_of(sparse: np.ndarray, uc: int, ic: int, nu: int, ni: int, lam: floa
     norm = np.sqrt(np.maximum(np.diag(co), 1.0))
     sim = co / norm[:, None] / norm[None, :]
     np.fill_diagonal(sim, 0.0)
-    ease = None if lam is None else fit_ease(rows, cols, nu, ni, lam)
+    ease = None if lam is None else _ease(co, lam)
     return History(user, item, indptr, cols.astype(np.int64), sim.astype(np.float32), ease)
+
+
+def _ease(co: np.ndarray, lam: float) -> np.ndarray:
+    """float32 [I, I] EASE weights from the item co-occurrence counts history_of has built (exact
+    integers in float32 below 2^24 users an item)."""
+    import torch
+
+    from recsys.retrieval.item_item import ease_from_gram
+
+    return ease_from_gram(torch.from_numpy(co.astype(np.float64)), lam).float().numpy()
 
 
 def with_known(hist: History, sparse: np.ndarray, uc: int, ic: int, nu: int, ni: int) -> History:

@@ -30,10 +30,10 @@ def ease_weights(known: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def ease_from_gram(gram: torch.Tensor, lam: float) -> torch.Tensor:
-    """[I, I] EASE weights from the float64 item co-occurrence counts XᵀX (`gram`, changed in place)."""
+    """[I, I] EASE weights from the item co-occurrence counts XᵀX (`gram`; float64 [I, I], not changed)."""
     import torch
 
-    gram += lam * torch.eye(gram.shape[0], dtype=torch.float64)
+    gram = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64)
     inv = torch.linalg.inv(gram)
     weights = -inv / torch.diag(inv)  # the closed form with the zero-diagonal constraint
     return weights.fill_diagonal_(0.0)
@@ -48,28 +48,6 @@ def check_items(num_items: int, max_items: int) -> None:
             f"data.candidates.item_item_max_items ({max_items:,}); the item-to-item fit holds ~{gb:.0f} GB "
             "of I × I matrices — set item_item_lambda: null (off) or raise item_item_max_items if it fits"
         )
-
-
-def fit_ease(
-    users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, lam: float, block: int = 0
-) -> np.ndarray:
-    """float32 [I, I] EASE weights fit on the (user row, item row) pairs given (duplicates count once).
-    XᵀX is summed over `block` users at a time (0: ~1 GiB of float64 a block): memory I × I plus one
-    block, never users × items."""
-    import torch
-
-    block = min(block or max(1, (1 << 27) // max(num_items, 1)), max(num_users, 1))
-    gram = torch.zeros(num_items, num_items, dtype=torch.float64)
-    order = np.argsort(users, kind="stable")
-    users, items = users[order].astype(np.int64), items[order].astype(np.int64)
-    cuts = np.searchsorted(users, np.arange(0, num_users + block, block))
-    for lo, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
-        if a == b:
-            continue
-        x = torch.zeros(block, num_items, dtype=torch.float64)
-        x[torch.from_numpy(users[a:b] - lo * block), torch.from_numpy(items[a:b])] = 1.0
-        gram += x.T @ x
-    return ease_from_gram(gram, lam).float().numpy()
 
 
 def item_item_features(
