@@ -33,15 +33,26 @@ UNUSED_TOKEN = "<UNUSED>"
 _MOD = (1 << 63) - 1  # keeps int64 max free: TorchRec's MCH marks empty slots with it
 
 
+def _digest(raw_id: str, size: int, person: bytes) -> bytes:
+    """BLAKE2b of the id's UTF-8 bytes: the one stable id hash every use below derives from."""
+    return hashlib.blake2b(raw_id.encode("utf-8"), digest_size=size, person=person).digest()
+
+
 def id_hash(raw_id: str) -> int:
     """The stable 63-bit hash of one raw id (what managed-collision data carries)."""
-    digest = hashlib.blake2b(raw_id.encode("utf-8"), digest_size=8, person=b"recsys-id").digest()
-    return int.from_bytes(digest, "little") % _MOD
+    return int.from_bytes(_digest(raw_id, 8, b"recsys-id"), "little") % _MOD
 
 
 def id_hashes(ids: list[str]) -> np.ndarray:
     """id_hash of each id (int64 [len(ids)])."""
     return np.fromiter((id_hash(v) for v in ids), dtype=np.int64, count=len(ids))
+
+
+def id_hashes_128(ids: pa.Array) -> np.ndarray:
+    """128-bit BLAKE2b of each id (uint64 [len(ids), 2], person b"recsys-user"): ids told apart by hash
+    where keeping the strings would cost too much (data.negatives' user buckets)."""
+    digests = b"".join(_digest(v, 16, b"recsys-user") for v in ids.cast(pa.string()).to_pylist())
+    return np.frombuffer(digests, "<u8").reshape(len(ids), 2)
 
 
 def hashed_token(j: int) -> str:

@@ -31,7 +31,6 @@ and 16 B per negative (each chunk's file removed once pass 2 has read it).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import pyarrow.compute as pc
 
 from recsys.data import splits as S
 from recsys.data import vocab as V
+from recsys.data.hashing import id_hashes_128
 from recsys.data.negative_files import KEY, NEGATIVE, ChunkFiles, KeyFiles, ensure_open_files
 from recsys.data.negatives import draw_negatives, negative_keys
 
@@ -55,15 +55,6 @@ if TYPE_CHECKING:
 
 #: Interactions per bucket (None: data.chunk_rows); tests set it to show buckets do not change the output.
 ROWS_PER_BUCKET: int | None = None
-
-
-def user_hashes(ids: pa.Array) -> np.ndarray:
-    """The 128-bit BLAKE2b of each id (uint64 [len(ids), 2]): what tells a bucket's users apart."""
-    digests = b"".join(
-        hashlib.blake2b(v.encode("utf-8"), digest_size=16, person=b"recsys-user").digest()
-        for v in ids.cast(pa.string()).to_pylist()
-    )
-    return np.frombuffer(digests, "<u8").reshape(len(ids), 2)
 
 
 def _catalogue(counter: V.IdCounter) -> pa.Array:
@@ -156,7 +147,7 @@ class NegativeSampler:
         item_cat = cat_of[items.codes]
         self._observe_items(chunk, item_cat, maps)
         rows = np.flatnonzero((users.codes != users.missing) & (items.codes != items.missing))
-        hashes = user_hashes(users.dictionary)
+        hashes = id_hashes_128(users.dictionary)
         bucket = (hashes[:, 0] % np.uint64(self.buckets)).astype(np.int32)[users.codes[rows]]
         order = np.argsort(bucket, kind="stable")  # stable: a bucket's rows stay in position order
         rows, bucket = rows[order], bucket[order]
