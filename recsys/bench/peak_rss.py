@@ -21,3 +21,14 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def peak_kb() -> int:
+    """This process's peak RSS in KiB: VmHWM where Linux has it, else getrusage's ru_maxrss (KiB on Linux;
+    elsewhere a child's ru_maxrss may be its parent's, see above)."""
+    import os
+    import resource
+
+    if os.path.exists("/proc/self/status"):
+        return status_kb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.bench.peak_rss import reset_peak, status_kb
+from recsys.bench.peak_rss import peak_kb, reset_peak, status_kb
 
 BENCH_DIR = Path(".bench/scale")
 PLOT = BENCH_DIR / "prepare_scale.png"  # `--record` copies it to docs/benchmarks/results/prepare-scale.png
@@ -146,9 +146,7 @@ def _child(args: argparse.Namespace) -> None:
     t, c = time.perf_counter(), time.process_time()
     meta = P.prepare(cfg, overwrite=True, on_phase=phase_end if per_phase else None)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if per_phase:
-        peak = max(p["peak_rss_mb"] for p in phases.values())
+    peak = max(p["peak_rss_mb"] for p in phases.values()) if per_phase else peak_kb() / 1024
     vocab = sum(f.num_embeddings for f in meta.sparse_features)
     print(
         json.dumps(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.bench.peak_rss import status_kb
+from recsys.bench.peak_rss import peak_kb, status_kb
 
 DENSE = [f"I{i}" for i in range(1, 14)]
 SPARSE = [f"C{i}" for i in range(1, 27)]
@@ -93,15 +92,6 @@ def bench_config(parquet: Path, prepared: Path) -> dict[str, Any]:
     }
 
 
-def _own_peak_rss() -> int:
-    """This process's peak RSS in bytes: VmHWM where Linux has it. Not getrusage's ru_maxrss: a child
-    started by vfork + exec (Python's subprocess) inherits its parent's peak there, so a bench parent
-    that generated the data would set the child's figure."""
-    if Path("/proc/self/status").exists():
-        return status_kb("VmHWM") * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _jvm_peak_rss(parent: int) -> int:
     """Peak RSS (bytes, VmHWM) of the java processes started by `parent` (the Spark driver JVM)."""
     peak = 0
@@ -165,7 +155,7 @@ def run_prepare(config_path: Path) -> dict[str, Any]:
         "seconds": wall,
         "cpu_seconds": cpu,
         "jvm_peak_rss": jvm,
-        "python_peak_rss": _own_peak_rss(),
+        "python_peak_rss": peak_kb() * 1024,  # VmHWM: ru_maxrss would hold the parent's peak
         "vocab_rows": sum(f.num_embeddings for f in meta.sparse_features),
         "splits": {k: v.rows for k, v in meta.splits.items()},
     }
