@@ -43,6 +43,11 @@ def check_history(cfg: Config, m: TableSource) -> None:
             "data.history: sampled negatives (data.negatives.per_positive) are not interactions and "
             "would enter histories; prepare histories without negatives"
         )
+    if cfg.data.history.rule != "causal":
+        raise UserError(
+            "data.history.rule profile is built by the local prepare only (recsys.data.history); the Spark "
+            "path builds data.history.rule causal: prepare without --spark, or use the causal rule"
+        )
 
 
 def with_history(mapped: DataFrame, cfg: Config, sparse_cols: list[str]) -> DataFrame:
