@@ -16,7 +16,10 @@ from recsys.data.history import HistoryBuilder
 from recsys.data.loader import read_split_arrays
 from recsys.data.metadata import read_metadata, read_vocab
 from recsys.data.prepare import prepare
-from recsys.errors import UserError
+from tests import test_spark
+from tests.test_spark import needs_spark
+
+spark = test_spark.spark  # the local[2] Spark session fixture, for the Spark path's equality test
 
 #: Parts whose events a row of each part draws on under the profile rule.
 KNOWN = {S.TRAIN: (S.TRAIN,), S.VAL: (S.TRAIN,), S.TEST: (S.TRAIN, S.VAL)}
@@ -179,17 +182,38 @@ def test_user_histories_are_the_profile_histories_of_val_and_test(tmp_path: Path
         )
 
 
-def test_profile_is_refused_where_it_cannot_hold(tmp_path: Path) -> None:
-    """A next-item model needs causal histories (config load); the Spark path builds causal only."""
-    from recsys.data.spark_history import check_history
-
+def test_profile_is_refused_for_a_next_item_model(tmp_path: Path) -> None:
+    """A next-item model needs causal histories: refused at config load, naming the field."""
     write_events(tmp_path / "events.csv")
     seq = {"kind": "sequential"}
     with pytest.raises(ValueError, match="data.history.rule profile .* needs data.history.rule causal"):
         make_cfg(tmp_path / "events.csv", tmp_path / "prep", 4, **seq)
-    cfg = make_cfg(tmp_path / "events.csv", tmp_path / "prep", 4)
-    with pytest.raises(UserError, match="data.history.rule profile is built by the local prepare only"):
-        check_history(cfg, cfg.data.source)  # type: ignore[attr-defined]
+
+
+@needs_spark
+@pytest.mark.parametrize("split", ["random", pytest.param("leave_last_n", marks=pytest.mark.slow)])
+def test_spark_profile_histories_equal_file_prepare(split: str, spark: object, tmp_path: Path) -> None:
+    """The Spark path's profile columns equal the file prepare's, row for row (ties, OOV items, users
+    with more than L events)."""
+    from recsys.data.spark_mds import prepare_dataframe
+    from tests.test_spark_history import history_config
+    from tests.test_spark_history import write_events as write_parquet
+
+    src = write_parquet(tmp_path / "events.parquet")
+    cfgs = {}
+    for name in ("file", "spark"):
+        c = history_config(src, tmp_path / name, split, "ts")
+        h = c.data.history.model_copy(update={"rule": "profile"})  # type: ignore[union-attr]
+        cfgs[name] = c.model_copy(update={"data": c.data.model_copy(update={"history": h})})
+    prepare(cfgs["file"], overwrite=False)
+    prepare_dataframe(spark.read.parquet(str(src)), cfgs["spark"])  # type: ignore[attr-defined]
+    a, b = read_metadata(tmp_path / "file"), read_metadata(tmp_path / "spark")
+    assert a.model_dump(exclude={"sources"}) == b.model_dump(exclude={"sources"})
+    for name in ("train", "val", "test"):
+        x, y = read_split_arrays(tmp_path / "file", name, a), read_split_arrays(tmp_path / "spark", name, b)
+        for k in ("sparse", "history", "history_rank"):
+            np.testing.assert_array_equal(x[k], y[k], err_msg=f"{name}/{k}")
+    assert (x["history_rank"] > 5).any()  # histories truncated at L = 5
 
 
 def test_history_two_tower_trains_and_exports_under_profile(tmp_path: Path, mlflow_server: str) -> None:
