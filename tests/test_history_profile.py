@@ -180,6 +180,14 @@ def test_user_histories_are_the_profile_histories_of_val_and_test(tmp_path: Path
         assert full[: len(before)] == before and Counter(full[len(before) :]) == Counter(
             items_of(u, (S.TEST,))
         )
+    # the folder records the rule: a causal config does not train on it unawares
+    from recsys.errors import UserError
+    from recsys.train import check_data_settings
+
+    h = cfg.data.history.model_copy(update={"rule": "causal"})  # type: ignore[union-attr]
+    causal = cfg.model_copy(update={"data": cfg.data.model_copy(update={"history": h})})  # type: ignore[attr-defined]
+    with pytest.raises(UserError, match="data.history.rule"):
+        check_data_settings(causal, meta, allow=False)
 
 
 def test_profile_is_refused_for_a_next_item_model(tmp_path: Path) -> None:
