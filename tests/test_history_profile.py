@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from recsys.config import config_from_dict
+from recsys.data import history
 from recsys.data import splits as S
 from recsys.data.history import HistoryBuilder
 from recsys.data.loader import read_split_arrays
@@ -52,7 +53,11 @@ def build(users: list, items: np.ndarray, ts: np.ndarray | None, parts: np.ndarr
 
 @pytest.mark.parametrize("length", [3, 40])  # shorter and longer than most users' histories
 @pytest.mark.parametrize("timed", [True, False])  # no timestamp column: file order is time
-def test_builder_equals_the_brute_force_rule(length: int, timed: bool) -> None:
+@pytest.mark.parametrize("step", [1 << 18, 29])  # finish's per-row steps: one, or many cutting users apart
+def test_builder_equals_the_brute_force_rule(
+    length: int, timed: bool, step: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history, "PROFILE_CHUNK", step)
     rng = np.random.default_rng(length)
     n = 400
     users = [None if x < 0 else f"u{x}" for x in rng.integers(-1, 15, n)]  # ~1/16 rows without a user
