@@ -90,16 +90,21 @@ def test_causal_is_unchanged_by_the_rule_argument() -> None:
     assert a._prev is not None and a._prev.shape[0] == 3 and a._start is None
 
 
-def make_cfg(src: Path, out: Path, length: int, timestamp: str | None = "ts", **model: object) -> object:
+def make_cfg(
+    src: Path, out: Path, length: int, split: tuple[float, float, int] = (0.2, 0.2, 1), **model: object
+) -> object:
+    """A table source (user, item, ts; dense `line` when the file has it) with data.history profile;
+    `split`: the random split's (val, test, seed)."""
+    dense = ["line"] if "line" in src.read_text().split("\n", 1)[0].split(",") else []
     return config_from_dict(
         {
             "name": "profile-test",
             "data": {
                 "source": {"kind": "table", "path": str(src), "user": "user", "item": "item",
-                           "sparse": ["user", "item"], "dense": ["line"], "timestamp": timestamp},
+                           "sparse": ["user", "item"], "dense": dense, "timestamp": "ts"},
                 "prepared_dir": str(out),
                 "label": {"mode": "all_positive"},
-                "split": {"mode": "random", "val_fraction": 0.2, "test_fraction": 0.2, "seed": 1},
+                "split": {"mode": "random", "val_fraction": split[0], "test_fraction": split[1], "seed": split[2]},
                 "block_size": 4,
                 "chunk_rows": 53,
                 "shuffle_window": 64,
@@ -257,3 +262,25 @@ def test_history_two_tower_trains_and_exports_under_profile(tmp_path: Path, mlfl
     np.testing.assert_allclose(
         np.stack(got.column("embedding").to_numpy(zero_copy_only=False)), want, atol=1e-5
     )
+
+
+def test_bench_scoring_at_last_is_the_products_profile_rule(tmp_path: Path) -> None:
+    """history_random's "last" histories (every known item) equal the product's val/test histories
+    under profile, user for user (check_profile_scoring); the "first" ones do not."""
+    from recsys.bench.history_random import AT, KNOWN, check_profile_scoring, known_histories, timed_parts
+    from recsys.bench.quality import random_split_of
+    from tests.test_bench_history_random import FRACTIONS, write_inter
+
+    events = write_inter(tmp_path / "r.inter", users=8, rows=300)
+    split = random_split_of(tmp_path / "r.inter", *FRACTIONS)
+    pairs, parts = timed_parts(tmp_path / "r.inter", split, *FRACTIONS)
+    (tmp_path / "r.csv").write_text("user,item,ts\n" + "".join(f"{u},{i},{t}\n" for u, i, t in events))
+    cfg = make_cfg(tmp_path / "r.csv", tmp_path / "prep", 9, split=FRACTIONS)
+    prepare(cfg, overwrite=False)
+    hists = {
+        (p, at): known_histories(pairs, parts, p, len(split.user_ids), 9, at) for p in KNOWN for at in AT
+    }
+    check_profile_scoring(cfg, split, hists)
+    swapped = {(p, "last"): hists[p, "first"] for p in KNOWN}
+    with pytest.raises(RuntimeError, match="differ from known_histories"):
+        check_profile_scoring(cfg, split, swapped)
