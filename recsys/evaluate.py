@@ -113,7 +113,12 @@ def user_histories(
     history — the last L items before and of the user's latest row in its latest part, that row's own
     item included (what is exported). A row's history holds its own and earlier parts only
     (recsys.data.history), so the latest part's latest row sees every part; on a random split the
-    user's rows of earlier parts that come after it in time are in no stored history and not in it."""
+    user's rows of earlier parts that come after it in time are in no stored history and not in it.
+    Under data.history.rule profile a val/test row's history is every item of the parts known when its
+    part is scored, so the full history is that history followed by the user's items of that part (in
+    stored order: the folder keeps no times), the last L of them."""
+    from recsys.data.history import history_rule
+
     assert meta.history_length is not None
     L = meta.history_length
     uc, ic = meta.sparse_index(meta.user_feature or ""), meta.sparse_index(meta.item_feature or "")
@@ -127,9 +132,10 @@ def user_histories(
     part = np.concatenate([np.full(len(a["history_rank"]), k) for k, a in enumerate(parts)])
     last = np.lexsort((ranks, part, users))  # per user, the last entry: its latest row of its latest part
     latest = last[np.r_[users[last][1:] != users[last][:-1], True]]
-    for r in latest:  # one row per user: the full history is its history and its own item
+    own = _items_of_latest_part(users, part, items) if history_rule(meta) == "profile" else {}
+    for r in latest:  # one row per user: the full history is its history and its own item(s)
         n = min(int(ranks[r]), L)
-        seq = np.r_[rows[r, :n], items[r]][-L:]
+        seq = np.r_[rows[r, :n], own.get(int(users[r]), items[r : r + 1])][-L:]
         hist[users[r], : len(seq)] = seq
         lengths[users[r]] = len(seq)
     if split is not None and len(arrays[split]["label"]):
@@ -141,6 +147,22 @@ def user_histories(
         lengths[su[first]] = np.minimum(sr[first], L)
         hist[su[first]] *= np.arange(L)[None, :] < lengths[su[first], None]
     return torch.from_numpy(hist), torch.from_numpy(lengths)
+
+
+def _items_of_latest_part(users: np.ndarray, part: np.ndarray, items: np.ndarray) -> dict[int, np.ndarray]:
+    """Profile rule: {user row: the user's items of its latest part} for users whose latest part is not train."""
+    order = np.lexsort((part, users))  # stable: each (user, part)'s rows in stored order
+    ends = np.r_[np.flatnonzero(users[order][1:] != users[order][:-1]), len(order) - 1]
+    out = {}
+    for end in ends:  # the user's last (latest part) group
+        r = order[end]
+        if part[r] == 0:
+            continue  # a train row's history holds the user's other train items: its own item completes it
+        start = end
+        while start > 0 and users[order[start - 1]] == users[r] and part[order[start - 1]] == part[r]:
+            start -= 1
+        out[int(users[r])] = items[order[start : end + 1]]
+    return out
 
 
 @torch.no_grad()

@@ -81,6 +81,13 @@ class HistoryConfig(Strict):
         description="Most input rows prepare orders in memory (~110 bytes a row at the peak of ordering "
         "the histories); beyond it prepare stops and points at the Spark path, which builds them on the executors.",
     )
+    rule: Literal["causal", "profile"] = Field(
+        "causal",
+        description="causal: the user's items strictly earlier in time, of the parts known to the row's part "
+        "(next-item protocols); profile: the user's last L items of the parts known when the row's part is "
+        "scored, earlier or later in time, never the row itself (train: other train items; val: train; "
+        "test: train and val) — for random splits.",
+    )
 
 
 class WindowConfig(Strict):

@@ -87,6 +87,11 @@ class Config(Strict):
         m = self.model
         if m.kind == "sequential":
             who = "model.kind sequential"
+            if self.data.history is not None and self.data.history.rule != "causal":
+                raise ValueError(
+                    "data.history.rule profile holds later items and leaves the row's own out: a next-item "
+                    "model (model.kind sequential) needs data.history.rule causal"
+                )
             if m.embedding_dim % m.sequential.heads:
                 raise ValueError(
                     f"model.sequential.heads ({m.sequential.heads}) must divide model.embedding_dim "

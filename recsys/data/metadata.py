@@ -195,6 +195,8 @@ def data_settings(cfg: Config) -> dict[str, object]:
         out.pop("negatives")
     if cfg.data.history is None:  # likewise for folders prepared before histories existed
         out.pop("history")
+    elif cfg.data.history.rule == "causal":  # and before data.history.rule existed
+        out["history"].pop("rule")  # type: ignore[union-attr]
     if not cfg.data.candidates.top_n:  # likewise for folders made before data.candidates
         out.pop("candidates")
     m = cfg.model

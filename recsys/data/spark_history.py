@@ -16,6 +16,11 @@ row and the other two are not computed. Spark sorts each user's events in its sh
 as it must); nothing per row reaches the driver. The columns
 ride behind the sparse ones through the blocking (as in the file path's SplitWriter) and are split
 back into the `history`/`history_rank` MDS columns by the block writer (recsys.data.mds.SplitWriter).
+
+data.history.rule profile (a row carries its user's last L items of the parts known when its part is
+scored, never itself; recsys.data.history): per user, the last L + 1 train events and the last L + 1
+train-or-val events (a Window numbering them from the latest), one list each, joined back by user; a
+train row filters itself out of the train list, a val row reads it, a test row the train-or-val one.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ def with_history(mapped: DataFrame, cfg: Config, sparse_cols: list[str]) -> Data
     user, item = sparse_cols.index(m.user or ""), sparse_cols.index(m.item or "")
     item_row = F.coalesce(F.col(f"_r{item}"), F.lit(0)).cast("long")
     zero = F.lit(0).cast("long")
+    if cfg.data.history.rule == "profile":
+        return _with_profile(mapped, f"_s{user}", item_row, length)
 
     def history_of(part: int) -> Column:
         """HISTORY as a row of `part` sees it: the events of KNOWN_PARTS[part] form its partition."""
@@ -85,3 +92,45 @@ def sparse_with_history(sparse: Column, cfg: Config) -> Column:
     from pyspark.sql import functions as F
 
     return F.concat(sparse, F.col(HISTORY))
+
+
+def _with_profile(mapped: DataFrame, user: str, item_row: Column, length: int) -> DataFrame:
+    """`mapped` plus HISTORY under data.history.rule profile: per user, the last L + 1 events of train
+    and of train + val (a Window numbering them from the latest, then one list per user, joined back by
+    user); a train row drops itself from the train list, a val row takes it whole, a test row the
+    train + val one; each keeps its last L. Per user L + 1 events at most, never a user's whole history."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from recsys.data import splits as S
+
+    zero = F.lit(0).cast("long")
+    out = mapped.withColumn("_item_row", item_row)
+    for tag, known in (("t", (S.TRAIN,)), ("tv", (S.TRAIN, S.VAL))):
+        events = out.where(F.col("_split").isin(*known) & F.col(user).isNotNull())
+        latest_first = Window.partitionBy(user).orderBy(F.col("_ts").desc(), F.col("_pos").desc())
+        last = (
+            events.withColumn("_n", F.count(F.lit(1)).over(Window.partitionBy(user)))
+            .withColumn("_k", F.row_number().over(latest_first))
+            .where(F.col("_k") <= length + 1)
+            .groupBy(user)  # (-_k sorts oldest first)
+            .agg(
+                F.sort_array(F.collect_list(F.struct((-F.col("_k")).alias("k"), "_pos", "_item_row"))).alias(
+                    f"_l{tag}"
+                ),
+                F.first("_n").alias(f"_n{tag}"),
+            )
+        )
+        out = out.join(last, on=user, how="left")
+    train, test = F.col("_split") == S.TRAIN, F.col("_split") == S.TEST
+    events = F.when(train, F.filter(F.col("_lt"), lambda e: e["_pos"] != F.col("_pos")))
+    events = events.when(test, F.col("_ltv")).otherwise(F.col("_lt"))
+    rank = F.coalesce(F.when(test, F.col("_ntv")).otherwise(F.col("_nt")), F.lit(0)) - train.cast("long")
+    rank = F.when(F.col(user).isNull(), zero).otherwise(rank).cast("long")
+    items = F.transform(events, lambda e: e["_item_row"].cast("long"))
+    items = F.coalesce(items, F.array().cast("array<long>"))  # no user, or no known event
+    kept = F.slice(items, F.greatest(F.size(items) - length + 1, F.lit(1)), length)
+    padded = F.concat(kept, F.array_repeat(zero, F.lit(length) - F.size(kept)))
+    return out.withColumn(HISTORY, F.concat(padded, F.array(rank))).drop(
+        "_item_row", "_lt", "_nt", "_ltv", "_ntv"
+    )
