@@ -139,12 +139,7 @@ class NegativeSampler:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The chunk's interactions as KEY records sorted by user bucket, and each record's bucket."""
         users, items = chunk.encoded[self.user_col], chunk.encoded[self.item_cols[0]]
-        k = len(items.dictionary)
-        cat_of = np.full(k + 1, -1, np.int32)  # the last slot: missing item
-        if k:
-            found = pc.index_in(items.dictionary.cast(pa.string()), value_set=self.catalogue)
-            cat_of[:k] = found.fill_null(-1).to_numpy()
-        item_cat = cat_of[items.codes]
+        item_cat = self.catalogue_index(items)
         self._observe_items(chunk, item_cat, maps)
         rows = np.flatnonzero((users.codes != users.missing) & (items.codes != items.missing))
         hashes = id_hashes_128(users.dictionary)
@@ -159,6 +154,15 @@ class NegativeSampler:
         records["split"] = chunk.assign[rows]
         records["positive"] = positive[rows]
         return records, bucket
+
+    def catalogue_index(self, items: V.Encoded) -> np.ndarray:
+        """Each row's item as its catalogue index (int32; -1: missing or not in the catalogue)."""
+        k = len(items.dictionary)
+        cat_of = np.full(k + 1, -1, np.int32)  # the last slot: missing item
+        if k:
+            found = pc.index_in(items.dictionary.cast(pa.string()), value_set=self.catalogue)
+            cat_of[:k] = found.fill_null(-1).to_numpy()
+        return cat_of[items.codes]
 
     def _observe_items(self, chunk: SpilledChunk, item_cat: np.ndarray, maps: list[TableMap]) -> None:
         """Each catalogue item's table rows of its latest train row so far (chunks come in order)."""
