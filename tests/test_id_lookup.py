@@ -10,9 +10,33 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
+from test_data_prepare_streaming import folder_files
+from test_negatives_streaming import _cfg, _interactions
 
+from recsys.data import id_lookup
 from recsys.data import vocab as V
+from recsys.data.id_lookup import IdLookup
 from recsys.data.negative_buckets import NegativeSampler
+from recsys.data.prepare import prepare
+
+# Ids that differ only in width, in trailing or zero bytes, or in UTF-8 bytes beyond ASCII.
+TRICKY = [
+    "",
+    "1",
+    "01",
+    "001",
+    "1 ",
+    "a",
+    "a\x00",
+    "\x00",
+    "\x00\x00",
+    "é",
+    "e\u0301",
+    "user_7",
+    "user_07",
+    "x" * 300,
+]
 
 
 def string_ids(n: int, seed: int) -> pa.Array:
@@ -30,6 +54,127 @@ def chunk_of(vocab: pa.Array, rows: int, oov: float, seed: int) -> V.Encoded:
     new = rng.random(rows) < oov
     ids[new] = np.char.add("new_", rng.integers(0, 10**8, int(new.sum())).astype(str)).astype(object)
     return V.encode_column(pa.array(ids, pa.string()))
+
+
+def reference(values: pa.Array, ids: pa.Array) -> np.ndarray:
+    """What IdLookup must give: Arrow's index_in with the whole set (null and absent: -1)."""
+    found = pc.index_in(values.cast(pa.string()), value_set=ids)
+    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _chunks(ids: pa.Array, seed: int) -> list[pa.Array | pa.ChunkedArray]:
+    """Chunks of different dictionaries over `ids`: absent ids, nulls, a slice, a chunked column."""
+    rng = np.random.default_rng(seed)
+    out: list[pa.Array | pa.ChunkedArray] = []
+    for size in (1, 7, 60, 500):
+        picked = ids.take(pa.array(rng.integers(0, len(ids), size))).to_pylist()
+        picked += [f"absent_{i}" for i in range(size // 5)] + [None] * (size // 7) + TRICKY[: size % 15]
+        out.append(pa.array([picked[i] for i in rng.permutation(len(picked))], pa.string()))
+    full = out[-1]
+    out += [
+        full.slice(3, 200),
+        pa.chunked_array([full.slice(0, 100), full.slice(250)]),
+        pa.array([], pa.string()),
+    ]
+    return out
+
+
+@pytest.fixture(params=[0, 4], ids=["hashed", "small-sets-by-arrow"])
+def small_set(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """SMALL_SET 0 sends every lookup through the hashed table; the default lets Arrow take small sets."""
+    monkeypatch.setattr(id_lookup, "SMALL_SET", request.param)
+    return request.param
+
+
+def test_lookup_reused_across_chunks_equals_index_in(small_set: int) -> None:
+    ids = pa.concat_arrays([string_ids(2_000, seed=1), pa.array(TRICKY, pa.string())])
+    lookup = IdLookup(ids)
+    for values in _chunks(ids, seed=2):
+        expected = reference(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values, ids)
+        assert lookup.index_in(values).tolist() == expected.tolist()
+    assert lookup.nbytes > 0  # the small chunks went through the hashed table either way
+
+
+@pytest.mark.parametrize("weak", ["length", "constant"])
+def test_ids_sharing_a_hash_still_map_to_their_own_position(
+    weak: str, small_set: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a hash that collides on purpose (by length, or one value for all), only equal bytes match:
+    an id never takes the position of another id with its hash, and every id of a shared hash is found."""
+    strong = id_lookup.string_hashes
+
+    def collide(ids: pa.Array) -> np.ndarray:
+        h = strong(ids)
+        return h * 0 + (
+            pc.binary_length(ids).fill_null(0).to_numpy().astype(np.uint64) if weak == "length" else 7
+        )
+
+    monkeypatch.setattr(id_lookup, "string_hashes", collide)
+    ids = pa.concat_arrays([string_ids(600, seed=3), pa.array(TRICKY, pa.string())])
+    lookup = IdLookup(ids)
+    for values in _chunks(ids, seed=4):
+        expected = reference(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values, ids)
+        assert lookup.index_in(values).tolist() == expected.tolist()
+
+
+def test_string_hashes_tell_apart_tricky_ids_and_ignore_slicing() -> None:
+    arr = pa.array(TRICKY, pa.string())
+    h = id_lookup.string_hashes(arr)
+    assert len(set(h.tolist())) == len(TRICKY)
+    assert id_lookup.string_hashes(arr.slice(3)).tolist() == h[3:].tolist()
+    assert id_lookup.string_hashes(arr.cast(pa.large_string())).tolist() == h.tolist()
+
+
+def test_id_counter_rows_of_string_ids_equal_the_one_pass_fit(small_set: int) -> None:
+    """IdCounter's string path (ids of varying width, or longer than 8 bytes), fit chunk by chunk,
+    maps every later chunk like fit_encoded on all rows at once; so does its mixed-width path (a
+    vocabulary of 3-byte ids, chunks of other widths too)."""
+    rng = np.random.default_rng(5)
+    for pool in (string_ids(3_000, seed=6).to_pylist(), [f"{x:03d}" for x in range(1000)]):
+        rows = [pool[i] for i in rng.zipf(1.2, 20_000) % len(pool)]
+        rows = [None if rng.random() < 0.05 else r for r in rows] + ["1", "12345", "é"]
+        column = pa.array(rows, pa.string())
+        train = rng.random(len(rows)) < 0.8
+        train[-3:] = False  # other widths only in the chunks looked up: the 3-byte vocabulary keeps its keys
+        counter = V.IdCounter()
+        for start in range(0, len(rows) - 3, 4096):
+            end = min(start + 4096, len(rows) - 3)
+            counter.add(column.slice(start, end - start), train[start:end])
+        vocab = counter.finish(2)
+        fitted, lookup = V.fit_encoded(V.encode_column(column), train, 2)
+        assert vocab.to_pylist() == fitted.ids
+        expected = lookup[V.encode_column(column).codes]
+        for start in range(0, len(rows), 3000):
+            assert counter.rows(column.slice(start, 3000)).tolist() == expected[start : start + 3000].tolist()
+
+
+def test_negatives_catalogue_index(small_set: int) -> None:
+    catalogue = string_ids(1_500, seed=7)
+    catalogue = catalogue.take(pc.sort_indices(catalogue))
+    sampler = NegativeSampler(Path("."), 1, 0, 0, 1, 0, [0], catalogue)
+    for values in _chunks(catalogue, seed=8):
+        enc = V.encode_column(values)
+        expected = np.append(reference(enc.dictionary, catalogue), -1)[enc.codes]
+        assert sampler.catalogue_index(enc).tolist() == expected.tolist()
+
+
+def test_prepare_writes_the_same_files_through_the_hashed_lookups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streaming prepare with negatives (string ids of mixed widths: every sparse feature's rows
+    and the catalogue looked up per chunk) writes the same bytes whether Arrow hashes the sets per
+    chunk (these sets are small) or every lookup goes through the hashed tables."""
+    path = tmp_path / "r.parquet"
+    _interactions(path, 1200, seed=3)
+    outs = []
+    for small_set in (10**9, 0):
+        monkeypatch.setattr(id_lookup, "SMALL_SET", small_set)
+        cfg = _cfg(path, tmp_path / f"s{small_set}", chunk_rows=97, split={"mode": "leave_last_n", "n": 2})
+        prepare(cfg, overwrite=False)
+        outs.append(folder_files(Path(cfg.data.prepared_dir)))
+    assert sorted(outs[0]) == sorted(outs[1])
+    for k in outs[0]:
+        assert outs[1][k] == outs[0][k], f"{k} differs through the hashed lookups"
 
 
 def _cpu_per_chunk(fn, chunks: list[V.Encoded]) -> tuple[float, float]:  # noqa: ANN001
@@ -61,7 +206,9 @@ def figures(sizes: list[int], chunks: int = 5, chunk_rows: int = 262_144) -> Non
         print(
             f"{len(ids):>10,} ids, {chunks} chunks of {chunk_rows:,} rows (~{len(encoded[1].dictionary):,} distinct):"
             f" rows_encoded {vocab[0]:.3f} CPU-s first chunk, {vocab[1]:.3f} CPU-s median chunk;"
-            f" catalogue_index {cat[0]:.3f} / {cat[1]:.3f} CPU-s (load {os.getloadavg()[0]:.1f})",
+            f" catalogue_index {cat[0]:.3f} / {cat[1]:.3f} CPU-s; the set {ids.nbytes / 2**20:.0f} MiB,"
+            f" hashed table {sampler._catalogue_lookup.nbytes / 2**20:.0f} MiB"
+            f" (load {os.getloadavg()[0]:.1f})",
             flush=True,
         )
 

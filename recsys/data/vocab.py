@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys.data.id_lookup import IdLookup
 from recsys.data.metadata import OOV_TOKEN, read_vocab_file
 from recsys.errors import DataError
 
@@ -204,6 +205,7 @@ class IdCounter:
         self.ids: pa.Array = pa.array([], pa.string())  # string mode: distinct ids, first-seen order
         self.counts = np.zeros(0, np.int64)
         self._started = False
+        self._lookup: IdLookup | None = None  # after finish: the vocabulary hashed for string lookups
 
     def _to_strings(self) -> None:
         if self.width is not None and self._started:
@@ -278,7 +280,7 @@ class IdCounter:
             kept = pa.table({"neg": pa.array(-self.counts[keep]), "id": self.ids.take(pa.array(keep))})
             order = pc.sort_indices(kept, sort_keys=[("neg", "ascending"), ("id", "ascending")])
             vocab = kept.column("id").take(order).combine_chunks()
-        self.vocab = vocab
+        self.vocab, self._lookup = vocab, None
         self.keys, self.ids, self.counts = (
             np.zeros(0, np.uint64),
             pa.array([], pa.string()),
@@ -304,7 +306,7 @@ class IdCounter:
             self._sorted_keys, self._sorted_rows = keys[at], (at + 1).astype(np.int64)
         else:  # ids of other widths than this window's: look rows up by string
             self.width = None
-        self.vocab = vocab
+        self.vocab, self._lookup = vocab, None
         self.keys, self.ids, self.counts = (
             np.zeros(0, np.uint64),
             pa.array([], pa.string()),
@@ -330,12 +332,17 @@ class IdCounter:
                 hit = self._sorted_keys[at] == keys
                 lookup[order] = np.where(hit, self._sorted_rows[at], 0)
             elif enc.sort_keys is None and k:  # mixed widths: only ids of the vocabulary's width can hit
-                found = pc.index_in(enc.dictionary, value_set=self.vocab)
-                lookup[:k] = found.fill_null(-1).to_numpy() + 1
+                lookup[:k] = self._vocab_lookup().index_in(enc.dictionary) + 1
         elif k:
-            found = pc.index_in(enc.dictionary, value_set=self.vocab)
-            lookup[:k] = found.fill_null(-1).to_numpy() + 1
+            lookup[:k] = self._vocab_lookup().index_in(enc.dictionary) + 1
         return lookup[enc.codes]
+
+    def _vocab_lookup(self) -> IdLookup:
+        """The vocabulary hashed once for every chunk's string lookups (pc.index_in per chunk would
+        hash all of it each time: O(chunks × vocabulary))."""
+        if self._lookup is None:
+            self._lookup = IdLookup(self.vocab)
+        return self._lookup
 
 
 def save_ids(path: str | Path, ids: pa.Array) -> None:
