@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from test_negatives_streaming import _cfg, _interactions
 from recsys.data import id_lookup
 from recsys.data import vocab as V
 from recsys.data.id_lookup import IdLookup
+from recsys.data.memory import counter_bytes
 from recsys.data.negative_buckets import NegativeSampler
 from recsys.data.prepare import prepare
 
@@ -86,8 +88,25 @@ def small_set(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return request.param
 
 
-def test_lookup_reused_across_chunks_equals_index_in(small_set: int) -> None:
-    ids = pa.concat_arrays([string_ids(2_000, seed=1), pa.array(TRICKY, pa.string())])
+@pytest.fixture(params=["real", "by-length", "constant"])
+def hashes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The real hash, or one that collides on purpose (one value per id length, or one for all)."""
+    strong = id_lookup.string_hashes
+
+    def weak(ids: pa.Array) -> np.ndarray:
+        if request.param == "constant":
+            return np.full(len(strong(ids)), 7, np.uint64)
+        return pc.binary_length(id_lookup._strings(ids)).fill_null(0).to_numpy().astype(np.uint64)
+
+    if request.param != "real":
+        monkeypatch.setattr(id_lookup, "string_hashes", weak)
+    return request.param
+
+
+def test_lookup_reused_across_chunks_equals_index_in(small_set: int, hashes: str) -> None:
+    """Only equal bytes match, whatever the hashes: an id never takes the position of another id
+    with its hash, and every id of a shared hash is found."""
+    ids = pa.concat_arrays([string_ids(600, seed=1), pa.array(TRICKY, pa.string())])
     lookup = IdLookup(ids)
     for values in _chunks(ids, seed=2):
         expected = reference(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values, ids)
@@ -95,26 +114,20 @@ def test_lookup_reused_across_chunks_equals_index_in(small_set: int) -> None:
     assert lookup.nbytes > 0  # the small chunks went through the hashed table either way
 
 
-@pytest.mark.parametrize("weak", ["length", "constant"])
-def test_ids_sharing_a_hash_still_map_to_their_own_position(
-    weak: str, small_set: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With a hash that collides on purpose (by length, or one value for all), only equal bytes match:
-    an id never takes the position of another id with its hash, and every id of a shared hash is found."""
-    strong = id_lookup.string_hashes
-
-    def collide(ids: pa.Array) -> np.ndarray:
-        h = strong(ids)
-        return h * 0 + (
-            pc.binary_length(ids).fill_null(0).to_numpy().astype(np.uint64) if weak == "length" else 7
-        )
-
-    monkeypatch.setattr(id_lookup, "string_hashes", collide)
-    ids = pa.concat_arrays([string_ids(600, seed=3), pa.array(TRICKY, pa.string())])
-    lookup = IdLookup(ids)
-    for values in _chunks(ids, seed=4):
-        expected = reference(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values, ids)
-        assert lookup.index_in(values).tolist() == expected.tolist()
+def test_index_or_add_is_a_first_seen_dictionary_encoding(small_set: int, hashes: str) -> None:
+    """A set grown chunk by chunk (IdCounter's string mode) gives the positions and order that
+    dictionary-encoding the set and each chunk's ids together gives."""
+    start = string_ids(300, seed=3)
+    lookup, ids = IdLookup(start), start
+    for values in _chunks(string_ids(900, seed=3), seed=4):
+        distinct = pc.unique(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+        distinct = distinct.drop_null()
+        both = pc.dictionary_encode(pa.concat_arrays([ids, distinct]))
+        at = lookup.index_or_add(distinct)
+        assert at.tolist() == both.indices.to_numpy()[len(ids) :].tolist()
+        ids = both.dictionary
+        assert lookup.ids.to_pylist() == ids.to_pylist()
+        assert lookup.index_in(ids).tolist() == list(range(len(ids)))
 
 
 def test_string_hashes_tell_apart_tricky_ids_and_ignore_slicing() -> None:
@@ -125,7 +138,7 @@ def test_string_hashes_tell_apart_tricky_ids_and_ignore_slicing() -> None:
     assert id_lookup.string_hashes(arr.cast(pa.large_string())).tolist() == h.tolist()
 
 
-def test_id_counter_rows_of_string_ids_equal_the_one_pass_fit(small_set: int) -> None:
+def test_id_counter_rows_of_string_ids_equal_the_one_pass_fit(small_set: int, hashes: str) -> None:
     """IdCounter's string path (ids of varying width, or longer than 8 bytes), fit chunk by chunk,
     maps every later chunk like fit_encoded on all rows at once; so does its mixed-width path (a
     vocabulary of 3-byte ids, chunks of other widths too)."""
@@ -141,11 +154,14 @@ def test_id_counter_rows_of_string_ids_equal_the_one_pass_fit(small_set: int) ->
             end = min(start + 4096, len(rows) - 3)
             counter.add(column.slice(start, end - start), train[start:end])
         vocab = counter.finish(2)
+        held = counter_bytes(counter)  # the vocabulary's table is hashed on the first look-up
         fitted, lookup = V.fit_encoded(V.encode_column(column), train, 2)
         assert vocab.to_pylist() == fitted.ids
         expected = lookup[V.encode_column(column).codes]
         for start in range(0, len(rows), 3000):
             assert counter.rows(column.slice(start, 3000)).tolist() == expected[start : start + 3000].tolist()
+        if small_set == 0:  # prepare's memory figures count the hashed table (recsys.data.memory)
+            assert counter_bytes(counter) == held + counter._lookup.nbytes > held
 
 
 def test_negatives_catalogue_index(small_set: int) -> None:
@@ -188,8 +204,9 @@ def _cpu_per_chunk(fn, chunks: list[V.Encoded]) -> tuple[float, float]:  # noqa:
 
 
 def figures(sizes: list[int], chunks: int = 5, chunk_rows: int = 262_144) -> None:
-    """Print the CPU seconds per chunk of IdCounter.rows_encoded (string ids of varying width) and of
-    data.negatives' catalogue index, as the vocabulary / catalogue grows:
+    """Print the CPU seconds per chunk of IdCounter.rows_encoded (string ids of varying width), of
+    data.negatives' catalogue index and of IdCounter.add_encoded (pass 1's merge of a chunk's ids
+    into those seen so far), as the vocabulary / catalogue / ids seen grow:
     `PYTHONPATH=.:tests python -m tests.test_id_lookup 100000 1000000 4000000`."""
     import os
 
@@ -203,10 +220,14 @@ def figures(sizes: list[int], chunks: int = 5, chunk_rows: int = 262_144) -> Non
         encoded = [chunk_of(ids, chunk_rows, 0.05, seed=i) for i in range(chunks)]
         vocab = _cpu_per_chunk(counter.rows_encoded, encoded)
         cat = _cpu_per_chunk(sampler.catalogue_index, encoded)
+        counting = V.IdCounter()  # pass 1: a chunk's train ids merged into the ids seen so far
+        counting.add(ids, np.ones(len(ids), bool))
+        count = _cpu_per_chunk(partial(counting.add_encoded, train=np.ones(chunk_rows, bool)), encoded)
         print(
             f"{len(ids):>10,} ids, {chunks} chunks of {chunk_rows:,} rows (~{len(encoded[1].dictionary):,} distinct):"
             f" rows_encoded {vocab[0]:.3f} CPU-s first chunk, {vocab[1]:.3f} CPU-s median chunk;"
-            f" catalogue_index {cat[0]:.3f} / {cat[1]:.3f} CPU-s; the set {ids.nbytes / 2**20:.0f} MiB,"
+            f" catalogue_index {cat[0]:.3f} / {cat[1]:.3f} CPU-s; add_encoded (pass 1) {count[0]:.3f} /"
+            f" {count[1]:.3f} CPU-s; the set {ids.nbytes / 2**20:.0f} MiB,"
             f" hashed table {sampler._catalogue_lookup.nbytes / 2**20:.0f} MiB"
             f" (load {os.getloadavg()[0]:.1f})",
             flush=True,

@@ -75,9 +75,9 @@ def string_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 class IdLookup:
-    """Positions of ids in `ids` (a fixed set of distinct, non-null ids), as pc.index_in with
-    value_set=ids gives them, with the set hashed once (on the first lookup that needs it); memory
-    12 B per id beside the ids."""
+    """Positions of ids in `ids` (a set of distinct, non-null ids that only grows), as pc.index_in
+    with value_set=ids gives them, with the set hashed once (on the first lookup that needs it) and
+    new ids hashed as they are added; memory 12 B per id beside the ids."""
 
     def __init__(self, ids: pa.Array | pa.ChunkedArray) -> None:
         """Keep the set; it is hashed on the first lookup of values it outnumbers SMALL_SET times."""
@@ -89,14 +89,35 @@ class IdLookup:
         order = np.argsort(hashes, kind="stable")  # stable: equal hashes keep the lower position first
         self._hashes = hashes[order]
         self._positions = order.astype(np.int32 if len(order) < 2**31 else np.int64)
-        shared = np.zeros(len(order), bool)
+        self._find_shared()
+
+    def _find_shared(self) -> None:
+        """Note the ids that share a hash: a search finds the first of them, the others by string."""
+        assert self._hashes is not None
+        shared = np.zeros(len(self._hashes), bool)
         same = self._hashes[1:] == self._hashes[:-1]
         shared[1:] |= same
         shared[:-1] |= same
-        # The ids that share a hash: a search finds the first of them, the others by string.
         self._shared_hashes = np.unique(self._hashes[shared])
         self._shared_positions = np.sort(self._positions[shared])
         self._shared_ids = self.ids.take(pa.array(self._shared_positions))
+
+    def _append(self, new: pa.Array, hashes: np.ndarray | None) -> None:
+        """Append ids that are not in the set (`hashes`: theirs, when known); positions follow the
+        set's. Costs a copy of the set's arrays, no re-hashing of it."""
+        base = len(self.ids)
+        self.ids = pa.concat_arrays([self.ids, new])
+        if self._hashes is None or not len(new):
+            return
+        h = string_hashes(new) if hashes is None else hashes
+        order = np.argsort(h, kind="stable")
+        # After the equal hashes already there: within a hash, positions stay in increasing order.
+        where = np.searchsorted(self._hashes, h[order], side="right")
+        if len(self.ids) >= 2**31:
+            self._positions = self._positions.astype(np.int64)
+        self._hashes = np.insert(self._hashes, where, h[order])
+        self._positions = np.insert(self._positions, where, (base + order).astype(self._positions.dtype))
+        self._find_shared()
 
     @property
     def nbytes(self) -> int:
@@ -107,12 +128,26 @@ class IdLookup:
 
     def index_in(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Position in the set of each value (int64 [len(values)]; -1: null or not in the set)."""
+        return self._index_in(_strings(values).cast(self.ids.type))[0]
+
+    def index_or_add(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Position of each value (distinct, non-null ids), the ones not in the set appended to it in
+        their order (int64 [len(values)]): a dictionary encoding that keeps first-seen order."""
         values = _strings(values).cast(self.ids.type)
+        at, h = self._index_in(values)
+        new = at < 0
+        if new.any():
+            at[new] = len(self.ids) + np.arange(int(new.sum()))
+            self._append(values.filter(pa.array(new)), None if h is None else h[new])
+        return at
+
+    def _index_in(self, values: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        """index_in, and the values' hashes when it computed them."""
         if not len(values) or not len(self.ids):
-            return np.full(len(values), -1, np.int64)
+            return np.full(len(values), -1, np.int64), None
         if len(self.ids) <= SMALL_SET * len(values):  # Arrow's one-off hash of the set costs less
             found = pc.index_in(values, value_set=self.ids)
-            return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64), None
         if self._hashes is None:
             self._build()
         assert self._hashes is not None
@@ -129,7 +164,7 @@ class IdLookup:
         out[rows[same]] = pos[same]
         if len(self._shared_hashes):
             self._resolve_shared(values, h, out)
-        return out
+        return out, h
 
     def _resolve_shared(self, values: pa.Array, h: np.ndarray, out: np.ndarray) -> None:
         """Values whose hash several ids of the set share: found by string among those ids."""

@@ -206,12 +206,13 @@ class IdCounter:
         self.counts = np.zeros(0, np.int64)
         self._started = False
         self._lookup: IdLookup | None = None  # after finish: the vocabulary hashed for string lookups
+        self._seen: IdLookup | None = None  # string mode while counting: `ids` hashed for the merges
 
     def _to_strings(self) -> None:
         if self.width is not None and self._started:
             self.ids = _keys_to_strings(self.keys, self.width)
             self.keys = np.zeros(0, np.uint64)
-        self.width = None
+        self.width, self._seen = None, None
 
     def add(self, column: pa.ChunkedArray | pa.Array, train: np.ndarray) -> Encoded:
         """Count the ids of the rows where `train` (bool mask) is set; returns the column's encoding."""
@@ -248,10 +249,13 @@ class IdCounter:
         self.counts = np.insert(self.counts, where, new_counts)
 
     def _add_strings(self, ids: pa.Array, counts: np.ndarray) -> None:
+        # The ids seen so far are hashed once and grown (hashing all of them again for every chunk
+        # made pass 1 O(chunks × distinct ids)); new ids are appended in first-seen order.
+        if self._seen is None:
+            self._seen = IdLookup(self.ids)
         old = len(self.ids)
-        both = pc.dictionary_encode(pa.concat_arrays([self.ids, ids.cast(pa.string())]))
-        at = both.indices.to_numpy()[old:]
-        self.ids = both.dictionary  # first-seen order keeps the old ids where they were
+        at = self._seen.index_or_add(ids)
+        self.ids = self._seen.ids
         grown = np.zeros(len(self.ids), np.int64)
         grown[:old] = self.counts
         grown[at] += counts  # `ids` are distinct, so no index repeats
@@ -280,7 +284,7 @@ class IdCounter:
             kept = pa.table({"neg": pa.array(-self.counts[keep]), "id": self.ids.take(pa.array(keep))})
             order = pc.sort_indices(kept, sort_keys=[("neg", "ascending"), ("id", "ascending")])
             vocab = kept.column("id").take(order).combine_chunks()
-        self.vocab, self._lookup = vocab, None
+        self.vocab, self._lookup, self._seen = vocab, None, None
         self.keys, self.ids, self.counts = (
             np.zeros(0, np.uint64),
             pa.array([], pa.string()),
@@ -306,7 +310,7 @@ class IdCounter:
             self._sorted_keys, self._sorted_rows = keys[at], (at + 1).astype(np.int64)
         else:  # ids of other widths than this window's: look rows up by string
             self.width = None
-        self.vocab, self._lookup = vocab, None
+        self.vocab, self._lookup, self._seen = vocab, None, None
         self.keys, self.ids, self.counts = (
             np.zeros(0, np.uint64),
             pa.array([], pa.string()),
