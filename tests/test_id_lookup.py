@@ -234,5 +234,90 @@ def figures(sizes: list[int], chunks: int = 5, chunk_rows: int = 262_144) -> Non
         )
 
 
+_PREPARE = """
+import hashlib, json, os, resource, sys, time
+from pathlib import Path
+from recsys.config import config_from_dict
+from recsys.data.prepare import prepare
+t = time.perf_counter()
+prepare(config_from_dict(json.loads(sys.argv[1])), overwrite=True)
+wall = time.perf_counter() - t
+use = resource.getrusage(resource.RUSAGE_SELF)
+out = Path(json.loads(sys.argv[1])["data"]["prepared_dir"])
+digest = hashlib.sha256()
+for p in sorted(out.rglob("*")):
+    if p.is_file():
+        digest.update(str(p.relative_to(out)).encode() + p.read_bytes())
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
+print(json.dumps({"wall_s": wall, "cpu_s": use.ru_utime + use.ru_stime, "peak_rss_mb": hwm / 1024,
+                  "sha256": digest.hexdigest()}))
+"""
+
+
+def prepare_figures(rows: int, trees: list[str]) -> None:
+    """Prepare `rows` interactions with string ids ("user_…" from rows/3 users, "item_…" from rows/8
+    items, both of varying width; 1 negative a positive; 262,144-row chunks) with the code of each
+    tree (a checkout's root) in a child process; print its CPU-s, wall, peak RSS and the output's
+    sha256: `PYTHONPATH=.:tests python -m tests.test_id_lookup --prepare 4000000 /path/to/before .`."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    users = string_ids(rows // 3, seed=1)
+    items = pc.utf8_replace_slice(string_ids(rows // 8, seed=2), 0, 4, "item")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.parquet"
+        table = pa.table(
+            {
+                "user": users.take(pa.array(rng.integers(0, len(users), rows))),
+                "item": items.take(pa.array((rng.zipf(1.1, rows) - 1) % len(items))),
+                "rating": rng.integers(1, 6, rows).astype(float),
+                "ts": rng.integers(0, 10**6, rows).astype(float),
+            }
+        )
+        pq.write_table(table, path)
+        del table
+        config = {
+            "name": "lookups",
+            "data": {
+                "source": {"kind": "table", "path": str(path), "label": "rating", "user": "user", "item": "item", "timestamp": "ts"},
+                "prepared_dir": str(Path(tmp) / "out"),
+                "negatives": {"per_positive": 1, "seed": 0},
+                "label": {"mode": "threshold", "threshold": 2},
+                "chunk_rows": 262_144,
+                "block_size": 8,
+            },
+            "model": {"kind": "dlrm", "embedding_dim": 8, "dlrm": {"dense_arch_layers": [8]}},
+            "train": {"batch_size": 8},
+            "eval": {"batch_size": 8},
+        }  # fmt: skip
+        for tree in trees:
+            root = str(Path(tree).resolve())  # the child's cwd too: `-c` puts it first on sys.path
+            run = subprocess.run(
+                [sys.executable, "-c", _PREPARE, json.dumps(config)],
+                env={**os.environ, "PYTHONPATH": root},
+                cwd=root,
+                capture_output=True,
+                text=True,
+            )
+            if run.returncode:
+                raise SystemExit(run.stderr[-3000:])
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            assert Path(root, "recsys", "data", "vocab.py").exists()
+            print(
+                f"{rows:,} rows, {len(users):,} users, {len(items):,} items, tree {tree}: {r['cpu_s']:.1f} CPU-s,"
+                f" {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB, output sha256 {r['sha256'][:16]}"
+                f" (load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
+
+
 if __name__ == "__main__":
-    figures([int(x) for x in sys.argv[1:]])
+    if sys.argv[1:2] == ["--prepare"]:
+        prepare_figures(int(sys.argv[2]), sys.argv[3:])
+    else:
+        figures([int(x) for x in sys.argv[1:]])
