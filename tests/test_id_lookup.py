@@ -164,6 +164,22 @@ def test_id_counter_rows_of_string_ids_equal_the_one_pass_fit(small_set: int, ha
             assert counter_bytes(counter) == held + counter._lookup.nbytes > held
 
 
+def test_history_codes_are_first_seen_over_the_chunks(small_set: int, hashes: str) -> None:
+    """data.history's (and last_events') global codes: each chunk's ids coded in order of first
+    appearance over every chunk, nulls -1."""
+    from recsys.data.history import _GlobalCodes
+
+    codes, seen = _GlobalCodes(), {}
+    for values in _chunks(string_ids(900, seed=9), seed=10):
+        got = codes.add(values).tolist()
+        flat = values.to_pylist()
+        for v in flat:
+            if v is not None and v not in seen:
+                seen[v] = len(seen)
+        assert got == [-1 if v is None else seen[v] for v in flat]
+    assert codes.known.to_pylist() == list(seen)
+
+
 def test_negatives_catalogue_index(small_set: int) -> None:
     catalogue = string_ids(1_500, seed=7)
     catalogue = catalogue.take(pc.sort_indices(catalogue))
