@@ -1,12 +1,14 @@
-"""Positions of raw ids in a fixed set of ids, built once and probed chunk by chunk in O(chunk).
+"""Positions of raw ids in a set of ids hashed once (and grown), probed chunk by chunk in O(chunk).
 
 `pyarrow.compute.index_in(values, value_set=ids)` hashes all of `ids` on every call, so looking up
-every chunk of a prepare against a vocabulary or catalogue of V ids costs O(chunks × V). IdLookup
-hashes the set once (a 64-bit hash of each id's bytes, sorted: 12 B per id beside the ids) and
-answers a chunk's ids with a binary search of their hashes; an id is found only where the bytes at
-the found position are equal, so a hash collision never maps an id to another id's position.
-Ids of the set that share a hash with another id of the set (~V²/2^65 pairs: none at 4M ids, most
-likely) are looked up among themselves by string.
+every chunk of a prepare against a vocabulary or catalogue of V ids costs O(chunks × V), and so does
+merging each chunk's ids into the ids seen so far by dictionary-encoding them all again. IdLookup
+hashes the set once (a 64-bit hash of each id's bytes, sorted: 12 B per id beside the ids), inserts
+new ids' hashes as the set grows, and answers a chunk's ids with a binary search of their hashes; an
+id is found only where the bytes at the found position are equal, so a hash collision never maps an
+id to another id's position. Ids of the set that share a hash with another id of the set (~V²/2^65
+pairs: most likely none at 4M ids) are looked up among themselves by string: many collisions would
+cost time, never a wrong position.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import pyarrow.compute as pc
 _BLOCK_BYTES = 1 << 20  # id bytes hashed per numpy pass: ~50 MB of temporaries, whatever the set's size
 _BLOCK_IDS = 1 << 17  # and at most this many ids (their per-id temporaries)
 #: A set at most this many times the values looked up is searched by pc.index_in: hashing it there
-#: costs less than this module's slower hash of the values (~4x Arrow's per id), and is O(values).
+#: costs less than this module's slower hashing and probing of the values (several times Arrow's
+#: cost per id, measured), and is O(values) too.
 SMALL_SET = 4
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial's base (the golden-ratio constant)
 
