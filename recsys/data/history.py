@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys.data.id_lookup import IdLookup
 from recsys.data.splits import TEST, TRAIN, VAL
 from recsys.errors import UserError
 
@@ -77,15 +78,20 @@ class _GlobalCodes:
     """Codes of string ids in order of first appearance over every chunk seen (-1 = missing)."""
 
     def __init__(self) -> None:
-        self.known = pa.array([], pa.string())
+        # The ids seen, hashed once and grown: re-encoding all of them with each chunk's was
+        # O(chunks × distinct ids).
+        self._ids = IdLookup(pa.array([], pa.string()))
+
+    @property
+    def known(self) -> pa.Array:
+        """Every id seen so far, in order of first appearance (code i = known[i])."""
+        return self._ids.ids
 
     def add(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         """int64 codes of one chunk's column."""
         col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         local = pc.dictionary_encode(col.cast(pa.string()))
-        merged = pc.dictionary_encode(pa.concat_arrays([self.known, local.dictionary]))
-        to_global = merged.indices.slice(len(self.known)).to_numpy(zero_copy_only=False).astype(np.int64)
-        self.known = merged.dictionary  # earlier ids keep their codes: they come first
+        to_global = self._ids.index_or_add(local.dictionary)  # earlier ids keep their codes
         idx = local.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         return np.where(idx >= 0, to_global[np.maximum(idx, 0)], -1)
 

@@ -3,7 +3,7 @@ from peak RSS to show the memory that must not grow with the row count ("beyond 
 
 The state is the id counters of pass 1 (every distinct raw id seen on train, before min_count, with its
 count) and, once fixed, the tables pass 2 looks ids up in (sorted keys, their rows and the vocabulary's
-ids). Counted from the arrays' own buffers (numpy nbytes, Arrow buffer sizes): what the allocators
+ids; string ids' hashed tables in both). Counted from the arrays' own buffers (numpy nbytes, Arrow buffer sizes): what the allocators
 keep around them, and the temporaries of a merge or a sort, are not in it.
 """
 
@@ -34,10 +34,12 @@ def _nbytes(value: Any) -> int:
 
 
 def counter_bytes(counter: IdCounter) -> int:
-    """Bytes an IdCounter holds: its keys or ids and counts while counting, its look-up after `finish`."""
+    """Bytes an IdCounter holds: its keys or ids and counts while counting, its look-up after `finish`
+    (with the hashed tables of string ids, recsys.data.id_lookup, in either)."""
     parts = (counter.keys, counter.counts, counter.ids)
     fixed = (getattr(counter, name, None) for name in ("_sorted_keys", "_sorted_rows", "vocab"))
-    return sum(_nbytes(v) for v in (*parts, *fixed))
+    hashed = (getattr(counter, name, None) for name in ("_seen", "_lookup"))
+    return sum(_nbytes(v) for v in (*parts, *fixed)) + sum(h.nbytes for h in hashed if h is not None)
 
 
 def tables_bytes(counters: Iterable[IdCounter], maps: Iterable[TableMap] = ()) -> int:

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 from recsys.data import splits as S
 from recsys.data import vocab as V
 from recsys.data.hashing import id_hashes_128
+from recsys.data.id_lookup import IdLookup
 from recsys.data.negative_files import KEY, NEGATIVE, ChunkFiles, KeyFiles, ensure_open_files
 from recsys.data.negatives import draw_negatives, negative_keys
 
@@ -81,8 +82,12 @@ class NegativeSampler:
     positives: int = 0
     sampled: int = 0
 
+    # The catalogue hashed once: pc.index_in per chunk would hash all of it each time.
+    _catalogue_lookup: IdLookup = field(init=False, repr=False)
+
     def __post_init__(self) -> None:
         self.item_rows = np.zeros((len(self.catalogue), len(self.item_cols)), np.int64)
+        self._catalogue_lookup = IdLookup(self.catalogue)
 
     @classmethod
     def start(
@@ -139,12 +144,7 @@ class NegativeSampler:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The chunk's interactions as KEY records sorted by user bucket, and each record's bucket."""
         users, items = chunk.encoded[self.user_col], chunk.encoded[self.item_cols[0]]
-        k = len(items.dictionary)
-        cat_of = np.full(k + 1, -1, np.int32)  # the last slot: missing item
-        if k:
-            found = pc.index_in(items.dictionary.cast(pa.string()), value_set=self.catalogue)
-            cat_of[:k] = found.fill_null(-1).to_numpy()
-        item_cat = cat_of[items.codes]
+        item_cat = self.catalogue_index(items)
         self._observe_items(chunk, item_cat, maps)
         rows = np.flatnonzero((users.codes != users.missing) & (items.codes != items.missing))
         hashes = id_hashes_128(users.dictionary)
@@ -159,6 +159,14 @@ class NegativeSampler:
         records["split"] = chunk.assign[rows]
         records["positive"] = positive[rows]
         return records, bucket
+
+    def catalogue_index(self, items: V.Encoded) -> np.ndarray:
+        """Each row's item as its catalogue index (int32; -1: missing or not in the catalogue)."""
+        k = len(items.dictionary)
+        cat_of = np.full(k + 1, -1, np.int32)  # the last slot: missing item
+        if k:
+            cat_of[:k] = self._catalogue_lookup.index_in(items.dictionary)
+        return cat_of[items.codes]
 
     def _observe_items(self, chunk: SpilledChunk, item_cat: np.ndarray, maps: list[TableMap]) -> None:
         """Each catalogue item's table rows of its latest train row so far (chunks come in order)."""

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys.data.id_lookup import IdLookup
 from recsys.data.metadata import OOV_TOKEN, read_vocab_file
 from recsys.errors import DataError
 
@@ -204,12 +205,14 @@ class IdCounter:
         self.ids: pa.Array = pa.array([], pa.string())  # string mode: distinct ids, first-seen order
         self.counts = np.zeros(0, np.int64)
         self._started = False
+        self._lookup: IdLookup | None = None  # after finish: the vocabulary hashed for string lookups
+        self._seen: IdLookup | None = None  # string mode while counting: `ids` hashed for the merges
 
     def _to_strings(self) -> None:
         if self.width is not None and self._started:
             self.ids = _keys_to_strings(self.keys, self.width)
             self.keys = np.zeros(0, np.uint64)
-        self.width = None
+        self.width, self._seen = None, None
 
     def add(self, column: pa.ChunkedArray | pa.Array, train: np.ndarray) -> Encoded:
         """Count the ids of the rows where `train` (bool mask) is set; returns the column's encoding."""
@@ -246,10 +249,13 @@ class IdCounter:
         self.counts = np.insert(self.counts, where, new_counts)
 
     def _add_strings(self, ids: pa.Array, counts: np.ndarray) -> None:
+        # The ids seen so far are hashed once and grown (hashing all of them again for every chunk
+        # made pass 1 O(chunks × distinct ids)); new ids are appended in first-seen order.
+        if self._seen is None:
+            self._seen = IdLookup(self.ids)
         old = len(self.ids)
-        both = pc.dictionary_encode(pa.concat_arrays([self.ids, ids.cast(pa.string())]))
-        at = both.indices.to_numpy()[old:]
-        self.ids = both.dictionary  # first-seen order keeps the old ids where they were
+        at = self._seen.index_or_add(ids)
+        self.ids = self._seen.ids
         grown = np.zeros(len(self.ids), np.int64)
         grown[:old] = self.counts
         grown[at] += counts  # `ids` are distinct, so no index repeats
@@ -278,7 +284,7 @@ class IdCounter:
             kept = pa.table({"neg": pa.array(-self.counts[keep]), "id": self.ids.take(pa.array(keep))})
             order = pc.sort_indices(kept, sort_keys=[("neg", "ascending"), ("id", "ascending")])
             vocab = kept.column("id").take(order).combine_chunks()
-        self.vocab = vocab
+        self.vocab, self._lookup, self._seen = vocab, None, None
         self.keys, self.ids, self.counts = (
             np.zeros(0, np.uint64),
             pa.array([], pa.string()),
@@ -304,7 +310,7 @@ class IdCounter:
             self._sorted_keys, self._sorted_rows = keys[at], (at + 1).astype(np.int64)
         else:  # ids of other widths than this window's: look rows up by string
             self.width = None
-        self.vocab = vocab
+        self.vocab, self._lookup, self._seen = vocab, None, None
         self.keys, self.ids, self.counts = (
             np.zeros(0, np.uint64),
             pa.array([], pa.string()),
@@ -330,12 +336,17 @@ class IdCounter:
                 hit = self._sorted_keys[at] == keys
                 lookup[order] = np.where(hit, self._sorted_rows[at], 0)
             elif enc.sort_keys is None and k:  # mixed widths: only ids of the vocabulary's width can hit
-                found = pc.index_in(enc.dictionary, value_set=self.vocab)
-                lookup[:k] = found.fill_null(-1).to_numpy() + 1
+                lookup[:k] = self._vocab_lookup().index_in(enc.dictionary) + 1
         elif k:
-            found = pc.index_in(enc.dictionary, value_set=self.vocab)
-            lookup[:k] = found.fill_null(-1).to_numpy() + 1
+            lookup[:k] = self._vocab_lookup().index_in(enc.dictionary) + 1
         return lookup[enc.codes]
+
+    def _vocab_lookup(self) -> IdLookup:
+        """The vocabulary hashed once for every chunk's string lookups (pc.index_in per chunk would
+        hash all of it each time: O(chunks × vocabulary))."""
+        if self._lookup is None:
+            self._lookup = IdLookup(self.vocab)
+        return self._lookup
 
 
 def save_ids(path: str | Path, ids: pa.Array) -> None:
