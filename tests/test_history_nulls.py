@@ -17,6 +17,10 @@ from recsys.config import config_from_dict
 from recsys.data import splits as S
 from recsys.data.history import KNOWN_PARTS, HistoryBuilder
 from recsys.data.last_events import LastEvents
+from tests import test_spark
+from tests.test_spark import needs_spark
+
+spark = test_spark.spark  # the module's local[2] session, as a fixture of this module too
 
 L, N, CHUNK = 4, 240, 20
 #: Parts a row of each part draws on under the profile rule (tests/test_history_profile.py).
@@ -149,5 +153,72 @@ def test_prepare_treats_empty_users_and_items_as_bad_rows(tmp_path: Path, split:
     prepare(prepare_cfg(tmp_path / "clean.csv", tmp_path / "clean", skip=False, split=split), overwrite=False)
     for name in ("train", "val", "test"):
         x, y = read_split_arrays(tmp_path / "skip", name), read_split_arrays(tmp_path / "clean", name)
+        for k in ("sparse", "history", "history_rank"):
+            np.testing.assert_array_equal(x[k], y[k], err_msg=f"{name}/{k}")
+
+
+@needs_spark
+@pytest.mark.parametrize(
+    ("rule", "split"), [("causal", "random"), ("causal", "leave_last_n"), ("profile", "random")]
+)
+def test_spark_with_history_equals_the_builder_without_users_or_items(
+    rule: str, split: str, spark: Any, tmp_path: Path
+) -> None:
+    """spark_history.with_history on a frame of rows without a user or an item (as spark_mds maps them:
+    raw ids `_s{j}`, vocabulary rows `_r{j}`) gives the builder's columns row for row: no group of
+    userless rows sharing items, a missing item as row 0."""
+    from recsys.data.spark_history import HISTORY, with_history
+
+    users, items, ts, parts = events()
+    if split == "leave_last_n":  # parts that follow time per user: every part's frame is the same
+        col = pa.array(users, pa.string())
+        codes = col.dictionary_encode().indices.fill_null(-1).to_numpy(zero_copy_only=False)
+        parts = S.leave_last_n(codes.astype(np.int64), ts, 1)
+    cfg = prepare_cfg(tmp_path / "x.csv", tmp_path / "out", skip=False, split=split)
+    h = cfg.data.history.model_copy(update={"rule": rule})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"history": h})})
+    rows = [
+        (u, i, None if i is None else int(i) + 1, float(t), k, int(p))
+        for k, (u, i, t, p) in enumerate(zip(users, items, ts, parts, strict=True))
+    ]
+    frame = spark.createDataFrame(rows, "_s0 string, _s1 string, _r1 long, _ts double, _pos long, _split int")
+    got = {
+        r["_pos"]: r[HISTORY]
+        for r in with_history(frame, cfg, ["user", "item"]).select("_pos", HISTORY).collect()
+    }
+    hist, rank = built(users, items, ts, parts, rule)
+    for k in range(N):
+        assert got[k] == [*hist[k].tolist(), int(rank[k])], (k, users[k], parts[k])
+
+
+@needs_spark
+@pytest.mark.parametrize("split", ["random", pytest.param("leave_last_n", marks=pytest.mark.slow)])
+def test_spark_prepare_skips_the_rows_the_file_prepare_skips(split: str, spark: Any, tmp_path: Path) -> None:
+    """Parquet with null users and items (whole chunks of them), skip_bad_rows: both paths skip the same
+    rows and write equal folders, histories included."""
+    import pyarrow.parquet as pq
+
+    from recsys.data.loader import read_split_arrays
+    from recsys.data.metadata import read_metadata
+    from recsys.data.prepare import prepare
+    from recsys.data.spark_mds import prepare_dataframe
+
+    users, items, ts, _ = events()
+    src = tmp_path / "events.parquet"
+    pq.write_table(pa.table({"user": pa.array(users, pa.string()), "item": pa.array(items, pa.string()),
+                             "ts": pa.array(ts.astype(np.int64))}), src)  # fmt: skip
+    prepare(prepare_cfg(src, tmp_path / "file", skip=True, split=split), overwrite=False)
+    prepare_dataframe(
+        spark.read.parquet(str(src)), prepare_cfg(src, tmp_path / "spark", skip=True, split=split)
+    )
+    a, b = read_metadata(tmp_path / "file"), read_metadata(tmp_path / "spark")
+    assert a.model_dump(exclude={"sources"}) == b.model_dump(exclude={"sources"})
+    assert (
+        a.sources[0].bad_rows.count
+        == b.sources[0].bad_rows.count
+        == sum(u is None or i is None for u, i in zip(users, items, strict=True))
+    )
+    for name in ("train", "val", "test"):
+        x, y = read_split_arrays(tmp_path / "file", name, a), read_split_arrays(tmp_path / "spark", name, b)
         for k in ("sparse", "history", "history_rank"):
             np.testing.assert_array_equal(x[k], y[k], err_msg=f"{name}/{k}")
