@@ -31,7 +31,9 @@ bytes a row at 2M rows, 50k users, 2026-12-07: fewer chains, the heads O(users),
 PROFILE_CHUNK rows), and pass 2 takes ~1.5 µs of CPU a row at L 50 (causal ~1.3). So prepare
 refuses inputs beyond data.history.max_rows with a message pointing at the Spark path
 (recsys.data.spark_history builds the same columns on the executors). Rows without a user get an
-empty history and are in no one's history; rows without a timestamp column use file order as time.
+empty history and are in no one's history; a row without an item is in its user's later histories as
+row 0 (the OOV row, as an item outside the vocabulary); rows without a timestamp column use file order
+as time. (prepare's readers skip or refuse rows with an empty user or item as bad rows before this.)
 
 MDS columns written beside label/dense/sparse (see recsys.data.metadata):
     history       int64 [n, L]  item rows, oldest first, left-aligned; zero beyond the row's length
@@ -93,7 +95,10 @@ class _GlobalCodes:
         local = pc.dictionary_encode(col.cast(pa.string()))
         to_global = self._ids.index_or_add(local.dictionary)  # earlier ids keep their codes
         idx = local.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        return np.where(idx >= 0, to_global[np.maximum(idx, 0)], -1)
+        out = np.full(len(idx), -1, np.int64)
+        has = idx >= 0  # a chunk of nulls only has an empty dictionary: nothing to index there
+        out[has] = to_global[idx[has]]
+        return out
 
 
 class HistoryBuilder:

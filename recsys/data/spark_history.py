@@ -6,7 +6,9 @@ earlier), of the parts known to the row's part (its own and earlier ones, train 
 row sees a val/test item), as item-vocabulary rows (out-of-vocabulary items → 0), oldest first,
 left-aligned and padded with zeros to L; history_rank is the number of those earlier events
 (untruncated). Rows without a timestamp column are ordered by position alone. Users are told apart by
-their raw id, so users outside the user vocabulary still have their own histories.
+their raw id, so users outside the user vocabulary still have their own histories; a row without a user
+(null: spark_mds skips or refuses those as bad rows, the file path too) gets an empty history and is in
+no one's, a row without an item is in its user's later histories as row 0.
 
 Per part P, one Window partitioned by (raw user id, part ≤ P) and ordered by (timestamp, position)
 gives both columns for P's rows: `collect_list` over rowsBetween(-L, -1) of the item row and
@@ -76,7 +78,9 @@ def with_history(mapped: DataFrame, cfg: Config, sparse_cols: list[str]) -> Data
         by_user = Window.partitionBy(f"_s{user}", known).orderBy("_ts", "_pos")
         earlier = F.collect_list(item_row).over(by_user.rowsBetween(-length, -1))
         padded = F.concat(earlier, F.array_repeat(zero, F.lit(length) - F.size(earlier)))
-        return F.concat(padded, F.array((F.row_number().over(by_user) - 1).cast("long")))
+        found = F.concat(padded, F.array((F.row_number().over(by_user) - 1).cast("long")))
+        # Rows without a user share the null partition: they must not see each other (the file path).
+        return F.when(F.col(f"_s{user}").isNull(), F.array_repeat(zero, length + 1)).otherwise(found)
 
     if cfg.data.split.mode == "leave_last_n":  # parts follow time per user: every part's frame is the same
         return mapped.withColumn(HISTORY, history_of(S.TEST))
