@@ -326,8 +326,9 @@ class IdCounter:
         """Embedding rows (int64) of an encoded column: 0 for missing and out-of-vocabulary ids."""
         k = len(enc.dictionary)
         lookup = np.zeros(k + 1, np.int64)  # the last slot is the missing code → row 0
-        if self.width is not None:
-            if enc.sort_keys is not None and enc.width == self.width and len(self._sorted_keys):
+        if self.width is not None and enc.sort_keys is not None:
+            # Fixed-width keys on both sides; ids of another width than the vocabulary's never hit.
+            if enc.width == self.width and len(self._sorted_keys):
                 # Looked up in key order, the binary searches walk the vocabulary forward and stay in
                 # cache: ~3x fewer CPU-seconds than in the dictionary's first-seen order.
                 order = np.argsort(enc.sort_keys)
@@ -335,9 +336,7 @@ class IdCounter:
                 at = np.minimum(np.searchsorted(self._sorted_keys, keys), len(self._sorted_keys) - 1)
                 hit = self._sorted_keys[at] == keys
                 lookup[order] = np.where(hit, self._sorted_rows[at], 0)
-            elif enc.sort_keys is None and k:  # mixed widths: only ids of the vocabulary's width can hit
-                lookup[:k] = self._vocab_lookup().index_in(enc.dictionary) + 1
-        elif k:
+        elif k:  # string ids, or a chunk of mixed widths: by the vocabulary's hashed ids
             lookup[:k] = self._vocab_lookup().index_in(enc.dictionary) + 1
         return lookup[enc.codes]
 
