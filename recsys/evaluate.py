@@ -151,18 +151,15 @@ def user_histories(
 
 def _items_of_latest_part(users: np.ndarray, part: np.ndarray, items: np.ndarray) -> dict[int, np.ndarray]:
     """Profile rule: {user row: the user's items of its latest part} for users whose latest part is not train."""
+    if not len(users):
+        return {}
     order = np.lexsort((part, users))  # stable: each (user, part)'s rows in stored order
-    ends = np.r_[np.flatnonzero(users[order][1:] != users[order][:-1]), len(order) - 1]
-    out = {}
-    for end in ends:  # the user's last (latest part) group
-        r = order[end]
-        if part[r] == 0:
-            continue  # a train row's history holds the user's other train items: its own item completes it
-        start = end
-        while start > 0 and users[order[start - 1]] == users[r] and part[order[start - 1]] == part[r]:
-            start -= 1
-        out[int(users[r])] = items[order[start : end + 1]]
-    return out
+    u, p = users[order], part[order]
+    group = np.flatnonzero(np.r_[True, (u[1:] != u[:-1]) | (p[1:] != p[:-1])])  # (user, part) starts
+    last = group[np.r_[u[group[1:]] != u[group[:-1]], True]]  # each user's latest part's start
+    ends = np.r_[group[1:], len(order)][np.searchsorted(group, last)]
+    # a train row's history holds the user's other train items: its own item completes it
+    return {int(u[a]): items[order[a:b]] for a, b in zip(last, ends, strict=True) if p[a] != 0}
 
 
 @torch.no_grad()
