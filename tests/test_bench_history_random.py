@@ -55,3 +55,20 @@ def test_histories_hold_only_known_parts_last_l_in_time_order(tmp_path: Path, at
         assert any(0 < len(h) < length for h in hists)  # the data exercises short histories
         assert at == "first" or any(len(h) == length for h in hists)  # and truncation
     assert {int(p) for p in parts} == {0, 1, 2}
+
+
+def test_standalone_command_uses_the_recorded_two_tower() -> None:
+    """`python -m recsys.bench.history_random` compares with RECORDED_TWO_TOWER: its TT_GRID candidate and
+    test figures must be the `two-tower` row of the recorded quality run, or its ratios mix two models."""
+    import ast
+    import re
+
+    from recsys.bench.history_random import RECORDED_TWO_TOWER
+    from recsys.bench.quality import TT_GRID
+
+    record = (Path(__file__).parents[1] / "docs/benchmarks/results/quality.txt").read_text()
+    chosen = ast.literal_eval(re.search(r"\] two-tower: chosen (\{.*\})\n", record).group(1))
+    row = re.search(r"^two-tower +[\d.]+ +([\d.]+) ± [\d.]+ +([\d.]+) ±", record, re.M)
+    index, figures = RECORDED_TWO_TOWER
+    assert TT_GRID[index] == chosen
+    assert figures == {"ndcg@10": float(row.group(1)), "recall@10": float(row.group(2))}
