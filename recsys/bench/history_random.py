@@ -34,12 +34,13 @@ train row's history is its user's other train items (earlier or later in time), 
 items, a test row's the train and val items, the last L by (time, file order). Under it the "last" AT
 rule is the product's own scoring (`user_histories(split=P)`, checked equal for every scored user by
 `check_profile_scoring` before training). `candidates()` puts both rules in val's choice. The run of
-`python -m recsys.bench.history_random` (2026-12-07 22:38 UTC, 565 s, load ~3-7 with other work; the
-shipped Two-Tower settings TT_GRID[2]; val nDCG@10, seed 0): causal mean 0.1486 (last) / 0.2030
-(first), causal attention 0.1450 / 0.2016, profile mean 0.2638 / 0.2013, profile attention 0.2606 /
-0.1932 (the Two-Tower: 0.2696). Val chose profile, mean, last; test over seeds 0, 1, 2: nDCG@10 0.3193
-± 0.0031 and Recall@10 0.2544 ± 0.0033, 0.982× and 0.986× the Two-Tower's recorded 0.3253 / 0.2579 —
-level with it, no longer far below, still short of the 1.10× aim.
+`python -m recsys.bench.history_random` (2026-12-08 00:21 UTC, 517 s, load ~1-2; on TT_GRID[4], the
+recorded run's Two-Tower choice) gave the recorded `recsys bench quality` figures to the last digit:
+val nDCG@10 (seed 0) causal mean 0.1466 (last) / 0.2011 (first), causal attention 0.1471 / 0.2026,
+profile mean 0.2677 / 0.1828, profile attention 0.2538 / 0.2172 (the Two-Tower: 0.2701); val chose
+profile, mean, last; test over seeds 0, 1, 2: nDCG@10 0.3188 ± 0.0037 and Recall@10 0.2554 ± 0.0031,
+0.980× and 0.991× the Two-Tower's 0.3253 / 0.2579 — level with it, no longer far below, still short of
+the 1.10× aim.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nval's choice (val nDCG@{Q.K} {v:.4f}): {chosen}")
     for name, figure in recorded.items():
         vals = np.array([r[name] for r in rows])
-        print(f"  test {name}: {vals.mean():.4f} ± {vals.std():.4f} over seeds {list(seeds)} "
+        print(f"  test {name}: {vals.mean():.4f} ± {vals.std(ddof=1 if len(vals) > 1 else 0):.4f} over seeds {list(seeds)} "
               f"(two-tower recorded: {figure:.4f}; ratio {vals.mean() / figure:.3f}×)")  # fmt: skip
     log(f"done in {time.perf_counter() - t0:.0f} s")
 
